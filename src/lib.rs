@@ -1,0 +1,11 @@
+//! agentd: the guest agent of a microVM, and the protocol and client that
+//! hosts use to drive it.
+//!
+//! - [`codec`] and [`messages`]: protocol v1 (`docs/PROTOCOL.md`), shared by
+//!   both ends.
+//! - [`fuzzing`]: the bodies of the fuzz targets, public so that `cargo test`
+//!   replays the seed corpus on stable.
+
+pub mod codec;
+pub mod fuzzing;
+pub mod messages;
