@@ -157,29 +157,26 @@ impl EventLoop {
                 Interest::READABLE,
             )
             .map_err(LoopError::Register)?;
+        // epoll refuses regular files and /dev/null (EPERM). They never
+        // block, so such an fd simply stays "ready": its flag is never
+        // cleared by EAGAIN, and reading a file ends in end of file.
+        let register =
+            |fd, token, interest| match registry.register(&mut SourceFd(&fd), token, interest) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+                other => other,
+            };
         if transport.split() {
-            registry
-                .register(
-                    &mut SourceFd(&transport.read_fd()),
-                    TRANSPORT_IN,
-                    Interest::READABLE,
-                )
+            register(transport.read_fd(), TRANSPORT_IN, Interest::READABLE)
                 .map_err(LoopError::Register)?;
-            registry
-                .register(
-                    &mut SourceFd(&transport.write_fd()),
-                    TRANSPORT_OUT,
-                    Interest::WRITABLE,
-                )
+            register(transport.write_fd(), TRANSPORT_OUT, Interest::WRITABLE)
                 .map_err(LoopError::Register)?;
         } else {
-            registry
-                .register(
-                    &mut SourceFd(&transport.read_fd()),
-                    TRANSPORT_IN,
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .map_err(LoopError::Register)?;
+            register(
+                transport.read_fd(),
+                TRANSPORT_IN,
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .map_err(LoopError::Register)?;
         }
         Ok(EventLoop {
             poll,
@@ -530,7 +527,14 @@ impl Core {
         let pid = child.pid;
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
-        match Session::new(id, child, req.output_window, req.linger_ms, key, &self.registry) {
+        match Session::new(
+            id,
+            child,
+            req.output_window,
+            req.linger_ms,
+            key,
+            &self.registry,
+        ) {
             Ok(session) => {
                 // In by_pid before the loop next reaps, so the exit cannot
                 // be missed. STARTED waits for the status pipe.

@@ -194,7 +194,12 @@ impl Session {
         registry: &Registry,
     ) -> io::Result<Session> {
         let super::spawn::Child { pid, stdio, status } = child;
-        register(registry, status.fd(), token(key, Stream::Start), Interest::READABLE)?;
+        register(
+            registry,
+            status.fd(),
+            token(key, Stream::Start),
+            Interest::READABLE,
+        )?;
         let fds = Self::register_stdio(stdio, key, registry);
         let fds = match fds {
             Ok(fds) => fds,
