@@ -766,3 +766,286 @@ fn stdin_through_io_write() {
     let (got, _fake) = agent.join().unwrap();
     assert_eq!(got, text.as_bytes());
 }
+
+// ---------------------------------------------------------------------------
+// Against the real agent (`agentd --stdio`).
+
+const AGENTD: &str = env!("CARGO_BIN_EXE_agentd");
+
+fn agent() -> Client {
+    Client::spawn_agent(AGENTD).expect("agentd --stdio starts")
+}
+
+fn agent_with(args: &[&str]) -> Client {
+    let mut cmd = std::process::Command::new(AGENTD);
+    cmd.arg("--stdio").args(args);
+    Client::spawn(cmd).expect("agentd --stdio starts")
+}
+
+#[test]
+fn real_ready() {
+    let client = agent();
+    let r = client.ready();
+    assert_eq!(r.protocol, 1);
+    assert!(r.agent.starts_with("agentd/"), "{}", r.agent);
+    assert!(!r.pid1);
+    assert!(r.stdin_window > 0);
+    assert!(r.max_sessions >= 50);
+}
+
+#[test]
+fn real_output_and_exit_status() {
+    let client = agent();
+    let out = client
+        .output(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]))
+        .unwrap();
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+    assert_eq!((out.status.code, out.status.status), (Some(3), 3));
+    let out = client
+        .output(Command::new("sh").args(["-c", "kill -KILL $$"]))
+        .unwrap();
+    assert_eq!((out.status.signal, out.status.status), (Some(9), 137));
+}
+
+#[test]
+fn real_many_sessions_at_once() {
+    const N: usize = 50;
+    let client = agent();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(N));
+    let workers: Vec<_> = (0..N)
+        .map(|i| {
+            let client = client.clone();
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                let mut s = client
+                    .exec(Command::new("sh").args([
+                        "-c",
+                        "read x; echo \"$x-$0\"; echo e$0 >&2",
+                        &i.to_string(),
+                    ]))
+                    .unwrap();
+                // Every session is live at this point.
+                barrier.wait();
+                s.write_stdin(format!("hello{i}\n").as_bytes()).unwrap();
+                let mut out = Vec::new();
+                let mut err = Vec::new();
+                let mut status = None;
+                for ev in s.events() {
+                    match ev.unwrap() {
+                        Event::Stdout(d) => out.extend(d),
+                        Event::Stderr(d) => err.extend(d),
+                        Event::Error(e) => panic!("{e:?}"),
+                        Event::Exited(x) => status = Some(x),
+                    }
+                }
+                assert_eq!(String::from_utf8(out).unwrap(), format!("hello{i}-{i}\n"));
+                assert_eq!(String::from_utf8(err).unwrap(), format!("e{i}\n"));
+                assert!(status.unwrap().success());
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert!(client.take_errors().is_empty());
+}
+
+/// Pipes `data` through `cat` on `client`, writing and reading at once.
+fn cat_through(client: &Client, data: &[u8], output_window: u32) -> Vec<u8> {
+    let mut cmd = Command::new("cat");
+    cmd.output_window(output_window);
+    let mut s = client.exec(&cmd).unwrap();
+    let h = s.handle();
+    let input = data.to_vec();
+    let writer = thread::spawn(move || {
+        h.write_stdin(&input).unwrap();
+        h.close_stdin().unwrap();
+    });
+    let mut out = Vec::with_capacity(data.len());
+    for ev in s.events() {
+        match ev.unwrap() {
+            Event::Stdout(d) => out.extend(d),
+            Event::Stderr(d) => panic!("stderr: {}", String::from_utf8_lossy(&d)),
+            // window_exceeded would show here.
+            Event::Error(e) => panic!("agent error {}: {}", e.kind, e.message),
+            Event::Exited(x) => assert!(x.success()),
+        }
+    }
+    writer.join().unwrap();
+    out
+}
+
+#[test]
+fn real_stdin_window_respected_with_a_large_payload() {
+    let data: Vec<u8> = (0..8_000_000u32).map(|i| (i % 253) as u8).collect();
+    // The default window, and a tiny one that forces thousands of waits.
+    let client = agent();
+    assert!(cat_through(&client, &data, 0) == data);
+    let client = agent_with(&["--stdin-window", "4096"]);
+    assert_eq!(client.ready().stdin_window, 4096);
+    assert!(cat_through(&client, &data[..2_000_000], 0) == data[..2_000_000]);
+    assert!(client.take_errors().is_empty());
+}
+
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the field after the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn real_output_window_holds_the_writer_until_consumed() {
+    const TOTAL: usize = 3_000_000;
+    let client = agent();
+    let script = format!("head -c {TOTAL} /dev/zero");
+
+    // Without a window the agent forwards everything at once; the process
+    // finishes without anyone reading.
+    let s = client
+        .exec(Command::new("sh").args(["-c", &script]))
+        .unwrap();
+    let pid = s.pid();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "unwindowed writer never finished"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    // With a 64 KiB window nothing is consumed, so the writer must block.
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script]).output_window(64 * 1024);
+    let mut s = client.exec(&cmd).unwrap();
+    thread::sleep(Duration::from_millis(500));
+    assert!(process_alive(s.pid()), "writer finished without acks");
+    // Consuming sends OUTPUT_ACKs, and everything arrives.
+    let mut total = 0;
+    for ev in s.events() {
+        match ev.unwrap() {
+            Event::Stdout(d) => total += d.len(),
+            Event::Exited(x) => assert!(x.success()),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(total, TOTAL);
+    // And the big output through cat, with a small window.
+    let data: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+    assert!(cat_through(&client, &data, 16 * 1024) == data);
+    drop(s);
+}
+
+#[test]
+fn real_exec_failure_kinds() {
+    let client = agent();
+    let kind = |cmd: &Command| client.exec(cmd).unwrap_err().exec_failed_kind();
+    assert_eq!(
+        kind(&Command::new("no-such-program-anywhere")),
+        Some(ExecFailedKind::NotFound)
+    );
+    assert_eq!(
+        kind(&Command::new("/etc/passwd")),
+        Some(ExecFailedKind::PermissionDenied)
+    );
+    let mut c = Command::new("true");
+    c.cwd("/no/such/dir");
+    assert_eq!(kind(&c), Some(ExecFailedKind::BadCwd));
+    let mut c = Command::new("true");
+    c.user("no-such-user-anywhere");
+    assert_eq!(kind(&c), Some(ExecFailedKind::BadUser));
+    let mut c = Command::new("true");
+    c.rlimit("bogus", 1, 1);
+    assert_eq!(kind(&c), Some(ExecFailedKind::InvalidRequest));
+    assert_eq!(
+        kind(&Command::new("")),
+        Some(ExecFailedKind::InvalidRequest)
+    );
+    // The connection is fine afterwards.
+    assert!(client
+        .output(Command::new("true"))
+        .unwrap()
+        .status
+        .success());
+}
+
+#[test]
+fn real_ping() {
+    let client = agent();
+    for _ in 0..10 {
+        let rtt = client.ping().unwrap();
+        assert!(rtt < Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn real_resize_signal_and_tty() {
+    let client = agent();
+    let mut s = client.exec(Command::new("sleep").arg("100")).unwrap();
+    s.resize(10, 10).unwrap();
+    match s.next_event().unwrap() {
+        Some(Event::Error(e)) => assert_eq!(e.error_kind(), Some(ErrorKind::NotATty)),
+        other => panic!("expected not_a_tty, got {other:?}"),
+    }
+    s.signal(libc::SIGTERM).unwrap();
+    let x = s.wait().unwrap();
+    assert_eq!((x.signal, x.status), (Some(libc::SIGTERM), 143));
+
+    let mut c = Command::new("sh");
+    c.args(["-c", "stty size; read x; stty size"]).tty(30, 90);
+    let mut s = client.exec(&c).unwrap();
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains("30 90\r\n") {
+        match s.next_event().unwrap() {
+            Some(Event::Stdout(d)) => out.extend(d),
+            other => panic!("{other:?}"),
+        }
+    }
+    s.resize(44, 144).unwrap();
+    s.write_stdin(b"\n").unwrap();
+    let out = {
+        let mut rest = Vec::new();
+        while let Some(ev) = s.next_event().unwrap() {
+            match ev {
+                Event::Stdout(d) => rest.extend(d),
+                Event::Exited(x) => assert!(x.success()),
+                other => panic!("{other:?}"),
+            }
+        }
+        String::from_utf8_lossy(&rest).into_owned()
+    };
+    assert!(out.contains("44 144\r\n"), "{out:?}");
+}
+
+#[test]
+fn real_shutdown_ends_sessions() {
+    let client = agent();
+    let mut s = client.exec(Command::new("sleep").arg("100")).unwrap();
+    let start = Instant::now();
+    client.shutdown(Duration::from_millis(200)).unwrap();
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let x = s.wait().unwrap();
+    assert_eq!(x.signal, Some(libc::SIGTERM));
+    assert!(client.is_closed());
+    assert!(matches!(client.ping(), Err(Error::TransportClosed(_))));
+}
+
+#[test]
+fn real_dropping_the_client_ends_the_agent() {
+    let client = agent();
+    let s = client.exec(Command::new("sleep").arg("100")).unwrap();
+    let pid = s.pid();
+    drop(s);
+    drop(client);
+    // End of file on stdio kills every session's process group.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(pid) {
+        assert!(Instant::now() < deadline, "session outlived the connection");
+        thread::sleep(Duration::from_millis(20));
+    }
+}

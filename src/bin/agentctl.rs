@@ -113,12 +113,7 @@ struct ExecArgs {
     #[arg(long, value_name = "NAME=SOFT[:HARD]", value_parser = parse_rlimit)]
     rlimit: Vec<Rlimit>,
     /// The program (looked up in the remote PATH) and its arguments.
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "CMD"
-    )]
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
     command: Vec<String>,
 }
 
