@@ -285,6 +285,53 @@ fn rlimits() {
     );
 }
 
+#[test]
+fn signals_are_forwarded_without_a_tty() {
+    use std::io::BufRead;
+    let mut child = agentctl(&[
+        "exec",
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 9' TERM; echo ready; while :; do sleep 0.05; done",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "got-term\n");
+    // agentctl exits with the remote status, not killed by the signal.
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(9), "{status:?}");
+}
+
+#[test]
+fn closed_stdout_sends_sigpipe() {
+    // Like `yes | head -1` locally: the remote writer dies of SIGPIPE.
+    let mut child = agentctl(&["exec", "yes"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 4];
+    out.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"y\ny\n");
+    drop(out);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 13), "{status:?}");
+}
+
 // ---------------------------------------------------------------------------
 // ping, shutdown, --agent, --connect, --port.
 
@@ -725,7 +772,7 @@ fn tty_without_a_local_terminal_and_term() {
         "-t",
         "sh",
         "-c",
-        "test -t 0 && test -t 1 && echo \"tty $TERM\"; stty size",
+        "test -t 1 && test -t 2 && echo \"tty $TERM\"; stty size <&1",
     ])
     .env("TERM", "vt220")
     .stdin(Stdio::null())

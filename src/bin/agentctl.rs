@@ -445,7 +445,7 @@ fn forward_stdin(h: SessionHandle) {
     let _ = h.close_stdin();
 }
 
-fn run_exec(client: Client, args: &ExecArgs, signals: Arc<Mutex<SignalState>>) -> i32 {
+fn run_exec(client: &Client, args: &ExecArgs, signals: Arc<Mutex<SignalState>>) -> i32 {
     let cmd = build_command(args);
     let _raw = if args.tty && args.interactive && io::stdin().is_terminal() {
         match RawMode::enable() {
@@ -465,6 +465,13 @@ fn run_exec(client: Client, args: &ExecArgs, signals: Arc<Mutex<SignalState>>) -
         st.session = Some(session.handle());
         st.client = Some(client.clone());
         st.tty = args.tty;
+    }
+    // A SIGWINCH between reading the size and the line above was dropped.
+    if args.tty {
+        let sent = (cmd.as_exec().rows, cmd.as_exec().cols);
+        if let Some(now) = terminal_size().filter(|&now| now != sent) {
+            let _ = session.resize(now.0, now.1);
+        }
     }
     if args.interactive {
         let h = session.handle();
@@ -586,10 +593,12 @@ fn main() {
 
     let client = connect(&cli.target);
     let code = match &cli.command {
-        Cmd::Exec(args) => run_exec(client, args, signals),
+        Cmd::Exec(args) => run_exec(&client, args, signals),
         Cmd::Ping(args) => run_ping(&client, args),
         Cmd::Shutdown(args) => run_shutdown(&client, args),
     };
+    // Let an embedded agent see end of file and exit before we do.
+    client.close();
     exit(code)
 }
 

@@ -607,8 +607,12 @@ impl Conn {
     }
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
+impl Conn {
+    /// Ends the connection: closes the write side (for an agent in stdio or
+    /// socket mode, end of file: it kills every session and exits), reaps a
+    /// spawned agent (killing it if it does not exit in time), then stops
+    /// the reader. Idempotent.
+    pub fn close(&self) {
         self.shared.close_writer();
         if let Some(mut child) = lock(&self.child).take() {
             let deadline = Instant::now() + CHILD_EXIT_WAIT;
@@ -631,6 +635,12 @@ impl Drop for Conn {
         if let Some(h) = lock(&self.reader).take() {
             let _ = h.join();
         }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 

@@ -463,6 +463,16 @@ impl Client {
         Ok(())
     }
 
+    /// Closes the connection now, whatever other clones, sessions and
+    /// handles still exist (they see [`Error::TransportClosed`]): the
+    /// transport's write side is closed, which makes an agent in stdio or
+    /// socket mode kill every session and exit; a spawned agent is waited
+    /// for (and killed if it does not exit within a few seconds). Dropping
+    /// the last handle does the same.
+    pub fn close(&self) {
+        self.conn.close();
+    }
+
     /// Whether the connection has closed.
     pub fn is_closed(&self) -> bool {
         self.conn.shared.is_closed()
