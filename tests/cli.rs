@@ -357,6 +357,30 @@ fn shutdown_embedded() {
 }
 
 #[test]
+fn built_in_agent_when_no_agentd_sits_next_to_agentctl() {
+    // What `cargo run --bin agentctl` gives: agentctl built alone.
+    let dir = TempDir::new("alone");
+    let alone = dir.path("agentctl");
+    std::fs::copy(AGENTCTL, &alone).unwrap();
+    let out = Command::new(&alone)
+        .args(["exec", "sh", "-c", "tr '\\0' ' ' < /proc/$PPID/cmdline"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // The session's parent is agentctl itself, running the agent.
+    let parent = text(&out.stdout);
+    assert!(parent.starts_with(alone.to_str().unwrap()), "{parent}");
+    assert!(parent.contains("--embedded-agentd-stdio"), "{parent}");
+    let out = Command::new(&alone)
+        .args(["ping", "-c", "1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(text(&out.stdout).starts_with("PING agentd/"));
+}
+
+#[test]
 fn explicit_agent_command() {
     let agent = format!("{AGENTD} --stdio");
     let out = run(&["--agent", &agent, "exec", "echo", "spawned"]);

@@ -1049,3 +1049,28 @@ fn real_dropping_the_client_ends_the_agent() {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Client>();
+    send_sync::<agentd::client::SessionHandle>();
+    send::<agentd::client::Session>();
+    send_sync::<Error>();
+}
+
+/// The "library in ten lines" of docs/CLIENT.md, run for real.
+#[test]
+fn ten_line_example() -> Result<(), agentd::client::Error> {
+    let client = Client::spawn_agent(AGENTD)?; // or Client::connect_unix("/run/vm0/agent.sock")
+    let out = client.output(Command::new("uname").arg("-s"))?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    let cat = client.exec(Command::new("cat"))?;
+    cat.write_stdin(b"hello from the host\n")?;
+    let out = cat.wait_with_output()?;
+    assert_eq!(out.stdout, b"hello from the host\n");
+    println!("{} in a {:?} round trip", out.status, client.ping()?);
+    client.shutdown(Duration::from_secs(1))?;
+    Ok(())
+}

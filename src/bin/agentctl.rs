@@ -348,19 +348,27 @@ fn connect(target: &Target) -> Client {
         cmd.args(words).process_group(0);
         Client::spawn(cmd)
     } else {
-        let agentd = std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.parent().map(|dir| dir.join("agentd")));
-        let Some(agentd) = agentd.filter(|p| p.exists()) else {
-            fail(
-                "no agentd next to agentctl; build it (cargo build) or use \
-                 --agent, --connect or --port",
-            )
+        let exe = std::env::current_exe()
+            .unwrap_or_else(|e| fail(format!("cannot find agentctl's own executable: {e}")));
+        let agentd = exe.parent().map(|dir| dir.join("agentd"));
+        let mut cmd = match agentd.filter(|p| p.is_file()) {
+            Some(agentd) => {
+                let mut cmd = std::process::Command::new(agentd);
+                cmd.arg("--stdio");
+                cmd
+            }
+            None => {
+                // `cargo run --bin agentctl` builds agentctl alone: run the
+                // same agent code from this executable instead.
+                tracing::debug!("no agentd next to agentctl; running the built-in agent");
+                let mut cmd = std::process::Command::new(exe);
+                cmd.arg(EMBEDDED_AGENT_ARG);
+                cmd
+            }
         };
-        let mut cmd = std::process::Command::new(agentd);
         // Its own process group: a Ctrl-C at the terminal is agentctl's to
         // forward, not a signal that kills the agent under it.
-        cmd.arg("--stdio").process_group(0);
+        cmd.process_group(0);
         Client::spawn(cmd)
     };
     result.unwrap_or_else(|e| fail(e))
@@ -563,7 +571,54 @@ fn init_logging() {
         .init();
 }
 
+/// The hidden first argument that makes agentctl run the agent itself on
+/// stdin/stdout (what `agentd --stdio` does), for when no `agentd` binary
+/// sits next to it.
+const EMBEDDED_AGENT_ARG: &str = "--embedded-agentd-stdio";
+
+/// `agentd --stdio`, from the library: the same setup as the agentd binary.
+fn run_embedded_agent() -> i32 {
+    use agentd::agent::{process, transport::Transport, Config, EventLoop};
+    let level = std::env::var("AGENTD_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing::level_filters::LevelFilter>().ok())
+        .unwrap_or(tracing::level_filters::LevelFilter::WARN);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(io::stderr)
+        .with_ansi(false)
+        .init();
+    process::cloexec_inherited_fds();
+    if let Err(e) = process::setup_signals() {
+        eprintln!("agentd: blocking signals: {e}");
+        return 1;
+    }
+    if let Err(e) = process::become_subreaper() {
+        tracing::warn!(error = %e, "cannot become a child subreaper");
+    }
+    let result = Transport::stdio().map_err(|e| format!("opening the transport: {e}"));
+    let result =
+        result.and_then(|t| EventLoop::new(Config::default(), t).map_err(|e| e.to_string()));
+    match result {
+        Ok(mut event_loop) => {
+            let exit = event_loop.run();
+            tracing::info!(?exit, "agent exiting");
+            0
+        }
+        Err(e) => {
+            eprintln!("agentd: {e}");
+            1
+        }
+    }
+}
+
 fn main() {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == EMBEDDED_AGENT_ARG)
+    {
+        std::process::exit(run_embedded_agent());
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

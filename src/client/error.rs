@@ -17,7 +17,9 @@ pub enum Error {
     /// socket, opening the device).
     #[error("{context}: {source}")]
     Connect {
+        /// What was being done, naming the path or program.
         context: String,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },

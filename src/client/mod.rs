@@ -60,6 +60,8 @@
 //! kills every session and exits. A spawned agent is reaped.
 //! [`Client::shutdown`] asks the agent to end every session and stop.
 
+#![warn(missing_docs)]
+
 mod command;
 mod conn;
 mod error;

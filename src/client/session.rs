@@ -58,8 +58,11 @@ impl std::fmt::Display for ExitStatus {
 /// What a finished session produced: see [`Client::output`](super::Client::output).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Output {
+    /// How the process ended.
     pub status: ExitStatus,
+    /// Everything it wrote to stdout (for a tty session: all its output).
     pub stdout: Vec<u8>,
+    /// Everything it wrote to stderr.
     pub stderr: Vec<u8>,
 }
 
