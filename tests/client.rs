@@ -1060,17 +1060,19 @@ fn handles_are_send_and_sync() {
     send_sync::<Error>();
 }
 
-/// The "library in ten lines" of docs/CLIENT.md, run for real.
+/// The "library in ten lines" of docs/CLIENT.md, run for real (with
+/// assertions added).
 #[test]
 fn ten_line_example() -> Result<(), agentd::client::Error> {
     let client = Client::spawn_agent(AGENTD)?; // or Client::connect_unix("/run/vm0/agent.sock")
-    let out = client.output(Command::new("uname").arg("-s"))?;
+    let out = client.output(Command::new("uname").arg("-a"))?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(out.stdout.starts_with(b"Linux"));
     let cat = client.exec(Command::new("cat"))?;
     cat.write_stdin(b"hello from the host\n")?;
     let out = cat.wait_with_output()?;
     assert_eq!(out.stdout, b"hello from the host\n");
     println!("{} in a {:?} round trip", out.status, client.ping()?);
-    client.shutdown(Duration::from_secs(1))?;
+    assert!(out.status.success());
     Ok(())
 }
