@@ -573,6 +573,16 @@ fn winsize(rows: u16, cols: u16) -> nix::pty::Winsize {
 impl Pty {
     fn open(rows: u16, cols: u16) -> Pty {
         let p = nix::pty::openpty(Some(&winsize(rows, cols)), None).unwrap();
+        // openpty's descriptors are inheritable: a master leaked into
+        // agentctl (and on into agentd) would keep the terminal open, with
+        // nobody reading it, after the test is gone.
+        for fd in [&p.master, &p.slave] {
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )
+            .unwrap();
+        }
         Pty {
             master: p.master,
             slave: p.slave,
@@ -752,7 +762,9 @@ fn tty_input_echo_and_eof() {
 fn tty_restored_when_agentctl_is_killed_by_sigterm() {
     let mut pty = Pty::open(24, 80);
     let before = pty.termios();
-    let mut child = pty.spawn(&["exec", "-it", "--", "sleep", "100"]);
+    // The remote side ignores SIGTERM: agentctl must still end (and
+    // restore the terminal) rather than wait for it.
+    let mut child = pty.spawn(&["exec", "-it", "--", "sh", "-c", "trap '' TERM; sleep 100"]);
     pty.wait_raw(true, Duration::from_secs(20));
     // Give the session time to start (raw mode comes just before EXEC).
     thread::sleep(Duration::from_millis(200));

@@ -245,9 +245,12 @@ fn complain(msg: impl std::fmt::Display) {
 }
 
 /// Exits the process, restoring the terminal first.
+///
+/// It does not flush stdout: it may run on the signal thread while the main
+/// thread holds stdout's lock, and everything agentctl prints is flushed as
+/// it is written.
 fn exit(code: i32) -> ! {
     restore_terminal();
-    let _ = io::stdout().flush();
     std::process::exit(code)
 }
 
@@ -274,6 +277,7 @@ fn handled_signals() -> SigSet {
         Signal::SIGINT,
         Signal::SIGTERM,
         Signal::SIGHUP,
+        Signal::SIGQUIT,
         Signal::SIGWINCH,
     ] {
         set.add(s);
@@ -292,8 +296,8 @@ fn flush_briefly(client: &Client) {
     let _ = rx.recv_timeout(Duration::from_millis(500));
 }
 
-/// The signal thread: SIGWINCH becomes RESIZE; SIGINT, SIGTERM and SIGHUP
-/// are forwarded to the remote process group. With the terminal in raw
+/// The signal thread: SIGWINCH becomes RESIZE; SIGINT, SIGTERM, SIGHUP and
+/// SIGQUIT are forwarded to the remote process group. With the terminal in raw
 /// mode they also end agentctl (after restoring the terminal); otherwise
 /// the remote side decides, and a second one ends agentctl.
 fn signal_thread(set: SigSet, state: Arc<Mutex<SignalState>>) {
@@ -654,6 +658,7 @@ fn main() {
     };
     // Let an embedded agent see end of file and exit before we do.
     client.close();
+    let _ = io::stdout().flush();
     exit(code)
 }
 
