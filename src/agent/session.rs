@@ -194,6 +194,10 @@ impl Session {
         registry: &Registry,
     ) -> io::Result<Session> {
         let super::spawn::Child { pid, stdio, status } = child;
+        let has_stdin = match &stdio {
+            ChildStdio::Pty { stdin, .. } => *stdin,
+            ChildStdio::Pipes { stdin, .. } => stdin.is_some(),
+        };
         register(
             registry,
             status.fd(),
@@ -209,7 +213,7 @@ impl Session {
             }
         };
         let mut stdin = StdinState::default();
-        if let Fds::Pipes { stdin: None, .. } = fds {
+        if !has_stdin {
             stdin.host_closed = true;
             stdin.close_done = true;
         }
@@ -256,7 +260,7 @@ impl Session {
 
     fn register_stdio(stdio: ChildStdio, key: usize, registry: &Registry) -> io::Result<Fds> {
         Ok(match stdio {
-            ChildStdio::Pty { master } => {
+            ChildStdio::Pty { master, .. } => {
                 register(
                     registry,
                     master.as_raw_fd(),

@@ -303,8 +303,9 @@ fn is_executable(path: &Path) -> bool {
 /// The agent's ends of a started child's stdio.
 #[derive(Debug)]
 pub enum ChildStdio {
-    /// A terminal: the master carries input and output.
-    Pty { master: OwnedFd },
+    /// A terminal: the master carries output, and input unless `stdin` is
+    /// false (then the child's stdin is /dev/null).
+    Pty { master: OwnedFd, stdin: bool },
     /// Pipes; `stdin` is `None` when the child's stdin is /dev/null.
     Pipes {
         stdin: Option<OwnedFd>,
@@ -477,18 +478,23 @@ struct ChildEnds {
 pub fn spawn(p: &Prepared) -> Result<Child, SpawnError> {
     let (agent_side, child_ends) = match &p.tty {
         Some(size) => {
-            let (master, slave) =
-                open_pty(size).map_err(|e| SpawnError::resources("openpty", &e))?;
-            let s1 = slave
-                .try_clone()
-                .map_err(|e| SpawnError::resources("openpty", &e))?;
-            let s2 = slave
-                .try_clone()
-                .map_err(|e| SpawnError::resources("openpty", &e))?;
+            let openpty_err = |e: io::Error| SpawnError::resources("openpty", &e);
+            let (master, slave) = open_pty(size).map_err(openpty_err)?;
+            let s1 = slave.try_clone().map_err(openpty_err)?;
+            // Without stdin the terminal still has fds 1 and 2.
+            let s0 = if p.stdin {
+                slave.try_clone()
+            } else {
+                open_dev_null()
+            }
+            .map_err(openpty_err)?;
             (
-                ChildStdio::Pty { master },
+                ChildStdio::Pty {
+                    master,
+                    stdin: p.stdin,
+                },
                 ChildEnds {
-                    fds: [slave, s1, s2],
+                    fds: [s0, s1, slave],
                     tty: true,
                 },
             )
@@ -670,7 +676,8 @@ unsafe fn child_after_fork(p: &Prepared, ends: &ChildEnds, err_fd: RawFd) -> ! {
             child_fail(err_fd, Stage::Stdio);
         }
     }
-    if ends.tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+    // fd 1 is the terminal even when stdin is /dev/null.
+    if ends.tty && libc::ioctl(1, libc::TIOCSCTTY, 0) < 0 {
         child_fail(err_fd, Stage::Tty);
     }
     if let Some(cwd) = &p.cwd {
