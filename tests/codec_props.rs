@@ -346,3 +346,50 @@ fn every_short_length_is_malformed_and_skipped() {
         }
     }
 }
+
+#[test]
+fn encoder_helpers_leave_the_buffer_as_it_was_on_failure() {
+    let mut out = Vec::new();
+    codec::append_raw(&mut out, 0x02, 1, b"keep");
+    let before = out.clone();
+
+    // append_with: the payload writer fails after writing some bytes.
+    let r: Result<(), &str> = codec::append_with(&mut out, 0x10, 2, |buf| {
+        buf.extend_from_slice(b"partial");
+        Err("no")
+    });
+    assert_eq!(r, Err("no"));
+    assert_eq!(out, before);
+    // ... and succeeds: the header's len is patched in place.
+    codec::append_with(&mut out, 0x10, 2, |buf| {
+        buf.extend_from_slice(b"\x80");
+        Ok::<(), ()>(())
+    })
+    .unwrap();
+    assert_eq!(&out[before.len()..], [0, 0, 0, 6, 0x10, 0, 0, 0, 2, 0x80]);
+
+    // append_raw_from: an error or end of file appends nothing.
+    let before = out.clone();
+    struct Failing;
+    impl io::Read for Failing {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::Error::from(io::ErrorKind::WouldBlock))
+        }
+    }
+    let e = codec::append_raw_from(&mut out, 0x30, 3, &mut Failing, 100).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    assert_eq!(out, before);
+    assert_eq!(
+        codec::append_raw_from(&mut out, 0x30, 3, &mut io::empty(), 100).unwrap(),
+        0
+    );
+    assert_eq!(out, before);
+    // A read is capped at MAX_PAYLOAD whatever `max` says.
+    let big = vec![1u8; MAX_PAYLOAD + 10];
+    let n = codec::append_raw_from(&mut out, 0x30, 3, &mut &big[..], usize::MAX).unwrap();
+    assert_eq!(n, MAX_PAYLOAD);
+    let (items, dec) = codec::decode_chunks([&out[..]]);
+    assert!(dec.is_at_boundary());
+    assert_eq!(items.len(), 3);
+    assert!(matches!(&items[2], Decoded::Frame(f) if f.payload.len() == MAX_PAYLOAD));
+}
