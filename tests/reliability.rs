@@ -78,7 +78,10 @@ fn host_stops_reading_while_five_sessions_flood() {
     let pong_bytes = a.bytes_in - bytes_before;
     assert_eq!(a.pongs[pongs].1, b"sent during the stall");
     println!("PONG {pong_time:?} and {pong_bytes} bytes after reading resumed");
-    assert!(pong_time < Duration::from_secs(2), "PONG took {pong_time:?}");
+    assert!(
+        pong_time < Duration::from_secs(2),
+        "PONG took {pong_time:?}"
+    );
     assert!(
         pong_bytes < 3 << 20,
         "{pong_bytes} bytes came before the PONG"
@@ -99,7 +102,11 @@ fn host_stops_reading_while_five_sessions_flood() {
     for id in ids {
         let log = a.logs.remove(&id).unwrap();
         assert_eq!(log.code(), Some(0), "{:?}", log.exited);
-        assert_eq!(log.stdout.len(), expected.len(), "session {id}: bytes lost or duplicated");
+        assert_eq!(
+            log.stdout.len(),
+            expected.len(),
+            "session {id}: bytes lost or duplicated"
+        );
         assert!(log.stdout == expected, "session {id}: output differs");
         assert!(log.stderr.is_empty());
     }
@@ -131,7 +138,9 @@ fn start_floods(a: &mut Agent) -> Vec<i32> {
 }
 
 fn assert_sessions_gone(pids: &[i32]) {
-    let gone = eventually(Duration::from_secs(5), || procs_in_sessions(pids).is_empty());
+    let gone = eventually(Duration::from_secs(5), || {
+        procs_in_sessions(pids).is_empty()
+    });
     let left = procs_in_sessions(pids);
     if !gone {
         kill_sessions(pids);
@@ -211,9 +220,15 @@ fn child_closes_stdout_early_and_keeps_running() {
     assert_eq!(log.code(), Some(7));
     assert!(log.stdout.is_empty());
     assert_eq!(log.stderr, b"closed\nstill running\n");
-    assert!(elapsed >= Duration::from_millis(900), "EXITED after {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "EXITED after {elapsed:?}"
+    );
     // 100 ticks per second: the agent slept through the second.
-    assert!(spent <= 10, "the agent used {spent} ticks while the child slept");
+    assert!(
+        spent <= 10,
+        "the agent used {spent} ticks while the child slept"
+    );
 }
 
 /// SHUTDOWN with a child that ignores SIGTERM: the well-behaved session
@@ -225,7 +240,9 @@ fn shutdown_kills_a_child_that_ignores_sigterm() {
     let stubborn = a.exec(&sh("trap '' TERM; echo ready; exec sleep 60"));
     let polite = a.exec(&exec("sleep", &["60"]));
     let pids = vec![a.wait_started(stubborn), a.wait_started(polite)];
-    a.wait_for("the trap", TIMEOUT, |a| a.logs[&stubborn].stdout == b"ready\n");
+    a.wait_for("the trap", TIMEOUT, |a| {
+        a.logs[&stubborn].stdout == b"ready\n"
+    });
     let grace = Duration::from_millis(600);
     let t = Instant::now();
     a.send(0, &Message::Shutdown(Shutdown { grace_ms: 600 }));
@@ -264,9 +281,7 @@ fn child_that_setsids_away_is_reaped() {
     // util-linux setsid calls setsid(2) itself when it is not a group
     // leader (a background job of a shell without job control is not), so
     // $! is the escapee's pid.
-    let log = a.run(&sh(
-        "setsid sleep 1 </dev/null >/dev/null 2>&1 & echo $!",
-    ));
+    let log = a.run(&sh("setsid sleep 1 </dev/null >/dev/null 2>&1 & echo $!"));
     assert_eq!(log.code(), Some(0));
     let session = log.pid.unwrap();
     let escapee: i32 = log.stdout_str().trim().parse().expect("pid");
@@ -380,7 +395,9 @@ fn bounded_fork_bomb_without_limits() {
     assert!(worst < Duration::from_secs(1), "worst PING {worst:?}");
     let log = a.wait_done(id);
     assert_eq!(log.code(), Some(0));
-    let gone = eventually(Duration::from_secs(10), || procs_in_sessions(&[pid]).is_empty());
+    let gone = eventually(Duration::from_secs(10), || {
+        procs_in_sessions(&[pid]).is_empty()
+    });
     if !gone {
         kill_sessions(&[pid]);
     }
@@ -471,7 +488,10 @@ fn ten_thousand_sequential_sessions_leak_nothing() {
     for i in 0..200 {
         mixed_session(&mut a, i);
     }
-    assert!(eventually(Duration::from_secs(2), || zombie_children(a.pid).is_empty()));
+    assert!(eventually(Duration::from_secs(2), || zombie_children(
+        a.pid
+    )
+    .is_empty()));
     let fds = a.fd_count();
     let rss = a.rss_kib();
     let t = Instant::now();
@@ -494,10 +514,7 @@ fn ten_thousand_sequential_sessions_leak_nothing() {
     );
     assert!(clean, "zombies: {:?}", zombie_children(a.pid));
     assert_eq!(fds_end, fds, "the agent's fd count changed");
-    assert!(
-        rss_end <= rss + 256,
-        "RSS grew from {rss} to {rss_end} KiB"
-    );
+    assert!(rss_end <= rss + 256, "RSS grew from {rss} to {rss_end} KiB");
 }
 
 /// 1,000 sessions at once (`--max-sessions 1100`): all start, each echoes
@@ -526,8 +543,14 @@ fn thousand_concurrent_sessions() {
         assert_eq!(log.code(), Some(0));
         assert_eq!(log.stdout, format!("session {id}\n").as_bytes());
     }
-    println!("{N} concurrent sessions: started in {started:?}, done in {:?}", t.elapsed());
-    assert!(eventually(Duration::from_secs(2), || zombie_children(a.pid).is_empty()));
+    println!(
+        "{N} concurrent sessions: started in {started:?}, done in {:?}",
+        t.elapsed()
+    );
+    assert!(eventually(Duration::from_secs(2), || zombie_children(
+        a.pid
+    )
+    .is_empty()));
 }
 
 /// Runs the agent with RLIMIT_NOFILE at `n` (soft and hard).
@@ -599,7 +622,11 @@ fn child_closes_stdin_while_host_sends() {
     let log = a.wait_done(id);
     assert_eq!(log.code(), Some(0));
     assert_eq!(log.stdout, b"done\n");
-    assert_eq!(log.acked, data.len() as u64, "every STDIN byte is acknowledged");
+    assert_eq!(
+        log.acked,
+        data.len() as u64,
+        "every STDIN byte is acknowledged"
+    );
     assert!(log.errors.is_empty(), "{:?}", log.errors);
 
     // Closed before the first byte arrives.
@@ -637,7 +664,11 @@ fn slow_host_reader_transport_eagain() {
         }
     }
     a.wait_for("PONGs", TIMEOUT, |a| a.pongs.len() as u64 == pings);
-    println!("slow reader: {} bytes in {:?}, {pings} PINGs", a.bytes_in, t.elapsed());
+    println!(
+        "slow reader: {} bytes in {:?}, {pings} PINGs",
+        a.bytes_in,
+        t.elapsed()
+    );
     for id in ids {
         let log = a.logs.remove(&id).unwrap();
         assert_eq!(log.code(), Some(0));
@@ -673,7 +704,9 @@ fn signal_storms_during_transfers() {
             n
         })
     };
-    let data: Vec<u8> = (0..2u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let data: Vec<u8> = (0..2u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
     let cat = a.exec(&exec("cat", &[]));
     let mut short = Vec::new();
     let mut sent = 0;
@@ -700,11 +733,16 @@ fn signal_storms_during_transfers() {
     let log = a.wait_done(cat);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let signals = storm.join().unwrap();
-    println!("{signals} SIGCHLDs and {} stop/continue pairs sent", signals / 20);
+    println!(
+        "{signals} SIGCHLDs and {} stop/continue pairs sent",
+        signals / 20
+    );
     assert_eq!(log.code(), Some(0));
     assert_eq!(log.stdout.len(), data.len());
     assert!(log.stdout == data, "cat's output differs from its input");
     a.ping(b"after the storm");
-    assert!(eventually(Duration::from_secs(2), || zombie_children(a.pid).is_empty()));
+    assert!(eventually(Duration::from_secs(2), || zombie_children(
+        a.pid
+    )
+    .is_empty()));
 }
-

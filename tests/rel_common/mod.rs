@@ -174,7 +174,10 @@ impl Agent {
     }
 
     fn stdout_fd(&self) -> RawFd {
-        self.stdout.as_ref().expect("host read side open").as_raw_fd()
+        self.stdout
+            .as_ref()
+            .expect("host read side open")
+            .as_raw_fd()
     }
 
     /// Writes bytes to the agent. While the pipe is full it reads what the
@@ -184,7 +187,11 @@ impl Agent {
         let deadline = Instant::now() + TIMEOUT;
         let mut off = 0;
         while off < bytes.len() {
-            let fd = self.stdin.as_ref().expect("host write side open").as_raw_fd();
+            let fd = self
+                .stdin
+                .as_ref()
+                .expect("host write side open")
+                .as_raw_fd();
             let rest = &bytes[off..];
             // SAFETY: writing from a valid slice.
             let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
@@ -214,7 +221,8 @@ impl Agent {
     }
 
     pub fn send(&mut self, id: u32, msg: &Message<'_>) {
-        self.send_raw(&msg.to_bytes(id)).expect("write to the agent");
+        self.send_raw(&msg.to_bytes(id))
+            .expect("write to the agent");
     }
 
     /// Sends EXEC and returns the new session's id.
@@ -306,15 +314,26 @@ impl Agent {
     }
 
     /// Reads and handles frames until `cond` holds; panics after `timeout`.
-    pub fn wait_for(&mut self, what: &str, timeout: Duration, mut cond: impl FnMut(&Agent) -> bool) {
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&Agent) -> bool,
+    ) {
         let deadline = Instant::now() + timeout;
         loop {
             if cond(self) {
                 return;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "timed out after {timeout:?} waiting for {what}");
-            assert!(!self.eof, "the agent closed the transport while waiting for {what}");
+            assert!(
+                !left.is_zero(),
+                "timed out after {timeout:?} waiting for {what}"
+            );
+            assert!(
+                !self.eof,
+                "the agent closed the transport while waiting for {what}"
+            );
             self.pump(left.min(Duration::from_millis(100)));
         }
     }
@@ -363,8 +382,9 @@ impl Agent {
             "a frame after SHUTDOWN_DONE: kind {:#x} id {}",
             f.kind, f.id
         );
-        let msg = Message::decode_from_agent(f.as_frame())
-            .unwrap_or_else(|e| panic!("frame kind {:#x} id {} does not decode: {e}", f.kind, f.id));
+        let msg = Message::decode_from_agent(f.as_frame()).unwrap_or_else(|e| {
+            panic!("frame kind {:#x} id {} does not decode: {e}", f.kind, f.id)
+        });
         let id = f.id;
         if let Message::Ready(r) = msg {
             assert_eq!(self.ready.protocol, 0, "a second READY on stdio");
@@ -394,7 +414,10 @@ impl Agent {
                 self.started.push(s.pid as i32);
             }
             Message::ExecFailed(x) => {
-                assert!(log.pid.is_none() && !log.done(), "EXEC_FAILED for {id} after {log:?}");
+                assert!(
+                    log.pid.is_none() && !log.done(),
+                    "EXEC_FAILED for {id} after {log:?}"
+                );
                 log.failed = Some(x);
             }
             Message::Stdout(p) | Message::Stderr(p) => {
@@ -447,7 +470,10 @@ impl Agent {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "the agent did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -480,7 +506,11 @@ pub fn kill(target: i32, sig: i32) {
 
 /// A numeric field of /proc/PID/status in KiB (e.g. VmRSS, VmHWM).
 pub fn status_kib(pid: i32, field: &str) -> Option<u64> {
-    status_field(pid, field)?.split_whitespace().next()?.parse().ok()
+    status_field(pid, field)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The value of a /proc/PID/status line, trimmed.
@@ -627,6 +657,9 @@ pub fn seq_output(n: u32) -> Vec<u8> {
 /// Reads a file that may not exist yet.
 pub fn read_opt(path: &str) -> Option<String> {
     let mut s = String::new();
-    std::fs::File::open(path).ok()?.read_to_string(&mut s).ok()?;
+    std::fs::File::open(path)
+        .ok()?
+        .read_to_string(&mut s)
+        .ok()?;
     Some(s)
 }
