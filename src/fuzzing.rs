@@ -769,6 +769,17 @@ pub mod dispatch {
                     Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                    // The agent closed its end with input unread, which
+                    // only an agent that finished a SHUTDOWN may do: the
+                    // kernel reports that after the last byte it sent.
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::ECONNRESET)
+                            && self.model.shutdown_done =>
+                    {
+                        assert!(self.dec.is_at_boundary(), "the agent's stream ended inside a frame");
+                        self.eof = true;
+                        return;
+                    }
                     Err(e) => panic!("reading from the agent: {e}"),
                 }
                 while let Some(item) = self.dec.next_frame() {
