@@ -296,7 +296,13 @@ pub mod dispatch {
             e.linger_ms = u32::from(inp.u8());
         }
         if flags & 64 != 0 {
-            let users = ["nobody", "0", "65534:65534", "agentd-fuzz-no-user", "root:nogroup-x"];
+            let users = [
+                "nobody",
+                "0",
+                "65534:65534",
+                "agentd-fuzz-no-user",
+                "root:nogroup-x",
+            ];
             e.user = Some(users[usize::from(inp.u8()) % users.len()].into());
         }
         if flags & 128 != 0 {
@@ -480,7 +486,13 @@ pub mod dispatch {
         let mut pos = 0usize;
         while pos < stream.len() {
             if pos + 4 > stream.len() {
-                return (ends, Some(Tail { start: pos, end: None }));
+                return (
+                    ends,
+                    Some(Tail {
+                        start: pos,
+                        end: None,
+                    }),
+                );
             }
             let len = u32::from_be_bytes([
                 stream[pos],
@@ -500,7 +512,13 @@ pub mod dispatch {
                 ends.push(yielded_at as usize);
             }
             if end > stream.len() as u64 {
-                return (ends, Some(Tail { start: pos, end: Some(end) }));
+                return (
+                    ends,
+                    Some(Tail {
+                        start: pos,
+                        end: Some(end),
+                    }),
+                );
             }
             pos = end as usize;
         }
@@ -656,7 +674,10 @@ pub mod dispatch {
                 }
                 Message::ExecFailed(x) => {
                     let s = self.ids.entry(id).or_default();
-                    assert!(s.outstanding > 0, "EXEC_FAILED for {id} without an EXEC: {x:?}");
+                    assert!(
+                        s.outstanding > 0,
+                        "EXEC_FAILED for {id} without an EXEC: {x:?}"
+                    );
                     let kind = x
                         .failed_kind()
                         .unwrap_or_else(|| panic!("unknown EXEC_FAILED kind {:?}", x.kind));
@@ -705,7 +726,10 @@ pub mod dispatch {
         if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
             for task in tasks.flatten() {
                 if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
-                    pids.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+                    pids.extend(
+                        text.split_whitespace()
+                            .filter_map(|p| p.parse::<i32>().ok()),
+                    );
                 }
             }
         }
@@ -762,7 +786,10 @@ pub mod dispatch {
                 let mut reader = SockReader(self.sock.as_raw_fd());
                 match self.dec.read_from(&mut reader) {
                     Ok(0) => {
-                        assert!(self.dec.is_at_boundary(), "the agent's stream ended inside a frame");
+                        assert!(
+                            self.dec.is_at_boundary(),
+                            "the agent's stream ended inside a frame"
+                        );
                         self.eof = true;
                         return;
                     }
@@ -776,7 +803,10 @@ pub mod dispatch {
                         if e.raw_os_error() == Some(libc::ECONNRESET)
                             && self.model.shutdown_done =>
                     {
-                        assert!(self.dec.is_at_boundary(), "the agent's stream ended inside a frame");
+                        assert!(
+                            self.dec.is_at_boundary(),
+                            "the agent's stream ended inside a frame"
+                        );
                         self.eof = true;
                         return;
                     }
@@ -811,11 +841,13 @@ pub mod dispatch {
                     }
                 }
                 let acking = self.written >= upto && !self.acks.is_empty();
-                let writing =
-                    (self.written < upto || acking) && !self.write_failed && !self.eof;
+                let writing = (self.written < upto || acking) && !self.write_failed && !self.eof;
                 let mut timeout = Duration::from_millis(2);
                 if writing {
-                    assert!(now < write_deadline, "the agent stopped reading its transport");
+                    assert!(
+                        now < write_deadline,
+                        "the agent stopped reading its transport"
+                    );
                 } else {
                     if done(&self.model) {
                         return true;
@@ -887,7 +919,14 @@ pub mod dispatch {
     impl std::io::Read for SockReader {
         fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
             // SAFETY: reading into a valid buffer.
-            let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            let n = unsafe {
+                libc::recv(
+                    self.0,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
             if n < 0 {
                 Err(std::io::Error::last_os_error())
             } else {
@@ -972,7 +1011,11 @@ pub mod dispatch {
 
         let (items, _) = codec::decode_chunks([&stream[..]]);
         let (ends, _) = item_ends(&stream);
-        assert_eq!(ends.len(), items.len(), "item_ends disagrees with the decoder");
+        assert_eq!(
+            ends.len(),
+            items.len(),
+            "item_ends disagrees with the decoder"
+        );
         if !vet(&items) {
             return Summary {
                 skipped: true,
@@ -1044,7 +1087,11 @@ pub mod dispatch {
         } else {
             // SHUTDOWN ends the agent by itself; otherwise give sessions a
             // moment before the end of file kills them.
-            let limit = if shutdown { WAIT } else { Duration::from_millis(20) };
+            let limit = if shutdown {
+                WAIT
+            } else {
+                Duration::from_millis(20)
+            };
             host.run_until(&stream, all, limit, |m| m.shutdown_done);
         }
         // End of file for the agent.
@@ -1052,7 +1099,10 @@ pub mod dispatch {
         unsafe { libc::shutdown(host.sock.as_raw_fd(), libc::SHUT_WR) };
         let deadline = Instant::now() + WAIT + WAIT;
         while !host.eof {
-            assert!(Instant::now() < deadline, "the agent did not close the connection");
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not close the connection"
+            );
             let mut pfd = libc::pollfd {
                 fd: host.sock.as_raw_fd(),
                 events: libc::POLLIN,

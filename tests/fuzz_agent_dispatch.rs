@@ -47,7 +47,10 @@ fn agent_dispatch_corpus() {
     println!("{total:?}");
     assert!(total.started >= 30 && total.exited >= 20, "{total:?}");
     assert!(total.exec_failed >= 10 && total.errors >= 10, "{total:?}");
-    assert!(total.output_frames >= 10 && total.stdin_acks >= 5, "{total:?}");
+    assert!(
+        total.output_frames >= 10 && total.stdin_acks >= 5,
+        "{total:?}"
+    );
     assert!(total.pongs >= 20 && total.shutdown_done, "{total:?}");
 }
 

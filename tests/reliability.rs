@@ -100,7 +100,7 @@ fn host_stops_reading_while_five_sessions_flood() {
     }
     max_rss = max_rss.max(sampled);
     for id in ids {
-        let log = a.logs.remove(&id).unwrap();
+        let log = a.take_log(id);
         assert_eq!(log.code(), Some(0), "{:?}", log.exited);
         assert_eq!(
             log.stdout.len(),
@@ -674,7 +674,7 @@ fn slow_host_reader_transport_eagain() {
         t.elapsed()
     );
     for id in ids {
-        let log = a.logs.remove(&id).unwrap();
+        let log = a.take_log(id);
         assert_eq!(log.code(), Some(0));
         assert!(log.stdout == expected, "session {id}: output differs");
     }
@@ -749,4 +749,194 @@ fn signal_storms_during_transfers() {
         a.pid
     )
     .is_empty()));
+}
+
+// ---------------------------------------------------------------------------
+// Soak (run by tests/soak.sh; ignored by `cargo test`).
+
+/// One kind of soak session.
+#[derive(Clone, Copy, Debug)]
+enum SoakKind {
+    True,
+    False,
+    Cat,
+    Tty,
+    NotFound,
+    BadCwd,
+    Orphan,
+    Escapee,
+    Killed,
+    Flood,
+    Epipe,
+}
+
+const SOAK_MIX: [SoakKind; 16] = [
+    SoakKind::True,
+    SoakKind::Cat,
+    SoakKind::Tty,
+    SoakKind::True,
+    SoakKind::False,
+    SoakKind::NotFound,
+    SoakKind::Orphan,
+    SoakKind::True,
+    SoakKind::Killed,
+    SoakKind::Cat,
+    SoakKind::BadCwd,
+    SoakKind::Flood,
+    SoakKind::True,
+    SoakKind::Epipe,
+    SoakKind::Escapee,
+    SoakKind::Tty,
+];
+
+const SOAK_FLOOD: u32 = 20_000;
+
+fn soak_start(a: &mut Agent, kind: SoakKind) -> u32 {
+    let id = match kind {
+        SoakKind::True => a.exec(&exec("/bin/true", &[])),
+        SoakKind::False => a.exec(&exec("/bin/false", &[])),
+        SoakKind::Cat => {
+            let id = a.exec(&exec("cat", &[]));
+            a.stdin(id, format!("line {id}\n").as_bytes());
+            id
+        }
+        SoakKind::Tty => {
+            let mut e = exec("/bin/echo", &["tty"]);
+            e.tty = true;
+            a.exec(&e)
+        }
+        SoakKind::NotFound => a.exec(&exec("/nonexistent/program", &[])),
+        SoakKind::BadCwd => {
+            let mut e = exec("/bin/true", &[]);
+            e.cwd = Some("/nonexistent-dir".into());
+            a.exec(&e)
+        }
+        SoakKind::Orphan => a.exec(&sh("/bin/true & /bin/true & exit 0")),
+        SoakKind::Escapee => a.exec(&sh("setsid sleep 0.2 </dev/null >/dev/null 2>&1 & exit 0")),
+        SoakKind::Killed => a.exec(&exec("sleep", &["30"])),
+        SoakKind::Flood => {
+            let mut e = exec("seq", &["1", &SOAK_FLOOD.to_string()]);
+            e.stdin = false;
+            a.exec(&e)
+        }
+        SoakKind::Epipe => {
+            let id = a.exec(&sh("exec 0<&-; echo closed"));
+            a.stdin(id, &[b'x'; 4096]);
+            id
+        }
+    };
+    if !matches!(kind, SoakKind::Flood) {
+        a.close_stdin(id);
+    }
+    id
+}
+
+fn soak_check(kind: SoakKind, id: u32, log: &Log, flood: &[u8]) {
+    let ok = match kind {
+        SoakKind::True | SoakKind::Orphan | SoakKind::Escapee => log.code() == Some(0),
+        SoakKind::False => log.code() == Some(1),
+        SoakKind::Cat => log.stdout == format!("line {id}\n").as_bytes() && log.code() == Some(0),
+        SoakKind::Tty => log.stdout == b"tty\r\n",
+        SoakKind::NotFound => log
+            .failed
+            .as_ref()
+            .is_some_and(|f| f.failed_kind() == Some(ExecFailedKind::NotFound)),
+        SoakKind::BadCwd => log
+            .failed
+            .as_ref()
+            .is_some_and(|f| f.failed_kind() == Some(ExecFailedKind::BadCwd)),
+        SoakKind::Killed => log.signal() == Some(libc::SIGTERM),
+        SoakKind::Flood => log.stdout == flood && log.code() == Some(0),
+        SoakKind::Epipe => log.stdout == b"closed\n" && log.acked == 4096,
+    };
+    assert!(ok, "soak session {id} ({kind:?}): {log:?}");
+}
+
+/// The soak: a mixed workload, 8 sessions in flight, for SOAK_SECS
+/// seconds. Every 10 s it lets the sessions in flight finish and prints
+/// sessions/s, the agent's fds, RSS and zombie children; it fails if the
+/// fd count differs from the first measurement, a zombie survives from one
+/// report to the next, RSS grows by more than 4 MiB, a session's outcome
+/// is wrong, or the agent dies.
+#[test]
+#[ignore]
+fn soak() {
+    let secs: u64 = std::env::var("SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    const IN_FLIGHT: usize = 8;
+    let flood = seq_output(SOAK_FLOOD);
+    let mut a = Agent::start(&[]);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let mut next_report = start + Duration::from_secs(10);
+    let mut baseline: Option<(usize, u64)> = None;
+    let mut in_flight: Vec<(u32, SoakKind, bool)> = Vec::new();
+    let (mut done, mut done_at_report, mut n) = (0u64, 0u64, 0usize);
+    let mut last_report = start;
+    let mut old_zombies: Vec<i32> = Vec::new();
+    loop {
+        let now = Instant::now();
+        let reporting = now >= next_report || now >= end;
+        while !reporting && in_flight.len() < IN_FLIGHT {
+            let kind = SOAK_MIX[n % SOAK_MIX.len()];
+            n += 1;
+            in_flight.push((soak_start(&mut a, kind), kind, false));
+        }
+        if in_flight.is_empty() {
+            // Quiescent: measure.
+            a.ping(b"soak");
+            let fds = a.fd_count();
+            let rss = a.rss_kib();
+            let zombies = zombie_children(a.pid);
+            let rate = (done - done_at_report) as f64 / last_report.elapsed().as_secs_f64();
+            println!(
+                "soak {:>5}s: {done} sessions ({rate:.0}/s), agent fds {fds}, RSS {rss} KiB, zombies {}",
+                start.elapsed().as_secs(),
+                zombies.len()
+            );
+            let (fds0, rss0) = *baseline.get_or_insert((fds, rss));
+            assert_eq!(fds, fds0, "the agent's fd count changed");
+            assert!(rss <= rss0 + 4096, "RSS grew from {rss0} to {rss} KiB");
+            let stuck: Vec<i32> = zombies
+                .iter()
+                .filter(|z| old_zombies.contains(z))
+                .copied()
+                .collect();
+            assert!(stuck.is_empty(), "zombies not reaped for 10 s: {stuck:?}");
+            old_zombies = zombies;
+            done_at_report = done;
+            last_report = Instant::now();
+            next_report = last_report + Duration::from_secs(10);
+            if now >= end {
+                break;
+            }
+            continue;
+        }
+        a.pump(Duration::from_millis(50));
+        let mut i = 0;
+        while i < in_flight.len() {
+            let (id, kind, signalled) = in_flight[i];
+            let log = &a.logs[&id];
+            if log.done() {
+                let log = a.take_log(id);
+                soak_check(kind, id, &log, &flood);
+                in_flight.swap_remove(i);
+                done += 1;
+                continue;
+            }
+            if matches!(kind, SoakKind::Killed) && !signalled && log.pid.is_some() {
+                a.signal(id, libc::SIGTERM);
+                in_flight[i].2 = true;
+            }
+            i += 1;
+        }
+    }
+    assert!(done > 0);
+    let clean = eventually(Duration::from_secs(2), || zombie_children(a.pid).is_empty());
+    assert!(clean, "zombies at the end: {:?}", zombie_children(a.pid));
+    a.close_write();
+    a.read_to_eof(Duration::from_secs(10));
+    assert_eq!(a.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }

@@ -68,6 +68,10 @@ pub struct Agent {
     pub ready: Ready,
     pub pid: i32,
     pub logs: HashMap<u32, Log>,
+    /// Sessions whose log was taken: an ERROR may still come for them
+    /// (a frame the host sent before it saw EXITED).
+    pub finished: HashSet<u32>,
+    pub late_errors: Vec<(u32, ErrorMsg)>,
     /// Every pid a STARTED named (their groups are killed on drop).
     pub started: Vec<i32>,
     pub pongs: Vec<(u32, Vec<u8>)>,
@@ -151,6 +155,8 @@ impl Agent {
             },
             pid,
             logs: HashMap::new(),
+            finished: HashSet::new(),
+            late_errors: Vec::new(),
             started: Vec::new(),
             pongs: Vec::new(),
             conn_errors: Vec::new(),
@@ -290,7 +296,13 @@ impl Agent {
         self.wait_for(&format!("the end of session {id}"), TIMEOUT, |a| {
             a.logs.get(&id).is_some_and(Log::done)
         });
-        self.logs.remove(&id).unwrap()
+        self.take_log(id)
+    }
+
+    /// Removes a session's log (its id is never used again).
+    pub fn take_log(&mut self, id: u32) -> Log {
+        self.finished.insert(id);
+        self.logs.remove(&id).expect("a log for the session")
     }
 
     /// Waits for a session's STARTED; returns its pid.
@@ -399,6 +411,9 @@ impl Agent {
                 return;
             }
             Message::Error(e) if id == 0 => return self.conn_errors.push(e),
+            Message::Error(e) if self.finished.contains(&id) => {
+                return self.late_errors.push((id, e))
+            }
             _ => {}
         }
         let log = self
