@@ -644,6 +644,43 @@ fn child_closes_stdin_while_host_sends() {
     assert!(log.errors.is_empty(), "{:?}", log.errors);
 }
 
+/// A child that never reads its stdin, sent a full window: the agent's
+/// writes to its pipe hit EAGAIN and the session stalls, alone: another
+/// session streams through `cat` and PING is answered meanwhile. When the
+/// child exits, the rest is discarded (EPIPE), without ERROR. The same on
+/// a terminal, whose input queue fills much sooner.
+#[test]
+fn child_not_reading_stdin_stalls_only_its_session() {
+    let mut a = Agent::start(&[]);
+    let window = a.ready.stdin_window as usize;
+    for tty in [false, true] {
+        let mut e = exec("sleep", &["1"]);
+        e.tty = tty;
+        let stuck = a.exec(&e);
+        a.wait_started(stuck);
+        let block = vec![b'z'; 64 * 1024];
+        for _ in 0..window / block.len() {
+            a.stdin(stuck, &block);
+        }
+        let acked = a.logs[&stuck].acked;
+        assert!(acked < window as u64, "tty {tty}: everything was written ({acked})");
+        // Meanwhile, another session works and PING is answered.
+        let other = a.exec(&exec("cat", &[]));
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let t = Instant::now();
+        a.write_stdin_all(other, &data);
+        a.close_stdin(other);
+        let log = a.wait_done(other);
+        assert!(log.stdout == data, "tty {tty}: the other session's output differs");
+        let rtt = a.ping(b"stalled");
+        assert!(t.elapsed() < Duration::from_secs(5) && rtt < Duration::from_secs(1));
+        let log = a.wait_done(stuck);
+        assert_eq!(log.code(), Some(0), "tty {tty}: {log:?}");
+        assert!(log.acked <= window as u64);
+        assert!(log.errors.is_empty(), "tty {tty}: {:?}", log.errors);
+    }
+}
+
 /// The host reads slowly (4 KiB reads with pauses), so the agent's writes
 /// to the transport hit EAGAIN again and again: all output arrives intact
 /// and in order, and PING is answered in between.
