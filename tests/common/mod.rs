@@ -224,6 +224,16 @@ impl Host {
         let _ = kind;
     }
 
+    /// Records an EXEC the test sends by other means (split, raw).
+    pub fn note_exec(&self, id: u32) {
+        *self.sent.lock().unwrap().pending_exec.entry(id).or_default() += 1;
+    }
+
+    /// Records STDIN bytes the test sends by other means.
+    pub fn note_stdin(&self, id: u32, n: u64) {
+        *self.sent.lock().unwrap().stdin_bytes.entry(id).or_default() += n;
+    }
+
     /// Sends an EXEC whose map payload the test encoded itself (tracked).
     pub fn send_exec_payload(&self, id: u32, payload: &[u8]) {
         *self

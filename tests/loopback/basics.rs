@@ -470,3 +470,82 @@ fn exec_minimal_map_takes_defaults() {
     agent.send_signal(id, 9, true);
     agent.collect(id);
 }
+
+/// `core_dumped` is true when the kernel wrote a core (here into the
+/// session's cwd, with `core` unlimited), with `signal` and status 128 + n.
+#[test]
+fn core_dumped_is_reported() {
+    let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap_or_default();
+    let dir = TempDir::new("core");
+    let mut agent = Agent::start();
+    let mut e = sh("kill -SEGV $$");
+    e.stdin = false;
+    e.cwd = Some(dir.path().to_str().unwrap().into());
+    e.rlimits = vec![Rlimit {
+        resource: "core".into(),
+        soft: u64::MAX,
+        hard: u64::MAX,
+    }];
+    let id = agent.new_id();
+    agent.exec(id, &e);
+    let out = agent.collect(id);
+    assert_eq!(out.exit.signal, Some(11), "{:?}", out.exited_map);
+    assert_eq!(out.exit.status, 139);
+    let pattern = pattern.trim();
+    if !pattern.starts_with('|') && !pattern.contains('/') && !pattern.is_empty() {
+        assert!(out.exit.core_dumped, "a core was written but core_dumped is false: {:?}", out.exited_map);
+    } else {
+        eprintln!("core_pattern {pattern:?}: core_dumped value not checked");
+    }
+    // Without a core: false.
+    let mut e = sh("kill -SEGV $$");
+    e.stdin = false;
+    e.rlimits = vec![Rlimit {
+        resource: "core".into(),
+        soft: 0,
+        hard: 0,
+    }];
+    let id = agent.new_id();
+    agent.exec(id, &e);
+    let out = agent.collect(id);
+    assert_eq!(out.exit, ExitInfo::signal(11), "{:?}", out.exited_map);
+}
+
+/// Frames cut at every byte, and many frames in one write, are all
+/// handled: the agent's decoder is incremental.
+#[test]
+fn frames_split_at_every_byte_and_coalesced() {
+    let mut agent = Agent::start();
+    let id = agent.new_id();
+    let mut e = cmd("cat", &[]);
+    e.linger_ms = 100;
+    let exec = Message::Exec(Box::new(e)).to_bytes(id);
+    // EXEC one byte per write (tracked by hand for the checker).
+    agent.note_exec(id);
+    for b in &exec {
+        agent.send_raw(std::slice::from_ref(b));
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    agent.exec_reply(id).expect("EXEC sent byte by byte failed");
+    let mut stdin = Vec::new();
+    Message::Stdin(b"split\n").encode(id, &mut stdin);
+    for b in &stdin {
+        agent.send_raw(std::slice::from_ref(b));
+    }
+    agent.note_stdin(id, 6);
+    // 1000 PINGs and the STDIN_CLOSE in one write.
+    let mut many = Vec::new();
+    for i in 0..1000u32 {
+        Message::Ping(&i.to_be_bytes()).encode(i, &mut many);
+    }
+    Message::StdinClose.encode(id, &mut many);
+    agent.send_raw(&many);
+    for i in 0..1000u32 {
+        let f = agent.recv_where(|f| f.kind == PONG, "PONG");
+        assert_eq!((f.id, f.payload.clone()), (i, i.to_be_bytes().to_vec()));
+    }
+    let out = agent.collect(id);
+    out.assert_success();
+    assert_eq!(out.stdout_str(), "split\n");
+    agent.assert_no_errors();
+}

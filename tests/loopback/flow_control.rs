@@ -406,3 +406,43 @@ fn an_idle_agent_does_not_wake_up() {
     agent.send_signal(id, 9, true);
     agent.collect(id);
 }
+
+/// Output the process wrote before exiting is owed before EXITED even
+/// when the output window holds it back past `linger_ms`: EXITED waits
+/// for the acks (guarantee 2).
+#[test]
+fn output_window_holds_exited_until_the_output_is_acknowledged() {
+    let mut agent = Agent::start();
+    let id = agent.new_id();
+    let mut e = sh("i=0; while [ $i -lt 1000 ]; do echo 0123456789abcdef; i=$((i+1)); done");
+    e.output_window = 1000;
+    e.linger_ms = 50;
+    e.stdin = false;
+    agent.exec(id, &e);
+    let mut got = Vec::new();
+    while got.len() < 1000 {
+        let f = agent.recv_where(|f| f.id == id && f.kind == STDOUT, "output");
+        got.extend_from_slice(&f.payload);
+    }
+    // 17000 bytes fit in the pipe: the shell has exited by now. EXITED
+    // must not come while 16000 bytes are still unsent.
+    std::thread::sleep(Duration::from_millis(500));
+    let early = agent.recv_where_within(&|f| f.id == id, Duration::from_millis(100));
+    assert!(early.is_none(), "sent with the window used up: {:?}", early.map(|f| f.kind));
+    let mut acked = 0u64;
+    loop {
+        if got.len() as u64 > acked {
+            agent.send_output_ack(id, (got.len() as u64 - acked) as u32);
+            acked = got.len() as u64;
+        }
+        let f = agent.recv_where(|f| f.id == id && (f.kind == STDOUT || f.kind == EXITED), "output");
+        if f.kind == EXITED {
+            let e = parse_exited(&payload_map(&f.payload).unwrap()).unwrap();
+            assert_eq!(e, ExitInfo::code(0));
+            break;
+        }
+        got.extend_from_slice(&f.payload);
+        assert!(got.len() as u64 - acked <= 1000);
+    }
+    assert_eq!(got, "0123456789abcdef\n".repeat(1000).into_bytes());
+}

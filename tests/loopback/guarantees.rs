@@ -455,3 +455,73 @@ fn shutdown_default_grace() {
     agent.recv_where(|f| f.kind == SHUTDOWN_DONE, "SHUTDOWN_DONE");
     assert_eq!(agent.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }
+
+/// EXITED follows the process, not its output: a child that closes
+/// stdout and stderr early is reported when it exits.
+#[test]
+fn exited_waits_for_the_process_not_for_its_output() {
+    let mut agent = Agent::start();
+    let id = agent.new_id();
+    let mut e = sh("echo bye; exec >&- 2>&-; sleep 0.5; exit 3");
+    e.stdin = false;
+    agent.exec(id, &e);
+    let t0 = Instant::now();
+    let out = agent.collect(id);
+    assert_eq!(out.exit, ExitInfo::code(3));
+    assert_eq!(out.stdout_str(), "bye\n");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "EXITED {:?} after STARTED, before the process exited",
+        t0.elapsed()
+    );
+}
+
+/// The id stays taken until EXITED, also while the agent lingers after
+/// reaping: an EXEC with it is duplicate_id, and the lingering session
+/// still ends normally.
+#[test]
+fn the_id_is_live_until_exited() {
+    let mut agent = Agent::start();
+    let id = agent.new_id();
+    let mut e = sh("sleep 30 & echo reaped-soon");
+    e.stdin = false;
+    e.linger_ms = 1500;
+    agent.exec(id, &e);
+    agent.recv_where(|f| f.id == id && f.kind == STDOUT, "output");
+    std::thread::sleep(Duration::from_millis(200));
+    agent.exec_fail(id, &cmd("true", &[]), "duplicate_id");
+    let out = agent.collect(id);
+    out.assert_success();
+    agent.exec(id, &cmd("true", &[]));
+    agent.collect(id).assert_success();
+}
+
+/// Guarantee 2 with a host that reads late: 16 sessions print 1 MiB each
+/// while the host does not read (the agent stalls them at its
+/// high-water mark); when the host reads again, every byte arrives.
+#[test]
+fn output_is_complete_when_the_host_reads_late() {
+    let dir = TempDir::new("late");
+    let data = pseudo_random(1 << 20, 21);
+    let file = dir.join("data");
+    std::fs::write(&file, &data).unwrap();
+    let mut agent = Agent::start();
+    let n = 16u32;
+    agent.pause_reading();
+    for id in 1..=n {
+        let mut e = cmd("cat", &[file.to_str().unwrap()]);
+        e.stdin = false;
+        agent.send_exec(id, &e);
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    agent.resume_reading();
+    for id in 1..=n {
+        agent.exec_reply(id).unwrap();
+    }
+    for id in 1..=n {
+        let out = agent.collect(id);
+        out.assert_success();
+        assert_eq!(out.stdout.len(), data.len(), "session {id}");
+        assert!(out.stdout == data, "session {id}: output differs");
+    }
+}

@@ -177,3 +177,52 @@ fn tty_interrupt_character_signals_the_foreground() {
     let out = agent.collect(id);
     assert_eq!(out.exit, ExitInfo::signal(2));
 }
+
+/// Guarantee 3 on a terminal: a background process keeping the terminal
+/// open does not hold EXITED.
+#[test]
+fn tty_grandchild_holding_the_terminal_does_not_delay_exited() {
+    let mut agent = Agent::start();
+    let id = agent.new_id();
+    let mut e = tty(sh("sleep 30 & echo hi"));
+    e.linger_ms = 100;
+    agent.exec(id, &e);
+    read_until(&mut agent, id, |t| t.contains("hi"));
+    let t0 = std::time::Instant::now();
+    let out = agent.collect(id);
+    out.assert_success();
+    assert!(t0.elapsed() < Duration::from_millis(1100), "EXITED after {:?}", t0.elapsed());
+}
+
+/// The output window applies to terminal output too.
+#[test]
+fn tty_output_window() {
+    let mut agent = Agent::start();
+    let id = agent.new_id();
+    let mut e = tty(cmd("seq", &["1", "50000"]));
+    e.output_window = 4096;
+    agent.exec(id, &e);
+    let expect: Vec<u8> = (1..=50_000).map(|i| format!("{i}\r\n")).collect::<String>().into_bytes();
+    let mut got = Vec::new();
+    while got.len() < 4096 {
+        let f = agent.recv_where(|f| f.id == id && f.kind == STDOUT, "output");
+        got.extend_from_slice(&f.payload);
+        assert!(got.len() <= 4096);
+    }
+    let more = agent.recv_where_within(&|f| f.id == id, Duration::from_millis(300));
+    assert!(more.is_none(), "output beyond the window");
+    let mut acked = 0u64;
+    loop {
+        if got.len() as u64 > acked {
+            agent.send_output_ack(id, (got.len() as u64 - acked) as u32);
+            acked = got.len() as u64;
+        }
+        let f = agent.recv_where(|f| f.id == id && (f.kind == STDOUT || f.kind == EXITED), "output");
+        if f.kind == EXITED {
+            break;
+        }
+        got.extend_from_slice(&f.payload);
+        assert!(got.len() as u64 - acked <= 4096);
+    }
+    assert!(got == expect, "{} of {} bytes", got.len(), expect.len());
+}
