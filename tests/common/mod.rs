@@ -226,7 +226,13 @@ impl Host {
 
     /// Records an EXEC the test sends by other means (split, raw).
     pub fn note_exec(&self, id: u32) {
-        *self.sent.lock().unwrap().pending_exec.entry(id).or_default() += 1;
+        *self
+            .sent
+            .lock()
+            .unwrap()
+            .pending_exec
+            .entry(id)
+            .or_default() += 1;
     }
 
     /// Records STDIN bytes the test sends by other means.
@@ -1525,4 +1531,209 @@ pub fn raw_frame(len: u32, kind: u8, id: u32, payload: &[u8]) -> Vec<u8> {
     v.extend_from_slice(&id.to_be_bytes());
     v.extend_from_slice(payload);
     v
+}
+
+/// The checker itself must catch what it is there to catch.
+#[cfg(test)]
+mod checker_tests {
+    use super::*;
+
+    fn frame(kind: u8, id: u32, payload: Vec<u8>) -> OwnedFrame {
+        OwnedFrame { kind, id, payload }
+    }
+
+    fn ready() -> OwnedFrame {
+        frame(
+            READY,
+            0,
+            Value::map([
+                ("protocol", Value::int(1)),
+                ("agent", Value::str("agentd/x")),
+                ("pid", Value::int(10)),
+                ("pid1", Value::Bool(false)),
+                ("max_payload", Value::int(1 << 20)),
+                ("stdin_window", Value::int(1000)),
+                ("max_sessions", Value::int(5)),
+            ])
+            .encode(),
+        )
+    }
+
+    fn exited(pairs: Vec<(&str, Value)>) -> Vec<u8> {
+        Value::map(pairs).encode()
+    }
+
+    /// Runs `frames` through a fresh checker (with one EXEC for id 1 and
+    /// 10 STDIN bytes sent); returns the first violation.
+    fn run(frames: Vec<OwnedFrame>) -> Result<(), String> {
+        let sent = Mutex::new(Sent::default());
+        sent.lock().unwrap().pending_exec.insert(1, 1);
+        sent.lock().unwrap().stdin_bytes.insert(1, 10);
+        let mut c = Checker::default();
+        for f in std::iter::once(ready()).chain(frames) {
+            c.check(&f, &sent)?;
+        }
+        Ok(())
+    }
+
+    fn started() -> OwnedFrame {
+        frame(STARTED, 1, Value::map([("pid", Value::int(5))]).encode())
+    }
+
+    fn good_exit() -> OwnedFrame {
+        frame(
+            EXITED,
+            1,
+            exited(vec![
+                ("code", Value::int(0)),
+                ("core_dumped", Value::Bool(false)),
+                ("status", Value::int(0)),
+            ]),
+        )
+    }
+
+    #[test]
+    fn accepts_a_proper_session() {
+        run(vec![
+            started(),
+            frame(STDOUT, 1, b"x".to_vec()),
+            frame(
+                STDIN_ACK,
+                1,
+                Value::map([("bytes", Value::int(10))]).encode(),
+            ),
+            good_exit(),
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn rejects_violations() {
+        let bad: Vec<(&str, Vec<OwnedFrame>)> = vec![
+            (
+                "output before STARTED",
+                vec![frame(STDOUT, 1, b"x".to_vec())],
+            ),
+            (
+                "output after EXITED",
+                vec![started(), good_exit(), frame(STDOUT, 1, b"x".to_vec())],
+            ),
+            ("two EXITED", vec![started(), good_exit(), good_exit()]),
+            (
+                "STARTED without EXEC",
+                vec![frame(
+                    STARTED,
+                    2,
+                    Value::map([("pid", Value::int(5))]).encode(),
+                )],
+            ),
+            ("second READY", vec![ready()]),
+            ("unknown kind", vec![frame(0x7f, 0, Vec::new())]),
+            ("host kind", vec![frame(STDIN, 1, Vec::new())]),
+            (
+                "oversized STDOUT",
+                vec![started(), frame(STDOUT, 1, vec![0; 65537])],
+            ),
+            (
+                "acks above sent",
+                vec![
+                    started(),
+                    frame(
+                        STDIN_ACK,
+                        1,
+                        Value::map([("bytes", Value::int(11))]).encode(),
+                    ),
+                ],
+            ),
+            (
+                "EXITED without core_dumped",
+                vec![
+                    started(),
+                    frame(
+                        EXITED,
+                        1,
+                        exited(vec![("code", Value::int(0)), ("status", Value::int(0))]),
+                    ),
+                ],
+            ),
+            (
+                "EXITED with both",
+                vec![
+                    started(),
+                    frame(
+                        EXITED,
+                        1,
+                        exited(vec![
+                            ("code", Value::int(0)),
+                            ("signal", Value::int(9)),
+                            ("core_dumped", Value::Bool(false)),
+                            ("status", Value::int(0)),
+                        ]),
+                    ),
+                ],
+            ),
+            (
+                "EXITED wrong status",
+                vec![
+                    started(),
+                    frame(
+                        EXITED,
+                        1,
+                        exited(vec![
+                            ("signal", Value::int(9)),
+                            ("core_dumped", Value::Bool(false)),
+                            ("status", Value::int(9)),
+                        ]),
+                    ),
+                ],
+            ),
+            (
+                "EXITED core_dumped not bool",
+                vec![
+                    started(),
+                    frame(
+                        EXITED,
+                        1,
+                        exited(vec![
+                            ("code", Value::int(0)),
+                            ("core_dumped", Value::int(0)),
+                            ("status", Value::int(0)),
+                        ]),
+                    ),
+                ],
+            ),
+            (
+                "ERROR kind outside the contract",
+                vec![frame(
+                    ERROR,
+                    0,
+                    Value::map([("kind", Value::str("oops")), ("message", Value::str("m"))])
+                        .encode(),
+                )],
+            ),
+            (
+                "EXEC_FAILED for a running id",
+                vec![
+                    started(),
+                    frame(
+                        EXEC_FAILED,
+                        1,
+                        Value::map([("kind", Value::str("other")), ("message", Value::str("m"))])
+                            .encode(),
+                    ),
+                ],
+            ),
+            (
+                "SHUTDOWN_DONE without SHUTDOWN",
+                vec![frame(SHUTDOWN_DONE, 0, Vec::new())],
+            ),
+            (
+                "map payload that is an array",
+                vec![frame(STARTED, 1, vec![0x91, 0x01])],
+            ),
+        ];
+        for (what, frames) in bad {
+            assert!(run(frames).is_err(), "checker accepted: {what}");
+        }
+    }
 }

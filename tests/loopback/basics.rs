@@ -493,7 +493,11 @@ fn core_dumped_is_reported() {
     assert_eq!(out.exit.status, 139);
     let pattern = pattern.trim();
     if !pattern.starts_with('|') && !pattern.contains('/') && !pattern.is_empty() {
-        assert!(out.exit.core_dumped, "a core was written but core_dumped is false: {:?}", out.exited_map);
+        assert!(
+            out.exit.core_dumped,
+            "a core was written but core_dumped is false: {:?}",
+            out.exited_map
+        );
     } else {
         eprintln!("core_pattern {pattern:?}: core_dumped value not checked");
     }

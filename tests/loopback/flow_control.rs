@@ -428,14 +428,21 @@ fn output_window_holds_exited_until_the_output_is_acknowledged() {
     // must not come while 16000 bytes are still unsent.
     std::thread::sleep(Duration::from_millis(500));
     let early = agent.recv_where_within(&|f| f.id == id, Duration::from_millis(100));
-    assert!(early.is_none(), "sent with the window used up: {:?}", early.map(|f| f.kind));
+    assert!(
+        early.is_none(),
+        "sent with the window used up: {:?}",
+        early.map(|f| f.kind)
+    );
     let mut acked = 0u64;
     loop {
         if got.len() as u64 > acked {
             agent.send_output_ack(id, (got.len() as u64 - acked) as u32);
             acked = got.len() as u64;
         }
-        let f = agent.recv_where(|f| f.id == id && (f.kind == STDOUT || f.kind == EXITED), "output");
+        let f = agent.recv_where(
+            |f| f.id == id && (f.kind == STDOUT || f.kind == EXITED),
+            "output",
+        );
         if f.kind == EXITED {
             let e = parse_exited(&payload_map(&f.payload).unwrap()).unwrap();
             assert_eq!(e, ExitInfo::code(0));

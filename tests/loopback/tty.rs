@@ -191,7 +191,11 @@ fn tty_grandchild_holding_the_terminal_does_not_delay_exited() {
     let t0 = std::time::Instant::now();
     let out = agent.collect(id);
     out.assert_success();
-    assert!(t0.elapsed() < Duration::from_millis(1100), "EXITED after {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(1100),
+        "EXITED after {:?}",
+        t0.elapsed()
+    );
 }
 
 /// The output window applies to terminal output too.
@@ -202,7 +206,10 @@ fn tty_output_window() {
     let mut e = tty(cmd("seq", &["1", "50000"]));
     e.output_window = 4096;
     agent.exec(id, &e);
-    let expect: Vec<u8> = (1..=50_000).map(|i| format!("{i}\r\n")).collect::<String>().into_bytes();
+    let expect: Vec<u8> = (1..=50_000)
+        .map(|i| format!("{i}\r\n"))
+        .collect::<String>()
+        .into_bytes();
     let mut got = Vec::new();
     while got.len() < 4096 {
         let f = agent.recv_where(|f| f.id == id && f.kind == STDOUT, "output");
@@ -217,7 +224,10 @@ fn tty_output_window() {
             agent.send_output_ack(id, (got.len() as u64 - acked) as u32);
             acked = got.len() as u64;
         }
-        let f = agent.recv_where(|f| f.id == id && (f.kind == STDOUT || f.kind == EXITED), "output");
+        let f = agent.recv_where(
+            |f| f.id == id && (f.kind == STDOUT || f.kind == EXITED),
+            "output",
+        );
         if f.kind == EXITED {
             break;
         }
