@@ -250,7 +250,13 @@ impl OutQueue {
             self.pos
         };
         debug_assert!(greeting.len() >= HEADER_LEN);
-        let rest = self.buf.split_off(first_whole.min(self.buf.len()));
+        let mut rest = self.buf.split_off(first_whole.min(self.buf.len()));
+        // A READY still unsent (queued for a host that never read it) is
+        // replaced, not repeated.
+        if rest.len() >= HEADER_LEN && rest[4] == crate::messages::Kind::Ready as u8 {
+            let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            rest.drain(..(4 + len).min(rest.len()));
+        }
         self.buf.clear();
         self.buf.extend_from_slice(greeting);
         self.buf.extend_from_slice(&rest);
@@ -278,6 +284,9 @@ mod tests {
         assert!(dec.is_at_boundary());
         let mut expect = ready.clone();
         codec::append_raw(&mut expect, 0x30, 1, b"bbbb");
+        assert_eq!(q.buf, expect);
+        // Reconnecting again before anything was sent: still one READY.
+        q.restart_with(&ready);
         assert_eq!(q.buf, expect);
     }
 }
