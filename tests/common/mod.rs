@@ -235,6 +235,12 @@ impl Host {
             .or_default() += 1;
     }
 
+    /// Records that a shutdown was asked for by other means (a signal to
+    /// the agent), so SHUTDOWN_DONE is expected.
+    pub fn note_shutdown(&self) {
+        self.sent.lock().unwrap().shutdown = true;
+    }
+
     /// Records STDIN bytes the test sends by other means.
     pub fn note_stdin(&self, id: u32, n: u64) {
         *self.sent.lock().unwrap().stdin_bytes.entry(id).or_default() += n;

@@ -482,7 +482,7 @@ fn window_exceeded_counts_unacknowledged_bytes() {
         }
         match agent.recv_where_within(
             &|f| f.id == id && f.kind == STDIN_ACK,
-            Duration::from_millis(300),
+            Duration::from_millis(1000),
         ) {
             Some(f) => acked += ack_bytes(&f),
             None => break,
