@@ -15,6 +15,28 @@ fn marker_script(path: &Path, marker: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// `errno` is optional; when present it must be the one that failed.
+#[track_caller]
+fn assert_errno(f: &FailInfo, allowed: &[i32]) {
+    if let Some(e) = f.errno {
+        assert!(
+            allowed.contains(&e),
+            "errno {e}, expected one of {allowed:?}: {f:?}"
+        );
+    }
+}
+
+/// `stage` is optional; when present it must name the failing step.
+#[track_caller]
+fn assert_stage(f: &FailInfo, allowed: &[&str]) {
+    if let Some(s) = &f.stage {
+        assert!(
+            allowed.contains(&s.as_str()),
+            "stage {s:?}, expected one of {allowed:?}: {f:?}"
+        );
+    }
+}
+
 /// Checks that the id is free after an EXEC_FAILED: a good EXEC with the
 /// same id starts.
 #[track_caller]
@@ -29,9 +51,12 @@ fn not_found() {
     let id = 10;
     let f = agent.exec_fail(id, &Exec::new("agentd-no-such-program-xyz"), "not_found");
     eprintln!("not_found by lookup: {f:?}");
+    assert_errno(&f, &[libc::ENOENT]);
     id_is_free(&mut agent, id);
     let f = agent.exec_fail(id, &Exec::new("/nonexistent/dir/prog"), "not_found");
     eprintln!("not_found by path: {f:?}");
+    assert_errno(&f, &[libc::ENOENT]);
+    assert_stage(&f, &["execve", "lookup"]);
     id_is_free(&mut agent, id);
     // Relative to cwd.
     let dir = TempDir::new("nf");
@@ -59,6 +84,7 @@ fn permission_denied() {
         "permission_denied",
     );
     eprintln!("permission_denied: {f:?}");
+    assert_errno(&f, &[libc::EACCES]);
     id_is_free(&mut agent, id);
     // Found on PATH but not executable.
     let mut e = Exec::new("not-executable");
@@ -87,6 +113,8 @@ fn bad_cwd() {
     };
     let f = agent.exec_fail(id, &touch("/nonexistent-agentd-dir"), "bad_cwd");
     eprintln!("bad_cwd: {f:?}");
+    assert_errno(&f, &[libc::ENOENT]);
+    assert_stage(&f, &["chdir"]);
     id_is_free(&mut agent, id);
     // A file is not a directory.
     let file = dir.join("file");

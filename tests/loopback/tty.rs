@@ -237,3 +237,27 @@ fn tty_output_window() {
     }
     assert!(got == expect, "{} of {} bytes", got.len(), expect.len());
 }
+
+/// EXEC `stdin: false` gives the child /dev/null as stdin; the contract
+/// makes no exception for a terminal session (its output still goes to the
+/// terminal).
+#[test]
+fn tty_with_stdin_false_reads_dev_null() {
+    let mut agent = Agent::start();
+    let mut e = tty(sh("readlink /proc/self/fd/0; cat; echo done"));
+    e.stdin = false;
+    let id = agent.new_id();
+    agent.exec(id, &e);
+    let out = agent
+        .collect_within(id, Duration::from_secs(5))
+        .unwrap_or_else(|| {
+            // cat is waiting on the terminal: stdin is not /dev/null.
+            agent.send_signal(id, 9, true);
+            let out = agent.collect(id);
+            panic!(
+                "stdin: false on a tty: cat did not see end of file; output {:?}",
+                out.stdout_str()
+            )
+        });
+    assert_eq!(out.stdout_str(), "/dev/null\r\ndone\r\n");
+}
