@@ -79,6 +79,11 @@ pub struct Opts {
     /// Signals the agent starts with ignored (dispositions survive exec),
     /// as a careless parent might leave them.
     pub ignore_signals: Vec<i32>,
+    /// Leave an fd (a copy of stderr, at fd 9) open across exec into the
+    /// agent, as a careless parent might.
+    pub leak_fd: bool,
+    /// RLIMIT_NOFILE (soft and hard) for the agent.
+    pub nofile: Option<u64>,
 }
 
 impl Opts {
@@ -781,14 +786,29 @@ impl Agent {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if !opts.ignore_signals.is_empty() {
+        if !opts.ignore_signals.is_empty() || opts.leak_fd || opts.nofile.is_some() {
             let sigs = opts.ignore_signals.clone();
-            // SAFETY: between fork and exec only the rt_sigaction system
-            // call runs, on data prepared before fork.
+            let leak_fd = opts.leak_fd;
+            let nofile = opts.nofile;
+            // SAFETY: between fork and exec only async-signal-safe system
+            // calls run, on data prepared before fork.
             unsafe {
                 std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
                     for &sig in &sigs {
                         ignore_signal_raw(sig)?;
+                    }
+                    // dup2 clears close-on-exec on the copy.
+                    if leak_fd && libc::dup2(2, 9) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if let Some(n) = nofile {
+                        let lim = libc::rlimit {
+                            rlim_cur: n,
+                            rlim_max: n,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                     Ok(())
                 });

@@ -159,6 +159,11 @@ fn cmd_without_slash_is_looked_up_in_the_childs_path() {
     // An absolute cmd is used as it is.
     let out = agent.run(cmd(prog.to_str().unwrap(), &["y"]));
     assert_eq!(out.stdout_str(), "found me y\n");
+    // A relative one with a `/` is relative to the child's cwd.
+    let mut e = cmd("./agentd-test-prog", &["z"]);
+    e.cwd = Some(dir.path().to_str().unwrap().to_owned());
+    let out = agent.run(e);
+    assert_eq!(out.stdout_str(), "found me z\n");
 }
 
 #[test]

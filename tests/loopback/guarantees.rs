@@ -170,6 +170,21 @@ both! {
         );
     }
 
+    /// Guarantee 7 when the host goes away in the middle of a frame.
+    fn eof_inside_a_frame_still_ends_cleanly(opts: Opts) {
+        let mut agent = Agent::start_with(opts);
+        agent.exec(1, &cmd("sleep", &["1000"]));
+        let procs = agent.descendants();
+        let mut half = Vec::new();
+        agentd::codec::append_raw(&mut half, STDIN, 1, b"never finished");
+        half.truncate(12);
+        agent.send_raw(&half);
+        agent.close();
+        let status = agent.wait_exit(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(0), "agent exit status {status:?}");
+        assert!(wait_until(Duration::from_secs(5), || procs.iter().all(|&p| !alive(p))));
+    }
+
     /// SHUTDOWN: SIGTERM, `grace_ms`, SIGKILL for what is left, EXITED
     /// for each session, then SHUTDOWN_DONE, and exit status 0.
     fn shutdown_kills_a_child_that_ignores_sigterm(opts: Opts) {
@@ -540,5 +555,64 @@ both! {
         assert_eq!(out.exit, ExitInfo::signal(15));
         agent.recv_where(|f| f.kind == SHUTDOWN_DONE, "SHUTDOWN_DONE");
         assert_eq!(agent.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    }
+}
+
+/// An fd the agent inherited without close-on-exec does not reach
+/// children either.
+#[test]
+fn an_fd_the_agent_inherited_does_not_reach_children() {
+    let opts = Opts {
+        leak_fd: true,
+        ..Opts::default()
+    };
+    let agent = Agent::start_with(opts);
+    assert!(
+        std::fs::read_link(format!("/proc/{}/fd/9", agent.host_pid)).is_ok(),
+        "the harness did not leave fd 9 open in the agent"
+    );
+    let mut agent = agent;
+    let out = agent.sh("ls /proc/$$/fd");
+    assert_eq!(out.stdout_str(), "0\n1\n2\n");
+}
+
+/// Out of descriptors: EXEC_FAILED `resource`, not a crash; the agent
+/// recovers when sessions end (guarantee 6 for what children and limits
+/// do).
+#[test]
+fn out_of_descriptors_is_exec_failed_resource() {
+    let opts = Opts {
+        nofile: Some(48),
+        ..Opts::default()
+    };
+    let mut agent = Agent::start_with(opts);
+    let mut started = Vec::new();
+    let mut failure = None;
+    for id in 1..=40u32 {
+        match agent.exec_result(id, &cmd("sleep", &["100"])) {
+            Ok(_) => started.push(id),
+            Err(f) => {
+                failure = Some(f);
+                break;
+            }
+        }
+    }
+    let f = failure.expect("48 descriptors were enough for 40 sessions?");
+    assert_eq!(f.kind, "resource", "{f:?}");
+    assert!(
+        started.len() >= 3,
+        "only {} sessions started",
+        started.len()
+    );
+    agent.ping();
+    // Free two sessions; an EXEC works again.
+    for id in started.drain(..2) {
+        agent.send_signal(id, 9, true);
+        assert_eq!(agent.collect(id).exit, ExitInfo::signal(9));
+    }
+    assert_eq!(agent.sh("echo again").stdout_str(), "again\n");
+    for id in started {
+        agent.send_signal(id, 9, true);
+        agent.collect(id);
     }
 }

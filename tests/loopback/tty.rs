@@ -261,3 +261,21 @@ fn tty_with_stdin_false_reads_dev_null() {
         });
     assert_eq!(out.stdout_str(), "/dev/null\r\ndone\r\n");
 }
+
+/// The end-of-file character STDIN_CLOSE writes is the terminal's current
+/// VEOF, also when the child changed it.
+#[test]
+fn stdin_close_on_a_tty_uses_the_terminals_eof_character() {
+    let mut agent = Agent::start();
+    let id = agent.new_id();
+    agent.exec(id, &tty(sh("stty -echo eof '^B'; echo ready; exec cat")));
+    read_until(&mut agent, id, |t| t.contains("ready\r\n"));
+    agent.send_stdin(id, b"x\x04y");
+    agent.send_stdin_close(id);
+    let out = agent
+        .collect_within(id, Duration::from_secs(10))
+        .expect("cat did not see end of file with VEOF changed to ^B");
+    out.assert_success();
+    // ^D is an ordinary character now.
+    assert_eq!(out.stdout_str(), "x\x04y");
+}
