@@ -120,6 +120,8 @@ fn bad_cwd() {
     let file = dir.join("file");
     std::fs::write(&file, "").unwrap();
     agent.exec_fail(id, &touch(file.to_str().unwrap()), "bad_cwd");
+    // Children that failed before exec were reaped at once.
+    agent.wait_no_children(std::time::Duration::from_secs(5));
     assert!(!marker.exists(), "the program ran");
     id_is_free(&mut agent, id);
 }

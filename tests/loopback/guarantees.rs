@@ -616,3 +616,25 @@ fn out_of_descriptors_is_exec_failed_resource() {
         agent.collect(id);
     }
 }
+
+/// During a shutdown's grace: PING is answered, a new EXEC fails
+/// (docs/DESIGN.md: `other`), a second SHUTDOWN adds no second
+/// SHUTDOWN_DONE.
+#[test]
+fn during_shutdown() {
+    let mut agent = Agent::start();
+    let mut stubborn = sh("trap '' TERM; sleep 100");
+    stubborn.stdin = false;
+    agent.exec(1, &stubborn);
+    std::thread::sleep(Duration::from_millis(200));
+    agent.send_shutdown(700);
+    agent.ping();
+    agent.exec_fail(2, &cmd("true", &[]), "other");
+    agent.send_shutdown(700);
+    assert_eq!(agent.collect(1).exit, ExitInfo::signal(9));
+    agent.recv_where(|f| f.kind == SHUTDOWN_DONE, "SHUTDOWN_DONE");
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    // The checker fails on any frame after SHUTDOWN_DONE.
+    agent.drain_into_stash(Duration::from_millis(200));
+    assert!(agent.at_eof());
+}
