@@ -413,18 +413,25 @@ fn an_idle_agent_does_not_wake_up() {
 #[test]
 fn output_window_holds_exited_until_the_output_is_acknowledged() {
     let mut agent = Agent::start();
+    for tty in [false, true] {
+        window_holds_exited(&mut agent, tty);
+    }
+}
+
+fn window_holds_exited(agent: &mut Agent, tty: bool) {
     let id = agent.new_id();
     let mut e = sh("i=0; while [ $i -lt 1000 ]; do echo 0123456789abcdef; i=$((i+1)); done");
     e.output_window = 1000;
     e.linger_ms = 50;
     e.stdin = false;
+    e.tty = tty;
     agent.exec(id, &e);
     let mut got = Vec::new();
     while got.len() < 1000 {
         let f = agent.recv_where(|f| f.id == id && f.kind == STDOUT, "output");
         got.extend_from_slice(&f.payload);
     }
-    // 17000 bytes fit in the pipe: the shell has exited by now. EXITED
+    // 17000 bytes fit in the pipe (or terminal): the shell has exited by now. EXITED
     // must not come while 16000 bytes are still unsent.
     std::thread::sleep(Duration::from_millis(500));
     let early = agent.recv_where_within(&|f| f.id == id, Duration::from_millis(100));
@@ -451,5 +458,14 @@ fn output_window_holds_exited_until_the_output_is_acknowledged() {
         got.extend_from_slice(&f.payload);
         assert!(got.len() as u64 - acked <= 1000);
     }
-    assert_eq!(got, "0123456789abcdef\n".repeat(1000).into_bytes());
+    let line = if tty {
+        "0123456789abcdef\r\n"
+    } else {
+        "0123456789abcdef\n"
+    };
+    assert!(
+        got == line.repeat(1000).into_bytes(),
+        "tty {tty}: {} bytes",
+        got.len()
+    );
 }
