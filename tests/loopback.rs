@@ -11,6 +11,7 @@
 //! - [`guarantees`]: the contract's seven guarantees.
 //! - [`flow_control`]: STDIN window and acks, OUTPUT_ACK, a host that stops
 //!   reading.
+//! - [`pipelined`]: frames for a session sent before its STARTED.
 //! - [`tty`]: terminal sessions.
 //!
 //! Tests marked with [`both!`] run twice: as a plain child of the test
@@ -21,11 +22,12 @@ mod common;
 
 /// Defines each `fn name(opts: Opts) { .. }` as a module `name` with two
 /// tests: `stdio` (the agent as an ordinary process) and `pidns` (the agent
-/// as PID 1 of its own pid namespace, when the machine allows it).
+/// as PID 1 of its own pid namespace, when the machine allows it). An
+/// `#[ignore = ".."]` after the doc comment applies to both.
 macro_rules! both {
-    ($($(#[$meta:meta])* fn $name:ident($opts:ident: Opts) $body:block)*) => {
+    ($($(#[doc = $doc:expr])* $(#[ignore = $reason:literal])? fn $name:ident($opts:ident: Opts) $body:block)*) => {
         $(
-            $(#[$meta])*
+            $(#[doc = $doc])*
             mod $name {
                 #[allow(unused_imports)]
                 use super::*;
@@ -33,11 +35,13 @@ macro_rules! both {
                 fn body($opts: $crate::common::Opts) $body
 
                 #[test]
+                $(#[ignore = $reason])?
                 fn stdio() {
                     body($crate::common::Opts::default())
                 }
 
                 #[test]
+                $(#[ignore = $reason])?
                 fn pidns() {
                     if !$crate::common::pidns_available() {
                         eprintln!("skipped: unshare --pid --fork --mount-proc does not work here");
@@ -60,5 +64,7 @@ mod exec_failed;
 mod flow_control;
 #[path = "loopback/guarantees.rs"]
 mod guarantees;
+#[path = "loopback/pipelined.rs"]
+mod pipelined;
 #[path = "loopback/tty.rs"]
 mod tty;

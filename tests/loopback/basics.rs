@@ -558,3 +558,33 @@ fn frames_split_at_every_byte_and_coalesced() {
     assert_eq!(out.stdout_str(), "split\n");
     agent.assert_no_errors();
 }
+
+/// A stopped process is not an exited one: SIGSTOP via SIGNAL stops the
+/// session without EXITED; SIGCONT lets it finish normally.
+#[test]
+fn stopped_is_not_exited() {
+    let mut agent = Agent::start();
+    let id = agent.new_id();
+    let mut e = sh("sleep 0.3; echo done");
+    e.stdin = false;
+    agent.exec(id, &e);
+    agent.send_signal(id, libc::SIGSTOP, true);
+    // The shell may be waiting in vfork for a child that is stopped too
+    // (state D); some process of the group is stopped (T).
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.descendants().iter().any(
+            |&p| proc_status_field(p, "State").is_some_and(|s| s.starts_with('T'))
+        )),
+        "nothing of the session stopped"
+    );
+    let early = agent.recv_where_within(&|f| f.id == id, Duration::from_millis(700));
+    assert!(
+        early.is_none(),
+        "a frame while stopped: {:?}",
+        early.map(|f| f.kind)
+    );
+    agent.send_signal(id, libc::SIGCONT, true);
+    let out = agent.collect(id);
+    out.assert_success();
+    assert_eq!(out.stdout_str(), "done\n");
+}
