@@ -279,3 +279,28 @@ fn exec_then_eof_at_once() {
         .iter()
         .all(|&p| !alive(p))));
 }
+
+/// Many children between fork and exec at once: each still ends up with
+/// only fds 0, 1 and 2.
+#[test]
+fn concurrent_starts_leak_no_fds() {
+    let mut agent = Agent::start();
+    let mut msgs = Vec::new();
+    for id in 1..=30u32 {
+        let mut e = sh("ls /proc/$$/fd");
+        e.tty = id % 3 == 0;
+        if e.tty {
+            e.args[1] = "ls -1 /proc/$$/fd".into();
+        }
+        msgs.push((exec_msg(e), id));
+        agent.note_exec(id);
+    }
+    agent.send_raw(&batch(&msgs));
+    for id in 1..=30u32 {
+        agent.exec_reply(id).unwrap();
+        let out = agent.collect(id);
+        out.assert_success();
+        let want = if id % 3 == 0 { "0\r\n1\r\n2\r\n" } else { "0\n1\n2\n" };
+        assert_eq!(out.stdout_str(), want, "session {id}");
+    }
+}
