@@ -18,7 +18,8 @@
 //! (`::stdio`) and as PID 1 of a new pid namespace (`::pidns`, skipped
 //! where `unshare --pid --fork --mount-proc` does not work).
 
-mod common;
+#[path = "loopback/harness/mod.rs"]
+mod harness;
 
 /// Defines each `fn name(opts: Opts) { .. }` as a module `name` with two
 /// tests: `stdio` (the agent as an ordinary process) and `pidns` (the agent
@@ -32,22 +33,22 @@ macro_rules! both {
                 #[allow(unused_imports)]
                 use super::*;
 
-                fn body($opts: $crate::common::Opts) $body
+                fn body($opts: $crate::harness::Opts) $body
 
                 #[test]
                 $(#[ignore = $reason])?
                 fn stdio() {
-                    body($crate::common::Opts::default())
+                    body($crate::harness::Opts::default())
                 }
 
                 #[test]
                 $(#[ignore = $reason])?
                 fn pidns() {
-                    if !$crate::common::pidns_available() {
+                    if !$crate::harness::pidns_available() {
                         eprintln!("skipped: unshare --pid --fork --mount-proc does not work here");
                         return;
                     }
-                    body($crate::common::Opts::default().pidns(true))
+                    body($crate::harness::Opts::default().pidns(true))
                 }
             }
         )*

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use agentd::messages::{Message, Rlimit};
 
-use crate::common::*;
+use crate::harness::*;
 
 both! {
     /// READY comes first with every key of the contract (the checker

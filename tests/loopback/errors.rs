@@ -6,7 +6,7 @@ use std::time::Duration;
 use agentd::codec::MAX_PAYLOAD;
 use agentd::messages::{Kind, Message};
 
-use crate::common::*;
+use crate::harness::*;
 
 /// A `cat` session that must come through everything untouched: returns
 /// its id after checking it echoes.

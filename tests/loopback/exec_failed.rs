@@ -7,7 +7,7 @@ use std::path::Path;
 
 use agentd::messages::{Exec, Rlimit};
 
-use crate::common::*;
+use crate::harness::*;
 
 /// A script at `path` that creates `marker` if it ever runs.
 fn marker_script(path: &Path, marker: &Path, mode: u32) {

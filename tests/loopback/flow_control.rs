@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use agentd::messages::Message;
 
-use crate::common::*;
+use crate::harness::*;
 
 fn host_sha256(data: &[u8]) -> String {
     let mut child = Command::new("sha256sum")

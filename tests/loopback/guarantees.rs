@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use agentd::messages::Exec;
 
-use crate::common::*;
+use crate::harness::*;
 
 /// Expected output of `seq 1 n`.
 fn seq_output(n: u32) -> Vec<u8> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use agentd::messages::{Exec, Message};
 
-use crate::common::*;
+use crate::harness::*;
 
 /// Encodes `msgs` as one byte string (one write).
 fn batch(msgs: &[(Message<'_>, u32)]) -> Vec<u8> {

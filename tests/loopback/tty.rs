@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use agentd::messages::Exec;
 
-use crate::common::*;
+use crate::harness::*;
 
 fn tty(mut e: Exec) -> Exec {
     e.tty = true;
