@@ -705,7 +705,12 @@ impl Core {
                 continue;
             }
             let exit = exit_from_status(status);
-            self.sessions[key].reaped(exit, now);
+            let s = &mut self.sessions[key];
+            s.reaped(exit, now);
+            if self.shutdown.as_ref().is_some_and(|sd| sd.killed) {
+                // Past the grace nothing waits for descendants' pipes.
+                s.deadline = Some(now);
+            }
             self.lingering += 1;
             self.service(key);
         }
