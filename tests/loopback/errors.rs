@@ -682,3 +682,226 @@ fn garbage_never_stops_the_agent_or_disturbs_a_session() {
     );
     agent.assert_no_errors();
 }
+
+/// A map with the given raw entries (each key and value already encoded).
+fn raw_map(entries: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    assert!(entries.len() < 16);
+    let mut p = vec![0x80 | entries.len() as u8];
+    for (k, v) in entries {
+        p.extend_from_slice(k);
+        p.extend_from_slice(v);
+    }
+    p
+}
+
+fn s(v: &str) -> Vec<u8> {
+    Value::str(v).encode()
+}
+
+/// `depth` nested arrays around an integer.
+fn nested(depth: usize) -> Vec<u8> {
+    let mut v = vec![0x91; depth];
+    v.push(0x00);
+    v
+}
+
+/// The payload rules docs/PROTOCOL.md decides where the contract's one
+/// sentence leaves room: duplicate keys, nesting depth, what an ignored
+/// value may be, rlimit items, the order of checks.
+#[test]
+fn payload_rules_of_the_projects_protocol_document() {
+    let mut agent = Agent::start();
+    let cmd_true = (s("cmd"), s("true"));
+    let no_stdin = (s("stdin"), vec![0xc2]);
+    let rlimits = |item: Vec<u8>| (s("rlimits"), [vec![0x91], item].concat());
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "a known key twice",
+            raw_map(&[cmd_true.clone(), (s("cmd"), s("false"))]),
+        ),
+        (
+            "a key twice, fixstr and str 8",
+            raw_map(&[
+                cmd_true.clone(),
+                (vec![0xd9, 3, b'c', b'm', b'd'], s("true")),
+            ]),
+        ),
+        (
+            "an unknown key twice",
+            raw_map(&[cmd_true.clone(), (s("x"), vec![1]), (s("x"), vec![2])]),
+        ),
+        (
+            "a key with invalid UTF-8",
+            raw_map(&[cmd_true.clone(), (vec![0xa2, 0xff, 0xfe], vec![1])]),
+        ),
+        (
+            "a bin key",
+            raw_map(&[cmd_true.clone(), (vec![0xc4, 1, b'x'], vec![1])]),
+        ),
+        (
+            "a nil key",
+            raw_map(&[cmd_true.clone(), (vec![0xc0], vec![1])]),
+        ),
+        // The payload map is level 1: an array at level 33 is too deep.
+        (
+            "level 33 inside an ignored value",
+            raw_map(&[cmd_true.clone(), (s("x"), nested(32))]),
+        ),
+        (
+            "rlimit item as an array",
+            raw_map(&[
+                cmd_true.clone(),
+                rlimits(vec![0x93, 0xa4, b'c', b'o', b'r', b'e', 0, 0]),
+            ]),
+        ),
+        (
+            "rlimit item with integer keys",
+            raw_map(&[
+                cmd_true.clone(),
+                rlimits(vec![0x83, 0, 0xa4, b'c', b'o', b'r', b'e', 1, 0, 2, 0]),
+            ]),
+        ),
+        (
+            "rlimit item with soft twice",
+            raw_map(&[
+                cmd_true.clone(),
+                rlimits(raw_map(&[
+                    (s("resource"), s("core")),
+                    (s("soft"), vec![0]),
+                    (s("soft"), vec![0]),
+                    (s("hard"), vec![0]),
+                ])),
+            ]),
+        ),
+        (
+            "cmd str with invalid UTF-8",
+            raw_map(&[(s("cmd"), vec![0xa2, 0xc3, 0x28])]),
+        ),
+    ];
+    for (i, (what, payload)) in bad.iter().enumerate() {
+        let id = 800 + i as u32;
+        agent.send_frame(EXEC, id, payload);
+        let e = agent.expect_error(id);
+        assert_eq!(e.kind, "bad_payload", "{what}: {e:?}");
+    }
+    let good: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "level 32 inside an ignored value",
+            raw_map(&[cmd_true.clone(), no_stdin.clone(), (s("x"), nested(31))]),
+        ),
+        (
+            "ignored values of any type",
+            raw_map(&[
+                cmd_true.clone(),
+                no_stdin.clone(),
+                (s("a"), vec![0xc0]),
+                (s("b"), Value::Float(0.5).encode()),
+                (s("c"), vec![0xc4, 2, 0, 1]),
+                (s("d"), vec![0xd4, 7, 9]),
+                (s("e"), vec![0x81, 0x01, 0x02]),
+                (s("f"), vec![0xa2, 0xff, 0xfe]),
+            ]),
+        ),
+        (
+            "rlimit item with an unknown key twice",
+            raw_map(&[
+                cmd_true.clone(),
+                no_stdin.clone(),
+                rlimits(raw_map(&[
+                    (s("resource"), s("core")),
+                    (s("soft"), vec![0]),
+                    (s("hard"), vec![0]),
+                    (s("z"), vec![1]),
+                    (s("z"), vec![2]),
+                ])),
+            ]),
+        ),
+    ];
+    for (i, (what, payload)) in good.iter().enumerate() {
+        let id = 900 + i as u32;
+        agent.send_exec_payload(id, payload);
+        match agent.exec_reply(id) {
+            Ok(_) => agent.collect(id).assert_success(),
+            Err(f) => panic!("{what}: {f:?}"),
+        };
+    }
+    agent.ping();
+    let errs: Vec<ErrorInfo> = agent
+        .take_stashed(|f| f.kind == ERROR)
+        .iter()
+        .map(error_info)
+        .collect();
+    assert!(errs.is_empty(), "{errs:?}");
+
+    // Order of checks: kind, direction, payload, then session state.
+    agent.send_frame(STDOUT, 12345, &[0xc1]);
+    agent.expect_error_kind(12345, "wrong_direction", Some(STDOUT));
+    agent.send_frame(SIGNAL, 12345, &[0xc1]);
+    agent.expect_error_kind(12345, "bad_payload", Some(SIGNAL));
+    agent.send_frame(
+        RESIZE,
+        12345,
+        &Value::map([("rows", Value::int(1))]).encode(),
+    );
+    agent.expect_error_kind(12345, "bad_payload", Some(RESIZE));
+    // signal = 2^31 does not fit i32.
+    agent.send_frame(
+        SIGNAL,
+        12345,
+        &Value::map([("signal", Value::int(1i64 << 31))]).encode(),
+    );
+    agent.expect_error_kind(12345, "bad_payload", Some(SIGNAL));
+    // STDIN_CLOSE: empty, or a map (ignored); anything else is bad.
+    agent.send_frame(STDIN_CLOSE, 12345, b"junk");
+    agent.expect_error_kind(12345, "bad_payload", Some(STDIN_CLOSE));
+    agent.send_frame(
+        STDIN_CLOSE,
+        12345,
+        &Value::map([("later", Value::int(1))]).encode(),
+    );
+    agent.expect_error_kind(12345, "unknown_session", Some(STDIN_CLOSE));
+    agent.assert_no_errors();
+}
+
+/// docs/PROTOCOL.md's agent decisions: an empty STDIN is a no-op (no ack)
+/// but still checked; a second STDIN_CLOSE is `stdin_closed`; SIGNAL 0 is
+/// valid; RESIZE with 0 rows is accepted.
+#[test]
+fn agent_decisions_of_the_projects_protocol_document() {
+    let mut agent = Agent::start();
+    let id = agent.new_id();
+    agent.exec(id, &sh("cat; exec sleep 100"));
+    agent.send_stdin(id, b"");
+    agent.send_signal(id, 0, true);
+    agent.send_stdin_close(id);
+    agent.send_stdin_close(id);
+    agent.expect_error_kind(id, "stdin_closed", Some(STDIN_CLOSE));
+    agent.send_stdin(id, b"");
+    agent.expect_error_kind(id, "stdin_closed", Some(STDIN));
+    agent.send_stdin(99999, b"");
+    agent.expect_error_kind(99999, "unknown_session", Some(STDIN));
+    agent.assert_no_errors();
+    assert!(
+        agent.take_stashed(|f| f.kind == STDIN_ACK).is_empty(),
+        "an ack for empty STDIN"
+    );
+    agent.send_signal(id, 9, true);
+    let out = agent.collect(id);
+    assert_eq!(out.exit, ExitInfo::signal(9));
+    assert_eq!(out.acked, 0);
+
+    let mut e = sh("stty -echo; read x; stty size");
+    e.tty = true;
+    let id = agent.new_id();
+    agent.exec(id, &e);
+    agent.send_resize(id, 0, 0);
+    agent.send_stdin(id, b"\n");
+    let out = agent.collect(id);
+    out.assert_success();
+    assert!(
+        out.stdout_str().ends_with("0 0\r\n"),
+        "{:?}",
+        out.stdout_str()
+    );
+    agent.assert_no_errors();
+}

@@ -300,7 +300,11 @@ fn concurrent_starts_leak_no_fds() {
         agent.exec_reply(id).unwrap();
         let out = agent.collect(id);
         out.assert_success();
-        let want = if id % 3 == 0 { "0\r\n1\r\n2\r\n" } else { "0\n1\n2\n" };
+        let want = if id % 3 == 0 {
+            "0\r\n1\r\n2\r\n"
+        } else {
+            "0\n1\n2\n"
+        };
         assert_eq!(out.stdout_str(), want, "session {id}");
     }
 }

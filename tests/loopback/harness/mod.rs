@@ -533,6 +533,10 @@ impl Checker {
             }
             Kind::Stdout | Kind::Stderr => {
                 self.session_frame(id, &name)?;
+                // docs/PROTOCOL.md: never an empty one.
+                if f.payload.is_empty() {
+                    return Err(format!("{name} with an empty payload"));
+                }
                 if f.payload.len() > MAX_OUTPUT_PAYLOAD {
                     return Err(format!(
                         "{name} with {} bytes of payload (limit 64 KiB)",
@@ -1088,11 +1092,9 @@ impl Agent {
         assert_eq!(e.kind, kind, "ERROR for id {id}: {e:?}");
         assert!(!e.message.is_empty(), "ERROR without a message: {e:?}");
         if let Some(fk) = frame_kind {
-            // frame_kind is optional in the contract; when present it must
-            // name the frame answered.
-            if let Some(got) = e.frame_kind {
-                assert_eq!(got, fk, "ERROR frame_kind: {e:?}");
-            }
+            // Optional in the contract; docs/PROTOCOL.md: present in every
+            // ERROR that answers a frame whose kind could be read.
+            assert_eq!(e.frame_kind, Some(fk), "ERROR frame_kind: {e:?}");
         }
         e
     }
@@ -1196,10 +1198,14 @@ impl Agent {
         }
     }
 
-    /// Runs `exec` as a new session with no stdin and collects it.
+    /// Runs `exec` as a new session and collects it. A pipe session gets
+    /// no stdin (/dev/null); a tty session keeps its terminal as stdin
+    /// (whatever `stdin` says is left as the caller set it).
     #[track_caller]
     pub fn run(&mut self, mut exec: Exec) -> Output {
-        exec.stdin = false;
+        if !exec.tty {
+            exec.stdin = false;
+        }
         let id = self.new_id();
         self.exec(id, &exec);
         self.collect(id)
