@@ -638,3 +638,32 @@ fn during_shutdown() {
     agent.drain_into_stash(Duration::from_millis(200));
     assert!(agent.at_eof());
 }
+
+/// Guarantee 3 with a descendant that writes without pause: it cannot
+/// hold EXITED either.
+#[test]
+fn a_descendant_writing_forever_does_not_hold_exited() {
+    let mut agent = Agent::start();
+    for tty in [false, true] {
+        let id = agent.new_id();
+        let mut e = sh("yes & echo started");
+        e.tty = tty;
+        e.linger_ms = 200;
+        agent.exec(id, &e);
+        let t0 = Instant::now();
+        let out = agent
+            .collect_within(id, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("tty {tty}: no EXITED while a descendant writes"));
+        out.assert_success();
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "tty {tty}: EXITED after {:?}",
+            t0.elapsed()
+        );
+        assert!(out.stdout_str().contains("started"));
+    }
+    // The writers lost their reader and die of SIGPIPE (pipe) or their
+    // terminal (tty); nothing is left.
+    agent.ping();
+    agent.wait_no_children(Duration::from_secs(10));
+}
