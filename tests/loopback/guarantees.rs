@@ -271,7 +271,6 @@ both! {
     /// uses glibc's `posix_spawn` (Rust's `Command` does): it leaves exactly
     /// these two ignored in the new process, and SIG_IGN survives execve,
     /// so the agent must reset them with the raw system call.
-    #[ignore = "agent bug: signals 32 and 33 stay SIG_IGN in children when the agent inherited them ignored (glibc sigaction refuses them)"]
     fn signals_glibc_reserves_are_reset_too(opts: Opts) {
         // Ignored explicitly, whatever the harness's spawn does.
         let opts = Opts {

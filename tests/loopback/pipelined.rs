@@ -131,7 +131,6 @@ fn frames_after_an_exec_that_fails() {
 /// EXITED by the signal (the program never ran, so STARTED would be
 /// false).
 #[test]
-#[ignore = "agent bug: a SIGNAL right behind EXEC reaches the child before execve; a failing EXEC then gets STARTED + EXITED instead of EXEC_FAILED"]
 fn a_signal_right_behind_exec_does_not_change_its_reply() {
     let mut agent = Agent::start();
     let mut wrong = Vec::new();
