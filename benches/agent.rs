@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use agentd::codec::{self, Decoder};
-use agentd::messages::{Ack, Exec, Kind, Message, Ready};
+use agentd::messages::{Ack, Exec, Kind, Message, Ready, Shutdown};
 
 const AGENTD: &str = env!("CARGO_BIN_EXE_agentd");
 
@@ -103,6 +103,13 @@ impl Host {
 
     fn exec(&mut self, id: u32, exec: Exec) {
         self.send(&Message::Exec(Box::new(exec)), id);
+    }
+
+    /// Ends every session and the agent the orderly way, so no session's
+    /// process outlives the benchmark (a killed agent would orphan them).
+    fn shutdown(&mut self) {
+        self.send(&Message::Shutdown(Shutdown { grace_ms: 200 }), 0);
+        self.recv(|kind, _, _| kind == Kind::ShutdownDone as u8);
     }
 
     fn wait_exited(&mut self, id: u32) {
@@ -448,7 +455,7 @@ fn bench_memory(sessions: usize, flood_secs: u64) -> (u64, u64, u64, u64) {
     }
     std::thread::sleep(Duration::from_millis(200));
     let many = status_field(pid, "VmRSS:");
-    drop(host);
+    host.shutdown();
 
     // One session floods while the host reads nothing.
     let mut host = Host::start(&[]);
@@ -459,6 +466,7 @@ fn bench_memory(sessions: usize, flood_secs: u64) -> (u64, u64, u64, u64) {
     host.exec(1, e);
     std::thread::sleep(Duration::from_secs(flood_secs));
     let flood = status_field(pid, "VmRSS:");
+    host.shutdown();
     (idle, wakeups, many, flood)
 }
 
