@@ -182,6 +182,28 @@ fn row(
     }
 }
 
+/// A row of p50 / p99 latencies, the ratio taken at p50.
+fn latency_row(
+    measure: &str,
+    mut agent: Vec<Duration>,
+    mut native: Vec<Duration>,
+    target: &str,
+) -> Row {
+    agent.sort();
+    native.sort();
+    let (a50, a99) = (percentile(&agent, 50), percentile(&agent, 99));
+    let (n50, n99) = (percentile(&native, 50), percentile(&native, 99));
+    let ratio = a50.as_secs_f64() / n50.as_secs_f64();
+    row(
+        ratio,
+        measure,
+        format!("{} / {}", us(a50), us(a99)),
+        format!("{} / {}", us(n50), us(n99)),
+        format!("{ratio:.2}×"),
+        target,
+    )
+}
+
 fn bench_exec_latency(n: usize) -> Row {
     let mut host = Host::start(&[]);
     let mut agent = Vec::with_capacity(n);
@@ -195,16 +217,10 @@ fn bench_exec_latency(n: usize) -> Row {
         host.wait_exited(id);
         agent.push(t.elapsed());
     }
-    agent.sort();
-    native.sort();
-    let (a50, a99) = (percentile(&agent, 50), percentile(&agent, 99));
-    let (n50, n99) = (percentile(&native, 50), percentile(&native, 99));
-    row(
-        a50.as_secs_f64() / n50.as_secs_f64(),
+    latency_row(
         &format!("exec `/bin/true` → EXITED, p50 / p99 ({n} runs)"),
-        format!("{} / {}", us(a50), us(a99)),
-        format!("{} / {}", us(n50), us(n99)),
-        format!("{:.2}×", a50.as_secs_f64() / n50.as_secs_f64()),
+        agent,
+        native,
         "≤ 1.25× at p50",
     )
 }
@@ -269,16 +285,10 @@ fn bench_ping(n: usize) -> Row {
     drop(sock);
     // SAFETY: reaping the echo child.
     unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-    agent.sort();
-    native.sort();
-    let (a50, a99) = (percentile(&agent, 50), percentile(&agent, 99));
-    let (n50, n99) = (percentile(&native, 50), percentile(&native, 99));
-    row(
-        a50.as_secs_f64() / n50.as_secs_f64(),
+    latency_row(
         &format!("PING → PONG round trip, p50 / p99 ({n} runs)"),
-        format!("{} / {}", us(a50), us(a99)),
-        format!("{} / {}", us(n50), us(n99)),
-        format!("{:.2}×", a50.as_secs_f64() / n50.as_secs_f64()),
+        agent,
+        native,
         "≤ 2×",
     )
 }
