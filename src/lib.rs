@@ -6,6 +6,7 @@
 //! - [`fuzzing`]: the bodies of the fuzz targets, public so that `cargo test`
 //!   replays the seed corpus on stable.
 
+pub mod agent;
 pub mod codec;
 pub mod fuzzing;
 pub mod messages;

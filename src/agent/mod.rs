@@ -1,0 +1,3 @@
+//! The agent (guest side).
+
+pub mod init;
