@@ -427,7 +427,14 @@ pub fn mount_basics() -> Vec<PathBuf> {
             mounted.push(PathBuf::from(m.target));
         }
     }
-    link_ptmx();
+    // Replace /dev/ptmx only on a /dev of our own: in a container or a test
+    // namespace, /dev may be the host's.
+    if mounted
+        .iter()
+        .any(|p| p == Path::new("/dev") || p == Path::new("/dev/pts"))
+    {
+        link_ptmx();
+    }
     ensure_symlink("/proc/self/fd", "/dev/fd");
     ensure_symlink("/proc/self/fd/0", "/dev/stdin");
     ensure_symlink("/proc/self/fd/1", "/dev/stdout");
@@ -768,8 +775,11 @@ pub fn install_panic_hook(mounted: Vec<PathBuf>) {
 /// [`mount_basics`] mounted. For errors PID 1 cannot serve through (no
 /// agent port, for example).
 pub fn fatal(msg: &str) -> ! {
-    error!("fatal: {msg}");
-    log_direct(2, &format!("fatal: {msg}; powering off"));
+    if tracing::dispatcher::has_been_set() {
+        error!("fatal: {msg}; powering off");
+    } else {
+        log_direct(2, &format!("fatal: {msg}; powering off"));
+    }
     let mounted = MOUNTED.lock().map(|m| m.clone()).unwrap_or_default();
     power_off(&mounted)
 }
