@@ -373,11 +373,11 @@ impl Decoder {
         }
         let begin = self.start + HEADER_LEN;
         self.start = begin + payload_len;
-        return Some(Ok(Frame {
+        Some(Ok(Frame {
             kind,
             id,
             payload: &self.buf[begin..begin + payload_len],
-        }));
+        }))
     }
 }
 

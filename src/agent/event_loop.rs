@@ -1,0 +1,890 @@
+//! The agent's one thread: a single `mio::Poll` over the transport, a
+//! signalfd for SIGCHLD (and the shutdown signals), and every session's
+//! PTY master or pipes.
+//!
+//! Each turn of the loop: wait for readiness (forever when nothing has a
+//! deadline: an idle agent never wakes), note what became readable or
+//! writable (mio is edge-triggered, so each fd keeps a "may have more"
+//! flag until a read or write returns EAGAIN), then do the work: decode
+//! and dispatch frames from the transport, reap children, read output into
+//! the transport queue, write queued STDIN, handle expired deadlines, and
+//! flush the transport queue. See docs/DESIGN.md for tokens, session states
+//! and where backpressure applies.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+use nix::sys::signal::{SigSet, Signal as NixSignal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use slab::Slab;
+
+use crate::codec::{self, Decoder, Frame, MAX_PAYLOAD};
+use crate::messages::{
+    self, ErrorKind, ErrorMsg, Exec, ExecFailed, ExecFailedKind, Exited, Kind, Message, Ready,
+    PROTOCOL_VERSION,
+};
+
+use super::session::{self, ReadStop, Session, StdinError};
+use super::spawn::{self, SpawnDefaults, SpawnError};
+use super::transport::{FdReader, Flushed, OutQueue, Transport, TransportKind};
+
+const TRANSPORT_IN: Token = Token(0);
+const TRANSPORT_OUT: Token = Token(1);
+const SIGNALS: Token = Token(2);
+
+/// Above this many queued output bytes the agent stops reading children's
+/// output (they block in write()).
+pub const HIGH_WATER: usize = 1 << 20;
+/// Reading resumes once the queue is below this.
+pub const LOW_WATER: usize = 256 << 10;
+/// Above this the agent also stops reading the transport: the host is not
+/// reading, and every frame it sends may add a reply.
+pub const TRANSPORT_READ_CAP: usize = 2 << 20;
+
+/// The grace SIGTERM, SIGINT and SIGPWR give sessions.
+pub const DEFAULT_GRACE: Duration = Duration::from_millis(1000);
+
+/// The agent's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub max_sessions: usize,
+    pub stdin_window: u32,
+    pub pid1: bool,
+    pub defaults: SpawnDefaults,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_sessions: 1024,
+            stdin_window: 256 * 1024,
+            pid1: false,
+            defaults: SpawnDefaults::from_agent_env(),
+        }
+    }
+}
+
+/// Why [`EventLoop::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// End of file on a stdio or stream transport: sessions were killed.
+    TransportClosed,
+    /// SHUTDOWN (or a shutdown signal) completed: SHUTDOWN_DONE was sent.
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error("creating the poll instance: {0}")]
+    Poll(io::Error),
+    #[error("setting up the signalfd: {0}")]
+    Signals(nix::Error),
+    #[error("registering the transport: {0}")]
+    Register(io::Error),
+}
+
+/// The signals the loop takes through its signalfd. They are blocked for
+/// the agent; children get an empty mask (see spawn.rs).
+pub fn handled_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for sig in [
+        NixSignal::SIGCHLD,
+        NixSignal::SIGTERM,
+        NixSignal::SIGINT,
+        NixSignal::SIGPWR,
+    ] {
+        set.add(sig);
+    }
+    set
+}
+
+struct ShutdownState {
+    deadline: Instant,
+    killed: bool,
+}
+
+pub struct EventLoop {
+    poll: Poll,
+    decoder: Decoder,
+    core: Core,
+}
+
+/// Everything but the poll and the decoder, so a decoded frame (which
+/// borrows the decoder) can be dispatched against it.
+struct Core {
+    registry: Registry,
+    transport: Transport,
+    out: OutQueue,
+    signals: SignalFd,
+    sessions: Slab<Session>,
+    by_id: HashMap<u32, usize>,
+    by_pid: HashMap<libc::pid_t, usize>,
+    /// Sessions that stopped reading at the high-water mark.
+    stalled: VecDeque<usize>,
+    /// Sessions reaped but not finished (they may have a deadline).
+    lingering: usize,
+    config: Config,
+    shutdown: Option<ShutdownState>,
+    transport_readable: bool,
+    transport_writable: bool,
+    /// A host is there to talk to (always, but for a device port between
+    /// hosts).
+    connected: bool,
+    /// The decoder must be reset before the next read (new connection).
+    reset_decoder: bool,
+    exit: Option<Exit>,
+}
+
+impl EventLoop {
+    /// Sets up the poll, the signalfd (the handled signals must already be
+    /// blocked) and the transport's registration.
+    pub fn new(config: Config, transport: Transport) -> Result<EventLoop, LoopError> {
+        let poll = Poll::new().map_err(LoopError::Poll)?;
+        let registry = poll.registry().try_clone().map_err(LoopError::Poll)?;
+        let signals = SignalFd::with_flags(
+            &handled_signals(),
+            SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+        )
+        .map_err(LoopError::Signals)?;
+        registry
+            .register(
+                &mut SourceFd(&signals.as_fd().as_raw_fd()),
+                SIGNALS,
+                Interest::READABLE,
+            )
+            .map_err(LoopError::Register)?;
+        if transport.split() {
+            registry
+                .register(
+                    &mut SourceFd(&transport.read_fd()),
+                    TRANSPORT_IN,
+                    Interest::READABLE,
+                )
+                .map_err(LoopError::Register)?;
+            registry
+                .register(
+                    &mut SourceFd(&transport.write_fd()),
+                    TRANSPORT_OUT,
+                    Interest::WRITABLE,
+                )
+                .map_err(LoopError::Register)?;
+        } else {
+            registry
+                .register(
+                    &mut SourceFd(&transport.read_fd()),
+                    TRANSPORT_IN,
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .map_err(LoopError::Register)?;
+        }
+        Ok(EventLoop {
+            poll,
+            decoder: Decoder::new(),
+            core: Core {
+                registry,
+                transport,
+                out: OutQueue::default(),
+                signals,
+                sessions: Slab::new(),
+                by_id: HashMap::new(),
+                by_pid: HashMap::new(),
+                stalled: VecDeque::new(),
+                lingering: 0,
+                config,
+                shutdown: None,
+                transport_readable: true,
+                transport_writable: true,
+                connected: true,
+                reset_decoder: false,
+                exit: None,
+            },
+        })
+    }
+
+    /// Runs until the transport closes (stdio, socket) or a shutdown
+    /// completes. Never returns early on a bad frame or a child's
+    /// behaviour.
+    pub fn run(&mut self) -> Exit {
+        let ready = self.core.ready_frame();
+        self.core.out.buf().extend_from_slice(&ready);
+        let mut events = Events::with_capacity(256);
+        loop {
+            self.core.pump();
+            if let Some(exit) = self.core.exit {
+                self.core.finish_output(Duration::from_secs(5));
+                return exit;
+            }
+            let timeout = self.core.next_timeout(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                // EINTR: a signal not routed to the signalfd (none are
+                // expected) or a stop/continue; just poll again. Anything
+                // else is an epoll failure that retrying may not fix, so
+                // log it and back off instead of spinning.
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "poll failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+            for event in events.iter() {
+                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                match event.token() {
+                    TRANSPORT_IN => {
+                        self.core.transport_readable = true;
+                        if event.is_writable() {
+                            self.core.transport_writable = true;
+                        }
+                        self.core
+                            .on_transport_event(event.is_read_closed(), event.is_writable());
+                    }
+                    TRANSPORT_OUT => self.core.transport_writable = true,
+                    SIGNALS => self.core.on_signals(),
+                    token => self
+                        .core
+                        .on_session_event(token, readable, event.is_writable()),
+                }
+            }
+            self.read_transport();
+            self.core.on_deadlines(Instant::now());
+        }
+    }
+
+    /// Reads and dispatches frames until the transport would block, or the
+    /// output queue is over its cap (then the host is not reading and its
+    /// input waits in the kernel).
+    fn read_transport(&mut self) {
+        let core = &mut self.core;
+        if core.reset_decoder {
+            self.decoder = Decoder::new();
+            core.reset_decoder = false;
+        }
+        while core.transport_readable && core.connected && core.exit.is_none() {
+            if core.out.pending() >= TRANSPORT_READ_CAP {
+                return;
+            }
+            match self
+                .decoder
+                .read_from(&mut FdReader(core.transport.read_fd()))
+            {
+                Ok(0) => {
+                    core.transport_readable = false;
+                    core.on_transport_eof();
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => {
+                        core.transport_readable = false;
+                        return;
+                    }
+                    _ => {
+                        tracing::warn!(error = %e, "reading the transport failed");
+                        core.transport_readable = false;
+                        core.on_transport_eof();
+                        return;
+                    }
+                },
+            }
+            while let Some(item) = self.decoder.next_frame() {
+                match item {
+                    Ok(frame) => core.on_frame(frame),
+                    Err(e) => {
+                        let kind = messages::ProtocolError::from(e).kind();
+                        core.send_error(e.id(), kind, e.to_string(), e.frame_kind());
+                    }
+                }
+                if core.reset_decoder || core.exit.is_some() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// How a wait status reads as EXITED.
+fn exit_from_status(status: libc::c_int) -> Exited {
+    if libc::WIFSIGNALED(status) {
+        Exited::from_signal(libc::WTERMSIG(status), libc::WCOREDUMP(status))
+    } else {
+        Exited::from_code(libc::WEXITSTATUS(status))
+    }
+}
+
+/// kill(2), with "no such process" being fine (it is already gone).
+fn send_signal(target: libc::pid_t, signal: libc::c_int) {
+    // SAFETY: kill takes plain integers.
+    if unsafe { libc::kill(target, signal) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            tracing::warn!(target, signal, error = %e, "kill failed");
+        }
+    }
+}
+
+impl Core {
+    fn ready_frame(&self) -> Vec<u8> {
+        let ready = Ready {
+            protocol: PROTOCOL_VERSION,
+            agent: concat!("agentd/", env!("CARGO_PKG_VERSION")).to_owned(),
+            pid: std::process::id(),
+            pid1: self.config.pid1,
+            max_payload: MAX_PAYLOAD as u32,
+            stdin_window: self.config.stdin_window,
+            max_sessions: self.config.max_sessions as u32,
+            uptime_ms: uptime_ms(),
+        };
+        Message::Ready(ready).to_bytes(0)
+    }
+
+    fn send_error(&mut self, id: u32, kind: ErrorKind, message: String, frame_kind: Option<u8>) {
+        tracing::debug!(id, %kind, %message, "ERROR");
+        let msg = ErrorMsg::new(kind, message, frame_kind);
+        messages::append_map(self.out.buf(), Kind::Error as u8, id, &msg);
+    }
+
+    fn exec_failed(&mut self, id: u32, err: SpawnError) {
+        tracing::debug!(id, kind = %err.kind, message = %err.message, "EXEC_FAILED");
+        let msg = ExecFailed {
+            kind: err.kind.as_str().to_owned(),
+            message: err.message,
+            errno: err.errno,
+            stage: err.stage.map(str::to_owned),
+        };
+        messages::append_map(self.out.buf(), Kind::ExecFailed as u8, id, &msg);
+    }
+
+    fn on_frame(&mut self, frame: Frame<'_>) {
+        let id = frame.id;
+        let msg = match Message::decode_from_host(frame) {
+            Ok(msg) => msg,
+            Err(e) => {
+                return self.send_error(id, e.kind(), e.to_string(), Some(frame.kind));
+            }
+        };
+        match msg {
+            Message::Ping(payload) => codec::append_raw(self.out.buf(), Kind::Pong as u8, id, payload),
+            Message::Shutdown(s) => self.start_shutdown(Duration::from_millis(u64::from(s.grace_ms))),
+            Message::Exec(req) => self.exec(id, &req),
+            Message::Stdin(data) => self.with_session(id, Kind::Stdin, |core, key| {
+                let window = core.config.stdin_window;
+                let s = &mut core.sessions[key];
+                match s.push_stdin(data, window, core.out.buf(), &core.registry) {
+                    Ok(()) => Ok(()),
+                    Err(StdinError::Closed) => Err((
+                        ErrorKind::StdinClosed,
+                        "stdin of this session is closed".to_owned(),
+                    )),
+                    Err(StdinError::WindowExceeded { in_use, window }) => Err((
+                        ErrorKind::WindowExceeded,
+                        format!(
+                            "{} bytes with {in_use} unacknowledged exceed the stdin window of {window}; frame dropped",
+                            data.len()
+                        ),
+                    )),
+                }
+            }),
+            Message::StdinClose => self.with_session(id, Kind::StdinClose, |core, key| {
+                let s = &mut core.sessions[key];
+                s.close_stdin(core.out.buf(), &core.registry).map_err(|_| {
+                    (ErrorKind::StdinClosed, "stdin of this session is already closed".to_owned())
+                })
+            }),
+            Message::Resize(r) => self.with_session(id, Kind::Resize, |core, key| {
+                let Some(fd) = core.sessions[key].pty_fd() else {
+                    return Err((ErrorKind::NotATty, "the session has no terminal (started without tty)".to_owned()));
+                };
+                let size = libc::winsize {
+                    ws_row: r.rows,
+                    ws_col: r.cols,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                // SAFETY: TIOCSWINSZ reads a valid winsize from the pointer.
+                if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &size) } < 0 {
+                    tracing::warn!(id, error = %io::Error::last_os_error(), "TIOCSWINSZ failed");
+                }
+                Ok(())
+            }),
+            Message::Signal(sig) => self.with_session(id, Kind::Signal, |core, key| {
+                if !(0..=64).contains(&sig.signal) {
+                    return Err((
+                        ErrorKind::InvalidSignal,
+                        format!("{} is not a Linux signal number (0 to 64)", sig.signal),
+                    ));
+                }
+                let s = &core.sessions[key];
+                if sig.group {
+                    // The group outlives its leader while descendants
+                    // remain, so it is signalled after reaping too.
+                    send_signal(-s.pid, sig.signal);
+                } else if s.exit.is_none() {
+                    // Once reaped the pid may belong to someone else.
+                    send_signal(s.pid, sig.signal);
+                }
+                Ok(())
+            }),
+            Message::OutputAck(ack) => self.with_session(id, Kind::OutputAck, |core, key| {
+                core.sessions[key].ack_output(ack.bytes);
+                core.service(key);
+                Ok(())
+            }),
+            // decode_from_host lets only host → agent kinds through.
+            other => self.send_error(
+                id,
+                ErrorKind::WrongDirection,
+                format!("{} is not sent by a host", other.kind().name()),
+                Some(frame.kind),
+            ),
+        }
+    }
+
+    /// Runs `f` on the session `id`, answering ERROR for an unknown id or
+    /// for what `f` reports.
+    fn with_session(
+        &mut self,
+        id: u32,
+        kind: Kind,
+        f: impl FnOnce(&mut Core, usize) -> Result<(), (ErrorKind, String)>,
+    ) {
+        let Some(&key) = self.by_id.get(&id) else {
+            return self.send_error(
+                id,
+                ErrorKind::UnknownSession,
+                format!("no session with id {id}"),
+                Some(kind as u8),
+            );
+        };
+        if let Err((err, message)) = f(self, key) {
+            self.send_error(id, err, message, Some(kind as u8));
+        }
+    }
+
+    fn exec(&mut self, id: u32, req: &Exec) {
+        let fail = |kind, message: &str| SpawnError {
+            kind,
+            message: message.to_owned(),
+            errno: None,
+            stage: None,
+        };
+        if id == 0 {
+            return self.exec_failed(
+                0,
+                fail(
+                    ExecFailedKind::InvalidRequest,
+                    "session id 0 is reserved for the connection",
+                ),
+            );
+        }
+        if self.by_id.contains_key(&id) {
+            return self.exec_failed(
+                id,
+                fail(
+                    ExecFailedKind::DuplicateId,
+                    "a session with this id is running",
+                ),
+            );
+        }
+        if self.shutdown.is_some() {
+            return self.exec_failed(
+                id,
+                fail(ExecFailedKind::Other, "the agent is shutting down"),
+            );
+        }
+        if self.sessions.len() >= self.config.max_sessions {
+            let msg = format!(
+                "{} sessions are running, the agent's maximum",
+                self.sessions.len()
+            );
+            return self.exec_failed(id, fail(ExecFailedKind::Resource, &msg));
+        }
+        let child = match spawn::prepare(req, &self.config.defaults).and_then(|p| spawn::spawn(&p))
+        {
+            Ok(child) => child,
+            Err(e) => return self.exec_failed(id, e),
+        };
+        let pid = child.pid;
+        let entry = self.sessions.vacant_entry();
+        let key = entry.key();
+        match Session::new(
+            id,
+            pid,
+            child.stdio,
+            req.output_window,
+            req.linger_ms,
+            key,
+            &self.registry,
+        ) {
+            Ok(session) => {
+                entry.insert(session);
+                self.by_id.insert(id, key);
+                self.by_pid.insert(pid, key);
+                tracing::debug!(id, pid, "STARTED");
+                messages::append_map(
+                    self.out.buf(),
+                    Kind::Started as u8,
+                    id,
+                    &messages::Started { pid: pid as u32 },
+                );
+                self.service(key);
+            }
+            Err(e) => {
+                // The program runs but the agent cannot watch it: stop it.
+                send_signal(-pid, libc::SIGKILL);
+                let mut status = 0;
+                // SAFETY: waiting for our own child, just killed.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                self.exec_failed(
+                    id,
+                    SpawnError {
+                        kind: ExecFailedKind::Resource,
+                        message: format!("registering the session's fds: {e}"),
+                        errno: e.raw_os_error(),
+                        stage: Some("register"),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Does whatever a session can do now: write queued STDIN, read
+    /// output, and finish it when it is done.
+    fn service(&mut self, key: usize) {
+        let pending = self.out.pending();
+        let Some(s) = self.sessions.get_mut(key) else {
+            return;
+        };
+        s.flush_stdin(self.out.buf(), &self.registry);
+        if s.wants_read()
+            && s.read_output(self.out.buf(), pending, HIGH_WATER, &self.registry)
+                == ReadStop::Backpressure
+            && !s.stalled
+        {
+            s.stalled = true;
+            self.stalled.push_back(key);
+        }
+        if s.finished() {
+            self.finish(key);
+        }
+    }
+
+    /// Sends EXITED and frees the session and its id.
+    fn finish(&mut self, key: usize) {
+        let mut s = self.sessions.remove(key);
+        s.close(&self.registry);
+        self.by_id.remove(&s.id);
+        self.lingering -= 1;
+        if let Some(exit) = s.exit {
+            tracing::debug!(id = s.id, status = exit.status, "EXITED");
+            messages::append_map(self.out.buf(), Kind::Exited as u8, s.id, &exit);
+        }
+        if self.shutdown.is_some() && self.sessions.is_empty() {
+            self.complete_shutdown();
+        }
+    }
+
+    fn on_session_event(&mut self, token: Token, readable: bool, writable: bool) {
+        let Some((key, stream)) = session::untoken(token) else {
+            return;
+        };
+        // A stale event for a session removed earlier in this batch is
+        // dropped; for a key reused since, it is only a spurious "try".
+        if let Some(s) = self.sessions.get_mut(key) {
+            s.on_event(stream, readable, writable);
+            self.service(key);
+        }
+    }
+
+    fn on_signals(&mut self) {
+        let mut reap = false;
+        let mut shutdown = false;
+        loop {
+            match self.signals.read_signal() {
+                Ok(Some(info)) => match info.ssi_signo as libc::c_int {
+                    libc::SIGCHLD => reap = true,
+                    sig => {
+                        tracing::info!(signal = sig, "shutdown signal");
+                        shutdown = true;
+                    }
+                },
+                Ok(None) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the signalfd failed");
+                    // Reap anyway: a lost SIGCHLD must not leave zombies.
+                    reap = true;
+                    break;
+                }
+            }
+        }
+        // One SIGCHLD may stand for many exits: reap until none is left.
+        if reap {
+            self.reap();
+        }
+        if shutdown {
+            self.start_shutdown(DEFAULT_GRACE);
+        }
+    }
+
+    fn reap(&mut self) {
+        let now = Instant::now();
+        loop {
+            let mut status = 0;
+            // SAFETY: `status` is a valid out pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid == 0 {
+                break;
+            }
+            if pid < 0 {
+                match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // ECHILD: no children at all.
+                    _ => break,
+                }
+            }
+            let Some(key) = self.by_pid.remove(&pid) else {
+                tracing::debug!(pid, "reaped an adopted process");
+                continue;
+            };
+            let exit = exit_from_status(status);
+            self.sessions[key].reaped(exit, now);
+            self.lingering += 1;
+            self.service(key);
+        }
+    }
+
+    fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        let immediate = self.connected
+            && ((self.transport_readable && self.out.pending() < TRANSPORT_READ_CAP)
+                || (!self.stalled.is_empty() && self.out.pending() < LOW_WATER));
+        if immediate {
+            return Some(Duration::ZERO);
+        }
+        let mut next: Option<Instant> = self
+            .shutdown
+            .as_ref()
+            .filter(|s| !s.killed)
+            .map(|s| s.deadline);
+        if self.lingering > 0 {
+            for (_, s) in &self.sessions {
+                if let Some(d) = s.deadline {
+                    next = Some(next.map_or(d, |n| n.min(d)));
+                }
+            }
+        }
+        // Round up so the deadline has passed when poll returns.
+        next.map(|d| d.saturating_duration_since(now) + Duration::from_micros(999))
+    }
+
+    fn on_deadlines(&mut self, now: Instant) {
+        if let Some(sd) = &mut self.shutdown {
+            if !sd.killed && sd.deadline <= now {
+                sd.killed = true;
+                for (_, s) in &mut self.sessions {
+                    send_signal(-s.pid, libc::SIGKILL);
+                    if s.exit.is_some() {
+                        // Descendants were told to go; stop waiting for
+                        // their pipes now.
+                        s.deadline = Some(now);
+                    }
+                }
+            }
+        }
+        if self.lingering == 0 {
+            return;
+        }
+        let expired: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.deadline.is_some_and(|d| d <= now))
+            .map(|(k, _)| k)
+            .collect();
+        for key in expired {
+            self.sessions[key].linger_expired();
+            self.service(key);
+        }
+    }
+
+    /// Flushes the transport queue and, while it is below the low-water
+    /// mark, lets stalled sessions read again.
+    fn pump(&mut self) {
+        for _ in 0..16 {
+            self.flush_transport();
+            if self.stalled.is_empty() || self.out.pending() >= LOW_WATER || !self.connected {
+                return;
+            }
+            let rounds = self.stalled.len();
+            for _ in 0..rounds {
+                let Some(key) = self.stalled.pop_front() else {
+                    break;
+                };
+                if let Some(s) = self.sessions.get_mut(key) {
+                    if s.stalled {
+                        s.stalled = false;
+                        self.service(key);
+                    }
+                }
+            }
+        }
+    }
+
+    fn flush_transport(&mut self) {
+        if !self.connected || !self.transport_writable || self.out.pending() == 0 {
+            return;
+        }
+        match self.out.flush(self.transport.write_fd()) {
+            Ok(Flushed::All) => {}
+            Ok(Flushed::Partial) => self.transport_writable = false,
+            Err(e) => {
+                tracing::warn!(error = %e, "writing the transport failed");
+                self.transport_writable = false;
+                self.on_transport_eof();
+            }
+        }
+    }
+
+    fn on_transport_event(&mut self, hup: bool, writable: bool) {
+        if self.transport.kind != TransportKind::Device {
+            return;
+        }
+        if hup && self.connected {
+            self.disconnected();
+        } else if !hup && writable && !self.connected {
+            tracing::info!("host connected");
+            self.connected = true;
+            self.reset_decoder = true;
+            let ready = self.ready_frame();
+            self.out.restart_with(&ready);
+        }
+    }
+
+    fn disconnected(&mut self) {
+        tracing::info!("host went away; sessions keep running");
+        self.connected = false;
+        self.reset_decoder = true;
+    }
+
+    /// End of file (or a broken pipe) on the transport.
+    fn on_transport_eof(&mut self) {
+        if self.transport.kind == TransportKind::Device {
+            return self.disconnected();
+        }
+        if self.exit.is_some() {
+            return;
+        }
+        tracing::info!("transport closed: killing every session");
+        for (_, s) in &self.sessions {
+            send_signal(-s.pid, libc::SIGKILL);
+        }
+        kill_and_reap_all(Duration::from_secs(2));
+        self.exit = Some(Exit::TransportClosed);
+    }
+
+    fn start_shutdown(&mut self, grace: Duration) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        tracing::info!(?grace, sessions = self.sessions.len(), "shutting down");
+        for (_, s) in &self.sessions {
+            send_signal(-s.pid, libc::SIGTERM);
+        }
+        self.shutdown = Some(ShutdownState {
+            deadline: Instant::now() + grace,
+            killed: false,
+        });
+        if self.sessions.is_empty() {
+            self.complete_shutdown();
+        }
+    }
+
+    fn complete_shutdown(&mut self) {
+        codec::append_raw(self.out.buf(), Kind::ShutdownDone as u8, 0, &[]);
+        self.exit = Some(Exit::Shutdown);
+    }
+
+    /// Before returning from the loop: writes what is queued, waiting at
+    /// most `limit` for a slow host.
+    fn finish_output(&mut self, limit: Duration) {
+        let end = Instant::now() + limit;
+        while self.out.pending() > 0 && self.connected {
+            match self.out.flush(self.transport.write_fd()) {
+                Ok(Flushed::All) => return,
+                Ok(Flushed::Partial) => {}
+                Err(_) => return,
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.transport.write_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as libc::c_int) };
+        }
+    }
+}
+
+/// Milliseconds since boot (CLOCK_BOOTTIME), for READY.
+fn uptime_ms() -> Option<u64> {
+    // SAFETY: a zeroed timespec is a valid out-parameter.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is a valid timespec to fill.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000)
+}
+
+/// The agent's children as the kernel lists them (sessions and adopted
+/// orphans alike).
+fn children() -> Vec<libc::pid_t> {
+    let mut pids = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return pids;
+    };
+    for task in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            pids.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<libc::pid_t>().ok()),
+            );
+        }
+    }
+    pids
+}
+
+/// SIGKILLs every child (and its process group) and reaps until none is
+/// left or `limit` passes. Used only on the way out: it sleeps.
+pub fn kill_and_reap_all(limit: Duration) {
+    let end = Instant::now() + limit;
+    loop {
+        for pid in children() {
+            send_signal(-pid, libc::SIGKILL);
+            send_signal(pid, libc::SIGKILL);
+        }
+        loop {
+            let mut status = 0;
+            // SAFETY: `status` is a valid out pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid > 0 {
+                continue;
+            }
+            if pid < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+                return;
+            }
+            break;
+        }
+        if Instant::now() >= end {
+            tracing::warn!("children still running after SIGKILL");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

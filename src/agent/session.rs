@@ -1,0 +1,627 @@
+//! One session: a child process, its stdio fds and the flow control around
+//! them, as a state machine the event loop drives.
+//!
+//! States (see docs/DESIGN.md):
+//! - **running**: `exit` is `None`; output is read as the child writes it,
+//!   within the output window and the transport's high-water mark; STDIN
+//!   is queued and written as the child reads.
+//! - **lingering**: the child has been reaped (`exit` is `Some`), but an
+//!   output stream is still open — data in flight, or a descendant holds
+//!   it. At `deadline` (reap + `linger_ms`) every stream still open gets a
+//!   final read until it would block, then counts as ended.
+//! - **finished**: reaped and every output stream ended: the loop sends
+//!   EXITED and frees the id.
+//!
+//! The session never writes to the transport fd itself: output and acks
+//! are appended to the loop's output queue.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::Instant;
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+
+use crate::codec::{self, HEADER_LEN, MAX_OUTPUT_PAYLOAD};
+use crate::messages::{self, Ack, Exited, Kind};
+
+use super::spawn::ChildStdio;
+
+/// Which fd of a session a token names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The stdin pipe's write end.
+    Stdin = 0,
+    /// The stdout pipe's read end, or the PTY master.
+    Stdout = 1,
+    Stderr = 2,
+}
+
+/// First token of session fds; lower ones are the loop's own.
+pub const SESSION_TOKEN_BASE: usize = 8;
+
+pub fn token(key: usize, stream: Stream) -> Token {
+    Token(SESSION_TOKEN_BASE + key * 4 + stream as usize)
+}
+
+/// The (slab key, stream) a session token stands for.
+pub fn untoken(token: Token) -> Option<(usize, Stream)> {
+    let t = token.0.checked_sub(SESSION_TOKEN_BASE)?;
+    let stream = match t % 4 {
+        0 => Stream::Stdin,
+        1 => Stream::Stdout,
+        2 => Stream::Stderr,
+        _ => return None,
+    };
+    Some((t / 4, stream))
+}
+
+/// After its deadline a lingering session reads at most this much more per
+/// stream, so a descendant writing without pause cannot hold EXITED.
+const FINAL_READ_LIMIT: usize = 1024 * 1024;
+
+#[derive(Debug, Default)]
+struct OutputStream {
+    /// An edge said readable and no read has hit EAGAIN since.
+    readable: bool,
+    /// End of file seen (or the stream counted as ended after linger).
+    ended: bool,
+    /// Bytes read after the linger deadline.
+    after_deadline: usize,
+}
+
+/// Why reading a session's output stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadStop {
+    /// Every open stream would block or has ended.
+    Idle,
+    /// The output window is used up; OUTPUT_ACK resumes.
+    Window,
+    /// The transport queue is over its high-water mark; draining resumes.
+    Backpressure,
+}
+
+#[derive(Debug, Default)]
+pub struct StdinState {
+    queue: Vec<u8>,
+    pos: usize,
+    /// Received from the host and not yet acknowledged (the window in use).
+    unacked: u64,
+    /// Written or discarded, not yet acknowledged.
+    ack_due: u64,
+    /// STDIN_CLOSE received, or the session has no stdin: STDIN is an error.
+    pub host_closed: bool,
+    /// The child side is gone: further bytes are discarded (and acked).
+    child_gone: bool,
+    /// The close has been carried out (pipe closed, or VEOF written).
+    close_done: bool,
+    /// VEOF bytes still to write to a terminal.
+    eof_owed: u8,
+    last_byte: Option<u8>,
+    writable: bool,
+}
+
+#[derive(Debug)]
+pub enum StdinError {
+    Closed,
+    WindowExceeded { in_use: u64, window: u32 },
+}
+
+#[derive(Debug)]
+enum Fds {
+    Pty {
+        master: OwnedFd,
+    },
+    Pipes {
+        stdin: Option<OwnedFd>,
+        stdout: Option<OwnedFd>,
+        stderr: Option<OwnedFd>,
+    },
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub id: u32,
+    pub pid: libc::pid_t,
+    fds: Fds,
+    out: [OutputStream; 2],
+    pub stdin: StdinState,
+    /// Output window left; `None` when unlimited.
+    window: Option<u32>,
+    window_size: u32,
+    /// How the process ended, once reaped.
+    pub exit: Option<Exited>,
+    /// When lingering ends.
+    pub deadline: Option<Instant>,
+    pub linger_ms: u32,
+    lingered: bool,
+    /// In the loop's list of sessions stalled by backpressure.
+    pub stalled: bool,
+}
+
+fn register(registry: &Registry, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
+    registry.register(&mut SourceFd(&fd), token, interest)
+}
+
+fn deregister(registry: &Registry, fd: RawFd) {
+    // Closing an fd removes it from epoll only when no other copy of the
+    // open file exists; a child between fork and exec holds copies, so
+    // deregister explicitly. Failure means it was not registered.
+    let _ = registry.deregister(&mut SourceFd(&fd));
+}
+
+/// Appends a frame of `kind` whose payload is read from `fd` straight into
+/// `out` (at most `max` bytes). On end of file, an error or EAGAIN nothing
+/// is appended.
+fn read_frame(out: &mut Vec<u8>, kind: Kind, id: u32, fd: RawFd, max: usize) -> io::Result<usize> {
+    let start = out.len();
+    out.reserve(HEADER_LEN + max);
+    out.extend_from_slice(&codec::header(kind as u8, id, 0));
+    let spare = out.spare_capacity_mut();
+    // SAFETY: `spare` has at least `max` bytes of capacity; read writes at
+    // most `max` bytes into it and we only mark as initialised what it
+    // reports written.
+    let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), max) };
+    if n <= 0 {
+        out.truncate(start);
+        return if n == 0 {
+            Ok(0)
+        } else {
+            Err(io::Error::last_os_error())
+        };
+    }
+    let n = n as usize;
+    // SAFETY: read initialised the first `n` spare bytes.
+    unsafe { out.set_len(start + HEADER_LEN + n) };
+    let len = codec::LEN_OVERHEAD + n as u32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    Ok(n)
+}
+
+impl Session {
+    /// Registers a new child's fds and makes its session.
+    pub fn new(
+        id: u32,
+        pid: libc::pid_t,
+        stdio: ChildStdio,
+        output_window: u32,
+        linger_ms: u32,
+        key: usize,
+        registry: &Registry,
+    ) -> io::Result<Session> {
+        let mut stdin = StdinState::default();
+        let fds = match stdio {
+            ChildStdio::Pty { master } => {
+                register(
+                    registry,
+                    master.as_raw_fd(),
+                    token(key, Stream::Stdout),
+                    Interest::READABLE | Interest::WRITABLE,
+                )?;
+                Fds::Pty { master }
+            }
+            ChildStdio::Pipes {
+                stdin: stdin_fd,
+                stdout,
+                stderr,
+            } => {
+                let fds = [
+                    (stdin_fd.as_ref(), Stream::Stdin, Interest::WRITABLE),
+                    (Some(&stdout), Stream::Stdout, Interest::READABLE),
+                    (Some(&stderr), Stream::Stderr, Interest::READABLE),
+                ];
+                let mut done: Vec<RawFd> = Vec::new();
+                for (fd, stream, interest) in fds {
+                    let Some(fd) = fd else { continue };
+                    if let Err(e) = register(registry, fd.as_raw_fd(), token(key, stream), interest)
+                    {
+                        for fd in done {
+                            deregister(registry, fd);
+                        }
+                        return Err(e);
+                    }
+                    done.push(fd.as_raw_fd());
+                }
+                if stdin_fd.is_none() {
+                    stdin.host_closed = true;
+                    stdin.close_done = true;
+                }
+                Fds::Pipes {
+                    stdin: stdin_fd,
+                    stdout: Some(stdout),
+                    stderr: Some(stderr),
+                }
+            }
+        };
+        let tty = matches!(fds, Fds::Pty { .. });
+        Ok(Session {
+            id,
+            pid,
+            fds,
+            // Assume readable until a read says otherwise: data may have
+            // arrived before registration.
+            out: [
+                OutputStream {
+                    readable: true,
+                    ..Default::default()
+                },
+                OutputStream {
+                    readable: true,
+                    // A terminal has no separate stderr.
+                    ended: tty,
+                    ..Default::default()
+                },
+            ],
+            stdin: StdinState {
+                writable: true,
+                ..stdin
+            },
+            window: (output_window > 0).then_some(output_window),
+            window_size: output_window,
+            exit: None,
+            deadline: None,
+            linger_ms,
+            lingered: false,
+            stalled: false,
+        })
+    }
+
+    pub fn is_tty(&self) -> bool {
+        matches!(self.fds, Fds::Pty { .. })
+    }
+
+    /// The PTY master, for RESIZE.
+    pub fn pty_fd(&self) -> Option<RawFd> {
+        match &self.fds {
+            Fds::Pty { master } => Some(master.as_raw_fd()),
+            Fds::Pipes { .. } => None,
+        }
+    }
+
+    fn out_fd(&self, i: usize) -> Option<RawFd> {
+        match (&self.fds, i) {
+            (Fds::Pty { master }, 0) => Some(master.as_raw_fd()),
+            (Fds::Pty { .. }, _) => None,
+            (Fds::Pipes { stdout, .. }, 0) => stdout.as_ref().map(AsRawFd::as_raw_fd),
+            (Fds::Pipes { stderr, .. }, _) => stderr.as_ref().map(AsRawFd::as_raw_fd),
+        }
+    }
+
+    fn in_fd(&self) -> Option<RawFd> {
+        match &self.fds {
+            Fds::Pty { master } => Some(master.as_raw_fd()),
+            Fds::Pipes { stdin, .. } => stdin.as_ref().map(AsRawFd::as_raw_fd),
+        }
+    }
+
+    /// A readiness event for one of this session's fds. `readable` includes
+    /// hang-up and error: the next read reports what happened.
+    pub fn on_event(&mut self, stream: Stream, readable: bool, writable: bool) {
+        match stream {
+            Stream::Stdin => self.stdin.writable = true,
+            Stream::Stdout | Stream::Stderr => {
+                if readable {
+                    self.out[stream as usize - 1].readable = true;
+                }
+                if self.is_tty() && writable {
+                    self.stdin.writable = true;
+                }
+            }
+        }
+    }
+
+    /// Marks output stream `i` ended and lets go of its fd (a PTY master
+    /// stays open for RESIZE and is closed with the session).
+    fn end_stream(&mut self, i: usize, registry: &Registry) {
+        self.out[i].ended = true;
+        self.out[i].readable = false;
+        match &mut self.fds {
+            Fds::Pty { .. } => {}
+            Fds::Pipes { stdout, stderr, .. } => {
+                let slot = if i == 0 { stdout } else { stderr };
+                if let Some(fd) = slot.take() {
+                    deregister(registry, fd.as_raw_fd());
+                }
+            }
+        }
+    }
+
+    /// Reads output into `out` while there is something to read, window
+    /// left, and `out` holds less than `high_water` bytes.
+    pub fn read_output(
+        &mut self,
+        out: &mut Vec<u8>,
+        pending_before: usize,
+        high_water: usize,
+        registry: &Registry,
+    ) -> ReadStop {
+        let base = out.len();
+        for i in 0..2 {
+            while self.out[i].readable && !self.out[i].ended {
+                let Some(fd) = self.out_fd(i) else {
+                    self.end_stream(i, registry);
+                    break;
+                };
+                if pending_before + (out.len() - base) >= high_water {
+                    return ReadStop::Backpressure;
+                }
+                let mut max = MAX_OUTPUT_PAYLOAD;
+                if let Some(w) = self.window {
+                    if w == 0 {
+                        return ReadStop::Window;
+                    }
+                    max = max.min(w as usize);
+                }
+                let kind = if i == 0 { Kind::Stdout } else { Kind::Stderr };
+                match read_frame(out, kind, self.id, fd, max) {
+                    Ok(0) => self.end_stream(i, registry),
+                    Ok(n) => {
+                        if let Some(w) = &mut self.window {
+                            *w -= n as u32;
+                        }
+                        if self.lingered {
+                            self.out[i].after_deadline += n;
+                            if self.out[i].after_deadline >= FINAL_READ_LIMIT {
+                                self.end_stream(i, registry);
+                            }
+                        }
+                    }
+                    Err(e) => match e.raw_os_error() {
+                        Some(libc::EINTR) => {}
+                        Some(libc::EAGAIN) => {
+                            self.out[i].readable = false;
+                            // After the deadline, "nothing more right now"
+                            // is the end: what is left belongs to a
+                            // descendant.
+                            if self.lingered {
+                                self.end_stream(i, registry);
+                            }
+                        }
+                        // EIO is how a PTY master says every slave fd is
+                        // closed: its end of file. Any other error ends the
+                        // stream too; there is no way to read it further.
+                        Some(libc::EIO) => self.end_stream(i, registry),
+                        _ => {
+                            tracing::warn!(id = self.id, error = %e, "reading output failed");
+                            self.end_stream(i, registry);
+                        }
+                    },
+                }
+            }
+        }
+        ReadStop::Idle
+    }
+
+    /// True once nothing remains to be read.
+    pub fn output_ended(&self) -> bool {
+        self.out.iter().all(|s| s.ended)
+    }
+
+    /// True when a stream could still yield data without a new event.
+    pub fn wants_read(&self) -> bool {
+        self.out.iter().any(|s| s.readable && !s.ended)
+    }
+
+    /// OUTPUT_ACK: gives back window (never more than the session was
+    /// started with).
+    pub fn ack_output(&mut self, bytes: u32) {
+        if let Some(w) = &mut self.window {
+            *w = w.saturating_add(bytes).min(self.window_size);
+        }
+    }
+
+    pub fn has_output_window(&self) -> bool {
+        self.window.is_some()
+    }
+
+    /// The process was reaped.
+    pub fn reaped(&mut self, exit: Exited, now: Instant) {
+        self.exit = Some(exit);
+        self.deadline = Some(now + std::time::Duration::from_millis(u64::from(self.linger_ms)));
+        // The final read pass: whatever the child wrote is in the pipe now,
+        // and the event for it may not have been handled yet.
+        for s in &mut self.out {
+            s.readable = true;
+        }
+    }
+
+    /// The linger deadline passed: from now on, a stream that would block
+    /// has ended.
+    pub fn linger_expired(&mut self) {
+        self.lingered = true;
+        self.deadline = None;
+        for s in &mut self.out {
+            s.readable = true;
+        }
+    }
+
+    pub fn finished(&self) -> bool {
+        self.exit.is_some() && self.output_ended()
+    }
+
+    /// STDIN from the host: checks the window, queues the bytes and writes
+    /// what the child takes.
+    pub fn push_stdin(
+        &mut self,
+        data: &[u8],
+        window: u32,
+        out: &mut Vec<u8>,
+        registry: &Registry,
+    ) -> Result<(), StdinError> {
+        let st = &mut self.stdin;
+        if st.host_closed {
+            return Err(StdinError::Closed);
+        }
+        if st.unacked + data.len() as u64 > u64::from(window) {
+            return Err(StdinError::WindowExceeded {
+                in_use: st.unacked,
+                window,
+            });
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        st.unacked += data.len() as u64;
+        if st.child_gone {
+            st.ack_due += data.len() as u64;
+        } else {
+            st.queue.extend_from_slice(data);
+        }
+        self.flush_stdin(out, registry);
+        Ok(())
+    }
+
+    /// STDIN_CLOSE from the host.
+    pub fn close_stdin(
+        &mut self,
+        out: &mut Vec<u8>,
+        registry: &Registry,
+    ) -> Result<(), StdinError> {
+        if self.stdin.host_closed {
+            return Err(StdinError::Closed);
+        }
+        self.stdin.host_closed = true;
+        self.flush_stdin(out, registry);
+        Ok(())
+    }
+
+    fn stdin_gone(&mut self, registry: &Registry) {
+        let st = &mut self.stdin;
+        st.child_gone = true;
+        st.ack_due += (st.queue.len() - st.pos) as u64;
+        st.queue.clear();
+        st.pos = 0;
+        st.eof_owed = 0;
+        st.close_done = true;
+        if let Fds::Pipes { stdin, .. } = &mut self.fds {
+            if let Some(fd) = stdin.take() {
+                deregister(registry, fd.as_raw_fd());
+            }
+        }
+    }
+
+    /// Writes queued stdin while the child's side takes it, carries out a
+    /// pending close, and acknowledges what was written or discarded.
+    pub fn flush_stdin(&mut self, out: &mut Vec<u8>, registry: &Registry) {
+        let tty = self.is_tty();
+        while let Some(fd) = self.in_fd() {
+            let st = &mut self.stdin;
+            if st.child_gone || !st.writable {
+                break;
+            }
+            let rest = &st.queue[st.pos..];
+            if rest.is_empty() {
+                if !st.host_closed || st.close_done {
+                    break;
+                }
+                if !tty {
+                    // Closing the pipe's write end is the child's EOF.
+                    self.stdin.close_done = true;
+                    if let Fds::Pipes { stdin, .. } = &mut self.fds {
+                        if let Some(fd) = stdin.take() {
+                            deregister(registry, fd.as_raw_fd());
+                        }
+                    }
+                    break;
+                }
+                // A terminal's end of file is its VEOF character, at the
+                // start of a line: twice if the line has text.
+                if st.eof_owed == 0 {
+                    st.eof_owed = match st.last_byte {
+                        Some(b) if b != b'\n' => 2,
+                        _ => 1,
+                    };
+                }
+                let veof = veof_char(fd);
+                let eof = [veof; 2];
+                // SAFETY: writing from a local array of the given length.
+                let n = unsafe { libc::write(fd, eof.as_ptr().cast(), usize::from(st.eof_owed)) };
+                if n > 0 {
+                    st.eof_owed -= n as u8;
+                    if st.eof_owed == 0 {
+                        st.close_done = true;
+                    }
+                    continue;
+                }
+                match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => st.writable = false,
+                    _ => self.stdin_gone(registry),
+                }
+                break;
+            }
+            // SAFETY: `rest` is a valid readable slice of the given length.
+            let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
+            if n >= 0 {
+                let n = n as usize;
+                if n > 0 {
+                    st.last_byte = Some(rest[n - 1]);
+                }
+                st.pos += n;
+                st.ack_due += n as u64;
+                if st.pos == st.queue.len() {
+                    st.queue.clear();
+                    st.pos = 0;
+                }
+                continue;
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => {
+                    st.writable = false;
+                    // Keep the queue from creeping: drop what is written.
+                    if st.pos > 0 {
+                        st.queue.drain(..st.pos);
+                        st.pos = 0;
+                    }
+                }
+                // EPIPE (no reader left) or EIO (terminal gone): the child
+                // side is closed, and what is queued can never be written.
+                _ => self.stdin_gone(registry),
+            }
+            break;
+        }
+        self.send_stdin_ack(out);
+    }
+
+    fn send_stdin_ack(&mut self, out: &mut Vec<u8>) {
+        let st = &mut self.stdin;
+        while st.ack_due > 0 {
+            let bytes = st.ack_due.min(u64::from(u32::MAX)) as u32;
+            messages::append_map(out, Kind::StdinAck as u8, self.id, &Ack { bytes });
+            st.ack_due -= u64::from(bytes);
+            st.unacked -= u64::from(bytes);
+        }
+    }
+
+    /// Lets go of every fd (before EXITED).
+    pub fn close(&mut self, registry: &Registry) {
+        match &mut self.fds {
+            Fds::Pty { master } => deregister(registry, master.as_raw_fd()),
+            Fds::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => {
+                for fd in [stdin.take(), stdout.take(), stderr.take()]
+                    .into_iter()
+                    .flatten()
+                {
+                    deregister(registry, fd.as_raw_fd());
+                }
+            }
+        }
+    }
+}
+
+/// The terminal's end-of-file character (^D unless the child changed it).
+fn veof_char(fd: RawFd) -> u8 {
+    // SAFETY: a zeroed termios is a valid out-parameter for tcgetattr.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is an open PTY master; `t` is a valid termios.
+    if unsafe { libc::tcgetattr(fd, &mut t) } == 0 {
+        t.c_cc[libc::VEOF]
+    } else {
+        4
+    }
+}

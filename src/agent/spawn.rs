@@ -1,0 +1,724 @@
+//! Starting a session's process: everything from an EXEC request to a
+//! running child with its stdio connected to fds the agent polls.
+//!
+//! The work is split at fork. [`prepare`] runs in the agent and does all
+//! that may allocate or fail for a reason the host should hear about: it
+//! validates the request, resolves `cmd` on the child's `PATH`, reads the
+//! user and group databases, and builds argv, envp and rlimits as C data.
+//! [`spawn`] then opens the terminal or pipes, forks, and the child runs only
+//! async-signal-safe calls on that prepared data: reset signals, `setsid`,
+//! connect stdio (and `TIOCSCTTY`), `chdir`, `setrlimit`, drop privileges,
+//! `execve`. A failure in the child is written as (stage, errno) to a
+//! close-on-exec pipe; the parent reads that pipe until it closes (exec
+//! succeeded) or yields the failure (the program never ran).
+//!
+//! Every fd the agent opens here is close-on-exec, so the child ends up with
+//! exactly its fds 0, 1 and 2.
+
+use std::ffi::{CStr, CString};
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::messages::{Exec, ExecFailedKind, RlimitResource};
+
+use super::user::{self, Identity};
+
+/// The `PATH` used to find `cmd` when the child's environment has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The `TERM` a tty session gets unless its environment says otherwise.
+pub const DEFAULT_TERM: &str = "xterm-256color";
+
+/// Why a session could not start: becomes EXEC_FAILED.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SpawnError {
+    pub kind: ExecFailedKind,
+    pub message: String,
+    pub errno: Option<i32>,
+    pub stage: Option<&'static str>,
+}
+
+impl SpawnError {
+    fn invalid(message: impl Into<String>) -> Self {
+        SpawnError {
+            kind: ExecFailedKind::InvalidRequest,
+            message: message.into(),
+            errno: None,
+            stage: None,
+        }
+    }
+
+    fn os(kind: ExecFailedKind, stage: &'static str, what: &str, errno: i32) -> Self {
+        SpawnError {
+            kind,
+            message: format!("{what}: {}", io::Error::from_raw_os_error(errno)),
+            errno: Some(errno),
+            stage: Some(stage),
+        }
+    }
+
+    /// A failure to get fds or a process for the child.
+    fn resources(stage: &'static str, err: &io::Error) -> Self {
+        let errno = err.raw_os_error().unwrap_or(libc::EIO);
+        let kind = match errno {
+            libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::ENOSPC => {
+                ExecFailedKind::Resource
+            }
+            _ => ExecFailedKind::Other,
+        };
+        SpawnError::os(kind, stage, stage, errno)
+    }
+}
+
+/// What the agent gives every session unless the request overrides it.
+#[derive(Debug, Clone, Default)]
+pub struct SpawnDefaults {
+    /// The base environment (`KEY=VALUE` order kept), used unless `clear_env`.
+    pub env: Vec<(String, String)>,
+}
+
+impl SpawnDefaults {
+    /// The agent's own environment as the base.
+    pub fn from_agent_env() -> Self {
+        SpawnDefaults {
+            env: std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                .collect(),
+        }
+    }
+}
+
+/// An EXEC turned into C data, ready for fork.
+pub struct Prepared {
+    path: CString,
+    /// Owns the strings `argv_ptrs` points into.
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    _envp: Vec<CString>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    cwd: Option<CString>,
+    rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    identity: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+    tty: Option<libc::winsize>,
+    stdin: bool,
+    no_new_privs: bool,
+}
+
+fn c_string(what: &str, s: &str) -> Result<CString, SpawnError> {
+    CString::new(s).map_err(|_| SpawnError::invalid(format!("{what} contains a NUL byte")))
+}
+
+/// Validates an EXEC and builds everything the child needs.
+pub fn prepare(exec: &Exec, defaults: &SpawnDefaults) -> Result<Prepared, SpawnError> {
+    if exec.cmd.is_empty() {
+        return Err(SpawnError::invalid("cmd is empty"));
+    }
+    let cmd = c_string("cmd", &exec.cmd)?;
+    let mut argv = vec![cmd];
+    for arg in &exec.args {
+        argv.push(c_string("an argument", arg)?);
+    }
+    let cwd = exec
+        .cwd
+        .as_deref()
+        .map(|c| c_string("cwd", c))
+        .transpose()?;
+
+    let mut rlimits = Vec::with_capacity(exec.rlimits.len());
+    for r in &exec.rlimits {
+        let res = RlimitResource::parse(&r.resource).ok_or_else(|| {
+            SpawnError::invalid(format!("unknown rlimit resource {:?}", r.resource))
+        })?;
+        if r.soft > r.hard {
+            return Err(SpawnError::invalid(format!(
+                "rlimit {}: soft limit {} is above hard limit {}",
+                r.resource, r.soft, r.hard
+            )));
+        }
+        rlimits.push((
+            res.linux_resource() as libc::__rlimit_resource_t,
+            libc::rlimit {
+                rlim_cur: r.soft,
+                rlim_max: r.hard,
+            },
+        ));
+    }
+
+    let identity: Option<Identity> = match &exec.user {
+        Some(spec) => {
+            c_string("user", spec)?;
+            Some(user::resolve(spec).map_err(|e| SpawnError {
+                kind: ExecFailedKind::BadUser,
+                message: e.to_string(),
+                errno: None,
+                stage: Some("user"),
+            })?)
+        }
+        None => None,
+    };
+
+    // The environment: base, then the user's identity, then TERM for a
+    // terminal, then the request's entries, each replacing a same-named one.
+    let mut env: Vec<(String, String)> = if exec.clear_env {
+        Vec::new()
+    } else {
+        let mut env = defaults.env.clone();
+        if let Some(id) = &identity {
+            if let (Some(name), Some(home)) = (&id.name, &id.home) {
+                set_var(&mut env, "HOME", home);
+                set_var(&mut env, "USER", name);
+                set_var(&mut env, "LOGNAME", name);
+            }
+        }
+        if exec.tty && !env.iter().any(|(k, _)| k == "TERM") {
+            env.push(("TERM".to_owned(), DEFAULT_TERM.to_owned()));
+        }
+        env
+    };
+    for entry in &exec.env {
+        let (k, v) = entry
+            .split_once('=')
+            .ok_or_else(|| SpawnError::invalid(format!("env entry {entry:?} is not KEY=VALUE")))?;
+        if k.is_empty() {
+            return Err(SpawnError::invalid(format!(
+                "env entry {entry:?} has an empty key"
+            )));
+        }
+        set_var(&mut env, k, v);
+    }
+    let envp = env
+        .iter()
+        .map(|(k, v)| c_string("an env entry", &format!("{k}={v}")))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let path = resolve_program(&exec.cmd, &env, exec.cwd.as_deref())?;
+
+    let argv_ptrs = null_terminated(&argv);
+    let envp_ptrs = null_terminated(&envp);
+    Ok(Prepared {
+        path: c_string("cmd", &path.to_string_lossy())?,
+        _argv: argv,
+        argv_ptrs,
+        _envp: envp,
+        envp_ptrs,
+        cwd,
+        rlimits,
+        identity: identity.map(|id| (id.uid, id.gid, id.groups)),
+        tty: exec.tty.then_some(libc::winsize {
+            ws_row: exec.rows,
+            ws_col: exec.cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        }),
+        stdin: exec.stdin,
+        no_new_privs: exec.no_new_privs,
+    })
+}
+
+fn set_var(env: &mut Vec<(String, String)>, key: &str, value: &str) {
+    match env.iter_mut().find(|(k, _)| k == key) {
+        Some(slot) => slot.1 = value.to_owned(),
+        None => env.push((key.to_owned(), value.to_owned())),
+    }
+}
+
+fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+/// Finds `cmd` the way `execvp` would, but before fork and on the child's
+/// `PATH`: a `cmd` with a `/` is used as it is (a relative one resolves
+/// against the child's cwd at execve); otherwise the first executable
+/// regular file in a `PATH` directory wins. If only non-executable matches
+/// exist the error is `permission_denied`, if none `not_found`.
+fn resolve_program(
+    cmd: &str,
+    env: &[(String, String)],
+    cwd: Option<&str>,
+) -> Result<PathBuf, SpawnError> {
+    if cmd.contains('/') {
+        return Ok(PathBuf::from(cmd));
+    }
+    let path_var = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    let mut denied = false;
+    for dir in path_var.split(':') {
+        let dir = if dir.is_empty() { "." } else { dir };
+        let mut candidate = PathBuf::from(dir);
+        if candidate.is_relative() {
+            if let Some(cwd) = cwd {
+                candidate = Path::new(cwd).join(candidate);
+            }
+        }
+        candidate.push(cmd);
+        let Ok(meta) = fs::metadata(&candidate) else {
+            continue;
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        if meta.permissions().mode() & 0o111 != 0 && is_executable(&candidate) {
+            return Ok(candidate);
+        }
+        denied = true;
+    }
+    let (kind, errno, what) = if denied {
+        (
+            ExecFailedKind::PermissionDenied,
+            libc::EACCES,
+            "is not executable",
+        )
+    } else {
+        (ExecFailedKind::NotFound, libc::ENOENT, "was not found")
+    };
+    Err(SpawnError {
+        kind,
+        message: format!("{cmd:?} {what} in any PATH directory"),
+        errno: Some(errno),
+        stage: Some("lookup"),
+    })
+}
+
+fn is_executable(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
+    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+}
+
+/// The agent's ends of a started child's stdio.
+#[derive(Debug)]
+pub enum ChildStdio {
+    /// A terminal: the master carries input and output.
+    Pty { master: OwnedFd },
+    /// Pipes; `stdin` is `None` when the child's stdin is /dev/null.
+    Pipes {
+        stdin: Option<OwnedFd>,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
+}
+
+/// A started child.
+#[derive(Debug)]
+pub struct Child {
+    pub pid: libc::pid_t,
+    pub stdio: ChildStdio,
+}
+
+/// The steps of the child, as written to the error pipe.
+#[derive(Debug, Clone, Copy)]
+#[repr(u32)]
+enum Stage {
+    Setsid = 1,
+    Stdio,
+    Tty,
+    Chdir,
+    Setrlimit,
+    Setgroups,
+    Setgid,
+    Setuid,
+    NoNewPrivs,
+    Execve,
+}
+
+impl Stage {
+    const ALL: [Stage; 10] = [
+        Stage::Setsid,
+        Stage::Stdio,
+        Stage::Tty,
+        Stage::Chdir,
+        Stage::Setrlimit,
+        Stage::Setgroups,
+        Stage::Setgid,
+        Stage::Setuid,
+        Stage::NoNewPrivs,
+        Stage::Execve,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Setsid => "setsid",
+            Stage::Stdio => "stdio",
+            Stage::Tty => "tty",
+            Stage::Chdir => "chdir",
+            Stage::Setrlimit => "setrlimit",
+            Stage::Setgroups => "setgroups",
+            Stage::Setgid => "setgid",
+            Stage::Setuid => "setuid",
+            Stage::NoNewPrivs => "no_new_privs",
+            Stage::Execve => "execve",
+        }
+    }
+
+    fn failure(self, errno: i32, prepared: &Prepared) -> SpawnError {
+        use ExecFailedKind::*;
+        let kind = match (self, errno) {
+            (Stage::Execve, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => NotFound,
+            (
+                Stage::Execve,
+                libc::EACCES | libc::EPERM | libc::ENOEXEC | libc::ETXTBSY | libc::EISDIR,
+            ) => PermissionDenied,
+            (
+                Stage::Execve,
+                libc::E2BIG | libc::ENOMEM | libc::EMFILE | libc::ENFILE | libc::EAGAIN,
+            ) => Resource,
+            (Stage::Chdir, _) => BadCwd,
+            (Stage::Setgroups | Stage::Setgid | Stage::Setuid, _) => BadUser,
+            (Stage::Setrlimit, libc::EPERM) => PermissionDenied,
+            (Stage::Setrlimit, libc::EINVAL) => InvalidRequest,
+            _ => Other,
+        };
+        let what = match self {
+            Stage::Execve => format!("execve {}", prepared.path.to_string_lossy()),
+            Stage::Chdir => format!(
+                "chdir {}",
+                prepared
+                    .cwd
+                    .as_deref()
+                    .map_or("".into(), CStr::to_string_lossy)
+            ),
+            other => other.name().to_owned(),
+        };
+        SpawnError::os(kind, self.name(), &what, errno)
+    }
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A pipe with both ends close-on-exec: (read, write).
+fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd the caller owns; no pointers involved.
+    unsafe {
+        let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
+        cvt(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
+    }
+    Ok(())
+}
+
+/// Opens a new pseudo-terminal: (master, slave), both close-on-exec, the
+/// master nonblocking, the size set.
+fn open_pty(size: &libc::winsize) -> io::Result<(OwnedFd, OwnedFd)> {
+    // SAFETY: plain open of the multiplexer with flags; the fd is checked.
+    let master = cvt(unsafe {
+        libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NONBLOCK)
+    })?;
+    // SAFETY: posix_openpt succeeded, the fd is ours alone.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    let m = master.as_raw_fd();
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: `m` is a pty master; `name` is a writable buffer of the
+    // length passed; ioctl TIOCSWINSZ reads a valid winsize.
+    unsafe {
+        cvt(libc::grantpt(m))?;
+        cvt(libc::unlockpt(m))?;
+        let rc = libc::ptsname_r(m, name.as_mut_ptr(), name.len());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        cvt(libc::ioctl(
+            m,
+            libc::TIOCSWINSZ,
+            size as *const libc::winsize,
+        ))?;
+    }
+    // SAFETY: ptsname_r wrote a NUL-terminated path into `name`.
+    let slave = cvt(unsafe {
+        libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: open succeeded, the fd is ours alone.
+    Ok((master, unsafe { OwnedFd::from_raw_fd(slave) }))
+}
+
+fn open_dev_null() -> io::Result<OwnedFd> {
+    // SAFETY: a constant NUL-terminated path and flags.
+    let fd = cvt(unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
+    // SAFETY: open succeeded, the fd is ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The child's three stdio fds before fork (all close-on-exec; dup2 onto
+/// 0, 1 and 2 in the child clears that flag on the copies).
+struct ChildEnds {
+    fds: [OwnedFd; 3],
+    tty: bool,
+}
+
+/// Starts the prepared program. On success the child runs; on failure no
+/// process is left behind.
+pub fn spawn(p: &Prepared) -> Result<Child, SpawnError> {
+    let (agent_side, child_ends) = match &p.tty {
+        Some(size) => {
+            let (master, slave) =
+                open_pty(size).map_err(|e| SpawnError::resources("openpty", &e))?;
+            let s1 = slave
+                .try_clone()
+                .map_err(|e| SpawnError::resources("openpty", &e))?;
+            let s2 = slave
+                .try_clone()
+                .map_err(|e| SpawnError::resources("openpty", &e))?;
+            (
+                ChildStdio::Pty { master },
+                ChildEnds {
+                    fds: [slave, s1, s2],
+                    tty: true,
+                },
+            )
+        }
+        None => {
+            let pipe_err = |e: io::Error| SpawnError::resources("pipe", &e);
+            let (stdin_child, stdin_agent) = if p.stdin {
+                let (r, w) = pipe_cloexec().map_err(pipe_err)?;
+                (r, Some(w))
+            } else {
+                (open_dev_null().map_err(pipe_err)?, None)
+            };
+            let (stdout_agent, stdout_child) = pipe_cloexec().map_err(pipe_err)?;
+            let (stderr_agent, stderr_child) = pipe_cloexec().map_err(pipe_err)?;
+            for fd in stdin_agent.iter().chain([&stdout_agent, &stderr_agent]) {
+                set_nonblocking(fd.as_raw_fd()).map_err(pipe_err)?;
+            }
+            (
+                ChildStdio::Pipes {
+                    stdin: stdin_agent,
+                    stdout: stdout_agent,
+                    stderr: stderr_agent,
+                },
+                ChildEnds {
+                    fds: [stdin_child, stdout_child, stderr_child],
+                    tty: false,
+                },
+            )
+        }
+    };
+    let (err_read, err_write) = pipe_cloexec().map_err(|e| SpawnError::resources("pipe", &e))?;
+
+    // SAFETY: the agent is single-threaded, so fork duplicates no lock held
+    // by another thread; the child calls only async-signal-safe functions
+    // on data prepared above and never returns.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(SpawnError::resources("fork", &io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: in the child of fork; see `child_after_fork`.
+        unsafe { child_after_fork(p, &child_ends, err_write.as_raw_fd()) }
+    }
+    // The parent's copies of the child's ends (the PTY slave among them)
+    // close here, so end of file on the agent's side means the child side
+    // is gone.
+    drop(child_ends);
+    drop(err_write);
+
+    let mut report = [0u8; 8];
+    let mut got = 0;
+    while got < report.len() {
+        // SAFETY: reading into the unfilled tail of a local buffer.
+        let n = unsafe {
+            libc::read(
+                err_read.as_raw_fd(),
+                report[got..].as_mut_ptr().cast(),
+                report.len() - got,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => got += n as usize,
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
+            _ => break,
+        }
+    }
+    if got == 0 {
+        return Ok(Child {
+            pid,
+            stdio: agent_side,
+        });
+    }
+    // The child failed before exec and is exiting: reap it now so it never
+    // reaches the SIGCHLD path (which would not know the pid).
+    let mut status = 0;
+    loop {
+        // SAFETY: waiting for our own child; `status` is a valid out pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            break;
+        }
+    }
+    if got < report.len() {
+        return Err(SpawnError {
+            kind: ExecFailedKind::Other,
+            message: "the child failed before exec without saying why".to_owned(),
+            errno: None,
+            stage: None,
+        });
+    }
+    let stage_no = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
+    let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
+    let stage = Stage::ALL
+        .into_iter()
+        .find(|s| *s as u32 == stage_no)
+        .unwrap_or(Stage::Execve);
+    Err(stage.failure(errno, p))
+}
+
+/// Writes (stage, errno) to the error pipe and exits without running any
+/// of the agent's cleanup.
+///
+/// # Safety
+/// Only in the child of fork.
+unsafe fn child_fail(err_fd: RawFd, stage: Stage) -> ! {
+    let errno = *libc::__errno_location();
+    let mut report = [0u8; 8];
+    report[..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+    report[4..].copy_from_slice(&errno.to_ne_bytes());
+    libc::write(err_fd, report.as_ptr().cast(), report.len());
+    libc::_exit(127)
+}
+
+/// The child between fork and execve.
+///
+/// # Safety
+/// Only in the child of fork, in a process that had a single thread. Calls
+/// only async-signal-safe functions and allocates nothing.
+unsafe fn child_after_fork(p: &Prepared, ends: &ChildEnds, err_fd: RawFd) -> ! {
+    // Default dispositions for every signal (SIG_IGN survives exec; the
+    // agent ignores SIGPIPE), then an empty mask (the agent blocks the
+    // signals its signalfd reads, and a blocked mask survives exec too).
+    let mut dfl: libc::sigaction = std::mem::zeroed();
+    dfl.sa_sigaction = libc::SIG_DFL;
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        }
+    }
+    let mut empty: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut empty);
+    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+
+    if libc::setsid() < 0 {
+        child_fail(err_fd, Stage::Setsid);
+    }
+    for (target, fd) in ends.fds.iter().enumerate() {
+        if libc::dup2(fd.as_raw_fd(), target as RawFd) < 0 {
+            child_fail(err_fd, Stage::Stdio);
+        }
+    }
+    if ends.tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+        child_fail(err_fd, Stage::Tty);
+    }
+    if let Some(cwd) = &p.cwd {
+        if libc::chdir(cwd.as_ptr()) < 0 {
+            child_fail(err_fd, Stage::Chdir);
+        }
+    }
+    for (resource, limit) in &p.rlimits {
+        if libc::setrlimit(*resource, limit) < 0 {
+            child_fail(err_fd, Stage::Setrlimit);
+        }
+    }
+    if let Some((uid, gid, groups)) = &p.identity {
+        if libc::setgroups(groups.len(), groups.as_ptr()) < 0 {
+            child_fail(err_fd, Stage::Setgroups);
+        }
+        if libc::setgid(*gid) < 0 {
+            child_fail(err_fd, Stage::Setgid);
+        }
+        if libc::setuid(*uid) < 0 {
+            child_fail(err_fd, Stage::Setuid);
+        }
+    }
+    if p.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+        child_fail(err_fd, Stage::NoNewPrivs);
+    }
+    libc::execve(p.path.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
+    child_fail(err_fd, Stage::Execve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> SpawnDefaults {
+        SpawnDefaults {
+            env: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn invalid_requests() {
+        let d = env(&[("PATH", "/bin:/usr/bin")]);
+        let kind = |e: Exec| prepare(&e, &d).err().map(|e| e.kind);
+        assert_eq!(kind(Exec::new("")), Some(ExecFailedKind::InvalidRequest));
+        assert_eq!(
+            kind(Exec::new("a\0b")),
+            Some(ExecFailedKind::InvalidRequest)
+        );
+        let mut e = Exec::new("sh");
+        e.env = vec!["NOEQUALS".into()];
+        assert_eq!(kind(e), Some(ExecFailedKind::InvalidRequest));
+        let mut e = Exec::new("sh");
+        e.rlimits = vec![crate::messages::Rlimit {
+            resource: "bogus".into(),
+            soft: 1,
+            hard: 1,
+        }];
+        assert_eq!(kind(e), Some(ExecFailedKind::InvalidRequest));
+        assert_eq!(
+            kind(Exec::new("no-such-program-anywhere")),
+            Some(ExecFailedKind::NotFound)
+        );
+    }
+
+    #[test]
+    fn env_merging() {
+        let d = env(&[("PATH", "/bin:/usr/bin"), ("A", "1")]);
+        let mut e = Exec::new("sh");
+        e.env = vec!["A=2".into(), "B=x=y".into()];
+        e.tty = true;
+        let p = prepare(&e, &d).unwrap();
+        let envp: Vec<_> = p
+            ._envp
+            .iter()
+            .map(|c| c.to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            envp,
+            ["PATH=/bin:/usr/bin", "A=2", "TERM=xterm-256color", "B=x=y"]
+        );
+        e.clear_env = true;
+        let p = prepare(&e, &d).unwrap();
+        assert_eq!(p._envp.len(), 2);
+    }
+}
