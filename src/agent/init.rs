@@ -690,10 +690,25 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogTarget {
     }
 }
 
-/// Opens the log target of PID 1: `/dev/kmsg`, else `/dev/console`. When
-/// neither can be opened (no `/dev` yet), a duplicate of standard error, which
-/// the kernel opens on the console for init.
+/// Opens the log target: for PID 1, `/dev/kmsg`, else `/dev/console`, else
+/// a duplicate of standard error (which the kernel opens on the console for
+/// init). A process that is not PID 1 (`agentd --init` in tests) logs to its
+/// standard error, never to the machine's kernel log.
 pub fn logger_target() -> LogTarget {
+    let stderr = || {
+        use std::os::fd::AsFd;
+        io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .map(File::from)
+    };
+    if std::process::id() != 1 {
+        return LogTarget {
+            file: stderr(),
+            kmsg: false,
+        };
+    }
     let open_w = |p: &str| {
         OpenOptions::new()
             .write(true)
@@ -706,14 +721,7 @@ pub fn logger_target() -> LogTarget {
             kmsg: true,
         };
     }
-    let file = open_w("/dev/console").ok().or_else(|| {
-        use std::os::fd::AsFd;
-        io::stderr()
-            .as_fd()
-            .try_clone_to_owned()
-            .ok()
-            .map(File::from)
-    });
+    let file = open_w("/dev/console").ok().or_else(stderr);
     LogTarget { file, kmsg: false }
 }
 
@@ -767,7 +775,8 @@ fn log_direct(priority: u8, msg: &str) {
 pub fn install_panic_hook(mounted: Vec<PathBuf>) {
     std::panic::set_hook(Box::new(move |info| {
         log_direct(0, &format!("PID 1 panicked: {info}; powering off"));
-        power_off(&mounted);
+        // Not PID 1 (`--init` in a test): exit 101, as a panic would.
+        end(&mounted, 101);
     }));
 }
 
@@ -781,7 +790,7 @@ pub fn fatal(msg: &str) -> ! {
         log_direct(2, &format!("fatal: {msg}; powering off"));
     }
     let mounted = MOUNTED.lock().map(|m| m.clone()).unwrap_or_default();
-    power_off(&mounted)
+    end(&mounted, 1)
 }
 
 /// Reaps every child that has exited, without blocking. Returns `false` when
@@ -816,6 +825,12 @@ fn reap_until_gone(within: Duration) {
 /// agent run with `--init` for tests) syncs, unmounts and exits with status 0
 /// instead, so a test can never power off or empty the machine it runs on.
 pub fn power_off(mounted: &[PathBuf]) -> ! {
+    end(mounted, 0)
+}
+
+/// [`power_off`], with the exit status a process that is not PID 1 exits
+/// with.
+fn end(mounted: &[PathBuf], status: i32) -> ! {
     let pid1 = std::process::id() == 1;
     if pid1 {
         info!("powering off: terminating all processes");
@@ -839,7 +854,7 @@ pub fn power_off(mounted: &[PathBuf]) -> ! {
     nix::unistd::sync();
     if !pid1 {
         info!("not PID 1: exiting instead of powering off");
-        std::process::exit(0);
+        std::process::exit(status);
     }
     info!("power off");
     let err = match nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF) {
@@ -873,7 +888,24 @@ pub struct Boot {
 /// [`install_panic_hook`], [`load_modules`], [`set_hostname`]. Then the
 /// caller opens the port with [`open_port`] (or calls [`fatal`]) and starts
 /// serving. Never fails.
+///
+/// Only a real PID 1 (of the machine, or of a PID namespace, which comes
+/// with its own mount namespace under `unshare --mount-proc`) mounts, loads
+/// modules and sets the hostname; any other process (`agentd --init` in a
+/// test) only reads the command line and sets up logging and the panic hook.
 pub fn boot() -> Boot {
+    if std::process::id() != 1 {
+        // `agentd --init` outside a VM: mounting, loading modules or
+        // setting the hostname would change the machine the tests run on.
+        let config = read_boot_config();
+        init_logging(config.log.as_deref());
+        install_panic_hook(Vec::new());
+        warn!("--init but not PID 1: no mounts, modules or hostname");
+        return Boot {
+            config,
+            mounted: Vec::new(),
+        };
+    }
     // Until /proc is up there is no command line and so no log level: log
     // the mounts at info to the console the kernel gave us.
     let early = tracing_subscriber::fmt()

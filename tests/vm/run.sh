@@ -314,7 +314,7 @@ run_suite() {
     AGENTD_VM_SOCK=$SOCK AGENTD_VM_CONSOLE=$CONSOLE AGENTD_VM_T0_MS=$QEMU_T0_MS \
         AGENTD_VM_AGENTCTL=$AGENTCTL AGENTD_VM_QEMU_PID=$QEMU_PID \
         timeout --foreground -k 5 "$SUITE_TIMEOUT" \
-        "$bin" --ignored --test-threads=1 </dev/null || rc=$?
+        "$bin" --ignored --test-threads=1 --nocapture </dev/null || rc=$?
     [[ $rc == 0 ]] || die "e2e suite failed (status $rc)"
     check_powered_off
     STATUS=0
