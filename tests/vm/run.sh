@@ -299,6 +299,16 @@ check_powered_off() {
 }
 
 # --- modes ------------------------------------------------------------------------------
+# Runs the e2e binary $1 against the running VM, with libtest arguments $2...
+suite() {
+    local bin=$1 rc=0
+    shift
+    AGENTD_VM_SOCK=$SOCK AGENTD_VM_T0_MS=$QEMU_T0_MS AGENTD_VM_AGENTCTL=$AGENTCTL \
+        timeout --foreground -k 5 "$SUITE_TIMEOUT" \
+        "$bin" --ignored --test-threads=1 --nocapture "$@" </dev/null || rc=$?
+    [[ $rc == 0 ]] || die "e2e suite failed (status $rc)"
+}
+
 run_suite() {
     build_agentd_static
     build_host_tools
@@ -308,14 +318,16 @@ run_suite() {
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
     [[ -x $bin ]] || die "cannot build the e2e suite (cargo test --release --test vm --no-run)"
     build_initramfs "$AGENTD_STATIC" "$WORK/initramfs.cpio.gz"
+    # First boot: everything but the second_boot_ tests; it ends with SHUTDOWN.
     boot_vm "$WORK/initramfs.cpio.gz"
-    log "running the e2e suite"
-    local rc=0
-    AGENTD_VM_SOCK=$SOCK AGENTD_VM_CONSOLE=$CONSOLE AGENTD_VM_T0_MS=$QEMU_T0_MS \
-        AGENTD_VM_AGENTCTL=$AGENTCTL AGENTD_VM_QEMU_PID=$QEMU_PID \
-        timeout --foreground -k 5 "$SUITE_TIMEOUT" \
-        "$bin" --ignored --test-threads=1 --nocapture </dev/null || rc=$?
-    [[ $rc == 0 ]] || die "e2e suite failed (status $rc)"
+    log "running the e2e suite (first boot)"
+    suite "$bin" --skip second_boot_
+    check_powered_off
+    mv "$CONSOLE" "$WORK/console-boot1.log"
+    # Second boot: shutdown by a signal to PID 1.
+    boot_vm "$WORK/initramfs.cpio.gz"
+    log "running the e2e suite (second boot)"
+    suite "$bin" second_boot_
     check_powered_off
     STATUS=0
     log "all VM tests passed in ${SECONDS}s"
