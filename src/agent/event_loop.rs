@@ -29,7 +29,7 @@ use crate::messages::{
 };
 
 use super::session::{self, ReadStop, Session, StdinError};
-use super::spawn::{self, SpawnDefaults, SpawnError};
+use super::spawn::{self, SpawnDefaults, SpawnError, StartReport};
 use super::transport::{FdReader, Flushed, OutQueue, Transport, TransportKind};
 
 const TRANSPORT_IN: Token = Token(0);
@@ -160,29 +160,26 @@ impl EventLoop {
                 Interest::READABLE,
             )
             .map_err(LoopError::Register)?;
+        // epoll refuses regular files and /dev/null (EPERM). They never
+        // block, so such an fd simply stays "ready": its flag is never
+        // cleared by EAGAIN, and reading a file ends in end of file.
+        let register =
+            |fd, token, interest| match registry.register(&mut SourceFd(&fd), token, interest) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+                other => other,
+            };
         if transport.split() {
-            registry
-                .register(
-                    &mut SourceFd(&transport.read_fd()),
-                    TRANSPORT_IN,
-                    Interest::READABLE,
-                )
+            register(transport.read_fd(), TRANSPORT_IN, Interest::READABLE)
                 .map_err(LoopError::Register)?;
-            registry
-                .register(
-                    &mut SourceFd(&transport.write_fd()),
-                    TRANSPORT_OUT,
-                    Interest::WRITABLE,
-                )
+            register(transport.write_fd(), TRANSPORT_OUT, Interest::WRITABLE)
                 .map_err(LoopError::Register)?;
         } else {
-            registry
-                .register(
-                    &mut SourceFd(&transport.read_fd()),
-                    TRANSPORT_IN,
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .map_err(LoopError::Register)?;
+            register(
+                transport.read_fd(),
+                TRANSPORT_IN,
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .map_err(LoopError::Register)?;
         }
         Ok(EventLoop {
             poll,
@@ -322,6 +319,26 @@ fn exit_from_status(status: libc::c_int) -> Exited {
     }
 }
 
+/// Signals a session's process group, and the process itself while it may
+/// not have called setsid yet (still starting).
+fn signal_group(s: &Session, signal: libc::c_int) {
+    send_signal(-s.pid, signal);
+    if s.starting.is_some() {
+        send_signal(s.pid, signal);
+    }
+}
+
+/// Waits for one child that is known to be exiting.
+fn wait_for(pid: libc::pid_t) {
+    loop {
+        // SAFETY: waiting for our own child; a null status is allowed.
+        let r = unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        if r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+    }
+}
+
 /// kill(2), with "no such process" being fine (it is already gone).
 fn send_signal(target: libc::pid_t, signal: libc::c_int) {
     // SAFETY: kill takes plain integers.
@@ -428,7 +445,7 @@ impl Core {
                 if sig.group {
                     // The group outlives its leader while descendants
                     // remain, so it is signalled after reaping too.
-                    send_signal(-s.pid, sig.signal);
+                    signal_group(s, sig.signal);
                 } else if s.exit.is_none() {
                     // Once reaped the pid may belong to someone else.
                     send_signal(s.pid, sig.signal);
@@ -519,32 +536,23 @@ impl Core {
         let key = entry.key();
         match Session::new(
             id,
-            pid,
-            child.stdio,
+            child,
             req.output_window,
             req.linger_ms,
             key,
             &self.registry,
         ) {
             Ok(session) => {
+                // In by_pid before the loop next reaps, so the exit cannot
+                // be missed. STARTED waits for the status pipe.
                 entry.insert(session);
                 self.by_id.insert(id, key);
                 self.by_pid.insert(pid, key);
-                tracing::debug!(id, pid, "STARTED");
-                messages::append_map(
-                    self.out.buf(),
-                    Kind::Started as u8,
-                    id,
-                    &messages::Started { pid: pid as u32 },
-                );
-                self.service(key);
             }
             Err(e) => {
-                // The program runs but the agent cannot watch it: stop it.
-                send_signal(-pid, libc::SIGKILL);
-                let mut status = 0;
-                // SAFETY: waiting for our own child, just killed.
-                unsafe { libc::waitpid(pid, &mut status, 0) };
+                // The child runs but the agent cannot watch it: stop it.
+                send_signal(pid, libc::SIGKILL);
+                wait_for(pid);
                 self.exec_failed(
                     id,
                     SpawnError {
@@ -558,6 +566,44 @@ impl Core {
         }
     }
 
+    /// Reads a starting session's status pipe: on exec, STARTED; on a
+    /// failure before exec, EXEC_FAILED and the session is gone. `reaped`
+    /// says the child has been waited for already. Returns whether the
+    /// session still exists.
+    fn resolve_start(&mut self, key: usize, reaped: bool) -> bool {
+        let Some(s) = self.sessions.get_mut(key) else {
+            return false;
+        };
+        let Some(status) = &s.starting else {
+            return true;
+        };
+        match status.poll() {
+            // A child that was reaped has closed its end: Pending cannot
+            // happen then; treat it like success to keep the exit.
+            StartReport::Pending if !reaped => return true,
+            StartReport::Pending | StartReport::Running => {}
+            StartReport::Failed(err) => {
+                let (id, pid) = (s.id, s.pid);
+                if !reaped {
+                    // It is on its way out with status 127.
+                    wait_for(pid);
+                    self.by_pid.remove(&pid);
+                }
+                let mut s = self.sessions.remove(key);
+                s.close(&self.registry);
+                self.by_id.remove(&id);
+                self.exec_failed(id, err);
+                return false;
+            }
+        }
+        s.started(&self.registry);
+        tracing::debug!(id = s.id, pid = s.pid, "STARTED");
+        let started = messages::Started { pid: s.pid as u32 };
+        messages::append_map(self.out.buf(), Kind::Started as u8, s.id, &started);
+        self.service(key);
+        true
+    }
+
     /// Does whatever a session can do now: write queued STDIN, read
     /// output, and finish it when it is done.
     fn service(&mut self, key: usize) {
@@ -565,6 +611,9 @@ impl Core {
         let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
+        if s.starting.is_some() {
+            return;
+        }
         s.flush_stdin(self.out.buf(), &self.registry);
         if s.wants_read()
             && s.read_output(self.out.buf(), pending, HIGH_WATER, &self.registry)
@@ -600,7 +649,9 @@ impl Core {
         };
         // A stale event for a session removed earlier in this batch is
         // dropped; for a key reused since, it is only a spurious "try".
-        if let Some(s) = self.sessions.get_mut(key) {
+        if stream == session::Stream::Start {
+            self.resolve_start(key, false);
+        } else if let Some(s) = self.sessions.get_mut(key) {
             s.on_event(stream, readable, writable);
             self.service(key);
         }
@@ -657,6 +708,9 @@ impl Core {
                 tracing::debug!(pid, "reaped an adopted process");
                 continue;
             };
+            if !self.resolve_start(key, true) {
+                continue;
+            }
             let exit = exit_from_status(status);
             self.sessions[key].reaped(exit, now);
             self.lingering += 1;
@@ -692,7 +746,7 @@ impl Core {
             if !sd.killed && sd.deadline <= now {
                 sd.killed = true;
                 for (_, s) in &mut self.sessions {
-                    send_signal(-s.pid, libc::SIGKILL);
+                    signal_group(s, libc::SIGKILL);
                     if s.exit.is_some() {
                         // Descendants were told to go; stop waiting for
                         // their pipes now.
@@ -812,7 +866,7 @@ impl Core {
         }
         tracing::info!("transport closed: killing every session");
         for (_, s) in &self.sessions {
-            send_signal(-s.pid, libc::SIGKILL);
+            signal_group(s, libc::SIGKILL);
         }
         kill_and_reap_all(Duration::from_secs(2));
         self.exit = Some(Exit::TransportClosed);
@@ -824,7 +878,7 @@ impl Core {
         }
         tracing::info!(?grace, sessions = self.sessions.len(), "shutting down");
         for (_, s) in &self.sessions {
-            send_signal(-s.pid, libc::SIGTERM);
+            signal_group(s, libc::SIGTERM);
         }
         self.shutdown = Some(ShutdownState {
             deadline: Instant::now() + grace,

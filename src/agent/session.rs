@@ -25,7 +25,7 @@ use mio::{Interest, Registry, Token};
 use crate::codec::{self, HEADER_LEN, MAX_OUTPUT_PAYLOAD};
 use crate::messages::{self, Ack, Exited, Kind};
 
-use super::spawn::ChildStdio;
+use super::spawn::{ChildStdio, StartStatus};
 
 /// Which fd of a session a token names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +35,8 @@ pub enum Stream {
     /// The stdout pipe's read end, or the PTY master.
     Stdout = 1,
     Stderr = 2,
+    /// The close-on-exec status pipe of a child not yet known to run.
+    Start = 3,
 }
 
 /// First token of session fds; lower ones are the loop's own.
@@ -51,7 +53,7 @@ pub fn untoken(token: Token) -> Option<(usize, Stream)> {
         0 => Stream::Stdin,
         1 => Stream::Stdout,
         2 => Stream::Stderr,
-        _ => return None,
+        _ => Stream::Start,
     };
     Some((t / 4, stream))
 }
@@ -123,6 +125,9 @@ enum Fds {
 pub struct Session {
     pub id: u32,
     pub pid: libc::pid_t,
+    /// Until the child is known to have exec'd: its status pipe. Nothing
+    /// of the session is read or written meanwhile (STARTED comes first).
+    pub starting: Option<StartStatus>,
     fds: Fds,
     out: [OutputStream; 2],
     pub stdin: StdinState,
@@ -182,15 +187,75 @@ impl Session {
     /// Registers a new child's fds and makes its session.
     pub fn new(
         id: u32,
-        pid: libc::pid_t,
-        stdio: ChildStdio,
+        child: super::spawn::Child,
         output_window: u32,
         linger_ms: u32,
         key: usize,
         registry: &Registry,
     ) -> io::Result<Session> {
+        let super::spawn::Child { pid, stdio, status } = child;
+        register(
+            registry,
+            status.fd(),
+            token(key, Stream::Start),
+            Interest::READABLE,
+        )?;
+        let fds = Self::register_stdio(stdio, key, registry);
+        let fds = match fds {
+            Ok(fds) => fds,
+            Err(e) => {
+                deregister(registry, status.fd());
+                return Err(e);
+            }
+        };
         let mut stdin = StdinState::default();
-        let fds = match stdio {
+        if let Fds::Pipes { stdin: None, .. } = fds {
+            stdin.host_closed = true;
+            stdin.close_done = true;
+        }
+        let tty = matches!(fds, Fds::Pty { .. });
+        Ok(Session {
+            id,
+            pid,
+            starting: Some(status),
+            fds,
+            // Assume readable until a read says otherwise: data may have
+            // arrived before registration.
+            out: [
+                OutputStream {
+                    readable: true,
+                    ..Default::default()
+                },
+                OutputStream {
+                    readable: true,
+                    // A terminal has no separate stderr.
+                    ended: tty,
+                    ..Default::default()
+                },
+            ],
+            stdin: StdinState {
+                writable: true,
+                ..stdin
+            },
+            window: (output_window > 0).then_some(output_window),
+            window_size: output_window,
+            exit: None,
+            deadline: None,
+            linger_ms,
+            lingered: false,
+            stalled: false,
+        })
+    }
+
+    /// The child exec'd: the session runs.
+    pub fn started(&mut self, registry: &Registry) {
+        if let Some(status) = self.starting.take() {
+            deregister(registry, status.fd());
+        }
+    }
+
+    fn register_stdio(stdio: ChildStdio, key: usize, registry: &Registry) -> io::Result<Fds> {
+        Ok(match stdio {
             ChildStdio::Pty { master } => {
                 register(
                     registry,
@@ -222,47 +287,12 @@ impl Session {
                     }
                     done.push(fd.as_raw_fd());
                 }
-                if stdin_fd.is_none() {
-                    stdin.host_closed = true;
-                    stdin.close_done = true;
-                }
                 Fds::Pipes {
                     stdin: stdin_fd,
                     stdout: Some(stdout),
                     stderr: Some(stderr),
                 }
             }
-        };
-        let tty = matches!(fds, Fds::Pty { .. });
-        Ok(Session {
-            id,
-            pid,
-            fds,
-            // Assume readable until a read says otherwise: data may have
-            // arrived before registration.
-            out: [
-                OutputStream {
-                    readable: true,
-                    ..Default::default()
-                },
-                OutputStream {
-                    readable: true,
-                    // A terminal has no separate stderr.
-                    ended: tty,
-                    ..Default::default()
-                },
-            ],
-            stdin: StdinState {
-                writable: true,
-                ..stdin
-            },
-            window: (output_window > 0).then_some(output_window),
-            window_size: output_window,
-            exit: None,
-            deadline: None,
-            linger_ms,
-            lingered: false,
-            stalled: false,
         })
     }
 
@@ -298,6 +328,8 @@ impl Session {
     /// hang-up and error: the next read reports what happened.
     pub fn on_event(&mut self, stream: Stream, readable: bool, writable: bool) {
         match stream {
+            // The loop handles the status pipe itself.
+            Stream::Start => {}
             Stream::Stdin => self.stdin.writable = true,
             Stream::Stdout | Stream::Stderr => {
                 if readable {
@@ -467,7 +499,10 @@ impl Session {
         } else {
             st.queue.extend_from_slice(data);
         }
-        self.flush_stdin(out, registry);
+        // Before STARTED nothing is written (and so nothing acknowledged).
+        if self.starting.is_none() {
+            self.flush_stdin(out, registry);
+        }
         Ok(())
     }
 
@@ -481,7 +516,9 @@ impl Session {
             return Err(StdinError::Closed);
         }
         self.stdin.host_closed = true;
-        self.flush_stdin(out, registry);
+        if self.starting.is_none() {
+            self.flush_stdin(out, registry);
+        }
         Ok(())
     }
 
@@ -596,6 +633,7 @@ impl Session {
 
     /// Lets go of every fd (before EXITED).
     pub fn close(&mut self, registry: &Registry) {
+        self.started(registry);
         match &mut self.fds {
             Fds::Pty { master } => deregister(registry, master.as_raw_fd()),
             Fds::Pipes {

@@ -9,13 +9,15 @@
 //! async-signal-safe calls on that prepared data: reset signals, `setsid`,
 //! connect stdio (and `TIOCSCTTY`), `chdir`, `setrlimit`, drop privileges,
 //! `execve`. A failure in the child is written as (stage, errno) to a
-//! close-on-exec pipe; the parent reads that pipe until it closes (exec
-//! succeeded) or yields the failure (the program never ran).
+//! close-on-exec status pipe. The parent does not wait for it: the loop
+//! polls the pipe like any other fd, and its end of file (exec succeeded)
+//! or its report (the program never ran) decides between STARTED and
+//! EXEC_FAILED. So many children can be between fork and exec at once.
 //!
 //! Every fd the agent opens here is close-on-exec, so the child ends up with
 //! exactly its fds 0, 1 and 2.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -311,11 +313,13 @@ pub enum ChildStdio {
     },
 }
 
-/// A started child.
+/// A forked child, on its way to execve. Whether it got there is read
+/// from `status` (the loop polls it; see [`StartStatus`]).
 #[derive(Debug)]
 pub struct Child {
     pub pid: libc::pid_t,
     pub stdio: ChildStdio,
+    pub status: StartStatus,
 }
 
 /// The steps of the child, as written to the error pipe.
@@ -363,7 +367,7 @@ impl Stage {
         }
     }
 
-    fn failure(self, errno: i32, prepared: &Prepared) -> SpawnError {
+    fn failure(self, errno: i32, program: &str, cwd: Option<&str>) -> SpawnError {
         use ExecFailedKind::*;
         let kind = match (self, errno) {
             (Stage::Execve, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => NotFound,
@@ -382,14 +386,8 @@ impl Stage {
             _ => Other,
         };
         let what = match self {
-            Stage::Execve => format!("execve {}", prepared.path.to_string_lossy()),
-            Stage::Chdir => format!(
-                "chdir {}",
-                prepared
-                    .cwd
-                    .as_deref()
-                    .map_or("".into(), CStr::to_string_lossy)
-            ),
+            Stage::Execve => format!("execve {program}"),
+            Stage::Chdir => format!("chdir {}", cwd.unwrap_or("")),
             other => other.name().to_owned(),
         };
         SpawnError::os(kind, self.name(), &what, errno)
@@ -473,8 +471,9 @@ struct ChildEnds {
     tty: bool,
 }
 
-/// Starts the prepared program. On success the child runs; on failure no
-/// process is left behind.
+/// Forks the child for the prepared program. On success the child is on
+/// its way to execve and the caller must watch `Child::status`; on failure
+/// no process is left behind.
 pub fn spawn(p: &Prepared) -> Result<Child, SpawnError> {
     let (agent_side, child_ends) = match &p.tty {
         Some(size) => {
@@ -539,55 +538,94 @@ pub fn spawn(p: &Prepared) -> Result<Child, SpawnError> {
     drop(child_ends);
     drop(err_write);
 
-    let mut report = [0u8; 8];
-    let mut got = 0;
-    while got < report.len() {
-        // SAFETY: reading into the unfilled tail of a local buffer.
-        let n = unsafe {
-            libc::read(
-                err_read.as_raw_fd(),
-                report[got..].as_mut_ptr().cast(),
-                report.len() - got,
-            )
+    if let Err(e) = set_nonblocking(err_read.as_raw_fd()) {
+        // Without it the loop could block on this pipe: stop the child.
+        // SAFETY: signalling and reaping our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        return Err(SpawnError::resources("pipe", &e));
+    }
+    Ok(Child {
+        pid,
+        stdio: agent_side,
+        status: StartStatus {
+            pipe: err_read,
+            program: p.path.to_string_lossy().into_owned(),
+            cwd: p.cwd.as_deref().map(|c| c.to_string_lossy().into_owned()),
+        },
+    })
+}
+
+/// The parent's end of a child's close-on-exec status pipe: it ends
+/// without a byte when execve succeeds, or carries (stage, errno).
+#[derive(Debug)]
+pub struct StartStatus {
+    pipe: OwnedFd,
+    program: String,
+    cwd: Option<String>,
+}
+
+/// What the status pipe says so far.
+#[derive(Debug)]
+pub enum StartReport {
+    /// Nothing yet: the child has not reached execve.
+    Pending,
+    /// execve succeeded: the program runs.
+    Running,
+    /// The child failed before exec and exits with 127.
+    Failed(SpawnError),
+}
+
+impl StartStatus {
+    pub fn fd(&self) -> RawFd {
+        self.pipe.as_raw_fd()
+    }
+
+    /// Reads the pipe without blocking.
+    pub fn poll(&self) -> StartReport {
+        let mut report = [0u8; 8];
+        let n = loop {
+            // SAFETY: reading into a local buffer of the given length.
+            let n = unsafe { libc::read(self.fd(), report.as_mut_ptr().cast(), report.len()) };
+            if n >= 0 {
+                break n as usize;
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return StartReport::Pending,
+                errno => {
+                    return StartReport::Failed(SpawnError {
+                        kind: ExecFailedKind::Other,
+                        message: "reading the child's status pipe failed".to_owned(),
+                        errno,
+                        stage: None,
+                    })
+                }
+            }
         };
-        match n {
-            0 => break,
-            n if n > 0 => got += n as usize,
-            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
-            _ => break,
+        if n == 0 {
+            return StartReport::Running;
         }
-    }
-    if got == 0 {
-        return Ok(Child {
-            pid,
-            stdio: agent_side,
-        });
-    }
-    // The child failed before exec and is exiting: reap it now so it never
-    // reaches the SIGCHLD path (which would not know the pid).
-    let mut status = 0;
-    loop {
-        // SAFETY: waiting for our own child; `status` is a valid out pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            break;
+        if n < report.len() {
+            // The child writes its 8 bytes in one write to a pipe, which is
+            // atomic; fewer means something else went wrong.
+            return StartReport::Failed(SpawnError {
+                kind: ExecFailedKind::Other,
+                message: "the child failed before exec without saying why".to_owned(),
+                errno: None,
+                stage: None,
+            });
         }
+        let stage_no = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
+        let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
+        let stage = Stage::ALL
+            .into_iter()
+            .find(|s| *s as u32 == stage_no)
+            .unwrap_or(Stage::Execve);
+        StartReport::Failed(stage.failure(errno, &self.program, self.cwd.as_deref()))
     }
-    if got < report.len() {
-        return Err(SpawnError {
-            kind: ExecFailedKind::Other,
-            message: "the child failed before exec without saying why".to_owned(),
-            errno: None,
-            stage: None,
-        });
-    }
-    let stage_no = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
-    let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
-    let stage = Stage::ALL
-        .into_iter()
-        .find(|s| *s as u32 == stage_no)
-        .unwrap_or(Stage::Execve);
-    Err(stage.failure(errno, p))
 }
 
 /// Writes (stage, errno) to the error pipe and exits without running any

@@ -1,0 +1,576 @@
+//! The agent against native baselines taken in the same run.
+//!
+//! `cargo bench --bench agent [-- --quick] [-- --static PATH]` runs the
+//! release `agentd --stdio` and prints a markdown table: each measure, the
+//! native baseline measured here and now, the ratio, and the target. The
+//! machine is shared and noisy: numbers are judged over repeated runs
+//! (`benches/run.sh` runs this three times and keeps the median), never by
+//! an assertion.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use agentd::codec::{self, Decoder};
+use agentd::messages::{Ack, Exec, Kind, Message, Ready};
+
+const AGENTD: &str = env!("CARGO_BIN_EXE_agentd");
+
+/// The agent process, killed when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Host {
+    child: KillOnDrop,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    dec: Decoder,
+    ready: Ready,
+    out: Vec<u8>,
+}
+
+impl Host {
+    fn start(args: &[&str]) -> Host {
+        let mut child = Command::new(AGENTD)
+            .arg("--stdio")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start agentd");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut host = Host {
+            child: KillOnDrop(child),
+            stdin,
+            stdout,
+            dec: Decoder::new(),
+            ready: Ready {
+                protocol: 0,
+                agent: String::new(),
+                pid: 0,
+                pid1: false,
+                max_payload: 0,
+                stdin_window: 0,
+                max_sessions: 0,
+                uptime_ms: None,
+            },
+            out: Vec::new(),
+        };
+        host.recv(|kind, _, _| kind == Kind::Ready as u8);
+        host
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    fn send(&mut self, msg: &Message, id: u32) {
+        self.out.clear();
+        msg.encode(id, &mut self.out);
+        self.stdin.write_all(&self.out).expect("write to agent");
+    }
+
+    /// Calls `f` on frames until it returns true.
+    fn recv(&mut self, mut f: impl FnMut(u8, u32, &[u8]) -> bool) -> &mut Self {
+        loop {
+            while let Some(item) = self.dec.next_frame() {
+                let frame = item.expect("framing error from agent");
+                if frame.kind == Kind::Ready as u8 {
+                    if let Ok(Message::Ready(r)) = Message::decode(frame) {
+                        self.ready = r;
+                    }
+                }
+                if f(frame.kind, frame.id, frame.payload) {
+                    return self;
+                }
+            }
+            let n = self
+                .dec
+                .read_from(&mut self.stdout)
+                .expect("read from agent");
+            assert!(n > 0, "agent closed its stdout");
+        }
+    }
+
+    fn exec(&mut self, id: u32, exec: Exec) {
+        self.send(&Message::Exec(Box::new(exec)), id);
+    }
+
+    fn wait_exited(&mut self, id: u32) {
+        self.recv(|kind, fid, _| kind == Kind::Exited as u8 && fid == id);
+    }
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+fn cstr(s: &str) -> std::ffi::CString {
+    std::ffi::CString::new(s).expect("no NUL")
+}
+
+/// fork + execve + waitpid of /bin/true, the way the agent does it minus
+/// the protocol.
+fn native_true() -> Duration {
+    let path = cstr("/bin/true");
+    let argv = [path.as_ptr(), std::ptr::null()];
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let t = Instant::now();
+    // SAFETY: the child only calls execve and _exit.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+    }
+    t.elapsed()
+}
+
+struct Row {
+    measure: String,
+    agent: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+}
+
+fn row(measure: &str, agent: String, baseline: String, ratio: String, target: &str) -> Row {
+    Row {
+        measure: measure.to_owned(),
+        agent,
+        baseline,
+        ratio,
+        target: target.to_owned(),
+    }
+}
+
+fn bench_exec_latency(n: usize) -> Row {
+    let mut host = Host::start(&[]);
+    let mut agent = Vec::with_capacity(n);
+    let mut native = Vec::with_capacity(n);
+    for i in 0..n {
+        // Interleave so both see the same machine.
+        native.push(native_true());
+        let id = i as u32 + 1;
+        let t = Instant::now();
+        host.exec(id, Exec::new("/bin/true"));
+        host.wait_exited(id);
+        agent.push(t.elapsed());
+    }
+    agent.sort();
+    native.sort();
+    let (a50, a99) = (percentile(&agent, 50), percentile(&agent, 99));
+    let (n50, n99) = (percentile(&native, 50), percentile(&native, 99));
+    row(
+        &format!("exec `/bin/true` → EXITED, p50 / p99 ({n} runs)"),
+        format!("{} / {}", us(a50), us(a99)),
+        format!("{} / {}", us(n50), us(n99)),
+        format!("{:.2}×", a50.as_secs_f64() / n50.as_secs_f64()),
+        "≤ 1.25× at p50",
+    )
+}
+
+fn bench_ping(n: usize) -> Row {
+    let mut host = Host::start(&[]);
+    let payload = [0x5au8; 64];
+    let mut agent = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        host.send(&Message::Ping(&payload), i as u32);
+        host.recv(|kind, _, _| kind == Kind::Pong as u8);
+        agent.push(t.elapsed());
+    }
+    // Native: the same frame bytes over a socketpair to a forked echo.
+    let mut frame = Vec::new();
+    Message::Ping(&payload).encode(1, &mut frame);
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array for socketpair to fill.
+    assert_eq!(
+        unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        },
+        0
+    );
+    // SAFETY: socketpair returned two fds we own.
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the child echoes with read/write and _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // The child's copy of the parent's end must go, or the echo never
+        // sees end of file.
+        // SAFETY: closing an fd number in the forked child.
+        unsafe { libc::close(a.as_raw_fd()) };
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: valid buffer and fd.
+            let r = unsafe { libc::read(b.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if r <= 0 {
+                // SAFETY: leaving the forked child.
+                unsafe { libc::_exit(0) };
+            }
+            // SAFETY: echo what was read.
+            unsafe { libc::write(b.as_raw_fd(), buf.as_ptr().cast(), r as usize) };
+        }
+    }
+    drop(b);
+    let mut sock = std::fs::File::from(a);
+    let mut back = vec![0u8; frame.len()];
+    let mut native = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        sock.write_all(&frame).expect("write");
+        sock.read_exact(&mut back).expect("read");
+        native.push(t.elapsed());
+    }
+    drop(sock);
+    // SAFETY: reaping the echo child.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    agent.sort();
+    native.sort();
+    let (a50, a99) = (percentile(&agent, 50), percentile(&agent, 99));
+    let (n50, n99) = (percentile(&native, 50), percentile(&native, 99));
+    row(
+        &format!("PING → PONG round trip, p50 / p99 ({n} runs)"),
+        format!("{} / {}", us(a50), us(a99)),
+        format!("{} / {}", us(n50), us(n99)),
+        format!("{:.2}×", a50.as_secs_f64() / n50.as_secs_f64()),
+        "≤ 2×",
+    )
+}
+
+fn native_pipe_seconds(bytes: u64) -> f64 {
+    let t = Instant::now();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("head -c {bytes} /dev/zero | cat > /dev/null"))
+        .status()
+        .expect("sh");
+    assert!(status.success());
+    t.elapsed().as_secs_f64()
+}
+
+fn bench_stdout(bytes: u64, tty: bool) -> (f64, f64) {
+    let mut host = Host::start(&[]);
+    let mut exec = Exec::new("head");
+    exec.args = vec!["-c".into(), bytes.to_string(), "/dev/zero".into()];
+    exec.tty = tty;
+    exec.stdin = false;
+    let t = Instant::now();
+    host.exec(1, exec);
+    let mut got = 0u64;
+    host.recv(|kind, _, payload| {
+        if kind == Kind::Stdout as u8 {
+            got += payload.len() as u64;
+        }
+        kind == Kind::Exited as u8
+    });
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(got, bytes, "lost output");
+    (
+        bytes as f64 / secs,
+        bytes as f64 / native_pipe_seconds(bytes),
+    )
+}
+
+fn bench_stdin(bytes: u64) -> (f64, f64) {
+    let host = Host::start(&[]);
+    let window = u64::from(host.ready.stdin_window);
+    let Host {
+        child,
+        mut stdin,
+        mut stdout,
+        mut dec,
+        ..
+    } = host;
+    let mut exec = Exec::new("sh");
+    exec.args = vec!["-c".into(), "cat > /dev/null".into()];
+    let mut buf = Vec::new();
+    Message::Exec(Box::new(exec)).encode(1, &mut buf);
+    stdin.write_all(&buf).expect("write");
+    let credit = Arc::new((Mutex::new(window), Condvar::new()));
+    let reader_credit = credit.clone();
+    let reader = std::thread::spawn(move || loop {
+        while let Some(item) = dec.next_frame() {
+            let f = item.expect("frame");
+            if f.kind == Kind::StdinAck as u8 {
+                let Ok(Message::StdinAck(Ack { bytes })) = Message::decode(f) else {
+                    panic!()
+                };
+                let (m, c) = &*reader_credit;
+                *m.lock().expect("lock") += u64::from(bytes);
+                c.notify_one();
+            }
+            if f.kind == Kind::Exited as u8 {
+                return;
+            }
+        }
+        if dec.read_from(&mut stdout).expect("read") == 0 {
+            return;
+        }
+    });
+    let chunk = vec![0u8; 64 * 1024];
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(chunk.len() as u64);
+        {
+            let (m, c) = &*credit;
+            let mut avail = m.lock().expect("lock");
+            while *avail < n {
+                avail = c.wait(avail).expect("wait");
+            }
+            *avail -= n;
+        }
+        buf.clear();
+        codec::append_raw(&mut buf, Kind::Stdin as u8, 1, &chunk[..n as usize]);
+        stdin.write_all(&buf).expect("write");
+        sent += n;
+    }
+    buf.clear();
+    codec::append_raw(&mut buf, Kind::StdinClose as u8, 1, &[]);
+    stdin.write_all(&buf).expect("write");
+    reader.join().expect("reader");
+    let secs = t.elapsed().as_secs_f64();
+    drop(stdin);
+    drop(child);
+    (
+        bytes as f64 / secs,
+        bytes as f64 / native_pipe_seconds(bytes),
+    )
+}
+
+fn bench_exec_rate(total: usize, in_flight: usize) -> (f64, f64) {
+    let mut host = Host::start(&[]);
+    let t = Instant::now();
+    let mut next = 1u32;
+    let mut done = 0usize;
+    for _ in 0..in_flight.min(total) {
+        host.exec(next, Exec::new("/bin/true"));
+        next += 1;
+    }
+    while done < total {
+        let mut exited = 0;
+        host.recv(|kind, _, _| {
+            if kind == Kind::Exited as u8 {
+                exited += 1;
+                return true;
+            }
+            false
+        });
+        done += exited;
+        if (next as usize) <= total {
+            host.exec(next, Exec::new("/bin/true"));
+            next += 1;
+        }
+    }
+    let agent = total as f64 / t.elapsed().as_secs_f64();
+
+    let path = cstr("/bin/true");
+    let argv = [path.as_ptr(), std::ptr::null()];
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let spawn = || {
+        // SAFETY: the child only calls execve and _exit.
+        unsafe {
+            let pid = libc::fork();
+            if pid == 0 {
+                libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                libc::_exit(127);
+            }
+        }
+    };
+    let t = Instant::now();
+    let mut started = 0;
+    for _ in 0..in_flight.min(total) {
+        spawn();
+        started += 1;
+    }
+    let mut reaped = 0;
+    while reaped < total {
+        // SAFETY: reaping any child.
+        unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) };
+        reaped += 1;
+        if started < total {
+            spawn();
+            started += 1;
+        }
+    }
+    (agent, total as f64 / t.elapsed().as_secs_f64())
+}
+
+fn status_field(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn kib(v: u64) -> String {
+    format!("{:.2} MiB", v as f64 / 1024.0)
+}
+
+fn bench_memory(sessions: usize, flood_secs: u64) -> (u64, u64, u64, u64) {
+    let mut host = Host::start(&["--max-sessions", &(sessions + 8).to_string()]);
+    let pid = host.pid();
+    std::thread::sleep(Duration::from_millis(200));
+    let idle = status_field(pid, "VmRSS:");
+    let before = status_field(pid, "voluntary_ctxt_switches:");
+    std::thread::sleep(Duration::from_secs(if flood_secs >= 5 { 10 } else { 2 }));
+    let wakeups = status_field(pid, "voluntary_ctxt_switches:") - before;
+    for i in 0..sessions {
+        let mut e = Exec::new("sleep");
+        e.args = vec!["1000".into()];
+        e.stdin = false;
+        host.exec(i as u32 + 1, e);
+        host.recv(|kind, _, _| kind == Kind::Started as u8);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let many = status_field(pid, "VmRSS:");
+    drop(host);
+
+    // One session floods while the host reads nothing.
+    let mut host = Host::start(&[]);
+    let pid = host.pid();
+    let mut e = Exec::new("cat");
+    e.args = vec!["/dev/zero".into()];
+    e.stdin = false;
+    host.exec(1, e);
+    std::thread::sleep(Duration::from_secs(flood_secs));
+    let flood = status_field(pid, "VmRSS:");
+    (idle, wakeups, many, flood)
+}
+
+fn static_size(path: Option<&str>) -> Option<u64> {
+    let path = path?;
+    let tmp = std::env::temp_dir().join(format!("agentd-stripped-{}", std::process::id()));
+    std::fs::copy(path, &tmp).ok()?;
+    let ok = Command::new("strip").arg(&tmp).status().ok()?.success();
+    let size = std::fs::metadata(&tmp).ok()?.len();
+    let _ = std::fs::remove_file(&tmp);
+    ok.then_some(size)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let static_path = args
+        .iter()
+        .position(|a| a == "--static")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
+    let (n_exec, n_ping, bytes, rate_total, sessions, flood) = if quick {
+        (200, 500, 64u64 << 20, 500, 100, 1)
+    } else {
+        (1000, 5000, 1u64 << 30, 3000, 1000, 5)
+    };
+    let mib = |b: f64| format!("{:.0} MiB/s", b / (1 << 20) as f64);
+    let mut rows = vec![bench_exec_latency(n_exec), bench_ping(n_ping)];
+    let size = if bytes >= 1 << 30 {
+        "1 GiB".to_owned()
+    } else {
+        format!("{} MiB", bytes >> 20)
+    };
+    let (a, n) = bench_stdout(bytes, false);
+    rows.push(row(
+        &format!("stdout throughput, {size}, pipe session"),
+        mib(a),
+        mib(n),
+        format!("{:.2}×", a / n),
+        "≥ 0.7×",
+    ));
+    let (a, n) = bench_stdout(bytes, true);
+    rows.push(row(
+        &format!("stdout throughput, {size}, tty session"),
+        mib(a),
+        mib(n),
+        format!("{:.2}×", a / n),
+        "report",
+    ));
+    let (a, n) = bench_stdin(bytes);
+    rows.push(row(
+        &format!("stdin throughput, {size} into `cat > /dev/null`"),
+        mib(a),
+        mib(n),
+        format!("{:.2}×", a / n),
+        "≥ 0.6×",
+    ));
+    let (a, n) = bench_exec_rate(rate_total, 64);
+    rows.push(row(
+        &format!("exec rate, 64 in flight, `/bin/true` ({rate_total} execs)"),
+        format!("{a:.0}/s"),
+        format!("{n:.0}/s"),
+        format!("{:.2}×", a / n),
+        "≥ 0.8×",
+    ));
+    let (idle, wakeups, many, flooding) = bench_memory(sessions, flood);
+    rows.push(row(
+        "agent RSS, idle",
+        kib(idle),
+        "—".into(),
+        "—".into(),
+        "≤ 2 MiB",
+    ));
+    rows.push(row(
+        &format!("agent RSS, {sessions} concurrent `sleep` sessions"),
+        kib(many),
+        "—".into(),
+        "—".into(),
+        "≤ 32 MiB",
+    ));
+    rows.push(row(
+        &format!("agent RSS, one session flooding, host not reading for {flood} s"),
+        kib(flooding),
+        "—".into(),
+        format!("idle + {}", kib(flooding.saturating_sub(idle))),
+        "≤ idle + 2 MiB",
+    ));
+    rows.push(row(
+        &format!(
+            "agent wake-ups while idle for {} s",
+            if flood >= 5 { 10 } else { 2 }
+        ),
+        wakeups.to_string(),
+        "—".into(),
+        "—".into(),
+        "0",
+    ));
+    if let Some(size) = static_size(static_path) {
+        rows.push(row(
+            "stripped static `agentd`",
+            format!("{:.2} MiB", size as f64 / (1 << 20) as f64),
+            "—".into(),
+            "—".into(),
+            "≤ 3 MiB",
+        ));
+    }
+    println!("| measure | agent | native baseline (same run) | ratio | target |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.measure, r.agent, r.baseline, r.ratio, r.target
+        );
+    }
+}

@@ -1,0 +1,547 @@
+//! Sessions: one process started by EXEC, its stdin, its output, its end.
+
+use std::io;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use super::conn::{Conn, Routed, SessionShared};
+use super::error::{Error, Result};
+use crate::messages::{Ack, ErrorMsg, Exited, Message, Resize, Signal};
+
+/// How a session's process ended (the EXITED frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExitStatus {
+    /// The exit code, if the process exited.
+    pub code: Option<i32>,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+    /// Whether it dumped core.
+    pub core_dumped: bool,
+    /// As a shell reports it: `code`, or 128 + `signal`.
+    pub status: i32,
+}
+
+impl ExitStatus {
+    /// True for exit code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl From<Exited> for ExitStatus {
+    fn from(x: Exited) -> Self {
+        ExitStatus {
+            code: x.code,
+            signal: x.signal,
+            core_dumped: x.core_dumped,
+            status: x.status,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit code {code}"),
+            (None, Some(sig)) => {
+                write!(f, "killed by signal {sig}")?;
+                if self.core_dumped {
+                    f.write_str(" (core dumped)")?;
+                }
+                Ok(())
+            }
+            (None, None) => write!(f, "status {}", self.status),
+        }
+    }
+}
+
+/// What a finished session produced: see [`Client::output`](super::Client::output).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// How the process ended.
+    pub status: ExitStatus,
+    /// Everything it wrote to stdout (for a tty session: all its output).
+    pub stdout: Vec<u8>,
+    /// Everything it wrote to stderr.
+    pub stderr: Vec<u8>,
+}
+
+/// One thing that happened in a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Bytes the process wrote to stdout (for a tty session: all of its
+    /// terminal output).
+    Stdout(Vec<u8>),
+    /// Bytes the process wrote to stderr.
+    Stderr(Vec<u8>),
+    /// The agent answered a frame of this session with ERROR (for example
+    /// `not_a_tty` after [`Session::resize`] on a pipe session). The
+    /// session goes on.
+    Error(ErrorMsg),
+    /// The process ended. Always the last event.
+    Exited(ExitStatus),
+}
+
+/// A cloneable, thread-safe handle to a session's input side: stdin,
+/// resize, signals. Get one with [`Session::handle`], for example to write
+/// stdin from one thread while another reads output.
+///
+/// When the [`Session`] and every handle are gone and stdin is still open,
+/// stdin is closed (STDIN_CLOSE), as dropping a `ChildStdin` closes it.
+///
+/// It implements [`io::Write`] (each `write` sends as much as the stdin
+/// window allows, waiting for window if there is none).
+pub struct SessionHandle {
+    conn: Arc<Conn>,
+    sess: Arc<SessionShared>,
+}
+
+impl SessionHandle {
+    pub(crate) fn new(conn: Arc<Conn>, sess: Arc<SessionShared>) -> Self {
+        SessionHandle { conn, sess }
+    }
+
+    /// The session id on the wire.
+    pub fn id(&self) -> u32 {
+        self.sess.id
+    }
+
+    /// Sends `data` to the process's stdin, waiting for STDIN_ACKs whenever
+    /// the window is used up (it never sends more than READY's
+    /// `stdin_window` un-acknowledged). Returns once every byte is queued
+    /// for the transport.
+    pub fn write_stdin(&self, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            let n = self.write_some(data)?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Sends as much of `data` as the window allows now (at least one byte,
+    /// waiting for window if there is none). Returns how much was sent.
+    pub fn write_some(&self, data: &[u8]) -> Result<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let mut st = self.sess.lock();
+        loop {
+            if st.ended {
+                return Err(Error::SessionEnded);
+            }
+            if st.stdin_closed {
+                return Err(Error::StdinClosed);
+            }
+            if st.closed {
+                return Err(self.closed());
+            }
+            if st.stdin_window == 0 {
+                return Err(Error::AgentViolation(
+                    "READY announced a stdin_window of 0".into(),
+                ));
+            }
+            if st.stdin_credit > 0 {
+                break;
+            }
+            st = self.sess.wait(st);
+        }
+        let n = data.len().min(st.stdin_credit as usize).min(st.stdin_chunk);
+        // Sent under the session lock so no frame for this id is queued
+        // after the reader has seen the session end.
+        self.conn
+            .shared
+            .send(Message::Stdin(&data[..n]).to_bytes(self.sess.id))?;
+        st.stdin_credit -= n as u32;
+        Ok(n)
+    }
+
+    /// Closes the process's stdin once what was sent is written (STDIN_CLOSE;
+    /// on a tty, the terminal's end-of-file character). Closing twice, or a
+    /// session without stdin, or one that has ended, is not an error.
+    pub fn close_stdin(&self) -> Result<()> {
+        let mut st = self.sess.lock();
+        if st.stdin_closed || st.ended {
+            return Ok(());
+        }
+        if st.closed {
+            return Err(self.closed());
+        }
+        self.conn
+            .shared
+            .send(Message::StdinClose.to_bytes(self.sess.id))?;
+        st.stdin_closed = true;
+        self.sess.cond.notify_all();
+        Ok(())
+    }
+
+    /// Sets the terminal size of a tty session. On a pipe session the agent
+    /// answers ERROR `not_a_tty`, which arrives as [`Event::Error`].
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        self.send_control(Message::Resize(Resize { rows, cols }))
+    }
+
+    /// Sends signal `signal` (a Linux signal number, e.g. `libc::SIGTERM`)
+    /// to the session's process group.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        self.send_control(Message::Signal(Signal {
+            signal,
+            group: true,
+        }))
+    }
+
+    /// Sends signal `signal` to the session's process alone.
+    pub fn signal_process(&self, signal: i32) -> Result<()> {
+        self.send_control(Message::Signal(Signal {
+            signal,
+            group: false,
+        }))
+    }
+
+    fn send_control(&self, msg: Message<'_>) -> Result<()> {
+        let st = self.sess.lock();
+        if st.ended {
+            return Err(Error::SessionEnded);
+        }
+        if st.closed {
+            return Err(self.closed());
+        }
+        self.conn.shared.send(msg.to_bytes(self.sess.id))
+    }
+
+    fn closed(&self) -> Error {
+        self.conn
+            .shared
+            .closed_error()
+            .unwrap_or_else(Error::closed)
+    }
+}
+
+impl Clone for SessionHandle {
+    fn clone(&self) -> Self {
+        self.sess.lock().handles += 1;
+        SessionHandle {
+            conn: self.conn.clone(),
+            sess: self.sess.clone(),
+        }
+    }
+}
+
+impl Drop for SessionHandle {
+    fn drop(&mut self) {
+        let mut st = self.sess.lock();
+        st.handles -= 1;
+        if st.handles == 0 && !st.stdin_closed && !st.ended && !st.closed {
+            let _ = self
+                .conn
+                .shared
+                .send(Message::StdinClose.to_bytes(self.sess.id));
+            st.stdin_closed = true;
+        }
+    }
+}
+
+impl io::Write for SessionHandle {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(self.write_some(buf)?)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionHandle")
+            .field("id", &self.sess.id)
+            .finish()
+    }
+}
+
+/// A running process on the agent, started by [`Client::exec`](super::Client::exec).
+///
+/// Read its output with [`Session::next_event`] or [`Session::events`];
+/// with an `output_window`, output is acknowledged (OUTPUT_ACK) as it is
+/// consumed. [`Session::wait`] and [`Session::wait_with_output`] close stdin
+/// and run the session to its end.
+///
+/// Dropping a session that has not ended does not kill the process: its
+/// output is discarded from then on (and acknowledged, so it never stalls),
+/// and once no [`SessionHandle`] is left its stdin is closed.
+pub struct Session {
+    handle: SessionHandle,
+    rx: mpsc::Receiver<Routed>,
+    pid: u32,
+    tty: bool,
+    output_window: u32,
+    /// Output consumed but not yet acknowledged.
+    unacked: u32,
+    exited: Option<ExitStatus>,
+}
+
+impl Session {
+    pub(crate) fn new(
+        handle: SessionHandle,
+        rx: mpsc::Receiver<Routed>,
+        pid: u32,
+        tty: bool,
+        output_window: u32,
+    ) -> Self {
+        Session {
+            handle,
+            rx,
+            pid,
+            tty,
+            output_window,
+            unacked: 0,
+            exited: None,
+        }
+    }
+
+    /// The session id on the wire.
+    pub fn id(&self) -> u32 {
+        self.handle.id()
+    }
+
+    /// The process id in the agent's namespace (STARTED's `pid`).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the session runs on a pseudo-terminal.
+    pub fn is_tty(&self) -> bool {
+        self.tty
+    }
+
+    /// A handle for the input side, usable from other threads.
+    pub fn handle(&self) -> SessionHandle {
+        self.handle.clone()
+    }
+
+    /// See [`SessionHandle::write_stdin`].
+    pub fn write_stdin(&self, data: &[u8]) -> Result<()> {
+        self.handle.write_stdin(data)
+    }
+
+    /// See [`SessionHandle::close_stdin`].
+    pub fn close_stdin(&self) -> Result<()> {
+        self.handle.close_stdin()
+    }
+
+    /// See [`SessionHandle::resize`].
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        self.handle.resize(rows, cols)
+    }
+
+    /// See [`SessionHandle::signal`].
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        self.handle.signal(signal)
+    }
+
+    /// See [`SessionHandle::signal_process`].
+    pub fn signal_process(&self, signal: i32) -> Result<()> {
+        self.handle.signal_process(signal)
+    }
+
+    /// The exit status, once [`Event::Exited`] has been consumed.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.exited
+    }
+
+    /// The next event, waiting for one. `Ok(None)` after [`Event::Exited`];
+    /// `Err(TransportClosed)` if the connection ends before the session does.
+    pub fn next_event(&mut self) -> Result<Option<Event>> {
+        if self.exited.is_some() {
+            return Ok(None);
+        }
+        let msg = match self.rx.try_recv() {
+            Ok(m) => m,
+            Err(mpsc::TryRecvError::Empty) => {
+                // About to wait: give back all the window consumed so far,
+                // or the agent might be waiting for it too.
+                self.flush_acks();
+                match self.rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => return Err(self.handle.closed()),
+                }
+            }
+            Err(mpsc::TryRecvError::Disconnected) => return Err(self.handle.closed()),
+        };
+        Ok(Some(self.consume(msg)?))
+    }
+
+    /// The next event if one is already here (never waits).
+    pub fn try_next_event(&mut self) -> Result<Option<Event>> {
+        if self.exited.is_some() {
+            return Ok(None);
+        }
+        match self.rx.try_recv() {
+            Ok(m) => Ok(Some(self.consume(m)?)),
+            Err(mpsc::TryRecvError::Empty) => {
+                self.flush_acks();
+                Ok(None)
+            }
+            Err(mpsc::TryRecvError::Disconnected) => Err(self.handle.closed()),
+        }
+    }
+
+    /// The session's events as an iterator, ending after [`Event::Exited`]
+    /// (or after an error).
+    pub fn events(&mut self) -> Events<'_> {
+        Events {
+            session: self,
+            failed: false,
+        }
+    }
+
+    fn consume(&mut self, msg: Routed) -> Result<Event> {
+        Ok(match msg {
+            Routed::Stdout(d) => {
+                self.consumed(d.len());
+                Event::Stdout(d)
+            }
+            Routed::Stderr(d) => {
+                self.consumed(d.len());
+                Event::Stderr(d)
+            }
+            Routed::Error(e) => Event::Error(e),
+            Routed::Exited(x) => {
+                self.exited = Some(x);
+                Event::Exited(x)
+            }
+            Routed::Started(_) | Routed::ExecFailed(_) => {
+                return Err(Error::AgentViolation(format!(
+                    "a second STARTED or EXEC_FAILED for session {}",
+                    self.id()
+                )))
+            }
+        })
+    }
+
+    fn consumed(&mut self, n: usize) {
+        if self.output_window == 0 {
+            return;
+        }
+        self.unacked = self.unacked.saturating_add(n as u32);
+        // Acknowledge in batches, never holding back more than half the
+        // window (and everything before waiting: see next_event).
+        if self.unacked >= (self.output_window / 2).max(1) {
+            self.flush_acks();
+        }
+    }
+
+    fn flush_acks(&mut self) {
+        if self.unacked == 0 {
+            return;
+        }
+        let st = self.handle.sess.lock();
+        if !st.ended && !st.closed {
+            let ack = Message::OutputAck(Ack {
+                bytes: self.unacked,
+            });
+            let _ = self.handle.conn.shared.send(ack.to_bytes(self.id()));
+        }
+        self.unacked = 0;
+    }
+
+    /// Closes stdin and waits for the process to end, discarding its output.
+    pub fn wait(&mut self) -> Result<ExitStatus> {
+        if let Some(x) = self.exited {
+            return Ok(x);
+        }
+        self.close_stdin()?;
+        while let Some(ev) = self.next_event()? {
+            if let Event::Exited(x) = ev {
+                return Ok(x);
+            }
+        }
+        self.exited.ok_or_else(Error::closed)
+    }
+
+    /// Closes stdin and runs the session to its end, collecting its output.
+    /// ERROR frames for the session are logged (with `tracing`) and skipped.
+    pub fn wait_with_output(mut self) -> Result<Output> {
+        self.close_stdin()?;
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        while let Some(ev) = self.next_event()? {
+            match ev {
+                Event::Stdout(d) => stdout.extend_from_slice(&d),
+                Event::Stderr(d) => stderr.extend_from_slice(&d),
+                Event::Error(e) => {
+                    tracing::warn!(id = self.id(), "agent error {}: {}", e.kind, e.message)
+                }
+                Event::Exited(status) => {
+                    return Ok(Output {
+                        status,
+                        stdout,
+                        stderr,
+                    })
+                }
+            }
+        }
+        Err(Error::closed())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.exited.is_some() {
+            return;
+        }
+        let mut st = self.handle.sess.lock();
+        if st.ended || st.closed {
+            return;
+        }
+        st.detached = true;
+        // Output already routed to us counts against the window too.
+        let mut pending = u64::from(self.unacked);
+        while let Ok(msg) = self.rx.try_recv() {
+            if let Routed::Stdout(d) | Routed::Stderr(d) = msg {
+                pending += d.len() as u64;
+            }
+        }
+        if self.output_window > 0 && pending > 0 {
+            let ack = Message::OutputAck(Ack {
+                bytes: pending.min(u64::from(u32::MAX)) as u32,
+            });
+            let _ = self.handle.conn.shared.send(ack.to_bytes(self.id()));
+        }
+        self.unacked = 0;
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id())
+            .field("pid", &self.pid)
+            .field("tty", &self.tty)
+            .field("exited", &self.exited)
+            .finish()
+    }
+}
+
+/// Iterator over a session's events: see [`Session::events`].
+pub struct Events<'a> {
+    session: &'a mut Session,
+    failed: bool,
+}
+
+impl Iterator for Events<'_> {
+    type Item = Result<Event>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        match self.session.next_event() {
+            Ok(Some(ev)) => Some(Ok(ev)),
+            Ok(None) => None,
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}

@@ -1,0 +1,835 @@
+//! Tests of `agentctl`, running the real binaries: agentctl starts the
+//! `agentd` next to it (the embedded default) unless a test says otherwise.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::termios::{self, LocalFlags, Termios};
+
+const AGENTCTL: &str = env!("CARGO_BIN_EXE_agentctl");
+const AGENTD: &str = env!("CARGO_BIN_EXE_agentd");
+
+fn agentctl(args: &[&str]) -> Command {
+    let mut cmd = Command::new(AGENTCTL);
+    cmd.args(args);
+    cmd
+}
+
+/// Runs agentctl with no stdin and returns its output.
+fn run(args: &[&str]) -> Output {
+    agentctl(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("agentctl runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A scratch directory removed at the end of the test.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir =
+            std::env::temp_dir().join(format!("agentctl-test-{}-{tag}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// exec basics and exit codes.
+
+#[test]
+fn echo() {
+    let out = run(&["exec", "echo", "hello", "world"]);
+    assert_eq!(text(&out.stdout), "hello world\n");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn stdout_and_stderr_stay_apart() {
+    let out = run(&["exec", "sh", "-c", "echo out; echo err >&2; echo out2"]);
+    assert_eq!(text(&out.stdout), "out\nout2\n");
+    assert_eq!(text(&out.stderr), "err\n");
+}
+
+#[test]
+fn options_after_the_command_belong_to_it() {
+    let out = run(&["exec", "sh", "-c", "echo \"$0 $1\"", "-i", "--tty"]);
+    assert_eq!(text(&out.stdout), "-i --tty\n");
+}
+
+#[test]
+fn exit_codes() {
+    let code = |args: &[&str]| {
+        let out = run(args);
+        (out.status.code(), text(&out.stderr))
+    };
+    assert_eq!(code(&["exec", "true"]).0, Some(0));
+    assert_eq!(code(&["exec", "sh", "-c", "exit 7"]).0, Some(7));
+    // Killed by SIGKILL: 128 + 9.
+    assert_eq!(code(&["exec", "sh", "-c", "kill -9 $$"]).0, Some(137));
+
+    let (c, err) = code(&["exec", "no-such-program-anywhere"]);
+    assert_eq!(c, Some(127), "{err}");
+    assert!(err.contains("no-such-program-anywhere"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+
+    let dir = TempDir::new("noexec");
+    let file = dir.path("not-executable");
+    std::fs::write(&file, "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (c, err) = code(&["exec", file.to_str().unwrap()]);
+    assert_eq!(c, Some(126), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+
+    let (c, err) = code(&["exec", "-w", "/no/such/dir", "true"]);
+    assert_eq!(c, Some(126), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_125_and_help_works_everywhere() {
+    let out = run(&["exec", "--no-such-flag", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let out = run(&["exec", "--rlimit", "bogus=1", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("unknown resource"));
+    for args in [
+        &["--help"][..],
+        &["exec", "--help"],
+        &["ping", "--help"],
+        &["shutdown", "--help"],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(text(&out.stdout).contains("Usage:"), "{args:?}");
+    }
+}
+
+#[test]
+fn transport_failures_exit_125() {
+    let out = run(&["--connect", "unix:/nonexistent/agent.sock", "exec", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("/nonexistent/agent.sock"));
+    // An "agent" that exits at once.
+    let out = run(&["--agent", "true", "exec", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("transport closed"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn agent_dying_mid_session_exits_125() {
+    // The session's parent is the agent: kill it from inside.
+    let out = run(&["exec", "sh", "-c", "kill -9 $PPID; sleep 5"]);
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("transport closed"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// stdin.
+
+fn payload(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// Runs agentctl with `input` on its stdin (written from a thread).
+fn run_with_input(args: &[&str], input: Vec<u8>) -> Output {
+    let mut child = agentctl(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = thread::spawn(move || {
+        // agentctl may exit before reading everything (a failed test).
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+#[test]
+fn interactive_stdin_20_mb_round_trip() {
+    let data = payload(20 << 20);
+    let out = run_with_input(&["exec", "-i", "cat"], data.clone());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "bytes differ");
+
+    let out = run_with_input(&["exec", "-i", "wc", "-c"], data);
+    assert_eq!(text(&out.stdout).trim(), (20 << 20).to_string());
+}
+
+#[test]
+fn without_i_remote_stdin_is_dev_null() {
+    // Local stdin has data, but without -i it must not reach the process.
+    let out = run_with_input(&["exec", "wc", "-c"], b"12345".to_vec());
+    assert_eq!(text(&out.stdout).trim(), "0");
+    let out = run_with_input(&["exec", "readlink", "/proc/self/fd/0"], Vec::new());
+    assert_eq!(text(&out.stdout).trim(), "/dev/null");
+}
+
+// ---------------------------------------------------------------------------
+// -e, -w, -u, --rlimit, --clear-env.
+
+#[test]
+fn environment() {
+    let out = run(&[
+        "exec",
+        "-e",
+        "FOO=bar baz",
+        "-e",
+        "EMPTY=",
+        "sh",
+        "-c",
+        "echo \"$FOO|$EMPTY|${EMPTY+set}\"",
+    ]);
+    assert_eq!(text(&out.stdout), "bar baz||set\n");
+
+    // KEY alone copies the local value; an unset KEY is left out.
+    let out = agentctl(&["exec", "-e", "LOCAL_ONLY", "-e", "UNSET_HERE", "env"])
+        .env("LOCAL_ONLY", "from-host")
+        .env_remove("UNSET_HERE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let env = text(&out.stdout);
+    assert!(env.lines().any(|l| l == "LOCAL_ONLY=from-host"), "{env}");
+    assert!(!env.contains("UNSET_HERE"), "{env}");
+
+    let out = run(&["exec", "--clear-env", "-e", "ONLY=1", "/usr/bin/env"]);
+    assert_eq!(text(&out.stdout), "ONLY=1\n");
+}
+
+#[test]
+fn workdir() {
+    let out = run(&["exec", "-w", "/usr", "pwd"]);
+    assert_eq!(text(&out.stdout), "/usr\n");
+}
+
+#[test]
+fn user() {
+    let out = run(&["exec", "-u", "nobody", "id", "-u"]);
+    if out.status.code() == Some(126) && text(&out.stderr).contains("bad_user") {
+        panic!("no user nobody on this machine: {}", text(&out.stderr));
+    }
+    let uid = text(&out.stdout);
+    // As root the agent can switch; otherwise it must refuse, not ignore.
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!(uid.trim(), "65534", "{}", text(&out.stderr));
+    } else {
+        assert_eq!(out.status.code(), Some(126), "{uid}");
+    }
+    let out = run(&["exec", "-u", "0:0", "id", "-g"]);
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!(text(&out.stdout).trim(), "0");
+    }
+}
+
+#[test]
+fn rlimits() {
+    let out = run(&[
+        "exec",
+        "--rlimit",
+        "nofile=64",
+        "sh",
+        "-c",
+        "ulimit -n; ulimit -Hn",
+    ]);
+    assert_eq!(text(&out.stdout), "64\n64\n", "{}", text(&out.stderr));
+    let out = run(&[
+        "exec",
+        "--rlimit",
+        "nofile=32:48",
+        "--rlimit",
+        "core=unlimited",
+        "sh",
+        "-c",
+        "ulimit -Sn; ulimit -Hn; ulimit -c",
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "32\n48\nunlimited\n",
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn signals_are_forwarded_without_a_tty() {
+    use std::io::BufRead;
+    let mut child = agentctl(&[
+        "exec",
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 9' TERM; echo ready; while :; do sleep 0.05; done",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "got-term\n");
+    // agentctl exits with the remote status, not killed by the signal.
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(9), "{status:?}");
+}
+
+#[test]
+fn closed_stdout_sends_sigpipe() {
+    // Like `yes | head -1` locally: the remote writer dies of SIGPIPE.
+    let mut child = agentctl(&["exec", "yes"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 4];
+    out.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"y\ny\n");
+    drop(out);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 13), "{status:?}");
+}
+
+// ---------------------------------------------------------------------------
+// ping, shutdown, --agent, --connect, --port.
+
+#[test]
+fn ping_prints_round_trips_and_a_summary() {
+    let out = run(&["ping", "-c", "3", "--interval", "10"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    let lines: Vec<_> = s.lines().collect();
+    assert!(lines[0].starts_with("PING agentd/"), "{s}");
+    for (i, l) in lines[1..4].iter().enumerate() {
+        assert!(l.starts_with(&format!("pong seq={} time=", i + 1)), "{s}");
+        assert!(l.ends_with(" ms"), "{s}");
+    }
+    assert!(lines[4].contains("3 round trips, min/avg/max = "), "{s}");
+    assert_eq!(lines.len(), 5, "{s}");
+}
+
+#[test]
+fn shutdown_embedded() {
+    let out = run(&["shutdown", "--grace", "100"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn built_in_agent_when_no_agentd_sits_next_to_agentctl() {
+    // What `cargo run --bin agentctl` gives: agentctl built alone.
+    let dir = TempDir::new("alone");
+    let alone = dir.path("agentctl");
+    std::fs::copy(AGENTCTL, &alone).unwrap();
+    let out = Command::new(&alone)
+        .args(["exec", "sh", "-c", "tr '\\0' ' ' < /proc/$PPID/cmdline"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // The session's parent is agentctl itself, running the agent.
+    let parent = text(&out.stdout);
+    assert!(parent.starts_with(alone.to_str().unwrap()), "{parent}");
+    assert!(parent.contains("--embedded-agentd-stdio"), "{parent}");
+    let out = Command::new(&alone)
+        .args(["ping", "-c", "1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(text(&out.stdout).starts_with("PING agentd/"));
+}
+
+#[test]
+fn explicit_agent_command() {
+    let agent = format!("{AGENTD} --stdio");
+    let out = run(&["--agent", &agent, "exec", "echo", "spawned"]);
+    assert_eq!(text(&out.stdout), "spawned\n", "{}", text(&out.stderr));
+}
+
+/// A stand-in for QEMU's `-chardev socket,server=on`: agentd connects to
+/// one socket (`agentd --port`), agentctl to another, and the bridge
+/// splices them, replaying READY to each new host as a reconnect to a
+/// device port would.
+struct Bridge {
+    _dir: TempDir,
+    ctl: PathBuf,
+    agent: Child,
+}
+
+impl Bridge {
+    fn start() -> Bridge {
+        let dir = TempDir::new("bridge");
+        let agent_path = dir.path("agent.sock");
+        let ctl = dir.path("ctl.sock");
+        let agent_listener = UnixListener::bind(&agent_path).unwrap();
+        let ctl_listener = UnixListener::bind(&ctl).unwrap();
+        let agent = Command::new(AGENTD)
+            .arg("--port")
+            .arg(&agent_path)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (mut from_agent, _) = agent_listener.accept().unwrap();
+        let mut to_agent = from_agent.try_clone().unwrap();
+        // The READY frame, read whole.
+        let mut dec = agentd::codec::Decoder::new();
+        let ready = loop {
+            if let Some(f) = dec.next_frame() {
+                let mut bytes = Vec::new();
+                f.unwrap().encode(&mut bytes);
+                break bytes;
+            }
+            assert!(dec.read_from(&mut from_agent).unwrap() > 0, "agent closed");
+        };
+        assert!(dec.is_at_boundary());
+        let host: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
+        let host2 = host.clone();
+        thread::spawn(move || {
+            let mut buf = vec![0; 65536];
+            while let Ok(n) = from_agent.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Some(h) = host2.lock().unwrap().as_mut() {
+                    let _ = h.write_all(&buf[..n]);
+                }
+            }
+            if let Some(h) = host2.lock().unwrap().as_mut() {
+                let _ = h.shutdown(std::net::Shutdown::Both);
+            }
+        });
+        thread::spawn(move || {
+            for conn in ctl_listener.incoming() {
+                let Ok(mut conn) = conn else { break };
+                let mut writer = conn.try_clone().unwrap();
+                if writer.write_all(&ready).is_err() {
+                    continue;
+                }
+                *host.lock().unwrap() = Some(writer);
+                let _ = std::io::copy(&mut conn, &mut to_agent);
+                *host.lock().unwrap() = None;
+            }
+        });
+        Bridge {
+            _dir: dir,
+            ctl,
+            agent,
+        }
+    }
+
+    fn connect_arg(&self) -> String {
+        format!("unix:{}", self.ctl.display())
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.agent.kill();
+        let _ = self.agent.wait();
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn connect_unix_socket_and_shutdown() {
+    let mut bridge = Bridge::start();
+    let target = bridge.connect_arg();
+    let out = run(&[
+        "--connect",
+        &target,
+        "exec",
+        "sh",
+        "-c",
+        "echo over-socket; exit 3",
+    ]);
+    assert_eq!(text(&out.stdout), "over-socket\n", "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(3));
+    let out = run(&["--connect", &target, "ping", "-c", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = run(&["--connect", &target, "shutdown", "--grace", "100"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // Not PID 1: the agent exits with status 0 after SHUTDOWN_DONE.
+    let status = wait_exit(&mut bridge.agent, Duration::from_secs(10)).expect("agentd exits");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn port_fifo_pair() {
+    let dir = TempDir::new("fifo");
+    let base = dir.path("port");
+    let (pin, pout) = (dir.path("port.in"), dir.path("port.out"));
+    for p in [&pin, &pout] {
+        nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    }
+    let open = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .unwrap()
+    };
+    // The agent reads PATH.in and writes PATH.out, as a guest behind
+    // QEMU's `-chardev pipe` would.
+    let mut agent = Command::new(AGENTD)
+        .arg("--stdio")
+        .stdin(open(&pin))
+        .stdout(open(&pout))
+        .spawn()
+        .unwrap();
+    let out = run(&[
+        "--port",
+        base.to_str().unwrap(),
+        "exec",
+        "echo",
+        "over-fifo",
+    ]);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(text(&out.stdout), "over-fifo\n", "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn single_fifo_port_is_refused() {
+    let dir = TempDir::new("fifo1");
+    let p = dir.path("one");
+    nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let out = run(&["--port", p.to_str().unwrap(), "ping"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("FIFO"), "{}", text(&out.stderr));
+}
+
+// ---------------------------------------------------------------------------
+// -t under a real pseudo-terminal.
+
+/// The local side of a pseudo-terminal that agentctl runs on (as its
+/// controlling terminal, stdin, stdout and stderr).
+struct Pty {
+    master: OwnedFd,
+    slave: OwnedFd,
+    seen: Vec<u8>,
+}
+
+fn winsize(rows: u16, cols: u16) -> nix::pty::Winsize {
+    nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+impl Pty {
+    fn open(rows: u16, cols: u16) -> Pty {
+        let p = nix::pty::openpty(Some(&winsize(rows, cols)), None).unwrap();
+        // openpty's descriptors are inheritable: a master leaked into
+        // agentctl (and on into agentd) would keep the terminal open, with
+        // nobody reading it, after the test is gone.
+        for fd in [&p.master, &p.slave] {
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )
+            .unwrap();
+        }
+        Pty {
+            master: p.master,
+            slave: p.slave,
+            seen: Vec::new(),
+        }
+    }
+
+    fn termios(&self) -> Termios {
+        termios::tcgetattr(self.slave.as_fd()).unwrap()
+    }
+
+    fn spawn(&self, args: &[&str]) -> Child {
+        let mut cmd = agentctl(args);
+        let fd = |f: &OwnedFd| Stdio::from(f.try_clone().unwrap());
+        cmd.stdin(fd(&self.slave))
+            .stdout(fd(&self.slave))
+            .stderr(fd(&self.slave));
+        // SAFETY: setsid and ioctl are async-signal-safe; they make the
+        // pty (already on fd 0) the child's controlling terminal, so that
+        // it gets SIGWINCH as a process at a terminal does.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()?;
+                if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn().unwrap()
+    }
+
+    fn resize(&self, rows: u16, cols: u16) {
+        let ws = winsize(rows, cols);
+        // SAFETY: TIOCSWINSZ reads one struct winsize from the pointer.
+        let r = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(r, 0);
+    }
+
+    fn write(&self, bytes: &[u8]) {
+        nix::unistd::write(&self.master, bytes).unwrap();
+    }
+
+    /// Reads terminal output until `pat` shows up (after what earlier calls
+    /// consumed); panics after `timeout`.
+    fn expect(&mut self, pat: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(pos) = find(&self.seen, pat.as_bytes()) {
+                self.seen.drain(..pos + pat.len());
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let shown = text(&self.seen);
+                let tail: String = shown.chars().rev().take(300).collect();
+                let tail: String = tail.chars().rev().collect();
+                panic!("{pat:?} not seen; terminal shows ...{tail:?}");
+            }
+            let ms = left.as_millis().min(1000) as u16;
+            let mut fds = [PollFd::new(self.master.as_fd(), PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::from(ms)).unwrap() > 0 {
+                let mut buf = [0u8; 4096];
+                match nix::unistd::read(&self.master, &mut buf) {
+                    Ok(n) => self.seen.extend_from_slice(&buf[..n]),
+                    Err(nix::errno::Errno::EIO) => thread::sleep(Duration::from_millis(10)),
+                    Err(e) => panic!("reading the pty: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Reads (and drops) whatever the terminal shows for a moment.
+    fn drain(&mut self) {
+        let mut fds = [PollFd::new(self.master.as_fd(), PollFlags::POLLIN)];
+        while poll(&mut fds, PollTimeout::from(50u16)).unwrap_or(0) > 0 {
+            let mut buf = [0u8; 4096];
+            if nix::unistd::read(&self.master, &mut buf).unwrap_or(0) == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Waits for the terminal to leave (or enter) canonical mode.
+    fn wait_raw(&self, raw: bool, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.termios().local_flags.contains(LocalFlags::ICANON) == raw {
+            assert!(Instant::now() < deadline, "terminal raw={raw} not reached");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn same_mode(a: &Termios, b: &Termios) -> bool {
+    a.input_flags == b.input_flags
+        && a.output_flags == b.output_flags
+        && a.control_flags == b.control_flags
+        && a.local_flags == b.local_flags
+        && a.control_chars == b.control_chars
+}
+
+fn wait_child(pty: &mut Pty, child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "agentctl did not exit");
+        // Keep the terminal drained so agentctl never blocks writing.
+        pty.drain();
+    }
+}
+
+#[test]
+fn tty_size_resize_ctrl_c_and_restore() {
+    let mut pty = Pty::open(33, 111);
+    let before = pty.termios();
+    assert!(before
+        .local_flags
+        .contains(LocalFlags::ICANON | LocalFlags::ECHO));
+    let mut child = pty.spawn(&[
+        "exec",
+        "-it",
+        "--",
+        "sh",
+        "-c",
+        "stty size; while sleep 0.05; do stty size; done",
+    ]);
+    pty.expect("33 111", Duration::from_secs(20));
+    // While it runs the local terminal is raw.
+    let during = pty.termios();
+    assert!(!during.local_flags.contains(LocalFlags::ICANON));
+    assert!(!during.local_flags.contains(LocalFlags::ECHO));
+    assert!(!during.local_flags.contains(LocalFlags::ISIG));
+    // SIGWINCH becomes RESIZE.
+    pty.resize(40, 132);
+    pty.expect("40 132", Duration::from_secs(10));
+    // Ctrl-C travels as a byte: the remote terminal turns it into SIGINT
+    // for the remote foreground process group.
+    pty.write(b"\x03");
+    let status = wait_child(&mut pty, &mut child);
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(
+        same_mode(&before, &pty.termios()),
+        "terminal mode not restored"
+    );
+}
+
+#[test]
+fn tty_input_echo_and_eof() {
+    let mut pty = Pty::open(24, 80);
+    let before = pty.termios();
+    let mut child = pty.spawn(&[
+        "exec",
+        "-it",
+        "--",
+        "sh",
+        "-c",
+        "read line; echo \"got:$line\"; exit 4",
+    ]);
+    pty.wait_raw(true, Duration::from_secs(20));
+    pty.write(b"hello\r");
+    pty.expect("got:hello", Duration::from_secs(20));
+    let status = wait_child(&mut pty, &mut child);
+    assert_eq!(status.code(), Some(4));
+    assert!(
+        same_mode(&before, &pty.termios()),
+        "terminal mode not restored"
+    );
+}
+
+#[test]
+fn tty_restored_when_agentctl_is_killed_by_sigterm() {
+    let mut pty = Pty::open(24, 80);
+    let before = pty.termios();
+    // The remote side ignores SIGTERM: agentctl must still end (and
+    // restore the terminal) rather than wait for it.
+    let mut child = pty.spawn(&["exec", "-it", "--", "sh", "-c", "trap '' TERM; sleep 100"]);
+    pty.wait_raw(true, Duration::from_secs(20));
+    // Give the session time to start (raw mode comes just before EXEC).
+    thread::sleep(Duration::from_millis(200));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = wait_child(&mut pty, &mut child);
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "{status:?} signal {:?}",
+        status.signal()
+    );
+    assert!(
+        same_mode(&before, &pty.termios()),
+        "terminal mode not restored"
+    );
+}
+
+#[test]
+fn tty_restored_after_exec_failure() {
+    let mut pty = Pty::open(24, 80);
+    let before = pty.termios();
+    let mut child = pty.spawn(&["exec", "-it", "--", "no-such-program-anywhere"]);
+    pty.expect("no-such-program-anywhere", Duration::from_secs(20));
+    let status = wait_child(&mut pty, &mut child);
+    assert_eq!(status.code(), Some(127));
+    assert!(
+        same_mode(&before, &pty.termios()),
+        "terminal mode not restored"
+    );
+}
+
+#[test]
+fn tty_without_a_local_terminal_and_term() {
+    // -t with pipes: the remote side still gets a terminal and TERM.
+    let out = agentctl(&[
+        "exec",
+        "-t",
+        "sh",
+        "-c",
+        "test -t 1 && test -t 2 && echo \"tty $TERM\"; stty size <&1",
+    ])
+    .env("TERM", "vt220")
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "tty vt220\r\n24 80\r\n",
+        "{}",
+        text(&out.stderr)
+    );
+}
