@@ -95,6 +95,7 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
+trap 'log "command failed (line $LINENO): $BASH_COMMAND"' ERR
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -130,7 +131,10 @@ KERNEL=
 MODDIR=
 ensure_kernel() {
     local dir=$CACHE/kernel
-    KERNEL=$(find "$dir/boot" -maxdepth 1 -name 'vmlinuz-*' 2>/dev/null | sort | tail -n 1)
+    KERNEL=
+    if [[ -d $dir/boot ]]; then
+        KERNEL=$(find "$dir/boot" -maxdepth 1 -name 'vmlinuz-*' | sort | tail -n 1)
+    fi
     if [[ -z $KERNEL ]]; then
         local pkg
         pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
@@ -276,6 +280,19 @@ boot_vm() {
     die "QEMU did not create $SOCK"
 }
 
+# Waits for the agent's READY (agentctl ping), then keeps the gap a host must leave
+# before the next host connects (docs/VM.md).
+wait_ready() {
+    local deadline=$((SECONDS + BOOT_TIMEOUT))
+    until "$AGENTCTL" --connect "unix:$SOCK" ping -c 1 >/dev/null 2>&1; do
+        kill -0 "$QEMU_PID" 2>/dev/null || die "QEMU exited during boot"
+        ((SECONDS < deadline)) || die "no READY within ${BOOT_TIMEOUT}s"
+        sleep 0.5
+    done
+    sleep 0.1
+    log "agent ready $(($(date +%s%3N) - QEMU_T0_MS)) ms after QEMU started"
+}
+
 # Waits up to $1 seconds for QEMU to exit; sets QEMU_RC. Fails on timeout.
 wait_qemu_exit() {
     local timeout=$1 i
@@ -338,10 +355,12 @@ run_shell() {
     build_host_tools
     build_initramfs "$AGENTD_STATIC" "$WORK/initramfs.cpio.gz"
     boot_vm "$WORK/initramfs.cpio.gz"
+    wait_ready
     log "connecting: $AGENTCTL --connect unix:$SOCK exec -it -- sh   (exit the shell to power off)"
     local rc=0
     "$AGENTCTL" --connect "unix:$SOCK" exec -it -- sh || rc=$?
     log "shell ended (status $rc); powering the VM off"
+    sleep 0.1
     "$AGENTCTL" --connect "unix:$SOCK" shutdown || log "shutdown request failed"
     wait_qemu_exit "$POWEROFF_TIMEOUT" || true
     STATUS=0
@@ -365,6 +384,7 @@ run_boot() {
     build_host_tools
     build_initramfs "$AGENTD_STATIC" "$WORK/initramfs.cpio.gz"
     boot_vm "$WORK/initramfs.cpio.gz"
+    wait_ready
     log "VM is up; connect with: $AGENTCTL --connect unix:$SOCK ...   (waiting for power-off)"
     while kill -0 "$QEMU_PID" 2>/dev/null; do sleep 0.5; done
     QEMU_RC=0
