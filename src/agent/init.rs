@@ -24,7 +24,7 @@
 //!
 //! # How a virtio-console port signals the host's open and close
 //!
-//! Measured in the VM of `tests/vm/run.sh` (Debian 6.1 kernel, QEMU 10,
+//! Measured in the VM of `tests/vm/run.sh` (Debian 6.1 kernel, QEMU 7.2,
 //! `virtserialport` on a `-chardev socket,server=on,wait=off`), with the port
 //! opened `O_RDWR | O_NONBLOCK` once and kept open; `tests/vm/probe/` holds
 //! the probe and `docs/VM.md` the full trace. "Host connected" means a
@@ -50,6 +50,13 @@
 //! - A host disconnecting reports `EPOLLIN | EPOLLHUP`; `read` returns the
 //!   bytes still buffered, then `0`. That `0` is **not** a permanent end of
 //!   file: keep the fd open and registered (never close and reopen it).
+//! - Go by the event's HUP bit, not by `read() == 0`: when the next host
+//!   connects quickly, `read` may already return `EAGAIN` right after an
+//!   `EPOLLIN | EPOLLHUP` event (a separate `EPOLLOUT` event follows for the
+//!   new host).
+//! - Bytes a host sent stay in the port after it leaves, until read: on HUP,
+//!   read them (serve the whole frames, drop the rest) before accepting the
+//!   next host, or its stream starts with the old host's leftovers.
 //! - Every completed guest→host write also wakes the queue, so `EPOLLOUT`
 //!   events arrive often while connected (after each write the host
 //!   consumes); they carry no HUP and mean nothing new.
@@ -60,12 +67,13 @@
 //!   finished on the next host: on HUP, drop the unsent rest of the frame in
 //!   progress (keep whole queued frames if you like), and on the next
 //!   connection write READY before anything else.
-//! - A disconnect followed by a reconnect that both happen while the agent is
-//!   not in `epoll_wait` coalesce into a single `EPOLLOUT` event: the agent
-//!   cannot see that the host changed (measured: a host that closed and
-//!   reconnected within 0.2 s while the guest was busy for 3 s got no new
-//!   greeting). A host must therefore not reconnect faster than the agent
-//!   polls; in practice the agent is in `epoll_wait` within microseconds.
+//! - A disconnect and a reconnect that both happen before the guest handles
+//!   the first coalesce into a single `EPOLLOUT` event: the agent cannot see
+//!   that the host changed. Measured with an idle guest: a reconnect 10 ms or
+//!   more after the previous host's close was always seen; 1 ms after, 2-3 in
+//!   10 were missed; at once, 5 in 10. A busy guest widens the window. Hosts
+//!   should wait for READY with a timeout (and on timeout close, pause,
+//!   reconnect) and not reconnect right after another host closed.
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};

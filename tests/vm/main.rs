@@ -462,6 +462,12 @@ fn t03_exec_on_pipes() {
     e.stdin = false;
     let out = host.run(e, b"");
     assert_eq!(out.stdout_str(), "zero one bar /tmp\n");
+    // `user` from the initramfs's /etc/passwd and /etc/group.
+    let mut e = sh_exec("id -u; id -g");
+    e.user = Some("nobody".into());
+    e.stdin = false;
+    let out = host.run(e, b"");
+    assert_eq!(out.stdout_str(), "65534\n65534\n", "{out:?}");
 }
 
 #[test]

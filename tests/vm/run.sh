@@ -362,7 +362,8 @@ run_shell() {
     log "shell ended (status $rc); powering the VM off"
     sleep 0.1
     "$AGENTCTL" --connect "unix:$SOCK" shutdown || log "shutdown request failed"
-    wait_qemu_exit "$POWEROFF_TIMEOUT" || true
+    wait_qemu_exit "$POWEROFF_TIMEOUT"
+    log "VM powered off (QEMU status $QEMU_RC)"
     STATUS=0
 }
 
