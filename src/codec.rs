@@ -203,9 +203,13 @@ impl State {
 /// returns `None`.
 #[derive(Debug)]
 pub struct Decoder {
+    /// `buf[start..end]` are the bytes received and not yet consumed.
+    /// `buf[end..]` is initialised space for the next read: it is zeroed
+    /// once when the buffer grows and then reused, so that a read does not
+    /// pay for zeroing a whole chunk each time.
     buf: Vec<u8>,
-    /// Start of the unconsumed bytes in `buf`.
     start: usize,
+    end: usize,
     state: State,
 }
 
@@ -227,13 +231,14 @@ impl Decoder {
         Decoder {
             buf: Vec::new(),
             start: 0,
+            end: 0,
             state: State::Frames,
         }
     }
 
     /// Bytes held that do not yet form a whole frame.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
     }
 
     /// The capacity of the internal buffer (for memory tests).
@@ -249,39 +254,38 @@ impl Decoder {
 
     /// Drops consumed bytes from the front of the buffer.
     fn compact(&mut self) {
-        if self.start == 0 {
-            return;
-        }
-        if self.start == self.buf.len() {
-            self.buf.clear();
+        if self.start == self.end {
             if self.buf.capacity() > RETAIN_CAPACITY {
                 self.buf = Vec::new();
             }
-        } else {
-            self.buf.copy_within(self.start.., 0);
-            let rest = self.buf.len() - self.start;
-            self.buf.truncate(rest);
+        } else if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
         }
+        self.end -= self.start;
         self.start = 0;
     }
 
-    /// Grows the buffer for `extra` more bytes: geometrically, but never
-    /// past one maximal frame plus this chunk, which is all it ever holds.
+    /// Makes `buf[end..end + extra]` available: grows the buffer
+    /// geometrically, but never past one maximal frame plus this chunk,
+    /// which is all it ever holds.
     fn make_room(&mut self, extra: usize) {
-        let needed = self.buf.len() + extra;
-        let cap = self.buf.capacity();
-        if needed <= cap {
+        let needed = self.end + extra;
+        if needed <= self.buf.len() {
             return;
         }
-        let limit = HEADER_LEN + MAX_PAYLOAD + extra;
-        let target = needed.max((cap * 2).min(limit));
-        self.buf.reserve_exact(target - self.buf.len());
+        let cap = self.buf.capacity();
+        if needed > cap {
+            let limit = HEADER_LEN + MAX_PAYLOAD + extra;
+            let target = needed.max((cap * 2).min(limit));
+            self.buf.reserve_exact(target - self.buf.len());
+        }
+        self.buf.resize(needed, 0);
     }
 
     /// Throws away buffered bytes of a frame being skipped.
     fn skip_buffered(&mut self) {
         if let State::Skipping(left) = self.state {
-            let avail = (self.buf.len() - self.start) as u64;
+            let avail = (self.end - self.start) as u64;
             let n = left.min(avail);
             self.start += n as usize;
             self.state = State::skipping(left - n);
@@ -310,7 +314,8 @@ impl Decoder {
         }
         self.compact();
         self.make_room(data.len());
-        self.buf.extend_from_slice(data);
+        self.buf[self.end..self.end + data.len()].copy_from_slice(data);
+        self.end += data.len();
     }
 
     /// Reads once from `src` into the decoder (at most [`READ_CHUNK`]
@@ -318,7 +323,6 @@ impl Decoder {
     pub fn read_from<R: io::Read + ?Sized>(&mut self, src: &mut R) -> io::Result<usize> {
         self.skip_buffered();
         self.compact();
-        let old_len = self.buf.len();
         let want = match self.state {
             // Never read more than the rest of the skipped frame into the
             // buffer, so skipped bytes cost at most one chunk.
@@ -326,16 +330,18 @@ impl Decoder {
             State::Frames => READ_CHUNK,
         };
         self.make_room(want);
-        self.buf.resize(old_len + want, 0);
-        let result = src.read(&mut self.buf[old_len..]);
-        let n = *result.as_ref().unwrap_or(&0);
-        self.buf.truncate(old_len + n);
-        if let State::Skipping(left) = self.state {
+        let result = src.read(&mut self.buf[self.end..self.end + want]);
+        // A reader that claims more than it was given is not believed.
+        let n = result.as_ref().map_or(0, |&n| n.min(want));
+        match self.state {
             // The buffer was empty (skipping only starts once every
-            // buffered byte is consumed), so all n bytes are skip bytes.
-            debug_assert_eq!(old_len, 0);
-            self.buf.truncate(old_len);
-            self.state = State::skipping(left - n as u64);
+            // buffered byte is consumed), so all n bytes are skip bytes:
+            // they are left where they are, as free space.
+            State::Skipping(left) => {
+                debug_assert_eq!(self.end, 0);
+                self.state = State::skipping(left - n as u64);
+            }
+            State::Frames => self.end += n,
         }
         result
     }
@@ -347,7 +353,7 @@ impl Decoder {
         if self.state != State::Frames {
             return None;
         }
-        let avail = &self.buf[self.start..];
+        let avail = &self.buf[self.start..self.end];
         if avail.len() < 4 {
             return None;
         }

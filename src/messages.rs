@@ -5,7 +5,11 @@
 //! are ignored. Before serde sees a map payload, [`check_map`] verifies that
 //! it is exactly one well-formed map whose keys are all strings (rmp-serde
 //! alone would also accept an array, or integer keys as field indices, or
-//! trailing bytes, none of which the contract allows).
+//! trailing bytes, none of which the contract allows), and that no key
+//! appears twice. Values are read strictly as the contract's types: a `str`
+//! field takes a MessagePack `str` only (not `bin`, not `nil`), an optional
+//! key is present with a value of its type or absent (never `nil`), and an
+//! `rlimits` entry is a map with string keys (not an array).
 //!
 //! Raw payloads (PING, PONG, STDIN, STDOUT, STDERR) borrow from the frame.
 //!
@@ -262,6 +266,67 @@ impl RlimitResource {
     }
 }
 
+/// Strict deserialisers for the contract's types. serde's own impls are
+/// lenient in ways the contract is not: `String` also takes a `bin` (and
+/// rmp-serde hands it an invalid UTF-8 `str` as bytes), and `Option<T>` also
+/// takes `nil`.
+mod strict {
+    use std::fmt;
+
+    use serde::de::{self, Deserialize, Deserializer, Visitor};
+
+    /// A `String` that only a MessagePack `str` (valid UTF-8) deserialises to.
+    pub(super) struct Str(pub(super) String);
+
+    struct StrVisitor;
+
+    impl Visitor<'_> for StrVisitor {
+        type Value = Str;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Str, E> {
+            Ok(Str(v.to_owned()))
+        }
+
+        fn visit_string<E: de::Error>(self, v: String) -> Result<Str, E> {
+            Ok(Str(v))
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Str {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Str, D::Error> {
+            d.deserialize_str(StrVisitor)
+        }
+    }
+
+    /// A required `str` key.
+    pub(super) fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Str::deserialize(d).map(|s| s.0)
+    }
+
+    /// An optional `str` key: `nil` is not a string.
+    pub(super) fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        string(d).map(Some)
+    }
+
+    /// A `[str]` key.
+    pub(super) fn strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        let v = Vec::<Str>::deserialize(d)?;
+        Ok(v.into_iter().map(|s| s.0).collect())
+    }
+
+    /// An optional key of another type: present means a value of that
+    /// type, never `nil` (absent keys never reach this function).
+    pub(super) fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        T::deserialize(d).map(Some)
+    }
+}
+
 fn default_true() -> bool {
     true
 }
@@ -283,6 +348,7 @@ fn default_grace_ms() -> u32 {
 pub struct Ready {
     pub protocol: u32,
     /// `agentd/<version>`.
+    #[serde(deserialize_with = "strict::string")]
     pub agent: String,
     pub pid: u32,
     pub pid1: bool,
@@ -291,7 +357,11 @@ pub struct Ready {
     pub max_sessions: u32,
     /// Milliseconds since the machine booted (an extension: the host can
     /// read boot-to-READY time from it). Absent from older agents.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
     pub uptime_ms: Option<u64>,
 }
 
@@ -314,9 +384,15 @@ impl Default for Shutdown {
 /// [`ErrorMsg::error_kind`] parses it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorMsg {
+    #[serde(deserialize_with = "strict::string")]
     pub kind: String,
+    #[serde(deserialize_with = "strict::string")]
     pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
     pub frame_kind: Option<u8>,
 }
 
@@ -334,27 +410,84 @@ impl ErrorMsg {
     }
 }
 
-/// One `rlimits` entry of EXEC.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One `rlimits` entry of EXEC: a map with string keys, every key
+/// required (`u64::MAX` is `RLIM_INFINITY`). Deserialised by hand so that,
+/// like a payload map, it must be a map (not an array) and its keys strings
+/// (not field indices); `resource`, `soft` and `hard` at most once each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Rlimit {
     pub resource: String,
     pub soft: u64,
     pub hard: u64,
 }
 
+impl<'de> Deserialize<'de> for Rlimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Rlimit, D::Error> {
+        d.deserialize_map(RlimitVisitor)
+    }
+}
+
+struct RlimitVisitor;
+
+impl<'de> serde::de::Visitor<'de> for RlimitVisitor {
+    type Value = Rlimit;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an rlimits entry (a map of resource, soft, hard)")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Rlimit, A::Error> {
+        use serde::de::Error;
+        let mut resource = None;
+        let mut soft = None;
+        let mut hard = None;
+        while let Some(strict::Str(key)) = map.next_key()? {
+            match key.as_str() {
+                "resource" if resource.is_none() => {
+                    resource = Some(map.next_value::<strict::Str>()?.0);
+                }
+                "soft" if soft.is_none() => soft = Some(map.next_value::<u64>()?),
+                "hard" if hard.is_none() => hard = Some(map.next_value::<u64>()?),
+                "resource" | "soft" | "hard" => {
+                    return Err(A::Error::custom(format!("duplicate key `{key}`")));
+                }
+                // Unknown keys are ignored, however often they appear
+                // (remembering them would cost memory a hostile host chooses).
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Rlimit {
+            resource: resource.ok_or_else(|| A::Error::missing_field("resource"))?,
+            soft: soft.ok_or_else(|| A::Error::missing_field("soft"))?,
+            hard: hard.ok_or_else(|| A::Error::missing_field("hard"))?,
+        })
+    }
+}
+
 /// EXEC: start a process as a new session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exec {
+    #[serde(deserialize_with = "strict::string")]
     pub cmd: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict::strings")]
     pub args: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict::strings")]
     pub env: Vec<String>,
     #[serde(default)]
     pub clear_env: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::opt_string"
+    )]
     pub cwd: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::opt_string"
+    )]
     pub user: Option<String>,
     #[serde(default)]
     pub tty: bool,
@@ -406,11 +539,21 @@ pub struct Started {
 /// EXEC_FAILED.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecFailed {
+    #[serde(deserialize_with = "strict::string")]
     pub kind: String,
+    #[serde(deserialize_with = "strict::string")]
     pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
     pub errno: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::opt_string"
+    )]
     pub stage: Option<String>,
 }
 
@@ -444,9 +587,17 @@ pub struct Signal {
 /// EXITED: how the process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exited {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
     pub code: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
     pub signal: Option<i32>,
     #[serde(default)]
     pub core_dumped: bool,
@@ -646,7 +797,8 @@ fn check_empty(kind: Kind, payload: &[u8]) -> Result<(), ProtocolError> {
 }
 
 /// Checks that `payload` is exactly one well-formed MessagePack map whose
-/// keys are all strings, with nothing after it.
+/// keys are all strings (valid UTF-8), each key once, with nothing after it,
+/// nested at most [`MAX_DEPTH`] deep.
 pub fn check_map(payload: &[u8]) -> Result<(), String> {
     let mut scan = Scanner {
         buf: payload,
@@ -662,18 +814,41 @@ pub fn check_map(payload: &[u8]) -> Result<(), String> {
             ))
         }
     };
+    // The keys seen, as (offset, length) in the payload, to refuse
+    // duplicates: sorted once at the end, so a hostile map of many keys
+    // costs n log n, not n squared, and 8 bytes per key actually present
+    // (not per key announced).
+    let mut keys: Vec<(u32, u32)> = Vec::new();
     for _ in 0..entries {
-        let key = scan.pos;
-        match scan.buf.get(key) {
-            Some(0xa0..=0xbf | 0xd9 | 0xda | 0xdb) => {}
-            Some(_) => return Err("a map key is not a string".to_owned()),
-            None => return Err("payload ends inside the map".to_owned()),
+        let len = match scan.byte() {
+            Ok(b @ 0xa0..=0xbf) => usize::from(b & 0x1f),
+            Ok(0xd9) => usize::from(scan.byte()?),
+            Ok(0xda) => usize::from(scan.be16()?),
+            Ok(0xdb) => scan.be32()? as usize,
+            Ok(_) => return Err("a map key is not a string".to_owned()),
+            Err(_) => return Err("payload ends inside the map".to_owned()),
+        };
+        let at = scan.pos;
+        let key = scan.take(len)?;
+        if std::str::from_utf8(key).is_err() {
+            return Err("a map key is not valid UTF-8".to_owned());
         }
-        scan.skip_value(0)?;
-        scan.skip_value(0)?;
+        let (Ok(at), Ok(len)) = (u32::try_from(at), u32::try_from(len)) else {
+            return Err("payload too large".to_owned());
+        };
+        keys.push((at, len));
+        scan.skip_value(1)?;
     }
     if scan.pos != payload.len() {
         return Err(format!("{} bytes after the map", payload.len() - scan.pos));
+    }
+    let key = |&(at, len): &(u32, u32)| &payload[at as usize..at as usize + len as usize];
+    keys.sort_unstable_by(|a, b| key(a).cmp(key(b)));
+    if let Some(w) = keys.windows(2).find(|w| key(&w[0]) == key(&w[1])) {
+        return Err(format!(
+            "duplicate key `{}`",
+            String::from_utf8_lossy(key(&w[0]))
+        ));
     }
     Ok(())
 }
@@ -684,12 +859,13 @@ struct Scanner<'a> {
     pos: usize,
 }
 
-/// Nesting deeper than this is refused, so a hostile payload cannot
-/// exhaust the stack.
-const MAX_DEPTH: usize = 32;
+/// The deepest a map payload may nest containers (maps and arrays), the
+/// payload map itself counting as the first level. Deeper is refused, so
+/// a hostile payload cannot exhaust the stack.
+pub const MAX_DEPTH: usize = 32;
 
-impl Scanner<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+impl<'a> Scanner<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         let end = self
             .pos
             .checked_add(n)
@@ -713,17 +889,20 @@ impl Scanner<'_> {
     fn skip(&mut self, n: usize) -> Result<(), String> {
         self.take(n).map(|_| ())
     }
+    /// Skips the `n` items of a container found inside `depth` containers.
     fn skip_items(&mut self, n: u64, depth: usize) -> Result<(), String> {
+        if depth + 1 > MAX_DEPTH {
+            return Err(format!("containers nested more than {MAX_DEPTH} deep"));
+        }
         for _ in 0..n {
             self.skip_value(depth + 1)?;
         }
         Ok(())
     }
 
+    /// Skips one value found inside `depth` containers (the payload map
+    /// counts as one).
     fn skip_value(&mut self, depth: usize) -> Result<(), String> {
-        if depth > MAX_DEPTH {
-            return Err("values nested too deeply".to_owned());
-        }
         let b = self.byte()?;
         match b {
             0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => Ok(()),
@@ -753,7 +932,8 @@ impl Scanner<'_> {
             }
             0xc9 => {
                 let n = self.be32()?;
-                self.skip(1 + n as usize)
+                self.skip(1)?;
+                self.skip(n as usize)
             }
             0xca => self.skip(4),
             0xcb => self.skip(8),

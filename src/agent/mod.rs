@@ -18,3 +18,101 @@ pub mod transport;
 pub mod user;
 
 pub use event_loop::{Config, EventLoop, Exit};
+
+use std::path::PathBuf;
+
+use tracing::level_filters::LevelFilter;
+
+use transport::Transport;
+
+/// Where the agent finds its host.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// stdin/stdout.
+    Stdio,
+    /// A device, FIFO or socket path.
+    Port(PathBuf),
+}
+
+/// What `agentd`'s command line (or agentctl's embedded agent) asks for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub mode: Mode,
+    pub max_sessions: usize,
+    pub stdin_window: u32,
+    /// `error`, `warn`, `info`, `debug` or `trace`; else `AGENTD_LOG`, else warn.
+    pub log_level: Option<String>,
+}
+
+impl Options {
+    pub fn stdio() -> Options {
+        let defaults = Config::default();
+        Options {
+            mode: Mode::Stdio,
+            max_sessions: defaults.max_sessions,
+            stdin_window: defaults.stdin_window,
+            log_level: None,
+        }
+    }
+}
+
+/// Logs to stderr (nonblocking: see [`process::LogSink`]), never to the
+/// transport.
+pub fn init_logging(level: Option<&str>) {
+    let level = level
+        .map(str::to_owned)
+        .or_else(|| std::env::var("AGENTD_LOG").ok())
+        .and_then(|l| l.parse::<LevelFilter>().ok())
+        .unwrap_or(LevelFilter::WARN);
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(process::LogSink::stderr())
+        .with_ansi(false)
+        .try_init();
+}
+
+/// Runs the agent as a normal process (not PID 1 init): process setup,
+/// the transport, the loop. Returns the process exit status.
+pub fn run(opts: &Options) -> i32 {
+    init_logging(opts.log_level.as_deref());
+    process::cloexec_inherited_fds();
+    if let Err(e) = process::setup_signals() {
+        tracing::error!(error = %e, "blocking signals");
+        return 1;
+    }
+    // SAFETY: getpid cannot fail.
+    let pid1 = unsafe { libc::getpid() } == 1;
+    if !pid1 {
+        if let Err(e) = process::become_subreaper() {
+            tracing::warn!(error = %e, "cannot become a child subreaper; orphans will not be reaped here");
+        }
+    }
+    let transport = match &opts.mode {
+        Mode::Stdio => Transport::stdio(),
+        Mode::Port(path) => Transport::open(path),
+    };
+    let transport = match transport {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "opening the transport");
+            eprintln!("agentd: opening the transport: {e}");
+            return 1;
+        }
+    };
+    let config = Config {
+        max_sessions: opts.max_sessions,
+        stdin_window: opts.stdin_window,
+        pid1,
+        ..Config::default()
+    };
+    let mut event_loop = match EventLoop::new(config, transport) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("agentd: {e}");
+            return 1;
+        }
+    };
+    let exit = event_loop.run();
+    tracing::info!(?exit, "agent exiting");
+    0
+}

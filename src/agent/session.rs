@@ -158,29 +158,52 @@ fn deregister(registry: &Registry, fd: RawFd) {
 /// Appends a frame of `kind` whose payload is read from `fd` straight into
 /// `out` (at most `max` bytes). On end of file, an error or EAGAIN nothing
 /// is appended.
-fn read_frame(out: &mut Vec<u8>, kind: Kind, id: u32, fd: RawFd, max: usize) -> io::Result<usize> {
+///
+/// With `fill`, after a short read it keeps reading into the same frame
+/// until `max` or until a read returns nothing more (that condition,
+/// EAGAIN, EIO or end of file, is sticky and is seen again by the next
+/// call). A PTY master hands out at most a few KiB per read, so this
+/// turns a stream of 4 KiB frames into 64 KiB ones.
+fn read_frame(
+    out: &mut Vec<u8>,
+    kind: Kind,
+    id: u32,
+    fd: RawFd,
+    max: usize,
+    fill: bool,
+) -> io::Result<usize> {
     let start = out.len();
     out.reserve(HEADER_LEN + max);
     out.extend_from_slice(&codec::header(kind as u8, id, 0));
-    let spare = out.spare_capacity_mut();
-    // SAFETY: `spare` has at least `max` bytes of capacity; read writes at
-    // most `max` bytes into it and we only mark as initialised what it
-    // reports written.
-    let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), max) };
-    if n <= 0 {
-        out.truncate(start);
-        return if n == 0 {
-            Ok(0)
-        } else {
-            Err(io::Error::last_os_error())
-        };
+    let mut total = 0;
+    while total < max {
+        let spare = out.spare_capacity_mut();
+        // SAFETY: `spare` has at least `max - total` bytes of capacity; read
+        // writes at most that many and we only mark as initialised what it
+        // reports written.
+        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), max - total) };
+        if n <= 0 {
+            if total > 0 {
+                break;
+            }
+            out.truncate(start);
+            return if n == 0 {
+                Ok(0)
+            } else {
+                Err(io::Error::last_os_error())
+            };
+        }
+        let n = n as usize;
+        // SAFETY: read initialised the first `n` spare bytes.
+        unsafe { out.set_len(out.len() + n) };
+        total += n;
+        if !fill {
+            break;
+        }
     }
-    let n = n as usize;
-    // SAFETY: read initialised the first `n` spare bytes.
-    unsafe { out.set_len(start + HEADER_LEN + n) };
-    let len = codec::LEN_OVERHEAD + n as u32;
+    let len = codec::LEN_OVERHEAD + total as u32;
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
-    Ok(n)
+    Ok(total)
 }
 
 impl Session {
@@ -194,6 +217,10 @@ impl Session {
         registry: &Registry,
     ) -> io::Result<Session> {
         let super::spawn::Child { pid, stdio, status } = child;
+        let has_stdin = match &stdio {
+            ChildStdio::Pty { stdin, .. } => *stdin,
+            ChildStdio::Pipes { stdin, .. } => stdin.is_some(),
+        };
         register(
             registry,
             status.fd(),
@@ -209,7 +236,7 @@ impl Session {
             }
         };
         let mut stdin = StdinState::default();
-        if let Fds::Pipes { stdin: None, .. } = fds {
+        if !has_stdin {
             stdin.host_closed = true;
             stdin.close_done = true;
         }
@@ -256,7 +283,7 @@ impl Session {
 
     fn register_stdio(stdio: ChildStdio, key: usize, registry: &Registry) -> io::Result<Fds> {
         Ok(match stdio {
-            ChildStdio::Pty { master } => {
+            ChildStdio::Pty { master, .. } => {
                 register(
                     registry,
                     master.as_raw_fd(),
@@ -385,7 +412,7 @@ impl Session {
                     max = max.min(w as usize);
                 }
                 let kind = if i == 0 { Kind::Stdout } else { Kind::Stderr };
-                match read_frame(out, kind, self.id, fd, max) {
+                match read_frame(out, kind, self.id, fd, max, self.is_tty()) {
                     Ok(0) => self.end_stream(i, registry),
                     Ok(n) => {
                         if let Some(w) = &mut self.window {

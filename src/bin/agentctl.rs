@@ -580,40 +580,9 @@ fn init_logging() {
 /// sits next to it.
 const EMBEDDED_AGENT_ARG: &str = "--embedded-agentd-stdio";
 
-/// `agentd --stdio`, from the library: the same setup as the agentd binary.
+/// `agentd --stdio`, from the library: the same code the agentd binary runs.
 fn run_embedded_agent() -> i32 {
-    use agentd::agent::{process, transport::Transport, Config, EventLoop};
-    let level = std::env::var("AGENTD_LOG")
-        .ok()
-        .and_then(|l| l.parse::<tracing::level_filters::LevelFilter>().ok())
-        .unwrap_or(tracing::level_filters::LevelFilter::WARN);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(io::stderr)
-        .with_ansi(false)
-        .init();
-    process::cloexec_inherited_fds();
-    if let Err(e) = process::setup_signals() {
-        eprintln!("agentd: blocking signals: {e}");
-        return 1;
-    }
-    if let Err(e) = process::become_subreaper() {
-        tracing::warn!(error = %e, "cannot become a child subreaper");
-    }
-    let result = Transport::stdio().map_err(|e| format!("opening the transport: {e}"));
-    let result =
-        result.and_then(|t| EventLoop::new(Config::default(), t).map_err(|e| e.to_string()));
-    match result {
-        Ok(mut event_loop) => {
-            let exit = event_loop.run();
-            tracing::info!(?exit, "agent exiting");
-            0
-        }
-        Err(e) => {
-            eprintln!("agentd: {e}");
-            1
-        }
-    }
+    agentd::agent::run(&agentd::agent::Options::stdio())
 }
 
 fn main() {

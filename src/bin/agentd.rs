@@ -12,10 +12,11 @@
 //! As PID 1 (or with `--init`), agentd first does what an init would
 //! ([`agentd::agent::init::boot`]: mounts, the `agentd.*` kernel command line,
 //! modules, hostname, logging to `/dev/kmsg`, a panic hook that powers off),
-//! serves the virtio-console port named by `agentd.port=` (or `--port PATH`),
-//! and powers the machine off after SHUTDOWN. PID 1 never exits: bad
-//! arguments are logged and ignored (the kernel passes unknown command-line
-//! words to init as arguments), and a fatal error powers off.
+//! then serves the virtio-console port named by `agentd.port=` (or `--port
+//! PATH`, or `--stdio`), and powers the machine off after SHUTDOWN. PID 1
+//! never exits: bad arguments are logged and ignored (the kernel passes
+//! unknown command-line words to init as arguments), and a fatal error
+//! powers off. See docs/VM.md.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,38 +24,16 @@ use std::time::Duration;
 
 use agentd::agent::spawn::SpawnDefaults;
 use agentd::agent::transport::{Transport, TransportKind};
-use agentd::agent::{init, process, Config, EventLoop};
-use tracing::level_filters::LevelFilter;
+use agentd::agent::{self, init, process, Config, EventLoop, Mode, Options};
 
-const USAGE: &str = "usage: agentd (--stdio | --port PATH | --init [--port PATH]) [--max-sessions N] [--stdin-window BYTES] [--log-level error|warn|info|debug|trace]";
+const USAGE: &str = "usage: agentd (--stdio | --port PATH | --init [--stdio | --port PATH]) [--max-sessions N] [--stdin-window BYTES] [--log-level error|warn|info|debug|trace]";
 
-enum Mode {
-    Stdio,
-    Port(PathBuf),
-    /// As init without `--stdio`/`--port`: the virtio-console port named by
-    /// `agentd.port=` on the kernel command line.
-    VirtioPort,
-}
-
-struct Args {
-    mode: Mode,
-    /// `--init`: do PID 1's duties even when not PID 1 (tests).
-    init: bool,
-    max_sessions: usize,
-    stdin_window: u32,
-    log_level: Option<String>,
-}
-
-fn parse_args() -> Result<Args, String> {
+/// The command line: options, and for `--init` without `--stdio`/`--port`
+/// a `None` mode (the virtio port named on the kernel command line).
+fn parse_args() -> Result<(Options, Option<Mode>), String> {
+    let mut opts = Options::stdio();
     let mut mode = None;
-    let defaults = Config::default();
-    let mut args = Args {
-        mode: Mode::Stdio,
-        init: false,
-        max_sessions: defaults.max_sessions,
-        stdin_window: defaults.stdin_window,
-        log_level: None,
-    };
+    let mut init = false;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
@@ -62,17 +41,17 @@ fn parse_args() -> Result<Args, String> {
             "--stdio" => mode = Some(Mode::Stdio),
             "--port" => mode = Some(Mode::Port(PathBuf::from(value("--port")?))),
             "--max-sessions" => {
-                args.max_sessions = value("--max-sessions")?
+                opts.max_sessions = value("--max-sessions")?
                     .parse()
                     .map_err(|e| format!("--max-sessions: {e}"))?
             }
             "--stdin-window" => {
-                args.stdin_window = value("--stdin-window")?
+                opts.stdin_window = value("--stdin-window")?
                     .parse()
                     .map_err(|e| format!("--stdin-window: {e}"))?
             }
-            "--log-level" => args.log_level = Some(value("--log-level")?),
-            "--init" => args.init = true,
+            "--log-level" => opts.log_level = Some(value("--log-level")?),
+            "--init" => init = true,
             "--version" | "-V" => {
                 println!("agentd {}", env!("CARGO_PKG_VERSION"));
                 std::process::exit(0);
@@ -84,42 +63,23 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    match mode {
-        Some(m) => args.mode = m,
-        None if args.init => args.mode = Mode::VirtioPort,
-        None => return Err("one of --stdio or --port PATH is required".into()),
+    if !init {
+        opts.mode = mode
+            .clone()
+            .ok_or("one of --stdio or --port PATH is required")?;
     }
-    Ok(args)
-}
-
-fn init_logging(level: Option<&str>) {
-    let level = level
-        .map(str::to_owned)
-        .or_else(|| std::env::var("AGENTD_LOG").ok())
-        .and_then(|l| l.parse::<LevelFilter>().ok())
-        .unwrap_or(LevelFilter::WARN);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    Ok((opts, mode))
 }
 
 /// How long PID 1 waits for its virtio port to appear.
 const PORT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The agent as the first process of a VM. Never returns.
-fn run_as_init(args: Result<Args, String>) -> ! {
+/// The agent as the first process of a VM (or with `--init`). Never returns.
+fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
     let boot = init::boot();
-    let args = args.unwrap_or_else(|e| {
+    let (opts, mode) = parsed.unwrap_or_else(|e| {
         tracing::warn!("ignoring the arguments: {e}");
-        Args {
-            mode: Mode::VirtioPort,
-            init: true,
-            max_sessions: Config::default().max_sessions,
-            stdin_window: Config::default().stdin_window,
-            log_level: None,
-        }
+        (Options::stdio(), None)
     });
     let pid1 = std::process::id() == 1;
     process::cloexec_inherited_fds();
@@ -131,20 +91,20 @@ fn run_as_init(args: Result<Args, String>) -> ! {
             tracing::warn!(error = %e, "cannot become a child subreaper");
         }
     }
-    let transport = match &args.mode {
-        Mode::Stdio => {
+    let transport = match &mode {
+        Some(Mode::Stdio) => {
             Transport::stdio().unwrap_or_else(|e| init::fatal(&format!("taking over stdio: {e}")))
         }
-        Mode::Port(path) => Transport::open(path)
+        Some(Mode::Port(path)) => Transport::open(path)
             .unwrap_or_else(|e| init::fatal(&format!("opening {}: {e}", path.display()))),
-        Mode::VirtioPort => match init::open_port(&boot.config.port, PORT_TIMEOUT) {
+        None => match init::open_port(&boot.config.port, PORT_TIMEOUT) {
             Ok(file) => Transport::from_fd(file.into(), TransportKind::Device),
             Err(e) => init::fatal(&e.to_string()),
         },
     };
     let config = Config {
-        max_sessions: args.max_sessions,
-        stdin_window: args.stdin_window,
+        max_sessions: opts.max_sessions,
+        stdin_window: opts.stdin_window,
         pid1,
         defaults: SpawnDefaults {
             env: init::default_env(),
@@ -159,51 +119,18 @@ fn run_as_init(args: Result<Args, String>) -> ! {
 
 fn main() -> ExitCode {
     let parsed = parse_args();
-    let forced = std::env::args().any(|a| a == "--init");
-    if std::process::id() == 1 || forced {
+    if std::process::id() == 1 || std::env::args().any(|a| a == "--init") {
         run_as_init(parsed);
     }
-    let args = match parsed {
-        Ok(a) => a,
+    let opts = match parsed {
+        Ok((o, _)) => o,
         Err(e) => {
             eprintln!("agentd: {e}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
-    init_logging(args.log_level.as_deref());
-    process::cloexec_inherited_fds();
-    if let Err(e) = process::setup_signals() {
-        eprintln!("agentd: blocking signals: {e}");
-        return ExitCode::FAILURE;
+    match agent::run(&opts) {
+        0 => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
     }
-    if let Err(e) = process::become_subreaper() {
-        tracing::warn!(error = %e, "cannot become a child subreaper; orphans will not be reaped here");
-    }
-    let transport = match &args.mode {
-        Mode::Stdio => Transport::stdio(),
-        Mode::Port(path) => Transport::open(path),
-        Mode::VirtioPort => unreachable!("only --init selects it, and run_as_init handles --init"),
-    };
-    let transport = match transport {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("agentd: opening the transport: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let config = Config {
-        max_sessions: args.max_sessions,
-        stdin_window: args.stdin_window,
-        ..Config::default()
-    };
-    let mut event_loop = match EventLoop::new(config, transport) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("agentd: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let exit = event_loop.run();
-    tracing::info!(?exit, "agent exiting");
-    ExitCode::SUCCESS
 }
