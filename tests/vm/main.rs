@@ -541,7 +541,8 @@ fn t06_tty() {
     e.tty = true;
     e.rows = 30;
     e.cols = 100;
-    e.stdin = false;
+    // stdin stays on (the default): with `stdin: false` even a tty session's
+    // stdin is /dev/null, as the contract says.
     let out = host.run(e, b"");
     let s = out.stdout_str();
     assert_eq!(out.status(), 0, "{s}");
