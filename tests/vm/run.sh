@@ -331,8 +331,10 @@ run_suite() {
     build_host_tools
     log "building the e2e suite"
     local bin
+    # The artifact of the test target "vm" (a cold build also lists the bins it needs).
     bin=$(cd "$ROOT" && cargo test -q --release --test vm --no-run --message-format=json 2>/dev/null |
-        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+        grep '"kind":\["test"\]' | grep '"name":"vm"' |
+        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1) || true
     [[ -x $bin ]] || die "cannot build the e2e suite (cargo test --release --test vm --no-run)"
     build_initramfs "$AGENTD_STATIC" "$WORK/initramfs.cpio.gz"
     # First boot: everything but the second_boot_ tests; it ends with SHUTDOWN.
