@@ -63,21 +63,34 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/agentd-vm.XXXXXX")
 SOCK=$WORK/agent.sock
 CONSOLE=$WORK/console.log
 QEMU_PID=
+FATAL_PID= # the VM of the fatal-error check (no port), run beside the suite
 QEMU_RC=
+SUITE_PID=
 STATUS=1
 
-stop_qemu() {
-    [[ -n $QEMU_PID ]] || return 0
-    if kill -0 "$QEMU_PID" 2>/dev/null; then
-        kill -TERM "$QEMU_PID" 2>/dev/null || true
+# Stops the QEMU whose pid is in the variable named $1, if it runs.
+stop_pid() {
+    local -n pid=$1
+    [[ -n $pid ]] || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
         for _ in $(seq 50); do
-            kill -0 "$QEMU_PID" 2>/dev/null || break
+            kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
         done
-        kill -KILL "$QEMU_PID" 2>/dev/null || true
+        kill -KILL "$pid" 2>/dev/null || true
     fi
-    wait "$QEMU_PID" 2>/dev/null || true
-    QEMU_PID=
+    wait "$pid" 2>/dev/null || true
+    pid=
+}
+stop_qemu() {
+    if [[ -n $SUITE_PID ]]; then
+        kill -TERM "$SUITE_PID" 2>/dev/null || true
+        wait "$SUITE_PID" 2>/dev/null || true
+        SUITE_PID=
+    fi
+    stop_pid QEMU_PID
+    stop_pid FATAL_PID
 }
 
 cleanup() {
@@ -96,8 +109,8 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'log "command failed (line $LINENO): $BASH_COMMAND"' ERR
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'log interrupted; exit 130' INT
+trap 'log terminated; exit 143' TERM
 
 # --- packages ---------------------------------------------------------------------------
 APT_UPDATED=0
@@ -247,8 +260,11 @@ build_initramfs() {
 
 # --- QEMU -------------------------------------------------------------------------------
 QEMU_T0_MS=
-boot_vm() {
-    local initrd=$1
+# Starts QEMU in the background: start_qemu INITRD SOCK CONSOLE [EXTRA_APPEND]; sets
+# STARTED_PID.
+STARTED_PID=
+start_qemu() {
+    local initrd=$1 sock=$2 console=$3 extra=${4:-}
     local append="console=ttyS0 quiet panic=-1 printk.devkmsg=on"
     append+=" agentd.modules=$(
         IFS=,
@@ -256,19 +272,26 @@ boot_vm() {
     )"
     append+=" agentd.port=$PORT_NAME agentd.hostname=agentd-vm"
     [[ -n $EXTRA_APPEND ]] && append+=" $EXTRA_APPEND"
-    rm -f "$SOCK"
-    : >"$CONSOLE"
-    QEMU_T0_MS=$(date +%s%3N)
+    [[ -n $extra ]] && append+=" $extra"
+    rm -f "$sock"
+    : >"$console"
     qemu-system-x86_64 \
         -M q35 -accel "$ACCEL" "${CPU_ARGS[@]}" -m "$MEM" -smp "$SMP" \
         -nodefaults -no-user-config -display none -no-reboot \
         -kernel "$KERNEL" -initrd "$initrd" -append "$append" \
-        -serial "file:$CONSOLE" \
+        -serial "file:$console" \
         -device virtio-serial-pci \
-        -chardev "socket,id=agent0,path=$SOCK,server=on,wait=off" \
+        -chardev "socket,id=agent0,path=$sock,server=on,wait=off" \
         -device "virtserialport,chardev=agent0,name=$PORT_NAME" \
-        </dev/null >"$WORK/qemu.out" 2>&1 &
-    QEMU_PID=$!
+        </dev/null >>"$WORK/qemu.out" 2>&1 &
+    STARTED_PID=$!
+}
+
+# Boots the VM the tests talk to (QEMU_PID, SOCK, CONSOLE).
+boot_vm() {
+    QEMU_T0_MS=$(date +%s%3N)
+    start_qemu "$1" "$SOCK" "$CONSOLE"
+    QEMU_PID=$STARTED_PID
     log "QEMU started (pid $QEMU_PID, $MEM, $SMP vCPU), console: $CONSOLE"
     # The socket shows up as soon as QEMU has parsed its options.
     for _ in $(seq 100); do
@@ -315,14 +338,37 @@ check_powered_off() {
     log "QEMU exited 0 and the console shows the power-down"
 }
 
+# The fatal-error VM: QEMU exits 0 and the console shows the fatal error and the power-down.
+check_fatal_powers_off() {
+    local i rc=0
+    for ((i = 0; i < 900; i++)); do
+        kill -0 "$FATAL_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$FATAL_PID" 2>/dev/null && die "no port: the agent did not power off within 90 s"
+    wait "$FATAL_PID" || rc=$?
+    FATAL_PID=
+    local console=$WORK/console-fatal.log
+    [[ $rc == 0 ]] || die "no port: QEMU exited with status $rc"
+    grep -q 'fatal: no virtio-console port named "nope"' "$console" ||
+        die "no port: the console shows no fatal error ($console)"
+    grep -q 'reboot: Power down' "$console" || die "no port: the console shows no power-down"
+    log "no port: fatal error logged and the VM powered off"
+}
+
 # --- modes ------------------------------------------------------------------------------
 # Runs the e2e binary $1 against the running VM, with libtest arguments $2...
 suite() {
     local bin=$1 rc=0
     shift
+    # In the background, so that a signal to this script is handled at once (bash
+    # defers traps while a foreground command runs); cleanup stops it.
     AGENTD_VM_SOCK=$SOCK AGENTD_VM_T0_MS=$QEMU_T0_MS AGENTD_VM_AGENTCTL=$AGENTCTL \
-        timeout --foreground -k 5 "$SUITE_TIMEOUT" \
-        "$bin" --ignored --test-threads=1 --nocapture "$@" </dev/null || rc=$?
+        timeout -k 5 "$SUITE_TIMEOUT" \
+        "$bin" --ignored --test-threads=1 --nocapture "$@" </dev/null &
+    SUITE_PID=$!
+    wait "$SUITE_PID" || rc=$?
+    SUITE_PID=
     [[ $rc == 0 ]] || die "e2e suite failed (status $rc)"
 }
 
@@ -337,6 +383,10 @@ run_suite() {
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1) || true
     [[ -x $bin ]] || die "cannot build the e2e suite (cargo test --release --test vm --no-run)"
     build_initramfs "$AGENTD_STATIC" "$WORK/initramfs.cpio.gz"
+    # Beside the suite: a VM whose port never appears (agentd.port=nope). The agent
+    # must give up after 30 s, log a fatal error and power off (PID 1 never exits).
+    start_qemu "$WORK/initramfs.cpio.gz" "$WORK/fatal.sock" "$WORK/console-fatal.log" agentd.port=nope
+    FATAL_PID=$STARTED_PID
     # First boot: everything but the second_boot_ tests; it ends with SHUTDOWN.
     boot_vm "$WORK/initramfs.cpio.gz"
     log "running the e2e suite (first boot)"
@@ -348,6 +398,7 @@ run_suite() {
     log "running the e2e suite (second boot)"
     suite "$bin" second_boot_
     check_powered_off
+    check_fatal_powers_off
     STATUS=0
     log "all VM tests passed in ${SECONDS}s"
 }
