@@ -20,7 +20,7 @@
 # It installs what it lacks (qemu-system-x86, cpio, busybox-static) with apt-get, downloads
 # and caches a stock Debian cloud kernel, builds a static agentd and an initramfs, and always
 # stops QEMU on the way out. Exit status: 0 when everything passed.
-set -euo pipefail
+set -Eeuo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
