@@ -328,6 +328,18 @@ fn signal_group(s: &Session, signal: libc::c_int) {
     }
 }
 
+/// A host's SIGNAL for a running (or reaped) session.
+fn deliver_signal(s: &Session, signal: libc::c_int, group: bool) {
+    if group {
+        // The group outlives its leader while descendants remain, so it is
+        // signalled after reaping too.
+        send_signal(-s.pid, signal);
+    } else if s.exit.is_none() {
+        // Once reaped the pid may belong to someone else.
+        send_signal(s.pid, signal);
+    }
+}
+
 /// Waits for one child that is known to be exiting.
 fn wait_for(pid: libc::pid_t) {
     loop {
@@ -441,14 +453,11 @@ impl Core {
                         format!("{} is not a Linux signal number (0 to 64)", sig.signal),
                     ));
                 }
-                let s = &core.sessions[key];
-                if sig.group {
-                    // The group outlives its leader while descendants
-                    // remain, so it is signalled after reaping too.
-                    signal_group(s, sig.signal);
-                } else if s.exit.is_none() {
-                    // Once reaped the pid may belong to someone else.
-                    send_signal(s.pid, sig.signal);
+                let s = &mut core.sessions[key];
+                if s.starting.is_some() {
+                    s.held_signals.push((sig.signal, sig.group));
+                } else {
+                    deliver_signal(s, sig.signal, sig.group);
                 }
                 Ok(())
             }),
@@ -600,6 +609,9 @@ impl Core {
         tracing::debug!(id = s.id, pid = s.pid, "STARTED");
         let started = messages::Started { pid: s.pid as u32 };
         messages::append_map(self.out.buf(), Kind::Started as u8, s.id, &started);
+        for (signal, group) in std::mem::take(&mut s.held_signals) {
+            deliver_signal(s, signal, group);
+        }
         self.service(key);
         true
     }
@@ -712,7 +724,12 @@ impl Core {
                 continue;
             }
             let exit = exit_from_status(status);
-            self.sessions[key].reaped(exit, now);
+            let s = &mut self.sessions[key];
+            s.reaped(exit, now);
+            if self.shutdown.as_ref().is_some_and(|sd| sd.killed) {
+                // Past the grace nothing waits for descendants' pipes.
+                s.deadline = Some(now);
+            }
             self.lingering += 1;
             self.service(key);
         }
@@ -877,8 +894,13 @@ impl Core {
             return;
         }
         tracing::info!(?grace, sessions = self.sessions.len(), "shutting down");
-        for (_, s) in &self.sessions {
-            signal_group(s, libc::SIGTERM);
+        for (_, s) in &mut self.sessions {
+            if s.starting.is_some() {
+                // As for a host's SIGNAL: after STARTED, or not at all.
+                s.held_signals.push((libc::SIGTERM, true));
+            } else {
+                signal_group(s, libc::SIGTERM);
+            }
         }
         self.shutdown = Some(ShutdownState {
             deadline: Instant::now() + grace,
