@@ -9,7 +9,8 @@
 //! Logs go to stderr, never to the transport; the level comes from
 //! `--log-level` or `AGENTD_LOG` (default `warn`).
 //!
-//! As PID 1 (or with `--init`), agentd first does what an init would
+//! As PID 1 without `--stdio`/`--port` (a VM's `/init`), or with `--init`,
+//! agentd first does what an init would
 //! ([`agentd::agent::init::boot`]: mounts, the `agentd.*` kernel command line,
 //! modules, hostname, logging to `/dev/kmsg`, a panic hook that powers off),
 //! then serves the virtio-console port named by `agentd.port=` (or `--port
@@ -119,7 +120,13 @@ fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
 
 fn main() -> ExitCode {
     let parsed = parse_args();
-    if std::process::id() == 1 || std::env::args().any(|a| a == "--init") {
+    // The init path: `--init`, or PID 1 without an explicit transport (a VM's
+    // /init gets no arguments, or stray kernel command-line words that fail
+    // to parse). `agentd --stdio` as PID 1 of a PID namespace stays a plain
+    // agent that exits 0 at end of file.
+    let explicit_transport = matches!(&parsed, Ok((_, Some(_))));
+    let forced = std::env::args().any(|a| a == "--init");
+    if forced || (std::process::id() == 1 && !explicit_transport) {
         run_as_init(parsed);
     }
     let opts = match parsed {
