@@ -136,6 +136,9 @@ struct Core {
     connected: bool,
     /// The decoder must be reset before the next read (new connection).
     reset_decoder: bool,
+    /// A device port reported HUP: once what the departed host sent is read,
+    /// the connection ends (see [`Core::end_departed_connection`]).
+    hup_pending: bool,
     exit: Option<Exit>,
 }
 
@@ -197,6 +200,7 @@ impl EventLoop {
                 transport_writable: true,
                 connected: true,
                 reset_decoder: false,
+                hup_pending: false,
                 exit: None,
             },
         })
@@ -246,6 +250,9 @@ impl EventLoop {
                 }
             }
             self.read_transport();
+            if self.core.hup_pending {
+                self.core.end_departed_connection();
+            }
             self.core.on_deadlines(Instant::now());
         }
     }
@@ -823,13 +830,40 @@ impl Core {
             return;
         }
         if hup && self.connected {
-            self.disconnected();
+            // Read (and serve) what the departed host sent before it left,
+            // then end the connection: see end_departed_connection.
+            self.hup_pending = true;
         } else if !hup && writable && !self.connected {
             tracing::info!("host connected");
             self.connected = true;
             self.reset_decoder = true;
             let ready = self.ready_frame();
             self.out.restart_with(&ready);
+        }
+    }
+
+    /// After a HUP on a device port and the read that followed it: drops
+    /// whatever the departed host's bytes still hold (the rest of a partial
+    /// frame, or input left unread above the read cap) and ends the
+    /// connection. The virtio port keeps bytes a host sent until they are
+    /// read, even after that host is gone, so without this the next host's
+    /// stream would start with the old host's leftovers.
+    fn end_departed_connection(&mut self) {
+        self.hup_pending = false;
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: `buf` is a valid writable buffer of the given length.
+            let n =
+                unsafe { libc::read(self.transport.read_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            // 0: no host and nothing buffered; < 0: EAGAIN (a new host is
+            // already there) or an error: stop either way.
+            if n <= 0 {
+                break;
+            }
+            tracing::debug!(bytes = n, "dropped input of a departed host");
+        }
+        if self.connected {
+            self.disconnected();
         }
     }
 
