@@ -88,7 +88,9 @@ pub enum LoopError {
 }
 
 /// The signals the loop takes through its signalfd. They are blocked for
-/// the agent; children get an empty mask (see spawn.rs).
+/// the agent; children get an empty mask (see spawn.rs). SIGTERM, SIGINT
+/// and SIGPWR start a graceful shutdown; as PID 1 so do SIGUSR1 and
+/// SIGUSR2, which busybox `halt` and `poweroff` send to init.
 pub fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
     for sig in [
@@ -98,6 +100,10 @@ pub fn handled_signals() -> SigSet {
         NixSignal::SIGPWR,
     ] {
         set.add(sig);
+    }
+    if std::process::id() == 1 {
+        set.add(NixSignal::SIGUSR1);
+        set.add(NixSignal::SIGUSR2);
     }
     set
 }
