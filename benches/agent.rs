@@ -14,9 +14,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use agentd::codec::{self, Decoder};
-use agentd::messages::{Ack, Exec, Kind, Message, Ready};
+use agentd::messages::{Ack, Exec, Kind, Message, Ready, Shutdown};
 
-const AGENTD: &str = env!("CARGO_BIN_EXE_agentd");
+/// The agent under test: `--agent PATH`, else the release build's agentd.
+static AGENTD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn agentd_path() -> &'static str {
+    AGENTD.get_or_init(|| env!("CARGO_BIN_EXE_agentd").to_owned())
+}
 
 /// The agent process, killed when dropped.
 struct KillOnDrop(Child);
@@ -39,7 +44,7 @@ struct Host {
 
 impl Host {
     fn start(args: &[&str]) -> Host {
-        let mut child = Command::new(AGENTD)
+        let mut child = Command::new(agentd_path())
             .arg("--stdio")
             .args(args)
             .stdin(Stdio::piped())
@@ -105,6 +110,13 @@ impl Host {
         self.send(&Message::Exec(Box::new(exec)), id);
     }
 
+    /// Ends every session and the agent the orderly way, so no session's
+    /// process outlives the benchmark (a killed agent would orphan them).
+    fn shutdown(&mut self) {
+        self.send(&Message::Shutdown(Shutdown { grace_ms: 200 }), 0);
+        self.recv(|kind, _, _| kind == Kind::ShutdownDone as u8);
+    }
+
     fn wait_exited(&mut self, id: u32) {
         self.recv(|kind, fid, _| kind == Kind::Exited as u8 && fid == id);
     }
@@ -143,6 +155,8 @@ fn native_true() -> Duration {
 }
 
 struct Row {
+    /// What the median of several runs is taken over.
+    key: f64,
     measure: String,
     agent: String,
     baseline: String,
@@ -150,14 +164,44 @@ struct Row {
     target: String,
 }
 
-fn row(measure: &str, agent: String, baseline: String, ratio: String, target: &str) -> Row {
+fn row(
+    key: f64,
+    measure: &str,
+    agent: String,
+    baseline: String,
+    ratio: String,
+    target: &str,
+) -> Row {
     Row {
+        key,
         measure: measure.to_owned(),
         agent,
         baseline,
         ratio,
         target: target.to_owned(),
     }
+}
+
+/// A row of p50 / p99 latencies, the ratio taken at p50.
+fn latency_row(
+    measure: &str,
+    mut agent: Vec<Duration>,
+    mut native: Vec<Duration>,
+    target: &str,
+) -> Row {
+    agent.sort();
+    native.sort();
+    let (a50, a99) = (percentile(&agent, 50), percentile(&agent, 99));
+    let (n50, n99) = (percentile(&native, 50), percentile(&native, 99));
+    let ratio = a50.as_secs_f64() / n50.as_secs_f64();
+    row(
+        ratio,
+        measure,
+        format!("{} / {}", us(a50), us(a99)),
+        format!("{} / {}", us(n50), us(n99)),
+        format!("{ratio:.2}×"),
+        target,
+    )
 }
 
 fn bench_exec_latency(n: usize) -> Row {
@@ -173,15 +217,10 @@ fn bench_exec_latency(n: usize) -> Row {
         host.wait_exited(id);
         agent.push(t.elapsed());
     }
-    agent.sort();
-    native.sort();
-    let (a50, a99) = (percentile(&agent, 50), percentile(&agent, 99));
-    let (n50, n99) = (percentile(&native, 50), percentile(&native, 99));
-    row(
+    latency_row(
         &format!("exec `/bin/true` → EXITED, p50 / p99 ({n} runs)"),
-        format!("{} / {}", us(a50), us(a99)),
-        format!("{} / {}", us(n50), us(n99)),
-        format!("{:.2}×", a50.as_secs_f64() / n50.as_secs_f64()),
+        agent,
+        native,
         "≤ 1.25× at p50",
     )
 }
@@ -246,15 +285,10 @@ fn bench_ping(n: usize) -> Row {
     drop(sock);
     // SAFETY: reaping the echo child.
     unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-    agent.sort();
-    native.sort();
-    let (a50, a99) = (percentile(&agent, 50), percentile(&agent, 99));
-    let (n50, n99) = (percentile(&native, 50), percentile(&native, 99));
-    row(
+    latency_row(
         &format!("PING → PONG round trip, p50 / p99 ({n} runs)"),
-        format!("{} / {}", us(a50), us(a99)),
-        format!("{} / {}", us(n50), us(n99)),
-        format!("{:.2}×", a50.as_secs_f64() / n50.as_secs_f64()),
+        agent,
+        native,
         "≤ 2×",
     )
 }
@@ -448,7 +482,7 @@ fn bench_memory(sessions: usize, flood_secs: u64) -> (u64, u64, u64, u64) {
     }
     std::thread::sleep(Duration::from_millis(200));
     let many = status_field(pid, "VmRSS:");
-    drop(host);
+    host.shutdown();
 
     // One session floods while the host reads nothing.
     let mut host = Host::start(&[]);
@@ -459,6 +493,7 @@ fn bench_memory(sessions: usize, flood_secs: u64) -> (u64, u64, u64, u64) {
     host.exec(1, e);
     std::thread::sleep(Duration::from_secs(flood_secs));
     let flood = status_field(pid, "VmRSS:");
+    host.shutdown();
     (idle, wakeups, many, flood)
 }
 
@@ -472,14 +507,7 @@ fn static_size(path: Option<&str>) -> Option<u64> {
     ok.then_some(size)
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let static_path = args
-        .iter()
-        .position(|a| a == "--static")
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str);
+fn suite(quick: bool, static_path: Option<&str>) -> Vec<Row> {
     let (n_exec, n_ping, bytes, rate_total, sessions, flood) = if quick {
         (200, 500, 64u64 << 20, 500, 100, 1)
     } else {
@@ -494,6 +522,7 @@ fn main() {
     };
     let (a, n) = bench_stdout(bytes, false);
     rows.push(row(
+        a / n,
         &format!("stdout throughput, {size}, pipe session"),
         mib(a),
         mib(n),
@@ -502,6 +531,7 @@ fn main() {
     ));
     let (a, n) = bench_stdout(bytes, true);
     rows.push(row(
+        a / n,
         &format!("stdout throughput, {size}, tty session"),
         mib(a),
         mib(n),
@@ -510,6 +540,7 @@ fn main() {
     ));
     let (a, n) = bench_stdin(bytes);
     rows.push(row(
+        a / n,
         &format!("stdin throughput, {size} into `cat > /dev/null`"),
         mib(a),
         mib(n),
@@ -518,6 +549,7 @@ fn main() {
     ));
     let (a, n) = bench_exec_rate(rate_total, 64);
     rows.push(row(
+        a / n,
         &format!("exec rate, 64 in flight, `/bin/true` ({rate_total} execs)"),
         format!("{a:.0}/s"),
         format!("{n:.0}/s"),
@@ -526,6 +558,7 @@ fn main() {
     ));
     let (idle, wakeups, many, flooding) = bench_memory(sessions, flood);
     rows.push(row(
+        idle as f64,
         "agent RSS, idle",
         kib(idle),
         "—".into(),
@@ -533,6 +566,7 @@ fn main() {
         "≤ 2 MiB",
     ));
     rows.push(row(
+        many as f64,
         &format!("agent RSS, {sessions} concurrent `sleep` sessions"),
         kib(many),
         "—".into(),
@@ -540,6 +574,7 @@ fn main() {
         "≤ 32 MiB",
     ));
     rows.push(row(
+        flooding as f64,
         &format!("agent RSS, one session flooding, host not reading for {flood} s"),
         kib(flooding),
         "—".into(),
@@ -547,6 +582,7 @@ fn main() {
         "≤ idle + 2 MiB",
     ));
     rows.push(row(
+        wakeups as f64,
         &format!(
             "agent wake-ups while idle for {} s",
             if flood >= 5 { 10 } else { 2 }
@@ -558,6 +594,7 @@ fn main() {
     ));
     if let Some(size) = static_size(static_path) {
         rows.push(row(
+            size as f64,
             "stripped static `agentd`",
             format!("{:.2} MiB", size as f64 / (1 << 20) as f64),
             "—".into(),
@@ -565,6 +602,46 @@ fn main() {
             "≤ 3 MiB",
         ));
     }
+    rows
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .map(String::as_str)
+    };
+    let quick = args.iter().any(|a| a == "--quick");
+    let static_path = value("--static");
+    let runs: usize = value("--runs")
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    if let Some(agent) = value("--agent") {
+        let _ = AGENTD.set(agent.to_owned());
+    }
+    let mut all: Vec<Vec<Row>> = Vec::new();
+    for run in 0..runs {
+        eprintln!("run {} of {runs}", run + 1);
+        all.push(suite(quick, static_path));
+    }
+    // Per measure, the run with the median value (of the ratio where there
+    // is a baseline).
+    let measures = all[0].len();
+    let mut rows = Vec::new();
+    for _ in 0..measures {
+        let mut candidates: Vec<Row> = all.iter_mut().map(|run| run.remove(0)).collect();
+        candidates.sort_by(|a, b| a.key.total_cmp(&b.key));
+        rows.push(candidates.swap_remove(candidates.len() / 2));
+    }
+    println!(
+        "agent: `{}`; {}; median of {runs} run(s) per measure",
+        agentd_path(),
+        if quick { "quick sizes" } else { "full sizes" }
+    );
+    println!();
     println!("| measure | agent | native baseline (same run) | ratio | target |");
     println!("|---|---|---|---|---|");
     for r in rows {

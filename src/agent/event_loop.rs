@@ -88,7 +88,9 @@ pub enum LoopError {
 }
 
 /// The signals the loop takes through its signalfd. They are blocked for
-/// the agent; children get an empty mask (see spawn.rs).
+/// the agent; children get an empty mask (see spawn.rs). SIGTERM, SIGINT
+/// and SIGPWR start a graceful shutdown; as PID 1 so do SIGUSR1 and
+/// SIGUSR2, which busybox `halt` and `poweroff` send to init.
 pub fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
     for sig in [
@@ -98,6 +100,10 @@ pub fn handled_signals() -> SigSet {
         NixSignal::SIGPWR,
     ] {
         set.add(sig);
+    }
+    if std::process::id() == 1 {
+        set.add(NixSignal::SIGUSR1);
+        set.add(NixSignal::SIGUSR2);
     }
     set
 }
@@ -136,6 +142,9 @@ struct Core {
     connected: bool,
     /// The decoder must be reset before the next read (new connection).
     reset_decoder: bool,
+    /// A device port reported HUP: once what the departed host sent is read,
+    /// the connection ends (see [`Core::end_departed_connection`]).
+    hup_pending: bool,
     exit: Option<Exit>,
 }
 
@@ -197,6 +206,7 @@ impl EventLoop {
                 transport_writable: true,
                 connected: true,
                 reset_decoder: false,
+                hup_pending: false,
                 exit: None,
             },
         })
@@ -246,6 +256,9 @@ impl EventLoop {
                 }
             }
             self.read_transport();
+            if self.core.hup_pending {
+                self.core.end_departed_connection();
+            }
             self.core.on_deadlines(Instant::now());
         }
     }
@@ -317,6 +330,18 @@ fn exit_from_status(status: libc::c_int) -> Exited {
 fn signal_group(s: &Session, signal: libc::c_int) {
     send_signal(-s.pid, signal);
     if s.starting.is_some() {
+        send_signal(s.pid, signal);
+    }
+}
+
+/// A host's SIGNAL for a running (or reaped) session.
+fn deliver_signal(s: &Session, signal: libc::c_int, group: bool) {
+    if group {
+        // The group outlives its leader while descendants remain, so it is
+        // signalled after reaping too.
+        send_signal(-s.pid, signal);
+    } else if s.exit.is_none() {
+        // Once reaped the pid may belong to someone else.
         send_signal(s.pid, signal);
     }
 }
@@ -434,14 +459,11 @@ impl Core {
                         format!("{} is not a Linux signal number (0 to 64)", sig.signal),
                     ));
                 }
-                let s = &core.sessions[key];
-                if sig.group {
-                    // The group outlives its leader while descendants
-                    // remain, so it is signalled after reaping too.
-                    signal_group(s, sig.signal);
-                } else if s.exit.is_none() {
-                    // Once reaped the pid may belong to someone else.
-                    send_signal(s.pid, sig.signal);
+                let s = &mut core.sessions[key];
+                if s.starting.is_some() {
+                    s.held_signals.push((sig.signal, sig.group));
+                } else {
+                    deliver_signal(s, sig.signal, sig.group);
                 }
                 Ok(())
             }),
@@ -593,6 +615,9 @@ impl Core {
         tracing::debug!(id = s.id, pid = s.pid, "STARTED");
         let started = messages::Started { pid: s.pid as u32 };
         messages::append_map(self.out.buf(), Kind::Started as u8, s.id, &started);
+        for (signal, group) in std::mem::take(&mut s.held_signals) {
+            deliver_signal(s, signal, group);
+        }
         self.service(key);
         true
     }
@@ -705,7 +730,12 @@ impl Core {
                 continue;
             }
             let exit = exit_from_status(status);
-            self.sessions[key].reaped(exit, now);
+            let s = &mut self.sessions[key];
+            s.reaped(exit, now);
+            if self.shutdown.as_ref().is_some_and(|sd| sd.killed) {
+                // Past the grace nothing waits for descendants' pipes.
+                s.deadline = Some(now);
+            }
             self.lingering += 1;
             self.service(key);
         }
@@ -806,13 +836,40 @@ impl Core {
             return;
         }
         if hup && self.connected {
-            self.disconnected();
+            // Read (and serve) what the departed host sent before it left,
+            // then end the connection: see end_departed_connection.
+            self.hup_pending = true;
         } else if !hup && writable && !self.connected {
             tracing::info!("host connected");
             self.connected = true;
             self.reset_decoder = true;
             let ready = self.ready_frame();
             self.out.restart_with(&ready);
+        }
+    }
+
+    /// After a HUP on a device port and the read that followed it: drops
+    /// whatever the departed host's bytes still hold (the rest of a partial
+    /// frame, or input left unread above the read cap) and ends the
+    /// connection. The virtio port keeps bytes a host sent until they are
+    /// read, even after that host is gone, so without this the next host's
+    /// stream would start with the old host's leftovers.
+    fn end_departed_connection(&mut self) {
+        self.hup_pending = false;
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: `buf` is a valid writable buffer of the given length.
+            let n =
+                unsafe { libc::read(self.transport.read_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            // 0: no host and nothing buffered; < 0: EAGAIN (a new host is
+            // already there) or an error: stop either way.
+            if n <= 0 {
+                break;
+            }
+            tracing::debug!(bytes = n, "dropped input of a departed host");
+        }
+        if self.connected {
+            self.disconnected();
         }
     }
 
@@ -843,8 +900,13 @@ impl Core {
             return;
         }
         tracing::info!(?grace, sessions = self.sessions.len(), "shutting down");
-        for (_, s) in &self.sessions {
-            signal_group(s, libc::SIGTERM);
+        for (_, s) in &mut self.sessions {
+            if s.starting.is_some() {
+                // As for a host's SIGNAL: after STARTED, or not at all.
+                s.held_signals.push((libc::SIGTERM, true));
+            } else {
+                signal_group(s, libc::SIGTERM);
+            }
         }
         self.shutdown = Some(ShutdownState {
             deadline: Instant::now() + grace,

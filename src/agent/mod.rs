@@ -6,8 +6,11 @@
 //! - [`transport`]: the host stream and the output queue.
 //! - [`user`]: `user` resolution from /etc/passwd and /etc/group.
 //! - [`process`]: process-wide setup (signal mask, fd hygiene, subreaper).
+//! - [`init`]: PID-1 duties (mounts, kernel command line, modules, the
+//!   virtio port, logging, power-off).
 
 pub mod event_loop;
+pub mod init;
 pub mod process;
 pub mod session;
 pub mod spawn;

@@ -142,6 +142,10 @@ pub struct Session {
     lingered: bool,
     /// In the loop's list of sessions stalled by backpressure.
     pub stalled: bool,
+    /// SIGNALs (signal, group) that arrived while starting: delivered after
+    /// STARTED, dropped on EXEC_FAILED, so a signal cannot make a program
+    /// that never ran look started.
+    pub held_signals: Vec<(libc::c_int, bool)>,
 }
 
 fn register(registry: &Registry, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
@@ -271,6 +275,7 @@ impl Session {
             linger_ms,
             lingered: false,
             stalled: false,
+            held_signals: Vec::new(),
         })
     }
 

@@ -123,16 +123,36 @@ fn non_default_signals() -> &'static [libc::c_int] {
         (1..=64)
             .filter(|&sig| sig != libc::SIGKILL && sig != libc::SIGSTOP)
             .filter(|&sig| {
-                // SAFETY: querying only (null new action), into a zeroed
-                // sigaction.
-                unsafe {
-                    let mut old: libc::sigaction = std::mem::zeroed();
-                    libc::sigaction(sig, std::ptr::null(), &mut old) == 0
-                        && old.sa_sigaction != libc::SIG_DFL
-                }
+                let mut old = KernelSigaction::default();
+                // SAFETY: a query only (no new action) into a buffer at
+                // least as large as the kernel's struct sigaction.
+                let rc = unsafe { raw_sigaction(sig, std::ptr::null(), &mut old) };
+                rc == 0 && old.0[0] != libc::SIG_DFL as u64
             })
             .collect()
     })
+}
+
+/// The kernel's `struct sigaction` as raw words: the handler is the first
+/// word on every Linux architecture; zero everywhere is SIG_DFL with no
+/// flags and an empty mask. (glibc's `sigaction` refuses signals 32 and
+/// 33, which it reserves, yet they can be inherited as ignored — glibc's
+/// own posix_spawn leaves them so — hence the raw system call.)
+#[derive(Default)]
+#[repr(C)]
+struct KernelSigaction([u64; 4]);
+
+/// `rt_sigaction(2)` without libc's filtering.
+///
+/// # Safety
+/// `act` is null or points to a valid action; `old` is null or writable.
+unsafe fn raw_sigaction(
+    sig: libc::c_int,
+    act: *const KernelSigaction,
+    old: *mut KernelSigaction,
+) -> libc::c_long {
+    // The last argument is the size of the kernel's sigset_t: 8 bytes.
+    libc::syscall(libc::SYS_rt_sigaction, sig, act, old, 8usize)
 }
 
 fn c_string(what: &str, s: &str) -> Result<CString, SpawnError> {
@@ -683,10 +703,9 @@ unsafe fn child_after_fork(p: &Prepared, ends: &ChildEnds, err_fd: RawFd) -> ! {
     // default (SIG_IGN survives exec: the agent ignores SIGPIPE, and may
     // have inherited ignored signals), then an empty mask (the agent blocks
     // the signals its signalfd reads, and a blocked mask survives exec).
-    let mut dfl: libc::sigaction = std::mem::zeroed();
-    dfl.sa_sigaction = libc::SIG_DFL;
+    let dfl = KernelSigaction::default();
     for &sig in p.reset_signals {
-        libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        raw_sigaction(sig, &dfl, std::ptr::null_mut());
     }
     // glibc's sigaction() refuses the two signals it reserves (32 and 33),
     // so `reset_signals` cannot hold them, yet they are inherited ignored

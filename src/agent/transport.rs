@@ -72,6 +72,7 @@ impl Transport {
         }
         set_nonblocking(read.as_raw_fd())?;
         set_nonblocking(write.as_raw_fd())?;
+        grow_pipe(write.as_raw_fd());
         Ok(Transport {
             read,
             write: Some(write),
@@ -128,6 +129,19 @@ impl Transport {
     pub fn split(&self) -> bool {
         self.write.is_some()
     }
+}
+
+/// Bytes a pipe to the host may buffer in the kernel. A 64 KiB frame fills
+/// a default (64 KiB) pipe by itself, so the agent would wake once per
+/// frame; with room for several frames it writes them in one go.
+const TRANSPORT_PIPE_SIZE: libc::c_int = 1 << 20;
+
+/// Enlarges the pipe behind `fd`, if it is one (best effort: the limit
+/// `/proc/sys/fs/pipe-max-size` may refuse it, which changes nothing).
+fn grow_pipe(fd: RawFd) {
+    // SAFETY: F_SETPIPE_SZ takes an integer; on a non-pipe it fails with
+    // EBADF or EINVAL and nothing changes.
+    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, TRANSPORT_PIPE_SIZE) };
 }
 
 /// A reader over a raw fd the caller keeps open.

@@ -3,21 +3,38 @@
 //! ```text
 //! agentd --stdio                 the transport is stdin/stdout (tests, agentctl)
 //! agentd --port PATH             the transport is PATH (device, FIFO or socket)
+//! agentd --init [--port PATH]    PID-1 duties first (automatic when PID 1)
 //! options: --max-sessions N  --stdin-window BYTES  --log-level LEVEL
 //! ```
 //! Logs go to stderr, never to the transport; the level comes from
 //! `--log-level` or `AGENTD_LOG` (default `warn`).
+//!
+//! As PID 1 without `--stdio`/`--port` (a VM's `/init`), or with `--init`,
+//! agentd first does what an init would
+//! ([`agentd::agent::init::boot`]: mounts, the `agentd.*` kernel command line,
+//! modules, hostname, logging to `/dev/kmsg`, a panic hook that powers off),
+//! then serves the virtio-console port named by `agentd.port=` (or `--port
+//! PATH`, or `--stdio`), and powers the machine off after SHUTDOWN. PID 1
+//! never exits: bad arguments are logged and ignored (the kernel passes
+//! unknown command-line words to init as arguments), and a fatal error
+//! powers off. See docs/VM.md.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use agentd::agent::{self, Mode, Options};
+use agentd::agent::spawn::SpawnDefaults;
+use agentd::agent::transport::{Transport, TransportKind};
+use agentd::agent::{self, init, process, Config, EventLoop, Mode, Options};
 
-const USAGE: &str = "usage: agentd (--stdio | --port PATH) [--max-sessions N] [--stdin-window BYTES] [--log-level error|warn|info|debug|trace]";
+const USAGE: &str = "usage: agentd (--stdio | --port PATH | --init [--stdio | --port PATH]) [--max-sessions N] [--stdin-window BYTES] [--log-level error|warn|info|debug|trace]";
 
-fn parse_args() -> Result<Options, String> {
+/// The command line: options, and for `--init` without `--stdio`/`--port`
+/// a `None` mode (the virtio port named on the kernel command line).
+fn parse_args() -> Result<(Options, Option<Mode>), String> {
     let mut opts = Options::stdio();
     let mut mode = None;
+    let mut init = false;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
@@ -35,6 +52,7 @@ fn parse_args() -> Result<Options, String> {
                     .map_err(|e| format!("--stdin-window: {e}"))?
             }
             "--log-level" => opts.log_level = Some(value("--log-level")?),
+            "--init" => init = true,
             "--version" | "-V" => {
                 println!("agentd {}", env!("CARGO_PKG_VERSION"));
                 std::process::exit(0);
@@ -46,13 +64,73 @@ fn parse_args() -> Result<Options, String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    opts.mode = mode.ok_or("one of --stdio or --port PATH is required")?;
-    Ok(opts)
+    if !init {
+        opts.mode = mode
+            .clone()
+            .ok_or("one of --stdio or --port PATH is required")?;
+    }
+    Ok((opts, mode))
+}
+
+/// How long PID 1 waits for its virtio port to appear.
+const PORT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The agent as the first process of a VM (or with `--init`). Never returns.
+fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
+    let boot = init::boot();
+    let (opts, mode) = parsed.unwrap_or_else(|e| {
+        tracing::warn!("ignoring the arguments: {e}");
+        (Options::stdio(), None)
+    });
+    let pid1 = std::process::id() == 1;
+    process::cloexec_inherited_fds();
+    if let Err(e) = process::setup_signals() {
+        init::fatal(&format!("blocking signals: {e}"));
+    }
+    if !pid1 {
+        if let Err(e) = process::become_subreaper() {
+            tracing::warn!(error = %e, "cannot become a child subreaper");
+        }
+    }
+    let transport = match &mode {
+        Some(Mode::Stdio) => {
+            Transport::stdio().unwrap_or_else(|e| init::fatal(&format!("taking over stdio: {e}")))
+        }
+        Some(Mode::Port(path)) => Transport::open(path)
+            .unwrap_or_else(|e| init::fatal(&format!("opening {}: {e}", path.display()))),
+        None => match init::open_port(&boot.config.port, PORT_TIMEOUT) {
+            Ok(file) => Transport::from_fd(file.into(), TransportKind::Device),
+            Err(e) => init::fatal(&e.to_string()),
+        },
+    };
+    let config = Config {
+        max_sessions: opts.max_sessions,
+        stdin_window: opts.stdin_window,
+        pid1,
+        defaults: SpawnDefaults {
+            env: init::default_env(),
+        },
+    };
+    let mut event_loop =
+        EventLoop::new(config, transport).unwrap_or_else(|e| init::fatal(&e.to_string()));
+    let exit = event_loop.run();
+    tracing::info!(?exit, "agent loop ended; powering off");
+    init::power_off(&boot.mounted)
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_args() {
-        Ok(o) => o,
+    let parsed = parse_args();
+    // The init path: `--init`, or PID 1 without an explicit transport (a VM's
+    // /init gets no arguments, or stray kernel command-line words that fail
+    // to parse). `agentd --stdio` as PID 1 of a PID namespace stays a plain
+    // agent that exits 0 at end of file.
+    let explicit_transport = matches!(&parsed, Ok((_, Some(_))));
+    let forced = std::env::args().any(|a| a == "--init");
+    if forced || (std::process::id() == 1 && !explicit_transport) {
+        run_as_init(parsed);
+    }
+    let opts = match parsed {
+        Ok((o, _)) => o,
         Err(e) => {
             eprintln!("agentd: {e}\n{USAGE}");
             return ExitCode::from(2);

@@ -1,0 +1,71 @@
+//! Loopback integration tests: `agentd --stdio` driven through protocol v1
+//! exactly as `/work/shared/protocol-v1.md` (the contract) describes it.
+//!
+//! One test binary (link time matters on a shared machine), split into
+//! modules by topic:
+//! - [`basics`]: READY, PING/PONG, EXEC keys (env, cwd, user, rlimits,
+//!   stdin), exit codes, signals.
+//! - [`errors`]: every ERROR kind, framing (oversized, truncated), and
+//!   garbage that must not disturb other sessions.
+//! - [`exec_failed`]: every EXEC_FAILED kind.
+//! - [`guarantees`]: the contract's seven guarantees.
+//! - [`flow_control`]: STDIN window and acks, OUTPUT_ACK, a host that stops
+//!   reading.
+//! - [`pipelined`]: frames for a session sent before its STARTED.
+//! - [`tty`]: terminal sessions.
+//!
+//! Tests marked with [`both!`] run twice: as a plain child of the test
+//! (`::stdio`) and as PID 1 of a new pid namespace (`::pidns`, skipped
+//! where `unshare --pid --fork --mount-proc` does not work).
+
+#[path = "loopback/harness/mod.rs"]
+mod harness;
+
+/// Defines each `fn name(opts: Opts) { .. }` as a module `name` with two
+/// tests: `stdio` (the agent as an ordinary process) and `pidns` (the agent
+/// as PID 1 of its own pid namespace, when the machine allows it). An
+/// `#[ignore = ".."]` after the doc comment applies to both.
+macro_rules! both {
+    ($($(#[doc = $doc:expr])* $(#[ignore = $reason:literal])? fn $name:ident($opts:ident: Opts) $body:block)*) => {
+        $(
+            $(#[doc = $doc])*
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+
+                fn body($opts: $crate::harness::Opts) $body
+
+                #[test]
+                $(#[ignore = $reason])?
+                fn stdio() {
+                    body($crate::harness::Opts::default())
+                }
+
+                #[test]
+                $(#[ignore = $reason])?
+                fn pidns() {
+                    if !$crate::harness::pidns_available() {
+                        eprintln!("skipped: unshare --pid --fork --mount-proc does not work here");
+                        return;
+                    }
+                    body($crate::harness::Opts::default().pidns(true))
+                }
+            }
+        )*
+    };
+}
+
+#[path = "loopback/basics.rs"]
+mod basics;
+#[path = "loopback/errors.rs"]
+mod errors;
+#[path = "loopback/exec_failed.rs"]
+mod exec_failed;
+#[path = "loopback/flow_control.rs"]
+mod flow_control;
+#[path = "loopback/guarantees.rs"]
+mod guarantees;
+#[path = "loopback/pipelined.rs"]
+mod pipelined;
+#[path = "loopback/tty.rs"]
+mod tty;

@@ -1,0 +1,471 @@
+//! Flow control and bounded memory (guarantee 5): the STDIN window and
+//! STDIN_ACK, the output window and OUTPUT_ACK, and a host that stops
+//! reading.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentd::messages::Message;
+
+use crate::harness::*;
+
+fn host_sha256(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Sends `data` to session `id` and closes its stdin, never having more
+/// than the window outstanding, and returns the session's output.
+fn pipe_through(agent: &mut Agent, id: u32, data: &[u8], chunk: usize) -> Output {
+    let mut first = agent.feed_stdin(id, data, chunk);
+    agent.send_stdin_close(id);
+    let rest = agent.collect(id);
+    first.stdout.extend_from_slice(&rest.stdout);
+    first.stderr.extend_from_slice(&rest.stderr);
+    first.acked += rest.acked;
+    first.exit = rest.exit;
+    first.exited_map = rest.exited_map;
+    first
+}
+
+both! {
+    /// 8 MiB through `sha256sum`, within READY's stdin_window: the hash
+    /// matches, every byte is acknowledged, no window_exceeded.
+    fn stdin_8_mib_within_the_window(opts: Opts) {
+        let data = pseudo_random(8 << 20, 8);
+        let expect = host_sha256(&data);
+        let mut agent = Agent::start_with(opts);
+        let id = agent.new_id();
+        agent.exec(id, &cmd("sha256sum", &[]));
+        let out = pipe_through(&mut agent, id, &data, 60_000);
+        out.assert_success();
+        assert_eq!(out.stdout_str(), expect);
+        assert_eq!(out.acked, data.len() as u64, "STDIN_ACK total");
+        agent.assert_no_errors();
+    }
+}
+
+/// 8 MiB round trip through `cat` with a small window: every byte comes
+/// back in order, acks return exactly what was sent.
+#[test]
+fn stdin_round_trip_with_a_small_window() {
+    let data = pseudo_random(8 << 20, 9);
+    let mut agent = Agent::start_args(&["--stdin-window", "65536"]);
+    assert_eq!(agent.stdin_window(), 65536);
+    let id = agent.new_id();
+    agent.exec(id, &cmd("cat", &[]));
+    let out = pipe_through(&mut agent, id, &data, 65536);
+    out.assert_success();
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "cat returned different bytes");
+    assert_eq!(out.acked, data.len() as u64);
+    agent.assert_no_errors();
+}
+
+/// Fills session `id`'s stdin until the agent stops acknowledging (the
+/// child does not read): returns (sent, acked).
+fn fill_stdin(agent: &mut Agent, id: u32) -> (u64, u64) {
+    let window = u64::from(agent.stdin_window());
+    let (mut sent, mut acked) = (0u64, 0u64);
+    loop {
+        let room = window - (sent - acked);
+        if room > 0 {
+            let n = room.min(32 * 1024) as usize;
+            agent.send_stdin(id, &vec![b's'; n]);
+            sent += n as u64;
+            continue;
+        }
+        match agent.recv_where_within(
+            &|f| f.id == id && f.kind == STDIN_ACK,
+            Duration::from_millis(300),
+        ) {
+            Some(f) => acked += ack_bytes(&f),
+            None => return (sent, acked),
+        }
+        assert!(sent < 64 << 20, "a child that does not read took 64 MiB");
+    }
+}
+
+/// A child that never reads its stdin, with the window full, stalls only
+/// its own session.
+#[test]
+fn a_child_that_never_reads_stalls_only_its_own_session() {
+    let mut agent = Agent::start();
+    let stuck = agent.new_id();
+    agent.exec(stuck, &cmd("sleep", &["100"]));
+    let (sent, acked) = fill_stdin(&mut agent, stuck);
+    assert_eq!(
+        sent - acked,
+        u64::from(agent.stdin_window()),
+        "window not full"
+    );
+    // Another session moves 2 MiB each way meanwhile.
+    let data = pseudo_random(2 << 20, 3);
+    let t0 = Instant::now();
+    let id = agent.new_id();
+    agent.exec(id, &cmd("cat", &[]));
+    let out = pipe_through(&mut agent, id, &data, 64 * 1024);
+    out.assert_success();
+    assert!(out.stdout == data);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    agent.ping();
+    // The stuck session is still there, and still owes its window.
+    agent.send_signal(stuck, 9, true);
+    let out = agent.collect(stuck);
+    assert_eq!(out.exit, ExitInfo::signal(9));
+    agent.assert_no_errors();
+}
+
+/// Bytes for a child that closed its stdin are discarded and still
+/// acknowledged: the host never stalls on them.
+#[test]
+fn stdin_for_a_child_that_closed_it_is_acknowledged() {
+    let mut agent = Agent::start();
+    let id = agent.new_id();
+    agent.exec(id, &sh("exec 0<&-; echo closed; exec sleep 100"));
+    agent.recv_where(|f| f.id == id && f.kind == STDOUT, "closed");
+    let window = agent.stdin_window() as usize;
+    let out = agent.feed_stdin(id, &vec![b'd'; 3 * window], 16 * 1024);
+    let mut acked = out.acked;
+    while acked < 3 * window as u64 {
+        let f = agent.recv_where(|f| f.id == id && f.kind == STDIN_ACK, "STDIN_ACK");
+        acked += ack_bytes(&f);
+    }
+    assert_eq!(acked, 3 * window as u64);
+    agent.send_signal(id, 9, true);
+    agent.collect(id);
+}
+
+/// OUTPUT_ACK: with `output_window` 65536, a session printing 1 MiB stops
+/// at the window (its child blocks in write), other sessions go on, and
+/// acks let everything through, in order.
+#[test]
+fn output_window_stalls_and_resumes() {
+    let dir = TempDir::new("ow");
+    let data = pseudo_random(1 << 20, 4);
+    let file = dir.join("data");
+    std::fs::write(&file, &data).unwrap();
+    let mut agent = Agent::start();
+    let id = agent.new_id();
+    let mut e = cmd("cat", &[file.to_str().unwrap()]);
+    e.output_window = 65536;
+    e.stdin = false;
+    let pid = agent.exec(id, &e);
+    let mut got = Vec::new();
+    while got.len() < 65536 {
+        let f = agent.recv_where(
+            |f| f.id == id && f.kind == STDOUT,
+            "STDOUT within the window",
+        );
+        got.extend_from_slice(&f.payload);
+        assert!(
+            got.len() <= 65536,
+            "{} bytes sent with a 65536 byte window",
+            got.len()
+        );
+    }
+    // Nothing more without an ack.
+    let more = agent.recv_where_within(&|f| f.id == id, Duration::from_millis(500));
+    assert!(
+        more.is_none(),
+        "output beyond the window: {:?}",
+        more.map(|f| (f.kind, f.payload.len()))
+    );
+    // The child is blocked in write(), not finished.
+    let state = proc_status_field(pid as i32, "State").unwrap_or_default();
+    assert!(
+        state.starts_with('S'),
+        "cat is {state:?}, expected blocked (S)"
+    );
+    // Other sessions are unaffected.
+    assert_eq!(agent.sh("echo other").stdout_str(), "other\n");
+    // Ack in pieces; never more than the window outstanding.
+    let mut acked: u64 = 0;
+    agent.send_output_ack(id, 1000);
+    acked += 1000;
+    loop {
+        let f = agent.recv_where(
+            |f| f.id == id && (f.kind == STDOUT || f.kind == EXITED),
+            "output",
+        );
+        if f.kind == EXITED {
+            assert_eq!(
+                parse_exited(&payload_map(&f.payload).unwrap()).unwrap(),
+                ExitInfo::code(0)
+            );
+            break;
+        }
+        got.extend_from_slice(&f.payload);
+        let outstanding = got.len() as u64 - acked;
+        assert!(
+            outstanding <= 65536,
+            "{outstanding} bytes outstanding with a 65536 byte window"
+        );
+        agent.send_output_ack(id, f.payload.len() as u32);
+        acked += f.payload.len() as u64;
+    }
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "output differs");
+}
+
+/// The output window counts STDOUT and STDERR together.
+#[test]
+fn output_window_covers_stdout_and_stderr_together() {
+    let dir = TempDir::new("ow2");
+    let out_data = pseudo_random(200_000, 5);
+    let err_data = pseudo_random(150_000, 6);
+    std::fs::write(dir.join("o"), &out_data).unwrap();
+    std::fs::write(dir.join("e"), &err_data).unwrap();
+    let mut agent = Agent::start();
+    let id = agent.new_id();
+    let window = 3000u32;
+    let mut e = sh(&format!(
+        "cat {o} & cat {e} >&2; wait",
+        o = dir.join("o").display(),
+        e = dir.join("e").display()
+    ));
+    e.output_window = window;
+    e.stdin = false;
+    agent.exec(id, &e);
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let (mut received, mut acked) = (0u64, 0u64);
+    loop {
+        // Ack at once when the window is full; otherwise only when
+        // nothing more comes for a moment, so the window really fills.
+        let full = received - acked == u64::from(window);
+        let f = if full {
+            None
+        } else {
+            agent.recv_where_within(
+                &|f| f.id == id && matches!(f.kind, STDOUT | STDERR | EXITED),
+                Duration::from_millis(20),
+            )
+        };
+        let Some(f) = f else {
+            if received > acked {
+                agent.send_output_ack(id, (received - acked) as u32);
+                acked = received;
+            }
+            continue;
+        };
+        match f.kind {
+            STDOUT => stdout.extend_from_slice(&f.payload),
+            STDERR => stderr.extend_from_slice(&f.payload),
+            _ => {
+                let e = parse_exited(&payload_map(&f.payload).unwrap()).unwrap();
+                assert_eq!(e, ExitInfo::code(0));
+                break;
+            }
+        }
+        received += f.payload.len() as u64;
+        assert!(
+            received - acked <= u64::from(window),
+            "{} bytes outstanding with window {window}",
+            received - acked
+        );
+    }
+    assert!(
+        stdout == out_data,
+        "stdout differs ({} bytes)",
+        stdout.len()
+    );
+    assert!(
+        stderr == err_data,
+        "stderr differs ({} bytes)",
+        stderr.len()
+    );
+}
+
+/// Reads /proc/<pid>/stat utime + stime (clock ticks).
+fn cpu_ticks(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = s[s.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Guarantee 5: a host that stops reading does not grow the agent's
+/// memory. Two sessions flood output and the host sends 8 MiB of PINGs
+/// while reading nothing; the agent's RSS stays bounded, it does not spin,
+/// and once the host reads again everything is answered.
+#[test]
+fn a_host_that_stops_reading_does_not_grow_the_agents_memory() {
+    let mut agent = Agent::start();
+    agent.ping();
+    let baseline = agent.rss_kib();
+    let zero = agent.new_id();
+    let zero_pid = agent.exec(zero, &cmd("cat", &["/dev/zero"]));
+    let yes = agent.new_id();
+    let yes_pid = agent.exec(yes, &cmd("yes", &[]));
+    agent.pause_reading();
+    // PINGs from another thread: the agent may stop reading its
+    // transport, so these writes may block until the host reads again.
+    let host = agent.host();
+    let pings = 2000u32;
+    let sender = std::thread::spawn(move || {
+        for i in 0..pings {
+            let mut p = vec![(i % 251) as u8; 4096];
+            p[..4].copy_from_slice(&i.to_be_bytes());
+            host.try_send_raw(&Message::Ping(&p).to_bytes(i + 1), Duration::from_secs(60))
+                .unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let ticks0 = cpu_ticks(agent.host_pid);
+    let mut peak = 0;
+    for _ in 0..25 {
+        peak = peak.max(agent.rss_kib());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ticks = cpu_ticks(agent.host_pid) - ticks0;
+    eprintln!("agent RSS: baseline {baseline} KiB, peak {peak} KiB while the host did not read; {ticks} ticks of CPU in 2.5 s");
+    assert!(
+        peak < 16 * 1024,
+        "agent RSS reached {peak} KiB (baseline {baseline} KiB)"
+    );
+    // 2.5 s at 100 Hz is 250 ticks; a loop that spins would use most.
+    assert!(
+        ticks < 50,
+        "the agent used {ticks} ticks of CPU while the host did not read"
+    );
+    // The flooders are blocked in write(), not running.
+    for pid in [zero_pid, yes_pid] {
+        let state = proc_status_field(pid as i32, "State").unwrap_or_default();
+        assert!(
+            state.starts_with('S'),
+            "flooder {pid} is {state:?}, expected blocked (S)"
+        );
+    }
+    agent.resume_reading();
+    // Read again: stop the floods, then every PING is answered in order.
+    agent.send_signal(zero, 9, true);
+    agent.send_signal(yes, 9, true);
+    let mut next_pong = 0u32;
+    let mut exited = 0;
+    while exited < 2 || next_pong < pings {
+        let f = agent.recv_where(
+            |f| matches!(f.kind, PONG | EXITED) || f.kind == ERROR,
+            "PONG or EXITED",
+        );
+        match f.kind {
+            PONG => {
+                assert_eq!(f.id, next_pong + 1, "PONGs out of order");
+                assert_eq!(&f.payload[..4], &next_pong.to_be_bytes());
+                assert_eq!(f.payload.len(), 4096);
+                next_pong += 1;
+            }
+            EXITED => {
+                exited += 1;
+                let e = parse_exited(&payload_map(&f.payload).unwrap()).unwrap();
+                assert_eq!(e, ExitInfo::signal(9));
+            }
+            _ => panic!("ERROR: {:?}", error_info(&f)),
+        }
+        // Drop the flood output as it arrives.
+        agent.take_stashed(|f| f.kind == STDOUT);
+    }
+    sender.join().unwrap();
+    agent.ping();
+    let after = agent.rss_kib();
+    eprintln!("agent RSS after draining: {after} KiB");
+}
+
+/// An idle agent sleeps in poll: no wake-ups (the design's "zero wake-ups
+/// while idle"), seen as no context switches over half a second.
+#[test]
+fn an_idle_agent_does_not_wake_up() {
+    let mut agent = Agent::start();
+    agent.sh("echo warm").assert_success();
+    let id = agent.new_id();
+    agent.exec(id, &cmd("sleep", &["100"]));
+    agent.ping();
+    std::thread::sleep(Duration::from_millis(100));
+    let switches = |pid| {
+        proc_status_field(pid, "voluntary_ctxt_switches")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = switches(agent.host_pid);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = switches(agent.host_pid);
+    assert!(
+        after - before <= 1,
+        "the idle agent woke up {} times in 500 ms",
+        after - before
+    );
+    agent.send_signal(id, 9, true);
+    agent.collect(id);
+}
+
+/// Output the process wrote before exiting is owed before EXITED even
+/// when the output window holds it back past `linger_ms`: EXITED waits
+/// for the acks (guarantee 2).
+#[test]
+fn output_window_holds_exited_until_the_output_is_acknowledged() {
+    let mut agent = Agent::start();
+    for tty in [false, true] {
+        window_holds_exited(&mut agent, tty);
+    }
+}
+
+fn window_holds_exited(agent: &mut Agent, tty: bool) {
+    let id = agent.new_id();
+    let mut e = sh("i=0; while [ $i -lt 1000 ]; do echo 0123456789abcdef; i=$((i+1)); done");
+    e.output_window = 1000;
+    e.linger_ms = 50;
+    e.stdin = false;
+    e.tty = tty;
+    agent.exec(id, &e);
+    let mut got = Vec::new();
+    while got.len() < 1000 {
+        let f = agent.recv_where(|f| f.id == id && f.kind == STDOUT, "output");
+        got.extend_from_slice(&f.payload);
+    }
+    // 17000 bytes fit in the pipe (or terminal): the shell has exited by now. EXITED
+    // must not come while 16000 bytes are still unsent.
+    std::thread::sleep(Duration::from_millis(500));
+    let early = agent.recv_where_within(&|f| f.id == id, Duration::from_millis(100));
+    assert!(
+        early.is_none(),
+        "sent with the window used up: {:?}",
+        early.map(|f| f.kind)
+    );
+    let mut acked = 0u64;
+    loop {
+        if got.len() as u64 > acked {
+            agent.send_output_ack(id, (got.len() as u64 - acked) as u32);
+            acked = got.len() as u64;
+        }
+        let f = agent.recv_where(
+            |f| f.id == id && (f.kind == STDOUT || f.kind == EXITED),
+            "output",
+        );
+        if f.kind == EXITED {
+            let e = parse_exited(&payload_map(&f.payload).unwrap()).unwrap();
+            assert_eq!(e, ExitInfo::code(0));
+            break;
+        }
+        got.extend_from_slice(&f.payload);
+        assert!(got.len() as u64 - acked <= 1000);
+    }
+    let line = if tty {
+        "0123456789abcdef\r\n"
+    } else {
+        "0123456789abcdef\n"
+    };
+    assert!(
+        got == line.repeat(1000).into_bytes(),
+        "tty {tty}: {} bytes",
+        got.len()
+    );
+}

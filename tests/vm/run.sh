@@ -1,0 +1,459 @@
+#!/usr/bin/env bash
+# tests/vm/run.sh: boot agentd as PID 1 of a QEMU microVM and test it end to end.
+#
+#   tests/vm/run.sh            build, boot, run the e2e suite (tests/vm/main.rs), power off
+#   tests/vm/run.sh --shell    build, boot, and open an interactive shell in the VM
+#                              (agentctl --connect unix:SOCK exec -it -- sh); the VM is
+#                              powered off when the shell ends
+#   tests/vm/run.sh --probe    boot a small C program as /init that traces what poll and
+#                              epoll report on the virtio port while a host connects,
+#                              disconnects and reconnects (docs/VM.md); needs gcc
+#   tests/vm/run.sh --boot     build and boot, print the socket path, and wait until the VM
+#                              powers off (drive it yourself: agentctl --connect unix:SOCK ...)
+#   tests/vm/run.sh --help
+#
+# Environment: AGENTD_VM_ACCEL (kvm|tcg, default: kvm only when real KVM is usable),
+# AGENTD_VM_MEM (256M), AGENTD_VM_SMP (1), AGENTD_VM_CACHE (tests/vm/cache),
+# AGENTD_VM_APPEND (extra kernel command line, e.g. agentd.log=debug),
+# AGENTD_VM_KEEP=1 (keep the work folder with console.log even on success).
+#
+# It installs what it lacks (qemu-system-x86, cpio, busybox-static) with apt-get, downloads
+# and caches a stock Debian cloud kernel, builds a static agentd and an initramfs, and always
+# stops QEMU on the way out. Exit status: 0 when everything passed.
+set -Eeuo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+CACHE=${AGENTD_VM_CACHE:-$HERE/cache}
+MEM=${AGENTD_VM_MEM:-256M}
+SMP=${AGENTD_VM_SMP:-1}
+EXTRA_APPEND=${AGENTD_VM_APPEND:-}
+# Debian's kernels have the virtio drivers as modules; the agent loads these, in this order.
+MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio virtio_console)
+PORT_NAME=agent
+BOOT_TIMEOUT=60     # seconds for the VM to come up (READY) under TCG
+SUITE_TIMEOUT=240   # seconds for the whole e2e suite
+POWEROFF_TIMEOUT=30 # seconds for QEMU to exit after SHUTDOWN
+
+MODE=test
+for arg in "$@"; do
+    case "$arg" in
+        --shell) MODE=shell ;;
+        --probe) MODE=probe ;;
+        --boot) MODE=boot ;;
+        -h | --help)
+            sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "run.sh: unknown argument $arg (try --help)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+log() { printf '[vm %5ss] %s\n' "$SECONDS" "$*" >&2; }
+die() {
+    log "FAILED: $*"
+    exit 1
+}
+
+# --- work folder and cleanup on every path ----------------------------------------------
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/agentd-vm.XXXXXX")
+SOCK=$WORK/agent.sock
+CONSOLE=$WORK/console.log
+QEMU_PID=
+FATAL_PID= # the VM of the fatal-error check (no port), run beside the suite
+QEMU_RC=
+SUITE_PID=
+STATUS=1
+
+# Stops the QEMU whose pid is in the variable named $1, if it runs.
+stop_pid() {
+    local -n pid=$1
+    [[ -n $pid ]] || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+    pid=
+}
+stop_qemu() {
+    if [[ -n $SUITE_PID ]]; then
+        kill -TERM "$SUITE_PID" 2>/dev/null || true
+        wait "$SUITE_PID" 2>/dev/null || true
+        SUITE_PID=
+    fi
+    stop_pid QEMU_PID
+    stop_pid FATAL_PID
+}
+
+cleanup() {
+    local rc=$?
+    [[ $STATUS == 0 ]] || STATUS=$rc
+    stop_qemu
+    if [[ $STATUS != 0 || ${AGENTD_VM_KEEP:-0} == 1 ]]; then
+        if [[ -s $CONSOLE ]]; then
+            log "last lines of the VM console ($CONSOLE):"
+            tail -n 40 "$CONSOLE" | sed 's/^/    | /' >&2
+        fi
+        log "work folder kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'log "command failed (line $LINENO): $BASH_COMMAND"' ERR
+trap 'log interrupted; exit 130' INT
+trap 'log terminated; exit 143' TERM
+
+# --- packages ---------------------------------------------------------------------------
+APT_UPDATED=0
+apt_update_once() {
+    if [[ $APT_UPDATED == 0 ]]; then
+        log "apt-get update"
+        apt-get update -qq >&2
+        APT_UPDATED=1
+    fi
+}
+
+ensure_packages() {
+    local missing=()
+    command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+    command -v cpio >/dev/null || missing+=(cpio)
+    # The initramfs has no libc: only the static busybox will do.
+    dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+    [[ ${#missing[@]} == 0 ]] && return 0
+    command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
+    log "installing ${missing[*]}"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2; then
+        apt_update_once
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    fi
+}
+
+# --- kernel -----------------------------------------------------------------------------
+# A stock Debian cloud kernel, the package that linux-image-cloud-amd64 depends on,
+# unpacked into $CACHE/kernel (git-ignored) and reused on later runs.
+KERNEL=
+MODDIR=
+ensure_kernel() {
+    local dir=$CACHE/kernel
+    KERNEL=
+    if [[ -d $dir/boot ]]; then
+        KERNEL=$(find "$dir/boot" -maxdepth 1 -name 'vmlinuz-*' | sort | tail -n 1)
+    fi
+    if [[ -z $KERNEL ]]; then
+        local pkg
+        pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
+        if [[ -z $pkg ]]; then
+            apt_update_once
+            pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+        fi
+        [[ -n $pkg ]] || die "cannot find the package that linux-image-cloud-amd64 depends on"
+        log "downloading kernel $pkg"
+        local dl=$CACHE/download
+        rm -rf "$dl" "$dir"
+        mkdir -p "$dl"
+        (cd "$dl" && apt-get download -q "$pkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) || true
+        local deb
+        deb=$(find "$dl" -maxdepth 1 -name '*.deb' | head -n 1)
+        [[ -n $deb ]] || die "apt-get download $pkg gave no .deb"
+        dpkg-deb -x "$deb" "$dir.tmp"
+        mv "$dir.tmp" "$dir"
+        rm -rf "$dl"
+        KERNEL=$(find "$dir/boot" -maxdepth 1 -name 'vmlinuz-*' | sort | tail -n 1)
+        [[ -n $KERNEL ]] || die "no vmlinuz in $pkg"
+    fi
+    MODDIR=$(find "$dir/lib/modules" -mindepth 1 -maxdepth 1 -type d | sort | tail -n 1)
+    [[ -n $MODDIR ]] || die "no modules in $dir"
+    log "kernel: ${KERNEL#"$CACHE"/}"
+}
+
+# --- accelerator ------------------------------------------------------------------------
+# Real KVM only: /dev/kvm writable, not the nested PVM flavour (unusable for a normal guest
+# kernel), and hardware virtualisation in the CPU flags. Otherwise TCG.
+choose_accel() {
+    if [[ -n ${AGENTD_VM_ACCEL:-} ]]; then
+        ACCEL=$AGENTD_VM_ACCEL
+    elif [[ -w /dev/kvm && ! -e /sys/module/kvm_pvm ]] && grep -qwE 'vmx|svm' /proc/cpuinfo; then
+        ACCEL=kvm
+    else
+        ACCEL=tcg
+    fi
+    CPU_ARGS=()
+    [[ $ACCEL == kvm ]] && CPU_ARGS=(-cpu host)
+    log "accelerator: $ACCEL"
+}
+
+# --- builds -----------------------------------------------------------------------------
+STATIC_TARGET=x86_64-unknown-linux-gnu
+AGENTD_STATIC=$ROOT/target/static/$STATIC_TARGET/release/agentd
+AGENTCTL=$ROOT/target/release/agentctl
+
+build_agentd_static() {
+    log "building static agentd (target/static)"
+    (cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build -q --release \
+        --target "$STATIC_TARGET" --target-dir target/static --bin agentd)
+    # A static-pie ELF has no interpreter: it runs with no libc in the initramfs.
+    if LC_ALL=C readelf -l "$AGENTD_STATIC" 2>/dev/null | grep -q 'Requesting program interpreter'; then
+        die "$AGENTD_STATIC is dynamically linked"
+    fi
+}
+
+build_host_tools() {
+    log "building agentctl and the e2e suite (release)"
+    (cd "$ROOT" && cargo build -q --release --bin agentctl)
+}
+
+# --- initramfs --------------------------------------------------------------------------
+# /init (the given program), busybox with its applet links, the virtio modules
+# (decompressed: finit_module gets them without flags), /dev/console, /etc/passwd and group.
+build_initramfs() {
+    local init=$1 out=$2
+    shift 2
+    local root=$WORK/initramfs
+    rm -rf "$root"
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,root,etc,lib/modules/agentd}
+    chmod 1777 "$root/tmp"
+    chmod 700 "$root/root"
+    cp "$init" "$root/init"
+    chmod 755 "$root/init"
+    cp /bin/busybox "$root/bin/busybox"
+    local extra
+    for extra in "$@"; do
+        cp "$extra" "$root/bin/"
+    done
+    local applet
+    while read -r applet; do
+        [[ -e $root/$applet || $applet == bin/busybox ]] && continue
+        mkdir -p "$root/$(dirname "$applet")"
+        ln -s /bin/busybox "$root/$applet"
+    done < <(/bin/busybox --list-full)
+    local m f
+    for m in "${MODULES[@]}"; do
+        f=$(find "$MODDIR" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "$m.ko.gz" | head -n 1)
+        [[ -n $f ]] || die "module $m not found under $MODDIR"
+        case "$f" in
+            *.ko) cp "$f" "$root/lib/modules/agentd/$m.ko" ;;
+            *.ko.xz) xz -dc "$f" >"$root/lib/modules/agentd/$m.ko" ;;
+            *.ko.zst) zstd -qdc "$f" >"$root/lib/modules/agentd/$m.ko" ;;
+            *.ko.gz) gzip -dc "$f" >"$root/lib/modules/agentd/$m.ko" ;;
+        esac
+    done
+    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
+    printf 'root:x:0:\ntty:x:5:\nnogroup:x:65534:\n' >"$root/etc/group"
+    # The kernel opens /dev/console for init's stdin, stdout and stderr before anything
+    # is mounted (its built-in initramfs has the node too; this is for certainty).
+    if [[ $(id -u) == 0 ]]; then
+        mknod -m 600 "$root/dev/console" c 5 1
+    fi
+    (cd "$root" && find . -print0 | LC_ALL=C sort -z |
+        cpio --null -o -H newc -R 0:0 --quiet | gzip -1 >"$out")
+    log "initramfs: $(du -h "$out" | cut -f1)"
+}
+
+# --- QEMU -------------------------------------------------------------------------------
+QEMU_T0_MS=
+# Starts QEMU in the background: start_qemu INITRD SOCK CONSOLE [EXTRA_APPEND]; sets
+# STARTED_PID.
+STARTED_PID=
+start_qemu() {
+    local initrd=$1 sock=$2 console=$3 extra=${4:-}
+    local append="console=ttyS0 quiet panic=-1 printk.devkmsg=on"
+    append+=" agentd.modules=$(
+        IFS=,
+        echo "${MODULES[*]}"
+    )"
+    append+=" agentd.port=$PORT_NAME agentd.hostname=agentd-vm"
+    [[ -n $EXTRA_APPEND ]] && append+=" $EXTRA_APPEND"
+    [[ -n $extra ]] && append+=" $extra"
+    rm -f "$sock"
+    : >"$console"
+    qemu-system-x86_64 \
+        -M q35 -accel "$ACCEL" "${CPU_ARGS[@]}" -m "$MEM" -smp "$SMP" \
+        -nodefaults -no-user-config -display none -no-reboot \
+        -kernel "$KERNEL" -initrd "$initrd" -append "$append" \
+        -serial "file:$console" \
+        -device virtio-serial-pci \
+        -chardev "socket,id=agent0,path=$sock,server=on,wait=off" \
+        -device "virtserialport,chardev=agent0,name=$PORT_NAME" \
+        </dev/null >>"$WORK/qemu.out" 2>&1 &
+    STARTED_PID=$!
+}
+
+# Boots the VM the tests talk to (QEMU_PID, SOCK, CONSOLE).
+boot_vm() {
+    QEMU_T0_MS=$(date +%s%3N)
+    start_qemu "$1" "$SOCK" "$CONSOLE"
+    QEMU_PID=$STARTED_PID
+    log "QEMU started (pid $QEMU_PID, $MEM, $SMP vCPU), console: $CONSOLE"
+    # The socket shows up as soon as QEMU has parsed its options.
+    for _ in $(seq 100); do
+        [[ -S $SOCK ]] && return 0
+        kill -0 "$QEMU_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    cat "$WORK/qemu.out" >&2 || true
+    die "QEMU did not create $SOCK"
+}
+
+# Waits for the agent's READY (agentctl ping), then keeps the gap a host must leave
+# before the next host connects (docs/VM.md).
+wait_ready() {
+    local deadline=$((SECONDS + BOOT_TIMEOUT))
+    until "$AGENTCTL" --connect "unix:$SOCK" ping -c 1 >/dev/null 2>&1; do
+        kill -0 "$QEMU_PID" 2>/dev/null || die "QEMU exited during boot"
+        ((SECONDS < deadline)) || die "no READY within ${BOOT_TIMEOUT}s"
+        sleep 0.5
+    done
+    sleep 0.1
+    log "agent ready $(($(date +%s%3N) - QEMU_T0_MS)) ms after QEMU started"
+}
+
+# Waits up to $1 seconds for QEMU to exit; sets QEMU_RC. Fails on timeout.
+wait_qemu_exit() {
+    local timeout=$1 i
+    for ((i = 0; i < timeout * 10; i++)); do
+        kill -0 "$QEMU_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$QEMU_PID" 2>/dev/null; then
+        die "QEMU still running ${timeout}s after power-off was requested"
+    fi
+    QEMU_RC=0
+    wait "$QEMU_PID" || QEMU_RC=$?
+    QEMU_PID=
+}
+
+check_powered_off() {
+    wait_qemu_exit "$POWEROFF_TIMEOUT"
+    [[ $QEMU_RC == 0 ]] || die "QEMU exited with status $QEMU_RC (expected 0 after power-off)"
+    grep -q 'reboot: Power down' "$CONSOLE" || die "the console shows no 'reboot: Power down'"
+    log "QEMU exited 0 and the console shows the power-down"
+}
+
+# The fatal-error VM: QEMU exits 0 and the console shows the fatal error and the power-down.
+check_fatal_powers_off() {
+    local i rc=0
+    for ((i = 0; i < 900; i++)); do
+        kill -0 "$FATAL_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$FATAL_PID" 2>/dev/null && die "no port: the agent did not power off within 90 s"
+    wait "$FATAL_PID" || rc=$?
+    FATAL_PID=
+    local console=$WORK/console-fatal.log
+    [[ $rc == 0 ]] || die "no port: QEMU exited with status $rc"
+    grep -q 'fatal: no virtio-console port named "nope"' "$console" ||
+        die "no port: the console shows no fatal error ($console)"
+    grep -q 'reboot: Power down' "$console" || die "no port: the console shows no power-down"
+    log "no port: fatal error logged and the VM powered off"
+}
+
+# --- modes ------------------------------------------------------------------------------
+# Runs the e2e binary $1 against the running VM, with libtest arguments $2...
+suite() {
+    local bin=$1 rc=0
+    shift
+    # In the background, so that a signal to this script is handled at once (bash
+    # defers traps while a foreground command runs); cleanup stops it.
+    AGENTD_VM_SOCK=$SOCK AGENTD_VM_T0_MS=$QEMU_T0_MS AGENTD_VM_AGENTCTL=$AGENTCTL \
+        timeout -k 5 "$SUITE_TIMEOUT" \
+        "$bin" --ignored --test-threads=1 --nocapture "$@" </dev/null &
+    SUITE_PID=$!
+    wait "$SUITE_PID" || rc=$?
+    SUITE_PID=
+    [[ $rc == 0 ]] || die "e2e suite failed (status $rc)"
+}
+
+run_suite() {
+    build_agentd_static
+    build_host_tools
+    log "building the e2e suite"
+    local bin
+    # The artifact of the test target "vm" (a cold build also lists the bins it needs).
+    bin=$(cd "$ROOT" && cargo test -q --release --test vm --no-run --message-format=json 2>/dev/null |
+        grep '"kind":\["test"\]' | grep '"name":"vm"' |
+        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1) || true
+    [[ -x $bin ]] || die "cannot build the e2e suite (cargo test --release --test vm --no-run)"
+    build_initramfs "$AGENTD_STATIC" "$WORK/initramfs.cpio.gz"
+    # Beside the suite: a VM whose port never appears (agentd.port=nope). The agent
+    # must give up after 30 s, log a fatal error and power off (PID 1 never exits).
+    start_qemu "$WORK/initramfs.cpio.gz" "$WORK/fatal.sock" "$WORK/console-fatal.log" agentd.port=nope
+    FATAL_PID=$STARTED_PID
+    # First boot: everything but the second_boot_ tests; it ends with SHUTDOWN.
+    boot_vm "$WORK/initramfs.cpio.gz"
+    log "running the e2e suite (first boot)"
+    suite "$bin" --skip second_boot_
+    check_powered_off
+    mv "$CONSOLE" "$WORK/console-boot1.log"
+    # Second boot: shutdown by a signal to PID 1.
+    boot_vm "$WORK/initramfs.cpio.gz"
+    log "running the e2e suite (second boot)"
+    suite "$bin" second_boot_
+    check_powered_off
+    check_fatal_powers_off
+    STATUS=0
+    log "all VM tests passed in ${SECONDS}s"
+}
+
+run_shell() {
+    build_agentd_static
+    build_host_tools
+    build_initramfs "$AGENTD_STATIC" "$WORK/initramfs.cpio.gz"
+    boot_vm "$WORK/initramfs.cpio.gz"
+    wait_ready
+    log "connecting: $AGENTCTL --connect unix:$SOCK exec -it -- sh   (exit the shell to power off)"
+    local rc=0
+    "$AGENTCTL" --connect "unix:$SOCK" exec -it -- sh || rc=$?
+    log "shell ended (status $rc); powering the VM off"
+    sleep 0.1
+    "$AGENTCTL" --connect "unix:$SOCK" shutdown || log "shutdown request failed"
+    wait_qemu_exit "$POWEROFF_TIMEOUT"
+    log "VM powered off (QEMU status $QEMU_RC)"
+    STATUS=0
+}
+
+run_probe() {
+    command -v gcc >/dev/null || die "--probe needs gcc"
+    log "building the poll probe (tests/vm/probe/vport_probe.c, static)"
+    gcc -O2 -Wall -static -o "$WORK/vport_probe" "$HERE/probe/vport_probe.c"
+    build_initramfs "$HERE/probe/init.sh" "$WORK/initramfs.cpio.gz" "$WORK/vport_probe"
+    boot_vm "$WORK/initramfs.cpio.gz"
+    python3 "$HERE/probe/host.py" "$SOCK" "$CONSOLE"
+    wait_qemu_exit "$POWEROFF_TIMEOUT"
+    log "probe trace (from the VM console):"
+    grep -a 'probe' "$CONSOLE" >&2 || true
+    STATUS=0
+}
+
+run_boot() {
+    build_agentd_static
+    build_host_tools
+    build_initramfs "$AGENTD_STATIC" "$WORK/initramfs.cpio.gz"
+    boot_vm "$WORK/initramfs.cpio.gz"
+    wait_ready
+    log "VM is up; connect with: $AGENTCTL --connect unix:$SOCK ...   (waiting for power-off)"
+    while kill -0 "$QEMU_PID" 2>/dev/null; do sleep 0.5; done
+    QEMU_RC=0
+    wait "$QEMU_PID" || QEMU_RC=$?
+    QEMU_PID=
+    log "QEMU exited with status $QEMU_RC"
+    STATUS=$QEMU_RC
+}
+
+ensure_packages
+ensure_kernel
+choose_accel
+case "$MODE" in
+    test) run_suite ;;
+    shell) run_shell ;;
+    probe) run_probe ;;
+    boot) run_boot ;;
+esac
