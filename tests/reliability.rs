@@ -663,7 +663,10 @@ fn child_not_reading_stdin_stalls_only_its_session() {
             a.stdin(stuck, &block);
         }
         let acked = a.logs[&stuck].acked;
-        assert!(acked < window as u64, "tty {tty}: everything was written ({acked})");
+        assert!(
+            acked < window as u64,
+            "tty {tty}: everything was written ({acked})"
+        );
         // Meanwhile, another session works and PING is answered.
         let other = a.exec(&exec("cat", &[]));
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
@@ -671,7 +674,10 @@ fn child_not_reading_stdin_stalls_only_its_session() {
         a.write_stdin_all(other, &data);
         a.close_stdin(other);
         let log = a.wait_done(other);
-        assert!(log.stdout == data, "tty {tty}: the other session's output differs");
+        assert!(
+            log.stdout == data,
+            "tty {tty}: the other session's output differs"
+        );
         let rtt = a.ping(b"stalled");
         assert!(t.elapsed() < Duration::from_secs(5) && rtt < Duration::from_secs(1));
         let log = a.wait_done(stuck);

@@ -707,23 +707,6 @@ unsafe fn child_after_fork(p: &Prepared, ends: &ChildEnds, err_fd: RawFd) -> ! {
     for &sig in p.reset_signals {
         raw_sigaction(sig, &dfl, std::ptr::null_mut());
     }
-    // glibc's sigaction() refuses the two signals it reserves (32 and 33),
-    // so `reset_signals` cannot hold them, yet they are inherited ignored
-    // too (glibc's own posix_spawn leaves them SIG_IGN in the children of
-    // a multi-threaded program: an agent started that way has them
-    // ignored). Reset them with the system call itself: an all-zero
-    // kernel sigaction is SIG_DFL, no flags, an empty mask, whatever the
-    // architecture's layout of the struct.
-    let zero = [0u64; 4];
-    for sig in [32, 33] {
-        libc::syscall(
-            libc::SYS_rt_sigaction,
-            sig,
-            zero.as_ptr(),
-            std::ptr::null_mut::<u64>(),
-            8usize,
-        );
-    }
     let mut empty: libc::sigset_t = std::mem::zeroed();
     libc::sigemptyset(&mut empty);
     libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
