@@ -238,6 +238,19 @@ impl Agent {
         id
     }
 
+    /// Sends EXEC, one STDIN and STDIN_CLOSE in a single write, so the
+    /// agent reads them together (the session is still starting when its
+    /// STDIN arrives). Returns the session's id.
+    pub fn exec_with_stdin(&mut self, exec: &Exec, data: &[u8]) -> u32 {
+        let id = self.fresh_id();
+        self.logs.entry(id).or_default();
+        let mut bytes = Message::Exec(Box::new(exec.clone())).to_bytes(id);
+        Message::Stdin(data).encode(id, &mut bytes);
+        Message::StdinClose.encode(id, &mut bytes);
+        self.send_raw(&bytes).expect("write to the agent");
+        id
+    }
+
     pub fn exec_id(&mut self, id: u32, exec: &Exec) {
         self.logs.entry(id).or_default();
         self.send(id, &Message::Exec(Box::new(exec.clone())));
