@@ -156,3 +156,985 @@ pub fn message_decode(data: &[u8]) {
     let again = Message::decode(f.as_frame()).expect("re-encoded message does not decode");
     assert_eq!(msg, again);
 }
+
+/// `agent_dispatch`: the agent's whole input path, in process. The input
+/// is a script (see [`dispatch`] for its byte format) of frames — EXECs of
+/// harmless programs, STDIN, STDIN_CLOSE, SIGNAL, RESIZE, OUTPUT_ACK,
+/// PING, SHUTDOWN, raw frames of any kind and raw garbage — with barriers
+/// and pauses between them. A real [`EventLoop`](crate::agent::EventLoop)
+/// runs on one end of a socketpair in a thread of its own and spawns real
+/// children; this thread is the host. Every frame the agent sends must
+/// decode with [`Message::decode_from_agent`] and keep the contract:
+/// READY first and once; exactly one STARTED or EXEC_FAILED per EXEC;
+/// output, STDIN_ACK and EXITED only between STARTED and EXITED (nothing
+/// for a session after its EXITED); EXEC_FAILED `duplicate_id` only for an
+/// id in use; every PING answered in order with its payload; nothing after
+/// SHUTDOWN_DONE. After the script, the host ends every session (SIGCONT,
+/// OUTPUT_ACK, STDIN_CLOSE), which must then all end, and closes the
+/// connection; the agent must return, with no child process and no fd
+/// left behind.
+///
+/// The script is vetted before anything runs: the whole byte stream is
+/// decoded the way the agent will decode it, and an input is skipped if
+/// any EXEC in it (structured or hidden in garbage) could run something
+/// other than `/bin/true`, `cat`, `echo`, `sleep 0` or a missing program,
+/// if a SIGNAL would make a child dump core, or a SHUTDOWN has a grace
+/// over 2 s.
+pub fn agent_dispatch(data: &[u8]) {
+    let _ = dispatch::run(data);
+}
+
+/// The `agent_dispatch` harness.
+///
+/// Input format: byte 0 configures the agent (`max_sessions` = 1 + bits
+/// 0-2; `stdin_window` from bits 3-4: 16, 1024, 65536, 262144 bytes); then
+/// operations until the input ends (at most 64), each a tag byte (mod 12)
+/// and its fields; a missing byte reads as 0. An id is one byte: below
+/// 0xf0, `byte % 6` (so 0 is sometimes used); otherwise a big-endian u32
+/// follows.
+///
+/// | tag | operation | fields |
+/// |---|---|---|
+/// | 0 | EXEC | id, program (mod 8: `/bin/true`, `true`, `cat`, `/bin/cat`, `echo`, `/bin/echo`, `sleep 0`, a missing program), flags (tty, no stdin, clear_env, no_new_privs, output_window + byte, linger_ms + byte, user + byte, cwd + byte), extras (rlimit nofile, unknown rlimit, soft > hard, env `FUZZ=1`, env without `=`, env with empty key, NUL in an argument, rows + cols bytes); `echo` then takes a count and that many length-prefixed arguments |
+/// | 1 | STDIN | id, length byte (255: 70,000 bytes), bytes |
+/// | 2 | STDIN_CLOSE | id |
+/// | 3 | SIGNAL | id, signal (index into a table without core-dumping signals, with invalid numbers), group flag |
+/// | 4 | RESIZE | id, rows, cols (bytes) |
+/// | 5 | OUTPUT_ACK | id, amount selector |
+/// | 6 | PING | id, length byte (255: 4097 bytes, over the limit), bytes |
+/// | 7 | SHUTDOWN | grace byte (× 4 ms) |
+/// | 8 | raw frame | kind byte, id, length byte, payload bytes |
+/// | 9 | raw bytes | length byte (mod 64), bytes |
+/// | 10 | barrier | the host sends a PING and waits for its PONG |
+/// | 11 | pause | the host waits byte mod 16 ms, reading |
+pub mod dispatch {
+    use std::collections::{HashMap, HashSet};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use crate::agent::spawn::SpawnDefaults;
+    use crate::agent::transport::{Transport, TransportKind};
+    use crate::agent::{Config, EventLoop, Exit};
+    use crate::codec::{self, Decoded, Decoder, MAX_OUTPUT_PAYLOAD, MAX_PAYLOAD};
+    use crate::messages::{
+        Ack, Exec, ExecFailedKind, Kind, Message, Resize, Rlimit, Shutdown, Signal,
+    };
+
+    /// Ids 0..IDS come from one byte.
+    const IDS: u32 = 6;
+    const MAX_OPS: usize = 64;
+    /// EXECs per input at most (more is skipped: each costs a fork).
+    const MAX_EXECS: usize = 24;
+    /// Signals SIGNAL may carry: none that dumps core; some invalid ones.
+    const SIGNALS: [i32; 22] = [
+        0, 1, 2, 9, 10, 12, 13, 14, 15, 17, 18, 19, 20, 21, 22, 23, 28, 34, 64, 65, -1, 1000,
+    ];
+    const CORE_SIGNALS: [i32; 10] = [3, 4, 5, 6, 7, 8, 11, 24, 25, 31];
+    /// How long the host waits for anything the agent owes it.
+    const WAIT: Duration = Duration::from_secs(5);
+
+    struct Input<'a>(&'a [u8]);
+
+    impl<'a> Input<'a> {
+        fn u8(&mut self) -> u8 {
+            match self.0.split_first() {
+                Some((&b, rest)) => {
+                    self.0 = rest;
+                    b
+                }
+                None => 0,
+            }
+        }
+
+        fn bytes(&mut self, n: usize) -> &'a [u8] {
+            let n = n.min(self.0.len());
+            let (head, rest) = self.0.split_at(n);
+            self.0 = rest;
+            head
+        }
+
+        fn id(&mut self) -> u32 {
+            let v = self.u8();
+            if v >= 0xf0 {
+                u32::from_be_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
+            } else {
+                u32::from(v) % IDS
+            }
+        }
+
+        fn string(&mut self, max: usize) -> String {
+            let n = usize::from(self.u8()) % (max + 1);
+            String::from_utf8_lossy(self.bytes(n)).into_owned()
+        }
+    }
+
+    fn exec(inp: &mut Input<'_>) -> Exec {
+        let prog = inp.u8() % 8;
+        let mut e = Exec::new(match prog {
+            0 => "/bin/true",
+            1 => "true",
+            2 => "cat",
+            3 => "/bin/cat",
+            4 => "echo",
+            5 => "/bin/echo",
+            6 => "sleep",
+            _ => "agentd-fuzz-no-such-program",
+        });
+        if prog == 6 {
+            e.args.push("0".into());
+        }
+        let flags = inp.u8();
+        e.tty = flags & 1 != 0;
+        e.stdin = flags & 2 == 0;
+        e.clear_env = flags & 4 != 0;
+        e.no_new_privs = flags & 8 != 0;
+        if flags & 16 != 0 {
+            e.output_window = 1 + u32::from(inp.u8()) * 64;
+        }
+        if flags & 32 != 0 {
+            e.linger_ms = u32::from(inp.u8());
+        }
+        if flags & 64 != 0 {
+            let users = [
+                "nobody",
+                "0",
+                "65534:65534",
+                "agentd-fuzz-no-user",
+                "root:nogroup-x",
+            ];
+            e.user = Some(users[usize::from(inp.u8()) % users.len()].into());
+        }
+        if flags & 128 != 0 {
+            let dirs = ["/", "/nonexistent-agentd-fuzz", "/tmp", ""];
+            e.cwd = Some(dirs[usize::from(inp.u8()) % dirs.len()].into());
+        }
+        let extra = inp.u8();
+        let rlimit = |resource: &str, soft, hard| Rlimit {
+            resource: resource.into(),
+            soft,
+            hard,
+        };
+        if extra & 1 != 0 {
+            e.rlimits.push(rlimit("nofile", 64, 64));
+        }
+        if extra & 2 != 0 {
+            e.rlimits.push(rlimit("bogus", 1, 1));
+        }
+        if extra & 4 != 0 {
+            e.rlimits.push(rlimit("nproc", 10, 5));
+        }
+        if extra & 8 != 0 {
+            e.env.push("FUZZ=1".into());
+        }
+        if extra & 16 != 0 {
+            e.env.push("NOEQUALS".into());
+        }
+        if extra & 32 != 0 {
+            e.env.push("=empty".into());
+        }
+        if extra & 64 != 0 {
+            e.args.push("nul\0byte".into());
+        }
+        if extra & 128 != 0 {
+            e.rows = u16::from(inp.u8()) * 3;
+            e.cols = u16::from(inp.u8()) * 3;
+        }
+        if prog == 4 || prog == 5 {
+            for _ in 0..inp.u8() % 4 {
+                e.args.push(inp.string(16));
+            }
+        }
+        e
+    }
+
+    /// Where the host stops writing for a while.
+    enum Stop {
+        /// Wait for the PONG of this barrier PING.
+        Barrier(Vec<u8>),
+        Pause(Duration),
+    }
+
+    struct Script {
+        config: Config,
+        stream: Vec<u8>,
+        /// (offset in `stream`, what to do once that much is written)
+        stops: Vec<(usize, Stop)>,
+    }
+
+    fn parse(data: &[u8]) -> Script {
+        let mut inp = Input(data);
+        let c = inp.u8();
+        let config = Config {
+            max_sessions: 1 + usize::from(c & 7),
+            stdin_window: [16, 1024, 65536, 262144][usize::from((c >> 3) & 3)],
+            pid1: false,
+            defaults: SpawnDefaults {
+                env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            },
+        };
+        let mut stream = Vec::new();
+        let mut stops = Vec::new();
+        let mut barriers = 0u32;
+        for _ in 0..MAX_OPS {
+            if inp.0.is_empty() {
+                break;
+            }
+            let tag = inp.u8() % 12;
+            let out = &mut stream;
+            match tag {
+                0 => {
+                    let id = inp.id();
+                    Message::Exec(Box::new(exec(&mut inp))).encode(id, out);
+                }
+                1 => {
+                    let id = inp.id();
+                    let n = inp.u8();
+                    let big;
+                    let payload = if n == 255 {
+                        big = vec![b'x'; 70_000];
+                        &big[..]
+                    } else {
+                        inp.bytes(usize::from(n))
+                    };
+                    Message::Stdin(payload).encode(id, out);
+                }
+                2 => Message::StdinClose.encode(inp.id(), out),
+                3 => {
+                    let id = inp.id();
+                    let signal = SIGNALS[usize::from(inp.u8()) % SIGNALS.len()];
+                    let group = inp.u8() & 1 == 0;
+                    Message::Signal(Signal { signal, group }).encode(id, out);
+                }
+                4 => {
+                    let id = inp.id();
+                    let (rows, cols) = (u16::from(inp.u8()), u16::from(inp.u8()));
+                    Message::Resize(Resize { rows, cols }).encode(id, out);
+                }
+                5 => {
+                    let id = inp.id();
+                    let bytes = match inp.u8() % 4 {
+                        0 => 0,
+                        1 => 100,
+                        2 => 65536,
+                        _ => u32::MAX,
+                    };
+                    Message::OutputAck(Ack { bytes }).encode(id, out);
+                }
+                6 => {
+                    let id = inp.id();
+                    let n = inp.u8();
+                    let payload = if n == 255 {
+                        vec![0; 4097]
+                    } else {
+                        inp.bytes(usize::from(n)).to_vec()
+                    };
+                    codec::append_raw(out, Kind::Ping as u8, id, &payload);
+                }
+                7 => {
+                    let grace_ms = u32::from(inp.u8()) * 4;
+                    Message::Shutdown(Shutdown { grace_ms }).encode(0, out);
+                }
+                8 => {
+                    let kind = inp.u8();
+                    let id = inp.id();
+                    let n = usize::from(inp.u8());
+                    codec::append_raw(out, kind, id, inp.bytes(n));
+                }
+                9 => {
+                    let n = usize::from(inp.u8() % 64);
+                    out.extend_from_slice(inp.bytes(n));
+                }
+                10 => {
+                    let payload = barrier_payload(barriers);
+                    barriers += 1;
+                    codec::append_raw(out, Kind::Ping as u8, 0, &payload);
+                    stops.push((out.len(), Stop::Barrier(payload)));
+                }
+                _ => {
+                    let ms = u64::from(inp.u8() % 16);
+                    stops.push((out.len(), Stop::Pause(Duration::from_millis(ms))));
+                }
+            }
+        }
+        Script {
+            config,
+            stream,
+            stops,
+        }
+    }
+
+    fn barrier_payload(n: u32) -> Vec<u8> {
+        let mut p = b"\xfe\xfeagentd-fuzz-barrier-".to_vec();
+        p.extend_from_slice(&n.to_be_bytes());
+        p
+    }
+
+    /// An item the stream stops in the middle of.
+    struct Tail {
+        start: usize,
+        /// Where it would end; `None` while its length field is cut short.
+        end: Option<u64>,
+    }
+
+    /// Where each item (frame or framing error) a decoder yields for
+    /// `stream` is complete — a frame with its last byte, an error with
+    /// its header — computed from the lengths alone; and the item the
+    /// stream ends inside, if any.
+    fn item_ends(stream: &[u8]) -> (Vec<usize>, Option<Tail>) {
+        let mut ends = Vec::new();
+        let mut pos = 0usize;
+        while pos < stream.len() {
+            if pos + 4 > stream.len() {
+                return (
+                    ends,
+                    Some(Tail {
+                        start: pos,
+                        end: None,
+                    }),
+                );
+            }
+            let len = u32::from_be_bytes([
+                stream[pos],
+                stream[pos + 1],
+                stream[pos + 2],
+                stream[pos + 3],
+            ]);
+            let end = pos as u64 + 4 + u64::from(len);
+            let yielded_at = if len < 5 {
+                pos as u64 + 4
+            } else if len as usize - 5 > MAX_PAYLOAD {
+                pos as u64 + 9
+            } else {
+                end
+            };
+            if yielded_at <= stream.len() as u64 {
+                ends.push(yielded_at as usize);
+            }
+            if end > stream.len() as u64 {
+                return (
+                    ends,
+                    Some(Tail {
+                        start: pos,
+                        end: Some(end),
+                    }),
+                );
+            }
+            pos = end as usize;
+        }
+        (ends, None)
+    }
+
+    /// Pads `stream` with zeros to a frame boundary. False when that would
+    /// take more than a maximal frame (an oversized frame being skipped).
+    fn pad_to_boundary(stream: &mut Vec<u8>) -> bool {
+        loop {
+            match item_ends(stream).1 {
+                None => return true,
+                Some(Tail { start, end: None }) => stream.resize(start + 4, 0),
+                Some(Tail { end: Some(end), .. }) => {
+                    if end - stream.len() as u64 > (MAX_PAYLOAD + 64) as u64 {
+                        return false;
+                    }
+                    stream.resize(end as usize, 0);
+                }
+            }
+        }
+    }
+
+    /// Whether every frame of the decoded stream is safe to let the agent
+    /// act on.
+    fn vet(items: &[Decoded]) -> bool {
+        let mut execs = 0;
+        for item in items {
+            let Decoded::Frame(f) = item else { continue };
+            match Message::decode_from_host(f.as_frame()) {
+                Ok(Message::Exec(e)) => {
+                    execs += 1;
+                    if execs > MAX_EXECS || !harmless(&e) {
+                        return false;
+                    }
+                }
+                Ok(Message::Signal(s)) if CORE_SIGNALS.contains(&s.signal) => return false,
+                Ok(Message::Shutdown(s)) if s.grace_ms > 2000 => return false,
+                _ => {}
+            }
+        }
+        true
+    }
+
+    fn harmless(e: &Exec) -> bool {
+        let args_ok = match e.cmd.as_str() {
+            "/bin/true" | "true" | "/bin/echo" | "echo" | "agentd-fuzz-no-such-program" => true,
+            "/bin/cat" | "cat" => e.args.iter().all(|a| a == "nul\0byte"),
+            "/bin/sleep" | "sleep" => e.args.iter().all(|a| a == "0" || a == "nul\0byte"),
+            _ => false,
+        };
+        let env_ok = e
+            .env
+            .iter()
+            .all(|v| ["FUZZ=1", "NOEQUALS", "=empty"].contains(&v.as_str()));
+        // Limits that would make a child dump core or be killed by the
+        // kernel are left out.
+        let rlimits_ok = e
+            .rlimits
+            .iter()
+            .all(|r| !["core", "cpu", "fsize"].contains(&r.resource.as_str()));
+        args_ok && env_ok && rlimits_ok
+    }
+
+    /// What the host knows of one session id.
+    #[derive(Default)]
+    struct IdState {
+        /// EXECs sent and not yet answered with STARTED or EXEC_FAILED.
+        outstanding: u32,
+        /// Between STARTED and EXITED.
+        live: bool,
+    }
+
+    #[derive(Default)]
+    struct Model {
+        ready: bool,
+        shutdown_done: bool,
+        ids: HashMap<u32, IdState>,
+        /// Payloads and ids of the PINGs the agent will answer, in order.
+        pings: Vec<(u32, Vec<u8>)>,
+        pongs: usize,
+        /// Barrier payloads already answered.
+        barriers_seen: HashSet<Vec<u8>>,
+        frames: usize,
+        /// Output bytes received and not yet acknowledged, per session.
+        unacked: HashMap<u32, u64>,
+        summary: Summary,
+    }
+
+    /// What one run saw (for the corpus replay test to check that the
+    /// seeds reach the agent).
+    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+    pub struct Summary {
+        /// The input was skipped by the vetting.
+        pub skipped: bool,
+        pub frames: usize,
+        pub started: usize,
+        pub exec_failed: usize,
+        pub exited: usize,
+        pub output_frames: usize,
+        pub stdin_acks: usize,
+        pub errors: usize,
+        pub pongs: usize,
+        pub shutdown_done: bool,
+    }
+
+    impl Model {
+        fn on_frame(&mut self, kind: u8, id: u32, payload: &[u8]) {
+            let frame = codec::Frame { kind, id, payload };
+            let msg = Message::decode_from_agent(frame).unwrap_or_else(|e| {
+                panic!("the agent sent a frame that does not decode: kind {kind:#x} id {id}: {e}")
+            });
+            assert!(!self.shutdown_done, "{msg:?} after SHUTDOWN_DONE");
+            self.frames += 1;
+            if self.frames == 1 {
+                assert!(matches!(msg, Message::Ready(_)), "first frame {msg:?}");
+            }
+            match msg {
+                Message::Ready(r) => {
+                    assert!(!self.ready, "a second READY");
+                    assert_eq!((id, r.protocol), (0, 1));
+                    self.ready = true;
+                }
+                Message::Pong(p) => {
+                    let (ping_id, expected) = self
+                        .pings
+                        .get(self.pongs)
+                        .unwrap_or_else(|| panic!("a PONG for no PING: {p:?}"));
+                    assert_eq!((id, p), (*ping_id, &expected[..]), "PONG out of order");
+                    if p.starts_with(b"\xfe\xfeagentd-fuzz-barrier-") {
+                        self.barriers_seen.insert(p.to_vec());
+                    }
+                    self.pongs += 1;
+                }
+                Message::ShutdownDone => {
+                    assert_eq!(id, 0);
+                    for (id, s) in &self.ids {
+                        assert!(!s.live, "SHUTDOWN_DONE while session {id} runs");
+                    }
+                    self.shutdown_done = true;
+                }
+                Message::Error(e) => {
+                    assert!(e.error_kind().is_some(), "unknown ERROR kind {:?}", e.kind);
+                    self.summary.errors += 1;
+                }
+                Message::Started(_) => {
+                    let s = self.ids.entry(id).or_default();
+                    assert!(s.outstanding > 0, "STARTED for {id} without an EXEC");
+                    assert!(!s.live, "STARTED for {id}, which is running");
+                    s.outstanding -= 1;
+                    s.live = true;
+                    self.summary.started += 1;
+                }
+                Message::ExecFailed(x) => {
+                    let s = self.ids.entry(id).or_default();
+                    assert!(
+                        s.outstanding > 0,
+                        "EXEC_FAILED for {id} without an EXEC: {x:?}"
+                    );
+                    let kind = x
+                        .failed_kind()
+                        .unwrap_or_else(|| panic!("unknown EXEC_FAILED kind {:?}", x.kind));
+                    if kind == ExecFailedKind::DuplicateId {
+                        assert!(
+                            s.live || s.outstanding >= 2,
+                            "duplicate_id for {id}, which is free"
+                        );
+                    } else {
+                        assert!(!s.live, "{x:?} for {id}, which is running");
+                    }
+                    s.outstanding -= 1;
+                    self.summary.exec_failed += 1;
+                }
+                Message::Stdout(p) | Message::Stderr(p) => {
+                    let live = self.ids.get(&id).is_some_and(|s| s.live);
+                    assert!(live, "output for session {id}, which is not running");
+                    assert!(!p.is_empty() && p.len() <= MAX_OUTPUT_PAYLOAD);
+                    *self.unacked.entry(id).or_default() += p.len() as u64;
+                    self.summary.output_frames += 1;
+                }
+                Message::StdinAck(_) => {
+                    let live = self.ids.get(&id).is_some_and(|s| s.live);
+                    assert!(live, "STDIN_ACK for session {id}, which is not running");
+                    self.summary.stdin_acks += 1;
+                }
+                Message::Exited(x) => {
+                    let s = self.ids.entry(id).or_default();
+                    assert!(s.live, "EXITED for session {id}, which is not running");
+                    assert!(x.code.is_some() != x.signal.is_some(), "{x:?}");
+                    s.live = false;
+                    self.summary.exited += 1;
+                }
+                other => unreachable!("decode_from_agent let {other:?} through"),
+            }
+        }
+
+        fn settled(&self) -> bool {
+            self.ids.values().all(|s| s.outstanding == 0 && !s.live)
+        }
+    }
+
+    /// The agent's children as the kernel lists them.
+    fn children() -> Vec<i32> {
+        let mut pids = Vec::new();
+        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+            for task in tasks.flatten() {
+                if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+                    pids.extend(
+                        text.split_whitespace()
+                            .filter_map(|p| p.parse::<i32>().ok()),
+                    );
+                }
+            }
+        }
+        pids
+    }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+    }
+
+    struct Host {
+        sock: OwnedFd,
+        dec: Decoder,
+        model: Model,
+        eof: bool,
+        /// The agent's thread, nudged with SIGCHLD while the host waits:
+        /// other threads of this process (libFuzzer's, the test
+        /// harness's) do not block SIGCHLD, so the kernel may hand a
+        /// child's SIGCHLD to one of them, where it is discarded, and the
+        /// agent's signalfd never sees it.
+        agent_tid: libc::pid_t,
+        /// Stream items (frames and errors) and where each ends.
+        items: Vec<Decoded>,
+        ends: Vec<usize>,
+        /// Items accounted as sent.
+        sent_items: usize,
+        written: usize,
+        write_failed: bool,
+        /// Acknowledge output as it arrives (at the end, like a host that
+        /// consumes it): OUTPUT_ACKs queued here once the stream is out.
+        auto_ack: bool,
+        acks: Vec<u8>,
+    }
+
+    impl Host {
+        /// Accounts the items whose last byte has been written.
+        fn account(&mut self) {
+            while self.sent_items < self.items.len() && self.ends[self.sent_items] <= self.written {
+                if let Decoded::Frame(f) = &self.items[self.sent_items] {
+                    match Message::decode_from_host(f.as_frame()) {
+                        Ok(Message::Exec(_)) => {
+                            self.model.ids.entry(f.id).or_default().outstanding += 1;
+                        }
+                        Ok(Message::Ping(p)) => self.model.pings.push((f.id, p.to_vec())),
+                        _ => {}
+                    }
+                }
+                self.sent_items += 1;
+            }
+        }
+
+        fn read(&mut self) {
+            loop {
+                let mut reader = SockReader(self.sock.as_raw_fd());
+                match self.dec.read_from(&mut reader) {
+                    Ok(0) => {
+                        assert!(
+                            self.dec.is_at_boundary(),
+                            "the agent's stream ended inside a frame"
+                        );
+                        self.eof = true;
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                    // The agent closed its end with input unread, which
+                    // only an agent that finished a SHUTDOWN may do: the
+                    // kernel reports that after the last byte it sent.
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::ECONNRESET)
+                            && self.model.shutdown_done =>
+                    {
+                        assert!(
+                            self.dec.is_at_boundary(),
+                            "the agent's stream ended inside a frame"
+                        );
+                        self.eof = true;
+                        return;
+                    }
+                    Err(e) => panic!("reading from the agent: {e}"),
+                }
+                while let Some(item) = self.dec.next_frame() {
+                    let f = item.expect("the agent sends well-formed frames");
+                    self.model.on_frame(f.kind, f.id, f.payload);
+                }
+            }
+        }
+
+        /// Writes `stream[written..upto]`, reading meanwhile (that must
+        /// not take longer than [`WAIT`]: the agent reads its transport),
+        /// then waits until `done` holds or `limit` passes. Returns whether
+        /// `done` held.
+        fn run_until(
+            &mut self,
+            stream: &[u8],
+            upto: usize,
+            limit: Duration,
+            done: impl Fn(&Model) -> bool,
+        ) -> bool {
+            let write_deadline = Instant::now() + WAIT;
+            let mut wait_deadline = None;
+            loop {
+                let now = Instant::now();
+                if self.auto_ack && self.written >= upto {
+                    for (id, n) in self.model.unacked.drain() {
+                        let bytes = n.min(u64::from(u32::MAX)) as u32;
+                        Message::OutputAck(Ack { bytes }).encode(id, &mut self.acks);
+                    }
+                }
+                let acking = self.written >= upto && !self.acks.is_empty();
+                let writing = (self.written < upto || acking) && !self.write_failed && !self.eof;
+                let mut timeout = Duration::from_millis(2);
+                if writing {
+                    assert!(
+                        now < write_deadline,
+                        "the agent stopped reading its transport"
+                    );
+                } else {
+                    if done(&self.model) {
+                        return true;
+                    }
+                    let deadline = *wait_deadline.get_or_insert(now + limit);
+                    if now >= deadline || self.eof {
+                        return false;
+                    }
+                    timeout = timeout.min(deadline - now);
+                }
+                let mut pfd = libc::pollfd {
+                    fd: self.sock.as_raw_fd(),
+                    events: libc::POLLIN | if writing { libc::POLLOUT } else { 0 },
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().max(1) as i32) };
+                if n <= 0 {
+                    // SAFETY: signalling a thread of this process that is
+                    // alive (it holds the other end of the socket, and no
+                    // end of file has been read).
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_tgkill,
+                            libc::getpid(),
+                            self.agent_tid,
+                            libc::SIGCHLD,
+                        )
+                    };
+                    continue;
+                }
+                if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                    self.read();
+                }
+                if writing && pfd.revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0 {
+                    let rest = if acking {
+                        &self.acks[..]
+                    } else {
+                        &stream[self.written..upto]
+                    };
+                    // SAFETY: sending from a valid slice.
+                    let n = unsafe {
+                        libc::send(
+                            self.sock.as_raw_fd(),
+                            rest.as_ptr().cast(),
+                            rest.len(),
+                            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                        )
+                    };
+                    if n > 0 && acking {
+                        self.acks.drain(..n as usize);
+                    } else if n > 0 {
+                        self.written += n as usize;
+                        self.account();
+                    } else if n < 0 {
+                        match std::io::Error::last_os_error().raw_os_error() {
+                            Some(libc::EAGAIN | libc::EINTR) => {}
+                            // The agent has gone (SHUTDOWN): it reads no more.
+                            _ => self.write_failed = true,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    struct SockReader(RawFd);
+
+    impl std::io::Read for SockReader {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            // SAFETY: reading into a valid buffer.
+            let n = unsafe {
+                libc::recv(
+                    self.0,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        }
+    }
+
+    fn socketpair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` is a valid array of two ints.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "socketpair: {}", std::io::Error::last_os_error());
+        // SAFETY: both fds were just created and are owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    /// Once per process: no core files from children, whatever happens.
+    fn no_core_dumps() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let zero = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: a valid rlimit.
+            unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) };
+        });
+    }
+
+    /// Runs one input; see [`super::agent_dispatch`].
+    pub fn run(data: &[u8]) -> Summary {
+        no_core_dumps();
+        let Script {
+            config,
+            mut stream,
+            stops,
+        } = parse(data);
+        let shutdown_sent = |items: &[Decoded]| {
+            items.iter().any(|i| {
+                matches!(i, Decoded::Frame(f)
+                    if matches!(Message::decode_from_host(f.as_frame()), Ok(Message::Shutdown(_))))
+            })
+        };
+
+        // Bring the stream to a frame boundary (zero padding) so that the
+        // epilogue is read as frames, unless that takes more than a
+        // maximal frame (an oversized one being skipped).
+        let boundary = pad_to_boundary(&mut stream);
+        let (pre_items, _) = codec::decode_chunks([&stream[..]]);
+        let shutdown = shutdown_sent(&pre_items);
+        let mut exec_ids: Vec<u32> = pre_items
+            .iter()
+            .filter_map(|i| match i {
+                Decoded::Frame(f) if f.kind == Kind::Exec as u8 => Some(f.id),
+                _ => None,
+            })
+            .collect();
+        exec_ids.sort_unstable();
+        exec_ids.dedup();
+        let epilogue = boundary && !shutdown;
+        let final_barrier = barrier_payload(u32::MAX);
+        if epilogue {
+            for &id in &exec_ids {
+                Message::Signal(Signal {
+                    signal: libc::SIGCONT,
+                    group: true,
+                })
+                .encode(id, &mut stream);
+                Message::OutputAck(Ack { bytes: u32::MAX }).encode(id, &mut stream);
+                Message::StdinClose.encode(id, &mut stream);
+            }
+            codec::append_raw(&mut stream, Kind::Ping as u8, 0, &final_barrier);
+        }
+
+        let (items, _) = codec::decode_chunks([&stream[..]]);
+        let (ends, _) = item_ends(&stream);
+        assert_eq!(
+            ends.len(),
+            items.len(),
+            "item_ends disagrees with the decoder"
+        );
+        if !vet(&items) {
+            return Summary {
+                skipped: true,
+                ..Summary::default()
+            };
+        }
+
+        let fds_before = open_fds();
+        assert!(children().is_empty(), "children before the run");
+        let (host_sock, agent_sock) = socketpair();
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let agent = std::thread::spawn(move || {
+            crate::agent::process::setup_signals().expect("blocking signals");
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            let transport = Transport::from_fd(agent_sock, TransportKind::Stream);
+            let mut event_loop = EventLoop::new(config, transport).expect("the event loop");
+            event_loop.run()
+        });
+        let agent_tid = tid_rx.recv().expect("the agent thread started");
+        let mut host = Host {
+            sock: host_sock,
+            dec: Decoder::new(),
+            model: Model::default(),
+            eof: false,
+            agent_tid,
+            items,
+            ends,
+            sent_items: 0,
+            written: 0,
+            write_failed: false,
+            auto_ack: false,
+            acks: Vec::new(),
+        };
+        host.run_until(&stream, 0, WAIT, |m| m.ready);
+        assert!(host.model.ready || host.eof, "no READY");
+
+        // The script, stop by stop.
+        for (offset, stop) in &stops {
+            let offset = (*offset).min(stream.len());
+            match stop {
+                Stop::Barrier(payload) => {
+                    // Wait only for a barrier the agent decodes as a PING.
+                    let decoded = host.items.iter().any(|i| {
+                        matches!(i, Decoded::Frame(f)
+                            if f.kind == Kind::Ping as u8 && f.payload == *payload)
+                    });
+                    host.run_until(&stream, offset, WAIT, |m| {
+                        !decoded || m.barriers_seen.contains(payload) || m.shutdown_done
+                    });
+                }
+                Stop::Pause(d) => {
+                    host.run_until(&stream, offset, *d, |_| false);
+                }
+            }
+        }
+        let all = stream.len();
+        if epilogue {
+            let answered = host.run_until(&stream, all, WAIT, |m| {
+                m.barriers_seen.contains(&final_barrier)
+            });
+            assert!(answered || host.eof, "the final PING was not answered");
+            host.auto_ack = true;
+            let settled = host.run_until(&stream, all, WAIT, Model::settled);
+            assert!(
+                settled,
+                "sessions did not end after SIGCONT, OUTPUT_ACK and STDIN_CLOSE"
+            );
+        } else {
+            // SHUTDOWN ends the agent by itself; otherwise give sessions a
+            // moment before the end of file kills them.
+            let limit = if shutdown {
+                WAIT
+            } else {
+                Duration::from_millis(20)
+            };
+            host.run_until(&stream, all, limit, |m| m.shutdown_done);
+        }
+        // End of file for the agent.
+        // SAFETY: shutting down the write side of our own socket.
+        unsafe { libc::shutdown(host.sock.as_raw_fd(), libc::SHUT_WR) };
+        let deadline = Instant::now() + WAIT + WAIT;
+        while !host.eof {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not close the connection"
+            );
+            let mut pfd = libc::pollfd {
+                fd: host.sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, 10) };
+            host.read();
+        }
+        let exit = agent.join().expect("the agent thread panicked");
+        if host.model.shutdown_done {
+            assert_eq!(exit, Exit::Shutdown);
+        } else {
+            assert_eq!(exit, Exit::TransportClosed);
+        }
+        if !shutdown {
+            assert_eq!(
+                host.model.pongs,
+                host.model.pings.len(),
+                "PINGs left unanswered"
+            );
+        }
+        let summary = Summary {
+            frames: host.model.frames,
+            pongs: host.model.pongs,
+            shutdown_done: host.model.shutdown_done,
+            ..host.model.summary
+        };
+        drop(host);
+        let left = children();
+        assert!(left.is_empty(), "children left behind: {left:?}");
+        assert_eq!(open_fds(), fds_before, "fds leaked");
+        summary
+    }
+}

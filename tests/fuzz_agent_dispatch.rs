@@ -1,0 +1,73 @@
+//! Replays the seed corpus of the `agent_dispatch` fuzz target
+//! (fuzz/corpus/agent_dispatch/) through `agentd::fuzzing::agent_dispatch`,
+//! so `cargo test` on stable runs the agent's whole input path over every
+//! seed, and a crash input saved into the corpus stays a regression test.
+//!
+//! It has a test binary of its own: the body runs an agent in this process
+//! that reaps any child of the process and checks the process's fd count,
+//! so no other test may run beside it.
+
+use std::path::Path;
+use std::time::Instant;
+
+use agentd::fuzzing::dispatch::{self, Summary};
+
+/// One test only (see above): the seeds, and the vetting.
+#[test]
+fn agent_dispatch_corpus() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/agent_dispatch");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 20, "only {} seeds", files.len());
+    harmful_exec_is_skipped();
+    let mut total = Summary::default();
+    for path in &files {
+        let data = std::fs::read(path).unwrap();
+        let t = Instant::now();
+        let result = std::panic::catch_unwind(|| dispatch::run(&data));
+        let name = path.file_name().unwrap().to_string_lossy();
+        let s = result.unwrap_or_else(|_| panic!("agent_dispatch: {name} fails"));
+        println!("{name}: {:?} {s:?}", t.elapsed());
+        // Every seed reaches the agent: none is skipped by the vetting.
+        assert!(!s.skipped && s.frames > 0, "{name} is skipped");
+        total.started += s.started;
+        total.exec_failed += s.exec_failed;
+        total.exited += s.exited;
+        total.output_frames += s.output_frames;
+        total.stdin_acks += s.stdin_acks;
+        total.errors += s.errors;
+        total.pongs += s.pongs;
+        total.shutdown_done |= s.shutdown_done;
+    }
+    // Together the seeds cover every kind of answer.
+    println!("{total:?}");
+    assert!(total.started >= 30 && total.exited >= 20, "{total:?}");
+    assert!(total.exec_failed >= 10 && total.errors >= 10, "{total:?}");
+    assert!(
+        total.output_frames >= 10 && total.stdin_acks >= 5,
+        "{total:?}"
+    );
+    assert!(total.pongs >= 20 && total.shutdown_done, "{total:?}");
+}
+
+/// A raw-frame operation (tag 8) carrying EXEC `exec` for session 1.
+fn raw_exec_input(exec: &str) -> Vec<u8> {
+    let exec = agentd::messages::Exec::new(exec);
+    let frame = agentd::messages::Message::Exec(Box::new(exec)).to_bytes(1);
+    let payload = &frame[agentd::codec::HEADER_LEN..];
+    let mut input = vec![0x1f, 8, 0x10, 1, payload.len() as u8];
+    input.extend_from_slice(payload);
+    input
+}
+
+/// The harness itself refuses what it must not run: an EXEC of anything
+/// but the harmless programs, even as a raw frame, skips the input.
+fn harmful_exec_is_skipped() {
+    assert!(dispatch::run(&raw_exec_input("/bin/sh")).skipped);
+    let s = dispatch::run(&raw_exec_input("true"));
+    assert!(!s.skipped && s.started == 1 && s.exited == 1, "{s:?}");
+}

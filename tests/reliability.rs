@@ -1,0 +1,1011 @@
+//! Fault and load tests of `agentd --stdio` (issue 7): a host that stops
+//! reading or goes away, children that misbehave, fork bombs, long runs of
+//! sessions, many sessions at once, EPIPE/EAGAIN/EINTR. Each test states
+//! the property it checks; docs/RELIABILITY.md lists them all.
+//!
+//! Run with `cargo test --release --test reliability`. Timings and
+//! measurements are printed (`-- --nocapture`).
+
+mod rel_common;
+
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use agentd::messages::{ExecFailedKind, Message, Shutdown};
+use rel_common::*;
+
+// ---------------------------------------------------------------------------
+// The host stops reading; the host goes away.
+
+/// The host stops reading for STALL while five sessions flood output:
+/// the agent's RSS stays within idle + 2 MiB, nothing is lost or
+/// duplicated once the host reads again, and a PING sent during the stall
+/// is answered as soon as the host reads (behind at most the output the
+/// agent had queued). The issue asks for 10 s; 3 s shows the same thing
+/// (the agent reaches its high-water mark within milliseconds and then
+/// only waits), and `STALL_SECS=10` runs the full length.
+#[test]
+fn host_stops_reading_while_five_sessions_flood() {
+    let stall = Duration::from_secs(
+        std::env::var("STALL_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3),
+    );
+    const N: u32 = 600_000; // 4.5 MB of `seq` output per session
+    let expected = seq_output(N);
+    let mut a = Agent::start(&[]);
+    // Warm up: one session of each shape, so "idle" is an agent that has
+    // served before, not one that never allocated a session.
+    let log = a.run(&exec("seq", &["1", "1000"]));
+    assert_eq!(log.stdout, seq_output(1000));
+    a.ping(b"warm");
+    std::thread::sleep(Duration::from_millis(100));
+    let idle = a.rss_kib();
+
+    let mut flood = exec("seq", &["1", &N.to_string()]);
+    flood.stdin = false;
+    let ids: Vec<u32> = (0..5).map(|_| a.exec(&flood)).collect();
+    // From here on the host does not read: a send that would block fails
+    // the test instead of reading.
+    a.read_while_sending = false;
+    let bytes_before = a.bytes_in;
+    let pongs = a.pongs.len();
+    let t0 = Instant::now();
+    let mut max_rss = idle;
+    let mut pinged = false;
+    while t0.elapsed() < stall {
+        std::thread::sleep(Duration::from_millis(20));
+        max_rss = max_rss.max(a.rss_kib());
+        if !pinged && t0.elapsed() >= stall / 2 {
+            a.send(0, &Message::Ping(b"sent during the stall"));
+            pinged = true;
+        }
+    }
+    assert_eq!(a.bytes_in, bytes_before, "the host read during the stall");
+    println!(
+        "stall {stall:?}: idle RSS {idle} KiB, max RSS during the stall {max_rss} KiB (+{} KiB)",
+        max_rss - idle
+    );
+
+    // Resume: the PONG comes behind what was queued, not behind the flood.
+    a.read_while_sending = true;
+    let resumed = Instant::now();
+    a.wait_for("the PONG of the stall", Duration::from_secs(10), |a| {
+        a.pongs.len() == pongs + 1
+    });
+    let pong_time = resumed.elapsed();
+    let pong_bytes = a.bytes_in - bytes_before;
+    assert_eq!(a.pongs[pongs].1, b"sent during the stall");
+    println!("PONG {pong_time:?} and {pong_bytes} bytes after reading resumed");
+    assert!(
+        pong_time < Duration::from_secs(2),
+        "PONG took {pong_time:?}"
+    );
+    assert!(
+        pong_bytes < 3 << 20,
+        "{pong_bytes} bytes came before the PONG"
+    );
+    // A PING while the flood drains is answered promptly too.
+    let rtt = a.ping(b"during the flood");
+    println!("PING during the flood: {rtt:?}");
+    assert!(rtt < Duration::from_secs(2));
+
+    let mut sampled = 0;
+    for &id in &ids {
+        a.wait_for("the flood to end", Duration::from_secs(60), |a| {
+            a.logs[&id].done()
+        });
+        sampled = sampled.max(a.rss_kib());
+    }
+    max_rss = max_rss.max(sampled);
+    for id in ids {
+        let log = a.take_log(id);
+        assert_eq!(log.code(), Some(0), "{:?}", log.exited);
+        assert_eq!(
+            log.stdout.len(),
+            expected.len(),
+            "session {id}: bytes lost or duplicated"
+        );
+        assert!(log.stdout == expected, "session {id}: output differs");
+        assert!(log.stderr.is_empty());
+    }
+    let hwm = status_kib(a.pid, "VmHWM").unwrap();
+    println!("max RSS {max_rss} KiB, VmHWM {hwm} KiB, idle {idle} KiB");
+    assert!(
+        max_rss <= idle + 2048,
+        "RSS grew from {idle} to {max_rss} KiB"
+    );
+    // The peak over the whole test, drain included, is higher: while the
+    // host reads, the output queue's buffer may reach about twice the
+    // high-water mark before its written part is compacted away. Still
+    // bounded.
+    assert!(hwm <= idle + 3072, "VmHWM {hwm} KiB, idle {idle} KiB");
+}
+
+/// Starts the sessions of the disconnect tests: floods on pipes and on a
+/// terminal, and a session whose group holds background children.
+fn start_floods(a: &mut Agent) -> Vec<i32> {
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(a.exec(&exec("yes", &["flood"])));
+    }
+    let mut tty = exec("yes", &["tty flood"]);
+    tty.tty = true;
+    ids.push(a.exec(&tty));
+    ids.push(a.exec(&sh("sleep 60 & sleep 60 & exec yes group")));
+    let pids: Vec<i32> = ids.iter().map(|&id| a.wait_started(id)).collect();
+    // Some output has flowed, so the agent is busy writing.
+    let start = a.bytes_in;
+    a.wait_for("1 MiB of flood", TIMEOUT, |a| a.bytes_in - start > 1 << 20);
+    pids
+}
+
+fn assert_sessions_gone(pids: &[i32]) {
+    let gone = eventually(Duration::from_secs(5), || {
+        procs_in_sessions(pids).is_empty()
+    });
+    let left = procs_in_sessions(pids);
+    if !gone {
+        kill_sessions(pids);
+    }
+    assert!(gone, "processes of the sessions remain: {left:?}");
+}
+
+/// The host closes both ends in the middle of a flood (stdio mode): every
+/// session is killed, the agent exits 0 within a few seconds, and no
+/// process of any session is left (not even a zombie).
+#[test]
+fn host_disconnects_mid_flood() {
+    let mut a = Agent::start(&[]);
+    let pids = start_floods(&mut a);
+    a.close_read();
+    a.close_write();
+    let status = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_sessions_gone(&pids);
+}
+
+/// The host stops reading for good and closes only its read side: the
+/// agent's next write fails with EPIPE, which ends it like end of file.
+#[test]
+fn host_closes_read_side_mid_flood_epipe() {
+    let mut a = Agent::start(&[]);
+    let pids = start_floods(&mut a);
+    a.close_read();
+    let status = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_sessions_gone(&pids);
+}
+
+/// The host closes only its write side and keeps reading: the agent sees
+/// end of file, kills every session, writes what it had queued and closes
+/// the stream at a frame boundary.
+#[test]
+fn host_closes_write_side_mid_flood_eof() {
+    let mut a = Agent::start(&[]);
+    let pids = start_floods(&mut a);
+    a.close_write();
+    a.read_to_eof(Duration::from_secs(10));
+    let status = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_sessions_gone(&pids);
+}
+
+// ---------------------------------------------------------------------------
+// Children that misbehave.
+
+/// Agent CPU time (user + system) in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &text[text.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// A child closes its stdout first thing and keeps running: the session
+/// goes on (stderr flows, PING is answered), the agent does not spin on
+/// the closed pipe, and EXITED comes when the process exits, with its code.
+#[test]
+fn child_closes_stdout_early_and_keeps_running() {
+    let mut a = Agent::start(&[]);
+    let t = Instant::now();
+    let id = a.exec(&sh(
+        "exec >&-; echo closed >&2; sleep 1; echo still running >&2; exit 7",
+    ));
+    a.close_stdin(id);
+    a.wait_for("stderr", TIMEOUT, |a| a.logs[&id].stderr == b"closed\n");
+    let ticks = cpu_ticks(a.pid);
+    a.ping(b"alive");
+    let log = a.wait_done(id);
+    let elapsed = t.elapsed();
+    let spent = cpu_ticks(a.pid) - ticks;
+    assert_eq!(log.code(), Some(7));
+    assert!(log.stdout.is_empty());
+    assert_eq!(log.stderr, b"closed\nstill running\n");
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "EXITED after {elapsed:?}"
+    );
+    // 100 ticks per second: the agent slept through the second.
+    assert!(
+        spent <= 10,
+        "the agent used {spent} ticks while the child slept"
+    );
+}
+
+/// SHUTDOWN with a child that ignores SIGTERM: the well-behaved session
+/// ends by SIGTERM at once, the ignoring one by SIGKILL when the grace
+/// ends (not before, and not much after), then SHUTDOWN_DONE, exit 0.
+#[test]
+fn shutdown_kills_a_child_that_ignores_sigterm() {
+    let mut a = Agent::start(&[]);
+    let stubborn = a.exec(&sh("trap '' TERM; echo ready; exec sleep 60"));
+    let polite = a.exec(&exec("sleep", &["60"]));
+    let pids = vec![a.wait_started(stubborn), a.wait_started(polite)];
+    a.wait_for("the trap", TIMEOUT, |a| {
+        a.logs[&stubborn].stdout == b"ready\n"
+    });
+    let grace = Duration::from_millis(600);
+    let t = Instant::now();
+    a.send(0, &Message::Shutdown(Shutdown { grace_ms: 600 }));
+    a.wait_for("EXITED of the polite session", TIMEOUT, |a| {
+        a.logs[&polite].done()
+    });
+    let polite_time = t.elapsed();
+    a.wait_for("EXITED of the stubborn session", TIMEOUT, |a| {
+        a.logs[&stubborn].done()
+    });
+    let stubborn_time = t.elapsed();
+    a.wait_for("SHUTDOWN_DONE", TIMEOUT, |a| a.shutdown_done);
+    println!("SIGTERM'd after {polite_time:?}, SIGKILL'd after {stubborn_time:?}");
+    assert_eq!(a.logs[&polite].signal(), Some(libc::SIGTERM));
+    assert_eq!(a.logs[&stubborn].signal(), Some(libc::SIGKILL));
+    assert!(polite_time < grace, "SIGTERM took {polite_time:?}");
+    assert!(stubborn_time >= grace, "killed before the grace ended");
+    assert!(
+        stubborn_time < grace + Duration::from_millis(1500),
+        "SIGKILL came {stubborn_time:?} after SHUTDOWN"
+    );
+    a.read_to_eof(Duration::from_secs(10));
+    assert_eq!(a.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert_sessions_gone(&pids);
+}
+
+/// A child `setsid`s away from its session's group. Documented behaviour:
+/// it is no longer part of the session (EXITED does not wait for it once
+/// it holds none of the session's pipes, group SIGNALs and SHUTDOWN's
+/// SIGTERM miss it), but it is the agent's (the agent is a subreaper):
+/// when it exits the agent reaps it, so it never lingers as a zombie; and
+/// end of file on the transport kills it with everything else.
+#[test]
+fn child_that_setsids_away_is_reaped() {
+    let mut a = Agent::start(&[]);
+    // util-linux setsid calls setsid(2) itself when it is not a group
+    // leader (a background job of a shell without job control is not), so
+    // $! is the escapee's pid.
+    let log = a.run(&sh("setsid sleep 1 </dev/null >/dev/null 2>&1 & echo $!"));
+    assert_eq!(log.code(), Some(0));
+    let session = log.pid.unwrap();
+    let escapee: i32 = log.stdout_str().trim().parse().expect("pid");
+    // The shell printed $! right after fork: give the child time to reach
+    // setsid(2).
+    let escaped = eventually(Duration::from_secs(5), || {
+        proc_stat(escapee).is_some_and(|p| p.sid == escapee)
+    });
+    let p = proc_stat(escapee).expect("the escapee runs after EXITED");
+    assert!(escaped, "it has no session of its own: {p:?}");
+    assert_ne!(p.pgrp, session);
+    assert_eq!(p.ppid, a.pid, "the agent adopted it");
+    // It exits after a second; the agent reaps it (no zombie).
+    let reaped = eventually(Duration::from_secs(5), || proc_stat(escapee).is_none());
+    assert!(reaped, "escapee {escapee}: {:?}", proc_stat(escapee));
+    assert!(zombie_children(a.pid).is_empty());
+
+    // One that keeps the session's stdout: EXITED waits linger_ms for it,
+    // not longer; its later write hits a closed pipe and it dies; reaped.
+    let mut e = sh("setsid sh -c 'sleep 0.5; echo late' & echo $!");
+    e.linger_ms = 100;
+    let t = Instant::now();
+    let log = a.run(&e);
+    let took = t.elapsed();
+    assert_eq!(log.code(), Some(0));
+    let escapee: i32 = log.stdout_str().trim().parse().expect("pid");
+    assert!(took < Duration::from_millis(450), "EXITED took {took:?}");
+    assert!(!log.stdout_str().contains("late"));
+    let reaped = eventually(Duration::from_secs(5), || proc_stat(escapee).is_none());
+    assert!(reaped, "escapee {escapee}: {:?}", proc_stat(escapee));
+
+    // End of file on the transport kills escapees too.
+    let log = a.run(&sh("setsid sleep 60 </dev/null >/dev/null 2>&1 & echo $!"));
+    let escapee: i32 = log.stdout_str().trim().parse().expect("pid");
+    assert!(proc_stat(escapee).is_some());
+    a.close_write();
+    a.read_to_eof(Duration::from_secs(10));
+    assert_eq!(a.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    let gone = eventually(Duration::from_secs(5), || proc_stat(escapee).is_none());
+    if !gone {
+        kill(escapee, libc::SIGKILL);
+    }
+    assert!(gone, "the escapee survived the agent");
+}
+
+/// Documented behaviour (see docs/RELIABILITY.md): SHUTDOWN signals the
+/// sessions' process groups only, so an escapee the agent adopted is not
+/// signalled, and when a stdio agent then exits it is left running (its
+/// parent becomes the next reaper up); end of file, by contrast, kills
+/// every child of the agent. (As PID 1 the power-off ends it.)
+#[test]
+fn shutdown_leaves_an_adopted_escapee_running_in_stdio_mode() {
+    let mut a = Agent::start(&[]);
+    let log = a.run(&sh("setsid sleep 30 </dev/null >/dev/null 2>&1 & echo $!"));
+    let escapee: i32 = log.stdout_str().trim().parse().expect("pid");
+    let adopted = eventually(Duration::from_secs(5), || {
+        proc_stat(escapee).is_some_and(|p| p.sid == escapee && p.ppid == a.pid)
+    });
+    assert!(adopted, "{:?}", proc_stat(escapee));
+    a.send(0, &Message::Shutdown(Shutdown { grace_ms: 100 }));
+    a.read_to_eof(Duration::from_secs(10));
+    assert!(a.shutdown_done);
+    assert_eq!(a.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    let p = proc_stat(escapee);
+    kill(escapee, libc::SIGKILL);
+    let p = p.expect("the escapee outlives a SHUTDOWN");
+    assert_ne!(p.ppid, a.pid);
+    assert_ne!(p.state, 'Z');
+}
+
+// ---------------------------------------------------------------------------
+// Fork bombs.
+
+/// A fork bomb as an unprivileged user with `nproc` limited churns at the
+/// limit; meanwhile other sessions run and PING is answered. Killing the
+/// session's group ends it.
+#[test]
+fn fork_bomb_with_nproc_limit_does_not_stop_the_agent() {
+    let mut a = Agent::start(&[]);
+    let mut bomb = sh("b() { b | b & }; b; exec sleep 60");
+    bomb.user = Some("nobody".into());
+    bomb.rlimits = vec![agentd::messages::Rlimit {
+        resource: "nproc".into(),
+        soft: 30,
+        hard: 30,
+    }];
+    bomb.stdin = false;
+    let id = a.exec(&bomb);
+    let pid = a.wait_started(id);
+    let t = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut runs = 0;
+    while t.elapsed() < Duration::from_secs(2) {
+        let s = Instant::now();
+        let log = a.run(&exec("echo", &["ok"]));
+        assert_eq!(log.stdout, b"ok\n");
+        assert_eq!(log.code(), Some(0));
+        worst = worst.max(s.elapsed()).max(a.ping(b"bomb"));
+        runs += 1;
+    }
+    println!("under the bomb: {runs} sessions and PINGs, worst {worst:?}");
+    assert!(runs >= 5, "only {runs} sessions in 2 s");
+    assert!(worst < Duration::from_secs(1), "worst {worst:?}");
+    a.wait_for("the bomb to hit its limit", TIMEOUT, |a| {
+        String::from_utf8_lossy(&a.logs[&id].stderr).contains("fork")
+    });
+    a.signal(id, libc::SIGKILL);
+    kill_sessions(&[pid]);
+    let log = a.wait_done(id);
+    assert_eq!(log.signal(), Some(libc::SIGKILL));
+    let clean = eventually(Duration::from_secs(5), || zombie_children(a.pid).is_empty());
+    assert!(clean, "zombies: {:?}", zombie_children(a.pid));
+}
+
+/// A bounded bomb without limits (binary tree of depth 7: 254 shells, each
+/// with a `sleep`; most become orphans of the agent): PING is answered
+/// throughout, every process ends and is reaped.
+#[test]
+fn bounded_fork_bomb_without_limits() {
+    let mut a = Agent::start(&[]);
+    let id = a.exec(&sh(
+        "b() { if [ $1 -gt 0 ]; then b $(($1-1)) & b $(($1-1)) & fi; sleep 1; }; b 7",
+    ));
+    a.close_stdin(id);
+    let pid = a.wait_started(id);
+    let t = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut max_procs = 0;
+    while t.elapsed() < Duration::from_millis(2500) {
+        worst = worst.max(a.ping(b"loaded"));
+        max_procs = max_procs.max(procs_in_sessions(&[pid]).len());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("bomb: up to {max_procs} processes, worst PING {worst:?}");
+    assert!(max_procs > 50, "the bomb did not go off ({max_procs})");
+    assert!(worst < Duration::from_secs(1), "worst PING {worst:?}");
+    let log = a.wait_done(id);
+    assert_eq!(log.code(), Some(0));
+    let gone = eventually(Duration::from_secs(10), || {
+        procs_in_sessions(&[pid]).is_empty()
+    });
+    if !gone {
+        kill_sessions(&[pid]);
+    }
+    assert!(gone, "the bomb's processes outlive it");
+    assert!(zombie_children(a.pid).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Long runs and many sessions.
+
+/// Runs session number `i` of the mix (a cycle of 20: 8 `/bin/true`, 2
+/// `cat` fed through stdin, 2 tty sessions, 2 failures before exec (one
+/// found missing by execve, one by chdir), 2 exit codes, 1 death by
+/// signal with output on both streams, 1 whose background child is
+/// orphaned and adopted, 2 with stdin /dev/null) and checks its outcome.
+fn mixed_session(a: &mut Agent, i: usize) {
+    match i % 20 {
+        0..=7 => {
+            let log = a.run(&exec("/bin/true", &[]));
+            assert_eq!(log.code(), Some(0));
+        }
+        8 | 9 => {
+            let id = a.exec(&exec("cat", &[]));
+            a.stdin(id, b"piped\n");
+            a.close_stdin(id);
+            let log = a.wait_done(id);
+            assert_eq!(log.stdout, b"piped\n");
+            assert_eq!(log.acked, 6);
+        }
+        10 | 11 => {
+            let mut e = exec("/bin/echo", &["tty"]);
+            e.tty = true;
+            let log = a.run(&e);
+            assert_eq!(log.stdout, b"tty\r\n");
+            assert_eq!(log.code(), Some(0));
+        }
+        12 => {
+            let log = a.run(&exec("/nonexistent/program", &[]));
+            let f = log.failed.expect("EXEC_FAILED");
+            assert_eq!(f.failed_kind(), Some(ExecFailedKind::NotFound));
+        }
+        13 => {
+            let mut e = exec("/bin/true", &[]);
+            e.cwd = Some("/nonexistent-dir".into());
+            let log = a.run(&e);
+            let f = log.failed.expect("EXEC_FAILED");
+            assert_eq!(f.failed_kind(), Some(ExecFailedKind::BadCwd));
+        }
+        14 | 15 => {
+            let log = a.run(&exec("/bin/false", &[]));
+            assert_eq!(log.code(), Some(1));
+        }
+        16 => {
+            let mut e = sh("echo out; echo err >&2; kill -9 $$");
+            e.stdin = false;
+            let log = a.run(&e);
+            assert_eq!(log.signal(), Some(9));
+            assert_eq!(log.stdout, b"out\n");
+            assert_eq!(log.stderr, b"err\n");
+        }
+        17 => {
+            // The shell exits, its background child is adopted.
+            let log = a.run(&sh("/bin/true & exit 0"));
+            assert_eq!(log.code(), Some(0));
+        }
+        _ => {
+            let mut e = exec("/bin/echo", &["no stdin"]);
+            e.stdin = false;
+            let log = a.run(&e);
+            assert_eq!(log.stdout, b"no stdin\n");
+        }
+    }
+}
+
+/// 10,000 sessions one after another, mixing pipes, ttys, failures before
+/// and after fork, orphans, exit codes and signals: at the end the agent
+/// has exactly the fds it had at the start, its RSS is the same (within
+/// 256 KiB: allocator slack), and it has no zombie children. Sized by
+/// `SEQUENTIAL_SESSIONS`.
+#[test]
+fn ten_thousand_sequential_sessions_leak_nothing() {
+    let total: usize = std::env::var("SEQUENTIAL_SESSIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
+    let mut a = Agent::start(&[]);
+    // Warm-up: every shape once, so first-use allocations are in the base.
+    for i in 0..200 {
+        mixed_session(&mut a, i);
+    }
+    assert!(eventually(Duration::from_secs(2), || zombie_children(
+        a.pid
+    )
+    .is_empty()));
+    let fds = a.fd_count();
+    let rss = a.rss_kib();
+    let t = Instant::now();
+    let mut max_rss = rss;
+    for i in 0..total {
+        mixed_session(&mut a, i);
+        if i % 1000 == 999 {
+            max_rss = max_rss.max(a.rss_kib());
+            assert!(a.logs.is_empty());
+        }
+    }
+    let elapsed = t.elapsed();
+    a.ping(b"end");
+    let clean = eventually(Duration::from_secs(2), || zombie_children(a.pid).is_empty());
+    let fds_end = a.fd_count();
+    let rss_end = a.rss_kib();
+    println!(
+        "{total} sessions in {elapsed:.1?} ({:.0}/s); fds {fds} -> {fds_end}; RSS {rss} -> {rss_end} KiB (max {max_rss})",
+        total as f64 / elapsed.as_secs_f64()
+    );
+    assert!(clean, "zombies: {:?}", zombie_children(a.pid));
+    assert_eq!(fds_end, fds, "the agent's fd count changed");
+    assert!(rss_end <= rss + 256, "RSS grew from {rss} to {rss_end} KiB");
+}
+
+/// 1,000 sessions at once (`--max-sessions 1100`): all start, each echoes
+/// its own line through stdin, all exit 0 with exactly their output.
+#[test]
+fn thousand_concurrent_sessions() {
+    const N: usize = 1000;
+    let mut cmd = std::process::Command::new(AGENTD);
+    cmd.args(["--stdio", "--max-sessions", "1100"]);
+    raise_nofile(&mut cmd, 8192);
+    let mut a = Agent::start_cmd(cmd);
+    let t = Instant::now();
+    let ids: Vec<u32> = (0..N).map(|_| a.exec(&exec("cat", &[]))).collect();
+    for &id in &ids {
+        a.wait_started(id);
+    }
+    let started = t.elapsed();
+    let live = children_of(a.pid).len();
+    assert!(live >= N, "only {live} children alive at once");
+    for &id in &ids {
+        a.stdin(id, format!("session {id}\n").as_bytes());
+        a.close_stdin(id);
+    }
+    for &id in &ids {
+        let log = a.wait_done(id);
+        assert_eq!(log.code(), Some(0));
+        assert_eq!(log.stdout, format!("session {id}\n").as_bytes());
+    }
+    println!(
+        "{N} concurrent sessions: started in {started:?}, done in {:?}",
+        t.elapsed()
+    );
+    assert!(eventually(Duration::from_secs(2), || zombie_children(
+        a.pid
+    )
+    .is_empty()));
+}
+
+/// Runs the agent with RLIMIT_NOFILE at `n` (soft and hard).
+fn raise_nofile(cmd: &mut std::process::Command, n: u64) {
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Out of descriptors (RLIMIT_NOFILE 48): EXECs beyond what fits fail with
+/// `resource`, the running sessions and PING are unaffected, and once they
+/// end new sessions start again; the fd count returns to where it was.
+#[test]
+fn out_of_descriptors_is_exec_failed_resource() {
+    let mut cmd = std::process::Command::new(AGENTD);
+    cmd.arg("--stdio");
+    raise_nofile(&mut cmd, 48);
+    let mut a = Agent::start_cmd(cmd);
+    let fds = a.fd_count();
+    let ids: Vec<u32> = (0..20).map(|_| a.exec(&exec("cat", &[]))).collect();
+    a.wait_for("every EXEC answered", TIMEOUT, |a| {
+        ids.iter()
+            .all(|id| a.logs[id].pid.is_some() || a.logs[id].failed.is_some())
+    });
+    let (running, failed): (Vec<u32>, Vec<u32>) =
+        ids.iter().partition(|id| a.logs[id].pid.is_some());
+    println!("{} started, {} failed", running.len(), failed.len());
+    assert!(!running.is_empty() && !failed.is_empty());
+    for id in &failed {
+        let f = a.logs[id].failed.as_ref().unwrap();
+        assert_eq!(f.failed_kind(), Some(ExecFailedKind::Resource), "{f:?}");
+    }
+    a.ping(b"still here");
+    for &id in &running {
+        a.stdin(id, b"x");
+        a.close_stdin(id);
+        let log = a.wait_done(id);
+        assert_eq!(log.stdout, b"x");
+    }
+    let log = a.run(&exec("echo", &["again"]));
+    assert_eq!(log.stdout, b"again\n");
+    assert_eq!(a.fd_count(), fds);
+}
+
+// ---------------------------------------------------------------------------
+// EPIPE, EAGAIN, EINTR.
+
+/// A child closes its stdin while the host is sending: every byte is still
+/// acknowledged (written or discarded), no ERROR, the session ends normally.
+#[test]
+fn child_closes_stdin_while_host_sends() {
+    let mut a = Agent::start(&[]);
+    let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let id = a.exec(&sh(
+        "head -c 10 >/dev/null; exec 0<&-; sleep 0.2; echo done",
+    ));
+    a.write_stdin_all(id, &data);
+    a.close_stdin(id);
+    let log = a.wait_done(id);
+    assert_eq!(log.code(), Some(0));
+    assert_eq!(log.stdout, b"done\n");
+    assert_eq!(
+        log.acked,
+        data.len() as u64,
+        "every STDIN byte is acknowledged"
+    );
+    assert!(log.errors.is_empty(), "{:?}", log.errors);
+
+    // Closed before the first byte arrives.
+    let id = a.exec(&sh("exec 0<&-; sleep 0.3; echo done"));
+    for _ in 0..3 {
+        a.stdin(id, &data[..64 * 1024]);
+    }
+    let log = a.wait_done(id);
+    assert_eq!(log.stdout, b"done\n");
+    assert_eq!(log.acked, 3 * 64 * 1024);
+    assert!(log.errors.is_empty(), "{:?}", log.errors);
+}
+
+/// A child that never reads its stdin, sent a full window: the agent's
+/// writes to its pipe hit EAGAIN and the session stalls, alone: another
+/// session streams through `cat` and PING is answered meanwhile. When the
+/// child exits, the rest is discarded (EPIPE), without ERROR. The same on
+/// a terminal, whose input queue fills much sooner.
+#[test]
+fn child_not_reading_stdin_stalls_only_its_session() {
+    let mut a = Agent::start(&[]);
+    let window = a.ready.stdin_window as usize;
+    for tty in [false, true] {
+        let mut e = exec("sleep", &["1"]);
+        e.tty = tty;
+        let stuck = a.exec(&e);
+        a.wait_started(stuck);
+        let block = vec![b'z'; 64 * 1024];
+        for _ in 0..window / block.len() {
+            a.stdin(stuck, &block);
+        }
+        let acked = a.logs[&stuck].acked;
+        assert!(
+            acked < window as u64,
+            "tty {tty}: everything was written ({acked})"
+        );
+        // Meanwhile, another session works and PING is answered.
+        let other = a.exec(&exec("cat", &[]));
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let t = Instant::now();
+        a.write_stdin_all(other, &data);
+        a.close_stdin(other);
+        let log = a.wait_done(other);
+        assert!(
+            log.stdout == data,
+            "tty {tty}: the other session's output differs"
+        );
+        let rtt = a.ping(b"stalled");
+        assert!(t.elapsed() < Duration::from_secs(5) && rtt < Duration::from_secs(1));
+        let log = a.wait_done(stuck);
+        assert_eq!(log.code(), Some(0), "tty {tty}: {log:?}");
+        assert!(log.acked <= window as u64);
+        assert!(log.errors.is_empty(), "tty {tty}: {:?}", log.errors);
+    }
+}
+
+/// The host reads slowly (4 KiB reads with pauses), so the agent's writes
+/// to the transport hit EAGAIN again and again: all output arrives intact
+/// and in order, and PING is answered in between.
+#[test]
+fn slow_host_reader_transport_eagain() {
+    const N: u32 = 150_000;
+    let expected = seq_output(N);
+    let mut a = Agent::start(&[]);
+    a.read_chunk = Some(4096);
+    let mut e = exec("seq", &["1", &N.to_string()]);
+    e.stdin = false;
+    let ids: Vec<u32> = (0..3).map(|_| a.exec(&e)).collect();
+    let mut pings = 0;
+    let t = Instant::now();
+    while !ids.iter().all(|id| a.logs[id].done()) {
+        assert!(t.elapsed() < TIMEOUT);
+        std::thread::sleep(Duration::from_millis(1));
+        a.pump(Duration::from_millis(10));
+        if a.bytes_in > (pings + 1) * (1 << 20) {
+            a.send(0, &Message::Ping(b"slow"));
+            pings += 1;
+        }
+    }
+    a.wait_for("PONGs", TIMEOUT, |a| a.pongs.len() as u64 == pings);
+    println!(
+        "slow reader: {} bytes in {:?}, {pings} PINGs",
+        a.bytes_in,
+        t.elapsed()
+    );
+    for id in ids {
+        let log = a.take_log(id);
+        assert_eq!(log.code(), Some(0));
+        assert!(log.stdout == expected, "session {id}: output differs");
+    }
+}
+
+/// While data streams through a `cat` session (2 MiB in, checked byte for
+/// byte out): 300 short sessions and orphans raise a storm of SIGCHLD,
+/// another thread sends the agent thousands of extra SIGCHLDs, and
+/// SIGSTOP/SIGCONT pairs interrupt its poll (EINTR). Nothing is lost,
+/// everything exits, nothing is left unreaped.
+#[test]
+fn signal_storms_during_transfers() {
+    let mut a = Agent::start(&[]);
+    let agent = a.pid;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                kill(agent, libc::SIGCHLD);
+                if n % 20 == 0 {
+                    kill(agent, libc::SIGSTOP);
+                    std::thread::sleep(Duration::from_micros(200));
+                    kill(agent, libc::SIGCONT);
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            kill(agent, libc::SIGCONT);
+            n
+        })
+    };
+    let data: Vec<u8> = (0..2u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let cat = a.exec(&exec("cat", &[]));
+    let mut short = Vec::new();
+    let mut sent = 0;
+    for (i, chunk) in data.chunks(16 * 1024).enumerate() {
+        let need = (sent + chunk.len()) as u64;
+        let window = u64::from(a.ready.stdin_window);
+        a.wait_for("window", TIMEOUT, |a| need - a.logs[&cat].acked <= window);
+        a.stdin(cat, chunk);
+        sent += chunk.len();
+        if short.len() < 300 {
+            let e = if i % 3 == 0 {
+                sh("true & true & exit 3")
+            } else {
+                exec("/bin/true", &[])
+            };
+            short.push((a.exec(&e), i % 3 == 0));
+        }
+    }
+    a.close_stdin(cat);
+    for (id, orphans) in short {
+        let log = a.wait_done(id);
+        assert_eq!(log.code(), Some(if orphans { 3 } else { 0 }));
+    }
+    let log = a.wait_done(cat);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let signals = storm.join().unwrap();
+    println!(
+        "{signals} SIGCHLDs and {} stop/continue pairs sent",
+        signals / 20
+    );
+    assert_eq!(log.code(), Some(0));
+    assert_eq!(log.stdout.len(), data.len());
+    assert!(log.stdout == data, "cat's output differs from its input");
+    a.ping(b"after the storm");
+    assert!(eventually(Duration::from_secs(2), || zombie_children(
+        a.pid
+    )
+    .is_empty()));
+}
+
+// ---------------------------------------------------------------------------
+// Soak (run by tests/soak.sh; ignored by `cargo test`).
+
+/// One kind of soak session.
+#[derive(Clone, Copy, Debug)]
+enum SoakKind {
+    True,
+    False,
+    Cat,
+    Tty,
+    NotFound,
+    BadCwd,
+    Orphan,
+    Escapee,
+    Killed,
+    Flood,
+    Epipe,
+}
+
+const SOAK_MIX: [SoakKind; 16] = [
+    SoakKind::True,
+    SoakKind::Cat,
+    SoakKind::Tty,
+    SoakKind::True,
+    SoakKind::False,
+    SoakKind::NotFound,
+    SoakKind::Orphan,
+    SoakKind::True,
+    SoakKind::Killed,
+    SoakKind::Cat,
+    SoakKind::BadCwd,
+    SoakKind::Flood,
+    SoakKind::True,
+    SoakKind::Epipe,
+    SoakKind::Escapee,
+    SoakKind::Tty,
+];
+
+const SOAK_FLOOD: u32 = 20_000;
+
+fn soak_start(a: &mut Agent, kind: SoakKind) -> u32 {
+    let id = match kind {
+        SoakKind::True => a.exec(&exec("/bin/true", &[])),
+        SoakKind::False => a.exec(&exec("/bin/false", &[])),
+        SoakKind::Cat => {
+            let id = a.exec(&exec("cat", &[]));
+            a.stdin(id, format!("line {id}\n").as_bytes());
+            id
+        }
+        SoakKind::Tty => {
+            let mut e = exec("/bin/echo", &["tty"]);
+            e.tty = true;
+            a.exec(&e)
+        }
+        SoakKind::NotFound => a.exec(&exec("/nonexistent/program", &[])),
+        SoakKind::BadCwd => {
+            let mut e = exec("/bin/true", &[]);
+            e.cwd = Some("/nonexistent-dir".into());
+            a.exec(&e)
+        }
+        SoakKind::Orphan => a.exec(&sh("/bin/true & /bin/true & exit 0")),
+        SoakKind::Escapee => a.exec(&sh("setsid sleep 0.2 </dev/null >/dev/null 2>&1 & exit 0")),
+        SoakKind::Killed => a.exec(&exec("sleep", &["30"])),
+        SoakKind::Flood => {
+            let mut e = exec("seq", &["1", &SOAK_FLOOD.to_string()]);
+            e.stdin = false;
+            a.exec(&e)
+        }
+        SoakKind::Epipe => {
+            // STDIN comes with the EXEC: it is queued while the session
+            // starts, so it is written (or discarded) before the end.
+            return a.exec_with_stdin(&sh("exec 0<&-; echo closed"), &[b'x'; 4096]);
+        }
+    };
+    if !matches!(kind, SoakKind::Flood) {
+        a.close_stdin(id);
+    }
+    id
+}
+
+fn soak_check(kind: SoakKind, id: u32, log: &Log, flood: &[u8]) {
+    let ok = match kind {
+        SoakKind::True | SoakKind::Orphan | SoakKind::Escapee => log.code() == Some(0),
+        SoakKind::False => log.code() == Some(1),
+        SoakKind::Cat => log.stdout == format!("line {id}\n").as_bytes() && log.code() == Some(0),
+        SoakKind::Tty => log.stdout == b"tty\r\n",
+        SoakKind::NotFound => log
+            .failed
+            .as_ref()
+            .is_some_and(|f| f.failed_kind() == Some(ExecFailedKind::NotFound)),
+        SoakKind::BadCwd => log
+            .failed
+            .as_ref()
+            .is_some_and(|f| f.failed_kind() == Some(ExecFailedKind::BadCwd)),
+        SoakKind::Killed => log.signal() == Some(libc::SIGTERM),
+        SoakKind::Flood => log.stdout == flood && log.code() == Some(0),
+        // Every STDIN byte is discarded (EPIPE) and acknowledged.
+        SoakKind::Epipe => log.stdout == b"closed\n" && log.acked == 4096 && log.errors.is_empty(),
+    };
+    assert!(ok, "soak session {id} ({kind:?}): {log:?}");
+}
+
+/// The soak: a mixed workload, 8 sessions in flight, for SOAK_SECS
+/// seconds. Every 10 s it lets the sessions in flight finish and prints
+/// sessions/s, the agent's fds, RSS and zombie children; it fails if the
+/// fd count differs from the first measurement, a zombie survives from one
+/// report to the next, RSS grows by more than 4 MiB, a session's outcome
+/// is wrong, or the agent dies.
+#[test]
+#[ignore]
+fn soak() {
+    let secs: u64 = std::env::var("SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    const IN_FLIGHT: usize = 8;
+    let flood = seq_output(SOAK_FLOOD);
+    let mut a = Agent::start(&[]);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let mut next_report = start + Duration::from_secs(10);
+    let mut baseline: Option<(usize, u64)> = None;
+    let mut in_flight: Vec<(u32, SoakKind, bool)> = Vec::new();
+    let (mut done, mut done_at_report, mut n) = (0u64, 0u64, 0usize);
+    let mut last_report = start;
+    let mut old_zombies: Vec<i32> = Vec::new();
+    loop {
+        let now = Instant::now();
+        let reporting = now >= next_report || now >= end;
+        while !reporting && in_flight.len() < IN_FLIGHT {
+            let kind = SOAK_MIX[n % SOAK_MIX.len()];
+            n += 1;
+            in_flight.push((soak_start(&mut a, kind), kind, false));
+        }
+        if in_flight.is_empty() {
+            // Quiescent: measure.
+            a.ping(b"soak");
+            let fds = a.fd_count();
+            let rss = a.rss_kib();
+            let zombies = zombie_children(a.pid);
+            let rate = (done - done_at_report) as f64 / last_report.elapsed().as_secs_f64();
+            println!(
+                "soak {:>5}s: {done} sessions ({rate:.0}/s), agent fds {fds}, RSS {rss} KiB, zombies {}",
+                start.elapsed().as_secs(),
+                zombies.len()
+            );
+            let (fds0, rss0) = *baseline.get_or_insert((fds, rss));
+            assert_eq!(fds, fds0, "the agent's fd count changed");
+            assert!(rss <= rss0 + 4096, "RSS grew from {rss0} to {rss} KiB");
+            let stuck: Vec<i32> = zombies
+                .iter()
+                .filter(|z| old_zombies.contains(z))
+                .copied()
+                .collect();
+            assert!(stuck.is_empty(), "zombies not reaped for 10 s: {stuck:?}");
+            old_zombies = zombies;
+            done_at_report = done;
+            last_report = Instant::now();
+            next_report = last_report + Duration::from_secs(10);
+            if now >= end {
+                break;
+            }
+            continue;
+        }
+        a.pump(Duration::from_millis(50));
+        let mut i = 0;
+        while i < in_flight.len() {
+            let (id, kind, signalled) = in_flight[i];
+            let log = &a.logs[&id];
+            if log.done() {
+                let log = a.take_log(id);
+                soak_check(kind, id, &log, &flood);
+                in_flight.swap_remove(i);
+                done += 1;
+                continue;
+            }
+            if matches!(kind, SoakKind::Killed) && !signalled && log.pid.is_some() {
+                a.signal(id, libc::SIGTERM);
+                in_flight[i].2 = true;
+            }
+            i += 1;
+        }
+    }
+    assert!(done > 0);
+    let clean = eventually(Duration::from_secs(2), || zombie_children(a.pid).is_empty());
+    assert!(clean, "zombies at the end: {:?}", zombie_children(a.pid));
+    a.close_write();
+    a.read_to_eof(Duration::from_secs(10));
+    assert_eq!(a.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
