@@ -179,6 +179,10 @@ impl Agent {
         id
     }
 
+    pub fn stdout_raw_fd(&self) -> RawFd {
+        self.stdout_fd()
+    }
+
     fn stdout_fd(&self) -> RawFd {
         self.stdout
             .as_ref()
