@@ -90,7 +90,7 @@ fn host_stops_reading_while_five_sessions_flood() {
     );
     // Ahead of the PONG: the pipe, and what the agent had queued, which is
     // at most its high-water mark plus one 64 KiB read per session.
-    let queued = pong_bytes - in_pipe as u64;
+    let queued = pong_bytes.saturating_sub(in_pipe as u64);
     assert!(
         queued <= (1 << 20) + 6 * (64 << 10),
         "{queued} bytes beyond the pipe came before the PONG"
