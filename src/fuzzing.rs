@@ -371,6 +371,7 @@ pub mod dispatch {
             pid1: false,
             defaults: SpawnDefaults {
                 env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                child_nofile: None,
             },
         };
         let mut stream = Vec::new();

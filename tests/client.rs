@@ -1076,3 +1076,49 @@ fn ten_line_example() -> Result<(), agentd::client::Error> {
     assert!(out.status.success());
     Ok(())
 }
+
+/// The agent raises its own soft fd limit to the hard one (sessions cost
+/// fds), and gives children the soft limit it was started with.
+#[test]
+fn agent_raises_its_fd_limit_and_children_keep_the_original() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(AGENTD);
+    cmd.arg("--stdio");
+    // SAFETY: setrlimit is async-signal-safe; only the soft limit drops.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            lim.rlim_cur = 256;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let client = Client::spawn(cmd).expect("agent");
+    let pid = client.ready().pid;
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[3], fields[4], "agent soft limit not raised: {line}");
+    let out = client
+        .output(Command::new("sh").args(["-c", "ulimit -n"]))
+        .expect("exec");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "256");
+    // The request's own limit still wins.
+    let out = client
+        .output(
+            Command::new("sh")
+                .args(["-c", "ulimit -n"])
+                .rlimit("nofile", 64, 64),
+        )
+        .expect("exec");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "64");
+}

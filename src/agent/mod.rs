@@ -99,12 +99,13 @@ pub fn run(opts: &Options) -> i32 {
             return 1;
         }
     };
-    let config = Config {
+    let mut config = Config {
         max_sessions: opts.max_sessions,
         stdin_window: opts.stdin_window,
         pid1,
         ..Config::default()
     };
+    config.defaults.child_nofile = process::raise_fd_limit();
     let mut event_loop = match EventLoop::new(config, transport) {
         Ok(l) => l,
         Err(e) => {

@@ -108,3 +108,30 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
         LogWriter(self.0.as_ref())
     }
 }
+
+/// Raises the agent's soft RLIMIT_NOFILE to its hard limit (a session
+/// costs up to four fds, so the usual soft 1024 would cap the agent near
+/// 250 sessions) and returns the limit as it was, for children: they get
+/// the original soft limit back (programs that use select(2) break above
+/// 1024). `None` when the limit could not be read.
+pub fn raise_fd_limit() -> Option<libc::rlimit> {
+    let mut original = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit to a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut original) } != 0 {
+        return None;
+    }
+    if original.rlim_cur < original.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: original.rlim_max,
+            rlim_max: original.rlim_max,
+        };
+        // SAFETY: setrlimit reads one valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            tracing::warn!(error = %io::Error::last_os_error(), "cannot raise the fd limit");
+        }
+    }
+    Some(original)
+}

@@ -82,6 +82,10 @@ impl SpawnError {
 pub struct SpawnDefaults {
     /// The base environment (`KEY=VALUE` order kept), used unless `clear_env`.
     pub env: Vec<(String, String)>,
+    /// RLIMIT_NOFILE as the agent found it before raising its own (see
+    /// `process::raise_fd_limit`): set in every child before the request's
+    /// own `rlimits`, which may override it.
+    pub child_nofile: Option<libc::rlimit>,
 }
 
 impl SpawnDefaults {
@@ -91,6 +95,7 @@ impl SpawnDefaults {
             env: std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
                 .collect(),
+            child_nofile: None,
         }
     }
 }
@@ -175,7 +180,10 @@ pub fn prepare(exec: &Exec, defaults: &SpawnDefaults) -> Result<Prepared, SpawnE
         .map(|c| c_string("cwd", c))
         .transpose()?;
 
-    let mut rlimits = Vec::with_capacity(exec.rlimits.len());
+    let mut rlimits = Vec::with_capacity(exec.rlimits.len() + 1);
+    if let Some(nofile) = defaults.child_nofile {
+        rlimits.push((libc::RLIMIT_NOFILE as libc::__rlimit_resource_t, nofile));
+    }
     for r in &exec.rlimits {
         let res = RlimitResource::parse(&r.resource).ok_or_else(|| {
             SpawnError::invalid(format!("unknown rlimit resource {:?}", r.resource))
@@ -761,6 +769,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            child_nofile: None,
         }
     }
 

@@ -109,6 +109,7 @@ fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
         pid1,
         defaults: SpawnDefaults {
             env: init::default_env(),
+            child_nofile: process::raise_fd_limit(),
         },
     };
     let mut event_loop =
