@@ -12,7 +12,7 @@ use agentd::messages::{
     Exited, Kind, Message, ProtocolError, Ready, Resize, Rlimit, RlimitResource, Shutdown, Signal,
     Started, MAX_DEPTH, PROTOCOL_VERSION,
 };
-use common::{decode, frame, mp, single_frame};
+use common::{decode, frame, full_exec, mp, single_frame};
 
 // ---------------------------------------------------------------------------
 // The kind table of the contract, copied by hand.
@@ -129,36 +129,6 @@ fn string_tables_match_the_contract() {
 
 // ---------------------------------------------------------------------------
 // Round trips.
-
-fn full_exec() -> Exec {
-    Exec {
-        cmd: "/bin/sh".into(),
-        args: vec!["-c".into(), "echo hi".into()],
-        env: vec!["A=1".into(), "B=".into()],
-        clear_env: true,
-        cwd: Some("/tmp".into()),
-        user: Some("1000:1000".into()),
-        tty: true,
-        rows: 50,
-        cols: 132,
-        rlimits: vec![
-            Rlimit {
-                resource: "nofile".into(),
-                soft: 1024,
-                hard: 4096,
-            },
-            Rlimit {
-                resource: "core".into(),
-                soft: 0,
-                hard: u64::MAX,
-            },
-        ],
-        stdin: false,
-        output_window: 65536,
-        linger_ms: 250,
-        no_new_privs: true,
-    }
-}
 
 /// One message of every kind, most with non-default values.
 fn samples() -> Vec<Message<'static>> {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use agentd::codec::MAX_PAYLOAD;
 use agentd::messages::{
     Ack, Direction, ErrorKind, ErrorMsg, Exec, ExecFailed, Exited, Kind, Message, Ready, Resize,
-    Rlimit, Shutdown, Signal, Started,
+    Shutdown, Signal, Started,
 };
 
 fn dir() -> PathBuf {
@@ -108,33 +108,7 @@ fn expected() -> Vec<(&'static str, u32, Message<'static>)> {
         (
             "exec-full",
             0x0102_0304,
-            Message::Exec(Box::new(Exec {
-                cmd: "/bin/sh".into(),
-                args: vec!["-c".into(), "echo hi".into()],
-                env: vec!["A=1".into(), "B=".into()],
-                clear_env: true,
-                cwd: Some("/tmp".into()),
-                user: Some("1000:1000".into()),
-                tty: true,
-                rows: 50,
-                cols: 132,
-                rlimits: vec![
-                    Rlimit {
-                        resource: "nofile".into(),
-                        soft: 1024,
-                        hard: 4096,
-                    },
-                    Rlimit {
-                        resource: "core".into(),
-                        soft: 0,
-                        hard: u64::MAX,
-                    },
-                ],
-                stdin: false,
-                output_window: 65536,
-                linger_ms: 250,
-                no_new_privs: true,
-            })),
+            Message::Exec(Box::new(common::full_exec())),
         ),
         ("started", 1, Message::Started(Started { pid: 4242 })),
         (

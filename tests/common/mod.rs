@@ -5,7 +5,7 @@
 #![allow(dead_code)] // each test crate uses a different subset
 
 use agentd::codec::{self, Decoded, Frame};
-use agentd::messages::{Kind, Message, ProtocolError};
+use agentd::messages::{Exec, Kind, Message, ProtocolError, Rlimit};
 
 /// MessagePack values, built byte by byte.
 pub mod mp {
@@ -229,5 +229,37 @@ pub fn single_frame(wire: &[u8]) -> codec::OwnedFrame {
     match &items[..] {
         [Decoded::Frame(f)] => f.clone(),
         other => panic!("expected one frame, got {other:?}"),
+    }
+}
+
+/// An EXEC with every key set away from its default (the `exec-full`
+/// golden vector).
+pub fn full_exec() -> Exec {
+    Exec {
+        cmd: "/bin/sh".into(),
+        args: vec!["-c".into(), "echo hi".into()],
+        env: vec!["A=1".into(), "B=".into()],
+        clear_env: true,
+        cwd: Some("/tmp".into()),
+        user: Some("1000:1000".into()),
+        tty: true,
+        rows: 50,
+        cols: 132,
+        rlimits: vec![
+            Rlimit {
+                resource: "nofile".into(),
+                soft: 1024,
+                hard: 4096,
+            },
+            Rlimit {
+                resource: "core".into(),
+                soft: 0,
+                hard: u64::MAX,
+            },
+        ],
+        stdin: false,
+        output_window: 65536,
+        linger_ms: 250,
+        no_new_privs: true,
     }
 }
