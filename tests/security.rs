@@ -34,12 +34,23 @@ fn tty(mut e: Exec) -> Exec {
     e
 }
 
-/// Waits until `pid` runs `comm` (it has exec'd), then lists its fds.
+/// Waits until `pid` runs `comm` and sits in its sleep system call, then
+/// lists its fds. Waiting for the sleep, not just the exec, matters: right
+/// after execve the dynamic loader and locale setup still hold fd 3 for a
+/// moment (a library or a locale file being mapped).
 fn fds_after_exec(pid: i32, comm: &str) -> Vec<i32> {
+    let sleeping = [libc::SYS_clock_nanosleep, libc::SYS_nanosleep].map(|nr| nr.to_string());
     let ok = eventually(Duration::from_secs(5), || {
-        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        let comm_ok =
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm);
+        let in_sleep = std::fs::read_to_string(format!("/proc/{pid}/syscall")).is_ok_and(|s| {
+            s.split_whitespace()
+                .next()
+                .is_some_and(|nr| sleeping.iter().any(|n| n == nr))
+        });
+        comm_ok && in_sleep
     });
-    assert!(ok, "{pid} never ran {comm}");
+    assert!(ok, "{pid} never sat in the sleep of {comm}");
     fds_of(pid)
 }
 
