@@ -1,8 +1,10 @@
 //! The agent against native baselines taken in the same run.
 //!
-//! `cargo bench --bench agent [-- --quick] [-- --static PATH]` runs the
-//! release `agentd --stdio` and prints a markdown table: each measure, the
-//! native baseline measured here and now, the ratio, and the target. The
+//! `cargo bench --bench agent [-- --quick] [-- --static PATH] [-- --only exec,ping]`
+//! runs the release `agentd --stdio` and prints a markdown table: each
+//! measure, the native baseline measured here and now, the ratio, and the
+//! target (`--only` picks measures: exec, ping, stdout, tty, stdin, rate,
+//! memory). The
 //! machine is shared and noisy: numbers are judged over repeated runs
 //! (`benches/run.sh` runs this three times and keeps the median), never by
 //! an assertion.
@@ -15,6 +17,14 @@ use std::time::{Duration, Instant};
 
 use agentd::codec::{self, Decoder};
 use agentd::messages::{Ack, Exec, Kind, Message, Ready, Shutdown};
+
+/// The one variable of the agent's environment, so of its sessions'.
+const SESSION_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The same environment for a native execve.
+fn native_env() -> [std::ffi::CString; 1] {
+    [cstr(&format!("PATH={SESSION_PATH}"))]
+}
 
 /// The agent under test: `--agent PATH`, else the release build's agentd.
 static AGENTD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -44,7 +54,12 @@ struct Host {
 
 impl Host {
     fn start(args: &[&str]) -> Host {
+        // The environment the agent's sessions inherit, and the one the
+        // native baselines exec with: not cargo's (its LD_LIBRARY_PATH sends
+        // the dynamic loader of every child through a dozen directories).
         let mut child = Command::new(agentd_path())
+            .env_clear()
+            .env("PATH", SESSION_PATH)
             .arg("--stdio")
             .args(args)
             .stdin(Stdio::piped())
@@ -139,7 +154,8 @@ fn cstr(s: &str) -> std::ffi::CString {
 fn native_true() -> Duration {
     let path = cstr("/bin/true");
     let argv = [path.as_ptr(), std::ptr::null()];
-    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let env = native_env();
+    let envp = [env[0].as_ptr(), std::ptr::null()];
     let t = Instant::now();
     // SAFETY: the child only calls execve and _exit.
     unsafe {
@@ -422,7 +438,8 @@ fn bench_exec_rate(total: usize, in_flight: usize) -> (f64, f64) {
 
     let path = cstr("/bin/true");
     let argv = [path.as_ptr(), std::ptr::null()];
-    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let env = native_env();
+    let envp = [env[0].as_ptr(), std::ptr::null()];
     let spawn = || {
         // SAFETY: the child only calls execve and _exit.
         unsafe {
@@ -507,92 +524,112 @@ fn static_size(path: Option<&str>) -> Option<u64> {
     ok.then_some(size)
 }
 
-fn suite(quick: bool, static_path: Option<&str>) -> Vec<Row> {
+/// The measures `--only NAME[,NAME]` can select.
+const MEASURES: [&str; 7] = ["exec", "ping", "stdout", "tty", "stdin", "rate", "memory"];
+
+fn suite(quick: bool, static_path: Option<&str>, only: &[String]) -> Vec<Row> {
+    let want = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let (n_exec, n_ping, bytes, rate_total, sessions, flood) = if quick {
         (200, 500, 64u64 << 20, 500, 100, 1)
     } else {
         (1000, 5000, 1u64 << 30, 3000, 1000, 5)
     };
     let mib = |b: f64| format!("{:.0} MiB/s", b / (1 << 20) as f64);
-    let mut rows = vec![bench_exec_latency(n_exec), bench_ping(n_ping)];
+    let mut rows = Vec::new();
+    if want("exec") {
+        rows.push(bench_exec_latency(n_exec));
+    }
+    if want("ping") {
+        rows.push(bench_ping(n_ping));
+    }
     let size = if bytes >= 1 << 30 {
         "1 GiB".to_owned()
     } else {
         format!("{} MiB", bytes >> 20)
     };
-    let (a, n) = bench_stdout(bytes, false);
-    rows.push(row(
-        a / n,
-        &format!("stdout throughput, {size}, pipe session"),
-        mib(a),
-        mib(n),
-        format!("{:.2}×", a / n),
-        "≥ 0.7×",
-    ));
-    let (a, n) = bench_stdout(bytes, true);
-    rows.push(row(
-        a / n,
-        &format!("stdout throughput, {size}, tty session"),
-        mib(a),
-        mib(n),
-        format!("{:.2}×", a / n),
-        "report",
-    ));
-    let (a, n) = bench_stdin(bytes);
-    rows.push(row(
-        a / n,
-        &format!("stdin throughput, {size} into `cat > /dev/null`"),
-        mib(a),
-        mib(n),
-        format!("{:.2}×", a / n),
-        "≥ 0.6×",
-    ));
-    let (a, n) = bench_exec_rate(rate_total, 64);
-    rows.push(row(
-        a / n,
-        &format!("exec rate, 64 in flight, `/bin/true` ({rate_total} execs)"),
-        format!("{a:.0}/s"),
-        format!("{n:.0}/s"),
-        format!("{:.2}×", a / n),
-        "≥ 0.8×",
-    ));
-    let (idle, wakeups, many, flooding) = bench_memory(sessions, flood);
-    rows.push(row(
-        idle as f64,
-        "agent RSS, idle",
-        kib(idle),
-        "—".into(),
-        "—".into(),
-        "≤ 2 MiB",
-    ));
-    rows.push(row(
-        many as f64,
-        &format!("agent RSS, {sessions} concurrent `sleep` sessions"),
-        kib(many),
-        "—".into(),
-        "—".into(),
-        "≤ 32 MiB",
-    ));
-    rows.push(row(
-        flooding as f64,
-        &format!("agent RSS, one session flooding, host not reading for {flood} s"),
-        kib(flooding),
-        "—".into(),
-        format!("idle + {}", kib(flooding.saturating_sub(idle))),
-        "≤ idle + 2 MiB",
-    ));
-    rows.push(row(
-        wakeups as f64,
-        &format!(
-            "agent wake-ups while idle for {} s",
-            if flood >= 5 { 10 } else { 2 }
-        ),
-        wakeups.to_string(),
-        "—".into(),
-        "—".into(),
-        "0",
-    ));
-    if let Some(size) = static_size(static_path) {
+    if want("stdout") {
+        let (a, n) = bench_stdout(bytes, false);
+        rows.push(row(
+            a / n,
+            &format!("stdout throughput, {size}, pipe session"),
+            mib(a),
+            mib(n),
+            format!("{:.2}×", a / n),
+            "≥ 0.7×",
+        ));
+    }
+    if want("tty") {
+        let (a, n) = bench_stdout(bytes, true);
+        rows.push(row(
+            a / n,
+            &format!("stdout throughput, {size}, tty session"),
+            mib(a),
+            mib(n),
+            format!("{:.2}×", a / n),
+            "report",
+        ));
+    }
+    if want("stdin") {
+        let (a, n) = bench_stdin(bytes);
+        rows.push(row(
+            a / n,
+            &format!("stdin throughput, {size} into `cat > /dev/null`"),
+            mib(a),
+            mib(n),
+            format!("{:.2}×", a / n),
+            "≥ 0.6×",
+        ));
+    }
+    if want("rate") {
+        let (a, n) = bench_exec_rate(rate_total, 64);
+        rows.push(row(
+            a / n,
+            &format!("exec rate, 64 in flight, `/bin/true` ({rate_total} execs)"),
+            format!("{a:.0}/s"),
+            format!("{n:.0}/s"),
+            format!("{:.2}×", a / n),
+            "≥ 0.8×",
+        ));
+    }
+    if want("memory") {
+        let (idle, wakeups, many, flooding) = bench_memory(sessions, flood);
+        rows.push(row(
+            idle as f64,
+            "agent RSS, idle",
+            kib(idle),
+            "—".into(),
+            "—".into(),
+            "≤ 2 MiB",
+        ));
+        rows.push(row(
+            many as f64,
+            &format!("agent RSS, {sessions} concurrent `sleep` sessions"),
+            kib(many),
+            "—".into(),
+            "—".into(),
+            "≤ 32 MiB",
+        ));
+        rows.push(row(
+            flooding as f64,
+            &format!("agent RSS, one session flooding, host not reading for {flood} s"),
+            kib(flooding),
+            "—".into(),
+            format!("idle + {}", kib(flooding.saturating_sub(idle))),
+            "≤ idle + 2 MiB",
+        ));
+        rows.push(row(
+            wakeups as f64,
+            &format!(
+                "agent wake-ups while idle for {} s",
+                if flood >= 5 { 10 } else { 2 }
+            ),
+            wakeups.to_string(),
+            "—".into(),
+            "—".into(),
+            "0",
+        ));
+    }
+    if let Some(size) = static_size(static_path).filter(|_| want("memory")) {
         rows.push(row(
             size as f64,
             "stripped static `agentd`",
@@ -619,13 +656,23 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(1)
         .max(1);
+    let only: Vec<String> = value("--only")
+        .map(|o| o.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    if let Some(bad) = only.iter().find(|o| !MEASURES.contains(&o.as_str())) {
+        eprintln!(
+            "--only: unknown measure {bad:?}; one of {}",
+            MEASURES.join(", ")
+        );
+        std::process::exit(2);
+    }
     if let Some(agent) = value("--agent") {
         let _ = AGENTD.set(agent.to_owned());
     }
     let mut all: Vec<Vec<Row>> = Vec::new();
     for run in 0..runs {
         eprintln!("run {} of {runs}", run + 1);
-        all.push(suite(quick, static_path));
+        all.push(suite(quick, static_path, &only));
     }
     // Per measure, the run with the median value (of the ratio where there
     // is a baseline).
