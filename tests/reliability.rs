@@ -3,7 +3,7 @@
 //! sessions, many sessions at once, EPIPE/EAGAIN/EINTR. Each test states
 //! the property it checks; docs/RELIABILITY.md lists them all.
 //!
-//! Run with `cargo test --release --test reliability`. Timings and
+//! Run with `cargo test --profile ci --test reliability`. Timings and
 //! measurements are printed (`-- --nocapture`).
 
 mod rel_common;

@@ -13,4 +13,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 minutes=${1:?usage: tests/soak.sh MINUTES}
 secs=$(awk -v m="$minutes" 'BEGIN { s = int(m * 60); if (s < 10) s = 10; print s }')
-SOAK_SECS=$secs exec cargo test --release --test reliability -- --ignored --exact soak --nocapture
+SOAK_SECS=$secs exec cargo test --profile ci --test reliability -- --ignored --exact soak --nocapture

@@ -194,7 +194,7 @@ choose_accel() {
 # --- builds -----------------------------------------------------------------------------
 STATIC_TARGET=x86_64-unknown-linux-gnu
 AGENTD_STATIC=$ROOT/target/static/$STATIC_TARGET/release/agentd
-AGENTCTL=$ROOT/target/release/agentctl
+AGENTCTL=$ROOT/target/ci/agentctl
 
 build_agentd_static() {
     log "building static agentd (target/static)"
@@ -207,8 +207,8 @@ build_agentd_static() {
 }
 
 build_host_tools() {
-    log "building agentctl and the e2e suite (release)"
-    (cd "$ROOT" && cargo build -q --release --bin agentctl)
+    log "building agentctl (the ci profile, as the tests)"
+    (cd "$ROOT" && cargo build -q --profile ci --bin agentctl)
 }
 
 # --- initramfs --------------------------------------------------------------------------
@@ -378,10 +378,10 @@ run_suite() {
     log "building the e2e suite"
     local bin
     # The artifact of the test target "vm" (a cold build also lists the bins it needs).
-    bin=$(cd "$ROOT" && cargo test -q --release --test vm --no-run --message-format=json 2>/dev/null |
+    bin=$(cd "$ROOT" && cargo test -q --profile ci --test vm --no-run --message-format=json 2>/dev/null |
         grep '"kind":\["test"\]' | grep '"name":"vm"' |
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1) || true
-    [[ -x $bin ]] || die "cannot build the e2e suite (cargo test --release --test vm --no-run)"
+    [[ -x $bin ]] || die "cannot build the e2e suite (cargo test --profile ci --test vm --no-run)"
     build_initramfs "$AGENTD_STATIC" "$WORK/initramfs.cpio.gz"
     # Beside the suite: a VM whose port never appears (agentd.port=nope). The agent
     # must give up after 30 s, log a fatal error and power off (PID 1 never exits).
