@@ -226,6 +226,7 @@ impl EventLoop {
                 return exit;
             }
             let timeout = self.core.next_timeout(Instant::now());
+            self.core.out.release_spare();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 // EINTR: a signal not routed to the signalfd (none are
                 // expected) or a stop/continue; just poll again. Anything
@@ -625,7 +626,8 @@ impl Core {
     /// Does whatever a session can do now: write queued STDIN, read
     /// output, and finish it when it is done.
     fn service(&mut self, key: usize) {
-        let pending = self.out.pending();
+        let splice_to = (self.transport.write_is_pipe && self.connected && self.transport_writable)
+            .then(|| self.transport.write_fd());
         let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
@@ -634,7 +636,7 @@ impl Core {
         }
         s.flush_stdin(self.out.buf(), &self.registry);
         if s.wants_read()
-            && s.read_output(self.out.buf(), pending, HIGH_WATER, &self.registry)
+            && s.read_output(&mut self.out, splice_to, HIGH_WATER, &self.registry)
                 == ReadStop::Backpressure
             && !s.stalled
         {

@@ -26,6 +26,7 @@ use crate::codec::{self, HEADER_LEN, MAX_OUTPUT_PAYLOAD};
 use crate::messages::{self, Ack, Exited, Kind};
 
 use super::spawn::{ChildStdio, StartStatus};
+use super::transport::OutQueue;
 
 /// Which fd of a session a token names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +71,15 @@ struct OutputStream {
     ended: bool,
     /// Bytes read after the linger deadline.
     after_deadline: usize,
+    /// The pipe has been offered more room (once, at the first frame large
+    /// enough to be spliced: the child writes faster than it is read).
+    pipe_grown: bool,
 }
+
+/// What a session's output pipe is grown to once the child streams: enough
+/// that the child keeps writing while the agent and the host catch up,
+/// instead of the three taking turns a default 64 KiB pipe at a time.
+const OUTPUT_PIPE_SIZE: libc::c_int = 1024 * 1024;
 
 /// Why reading a session's output stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +110,16 @@ pub struct StdinState {
     eof_owed: u8,
     last_byte: Option<u8>,
     writable: bool,
+    /// The child's stdin pipe has been offered more room (once, at its
+    /// first EAGAIN: a session that streams input gets a pipe that holds
+    /// several STDIN frames; one that does not keeps the default).
+    pipe_grown: bool,
 }
+
+/// What a session's stdin pipe is grown to once the child is slower than
+/// the host: a few 64 KiB frames, so the agent and the child do not take
+/// turns a frame at a time.
+const STDIN_PIPE_SIZE: libc::c_int = 256 * 1024;
 
 #[derive(Debug)]
 pub enum StdinError {
@@ -390,23 +408,28 @@ impl Session {
         }
     }
 
-    /// Reads output into `out` while there is something to read, window
-    /// left, and `out` holds less than `high_water` bytes.
+    /// Reads output into the queue while there is something to read, window
+    /// left, and the queue holds less than `high_water` bytes.
+    ///
+    /// `splice_to` is the transport's write fd when it is a pipe that can
+    /// take bytes now: a pipe session's output then goes there by
+    /// splice(2) whenever nothing else is queued (see
+    /// [`OutQueue::splice_frame`]).
     pub fn read_output(
         &mut self,
-        out: &mut Vec<u8>,
-        pending_before: usize,
+        queue: &mut OutQueue,
+        splice_to: Option<RawFd>,
         high_water: usize,
         registry: &Registry,
     ) -> ReadStop {
-        let base = out.len();
+        let tty = self.is_tty();
         for i in 0..2 {
             while self.out[i].readable && !self.out[i].ended {
                 let Some(fd) = self.out_fd(i) else {
                     self.end_stream(i, registry);
                     break;
                 };
-                if pending_before + (out.len() - base) >= high_water {
+                if queue.pending() >= high_water {
                     return ReadStop::Backpressure;
                 }
                 let mut max = MAX_OUTPUT_PAYLOAD;
@@ -417,7 +440,21 @@ impl Session {
                     max = max.min(w as usize);
                 }
                 let kind = if i == 0 { Kind::Stdout } else { Kind::Stderr };
-                match read_frame(out, kind, self.id, fd, max, self.is_tty()) {
+                let spliced = match splice_to {
+                    Some(dst) if !tty => queue.splice_frame(dst, kind as u8, self.id, fd, max),
+                    _ => None,
+                };
+                if spliced.is_some() && !self.out[i].pipe_grown {
+                    self.out[i].pipe_grown = true;
+                    // SAFETY: F_SETPIPE_SZ on our own pipe fd; a refusal
+                    // (the per-user pipe limits) changes nothing.
+                    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, OUTPUT_PIPE_SIZE) };
+                }
+                let read = match spliced {
+                    Some(n) => Ok(n),
+                    None => read_frame(queue.buf(), kind, self.id, fd, max, tty),
+                };
+                match read {
                     Ok(0) => self.end_stream(i, registry),
                     Ok(n) => {
                         if let Some(w) = &mut self.window {
@@ -528,14 +565,89 @@ impl Session {
         st.unacked += data.len() as u64;
         if st.child_gone {
             st.ack_due += data.len() as u64;
-        } else {
-            st.queue.extend_from_slice(data);
+            self.send_stdin_ack(out);
+            return Ok(());
         }
         // Before STARTED nothing is written (and so nothing acknowledged).
-        if self.starting.is_none() {
+        let started = self.starting.is_none();
+        let mut data = data;
+        if started && st.queue.is_empty() {
+            // Nothing queued ahead of these bytes: write what the child
+            // takes straight from the frame, and queue only the rest.
+            let n = self.write_stdin_now(data, registry);
+            data = &data[n..];
+        }
+        if !self.stdin.child_gone {
+            self.stdin.queue.extend_from_slice(data);
+        } else {
+            self.stdin.ack_due += data.len() as u64;
+        }
+        if started {
             self.flush_stdin(out, registry);
         }
         Ok(())
+    }
+
+    /// Writes `data` to the child's stdin (a pipe or the terminal) while it
+    /// takes it, without queueing; returns how much was written. Nothing
+    /// is written while the fd is known to be full.
+    fn write_stdin_now(&mut self, data: &[u8], registry: &Registry) -> usize {
+        let mut done = 0;
+        while done < data.len() {
+            let Some(fd) = self.in_fd() else { break };
+            let st = &mut self.stdin;
+            if st.child_gone || !st.writable {
+                break;
+            }
+            let rest = &data[done..];
+            // SAFETY: `rest` is a valid readable slice of the given length.
+            let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
+            if n >= 0 {
+                let n = n as usize;
+                if n > 0 {
+                    st.last_byte = Some(rest[n - 1]);
+                }
+                st.ack_due += n as u64;
+                done += n;
+                continue;
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => {
+                    if !self.grow_stdin_pipe(fd) {
+                        self.stdin.writable = false;
+                    }
+                }
+                // EPIPE (no reader left) or EIO (terminal gone).
+                _ => {
+                    self.stdin_gone(registry);
+                    // What was not written is discarded and acknowledged.
+                    self.stdin.ack_due += (data.len() - done) as u64;
+                    return data.len();
+                }
+            }
+            if !self.stdin.writable {
+                break;
+            }
+        }
+        done
+    }
+
+    /// At the first EAGAIN on a stdin pipe, asks for a larger pipe (best
+    /// effort: the per-user pipe limits may refuse). True when the pipe
+    /// grew, so the write is worth retrying at once.
+    fn grow_stdin_pipe(&mut self, fd: RawFd) -> bool {
+        if self.stdin.pipe_grown || self.is_tty() {
+            return false;
+        }
+        self.stdin.pipe_grown = true;
+        // SAFETY: F_GETPIPE_SZ/F_SETPIPE_SZ on our own pipe fd; a refusal
+        // changes nothing.
+        unsafe {
+            let before = libc::fcntl(fd, libc::F_GETPIPE_SZ);
+            let after = libc::fcntl(fd, libc::F_SETPIPE_SZ, STDIN_PIPE_SIZE);
+            after > before
+        }
     }
 
     /// STDIN_CLOSE from the host.
@@ -637,6 +749,10 @@ impl Session {
             match io::Error::last_os_error().raw_os_error() {
                 Some(libc::EINTR) => continue,
                 Some(libc::EAGAIN) => {
+                    if self.grow_stdin_pipe(fd) {
+                        continue;
+                    }
+                    let st = &mut self.stdin;
                     st.writable = false;
                     // Keep the queue from creeping: drop what is written.
                     if st.pos > 0 {
