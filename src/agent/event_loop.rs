@@ -542,8 +542,7 @@ impl Core {
             );
             return self.exec_failed(id, fail(ExecFailedKind::Resource, &msg));
         }
-        let child = match spawn::prepare(req, &self.config.defaults).and_then(|p| spawn::spawn(&p))
-        {
+        let child = match spawn::prepare(req, &self.config.defaults).and_then(spawn::spawn) {
             Ok(child) => child,
             Err(e) => return self.exec_failed(id, e),
         };
@@ -593,6 +592,11 @@ impl Core {
         let Some(status) = &s.starting else {
             return true;
         };
+        if reaped {
+            // Whatever the pipe says, the child no longer runs on the
+            // memory spawn lent it.
+            status.child_reaped();
+        }
         match status.poll() {
             // A child that was reaped has closed its end: Pending cannot
             // happen then; treat it like success to keep the exit.
@@ -603,6 +607,7 @@ impl Core {
                 if !reaped {
                     // It is on its way out with status 127.
                     wait_for(pid);
+                    status.child_reaped();
                     self.by_pid.remove(&pid);
                 }
                 let mut s = self.sessions.remove(key);

@@ -2,7 +2,7 @@
 //!
 //! - [`event_loop`]: the poll loop, frame dispatch, reaping, deadlines.
 //! - [`session`]: one child's fds and flow control, as a state machine.
-//! - [`spawn`]: from EXEC to a running child (fork, execve, error pipe).
+//! - [`spawn`]: from EXEC to a running child (clone, execve, error pipe).
 //! - [`transport`]: the host stream and the output queue.
 //! - [`user`]: `user` resolution from /etc/passwd and /etc/group.
 //! - [`process`]: process-wide setup (signal mask, fd hygiene, subreaper).

@@ -172,7 +172,7 @@ fn register(registry: &Registry, fd: RawFd, token: Token, interest: Interest) ->
 
 fn deregister(registry: &Registry, fd: RawFd) {
     // Closing an fd removes it from epoll only when no other copy of the
-    // open file exists; a child between fork and exec holds copies, so
+    // open file exists; a child between clone and exec holds copies, so
     // deregister explicitly. Failure means it was not registered.
     let _ = registry.deregister(&mut SourceFd(&fd));
 }

@@ -1,18 +1,20 @@
 //! Starting a session's process: everything from an EXEC request to a
 //! running child with its stdio connected to fds the agent polls.
 //!
-//! The work is split at fork. [`prepare`] runs in the agent and does all
-//! that may allocate or fail for a reason the host should hear about: it
-//! validates the request, resolves `cmd` on the child's `PATH`, reads the
+//! The work is split at the clone. [`prepare`] runs in the agent and does
+//! all that may allocate or fail for a reason the host should hear about:
+//! it validates the request, resolves `cmd` on the child's `PATH`, reads the
 //! user and group databases, and builds argv, envp and rlimits as C data.
-//! [`spawn`] then opens the terminal or pipes, forks, and the child runs only
-//! async-signal-safe calls on that prepared data: reset signals, `setsid`,
-//! connect stdio (and `TIOCSCTTY`), `chdir`, `setrlimit`, drop privileges,
-//! `execve`. A failure in the child is written as (stage, errno) to a
-//! close-on-exec status pipe. The parent does not wait for it: the loop
-//! polls the pipe like any other fd, and its end of file (exec succeeded)
-//! or its report (the program never ran) decides between STARTED and
-//! EXEC_FAILED. So many children can be between fork and exec at once.
+//! [`spawn`] then opens the terminal or pipes and clones a child that
+//! shares the agent's memory until execve (no page tables copied, no
+//! copy-on-write faults) and runs on that prepared data with raw system
+//! calls only: reset signals, `setsid`, connect stdio (and `TIOCSCTTY`),
+//! `chdir`, `setrlimit`, drop privileges, `execve`. A failure in the child
+//! is written as (stage, errno) to a close-on-exec status pipe. The parent
+//! does not wait for it: the loop polls the pipe like any other fd, and its
+//! end of file (exec succeeded) or its report (the program never ran)
+//! decides between STARTED and EXEC_FAILED. So many children can be between
+//! clone and exec at once.
 //!
 //! Every fd the agent opens here is close-on-exec, so the child ends up with
 //! exactly its fds 0, 1 and 2.
@@ -100,7 +102,7 @@ impl SpawnDefaults {
     }
 }
 
-/// An EXEC turned into C data, ready for fork.
+/// An EXEC turned into C data, ready for the child.
 pub struct Prepared {
     path: CString,
     /// Owns the strings `argv_ptrs` points into.
@@ -290,7 +292,7 @@ fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
         .collect()
 }
 
-/// Finds `cmd` the way `execvp` would, but before fork and on the child's
+/// Finds `cmd` the way `execvp` would, but before the clone and on the child's
 /// `PATH`: a `cmd` with a `/` is used as it is (a relative one resolves
 /// against the child's cwd at execve); otherwise the first executable
 /// regular file in a `PATH` directory wins. If only non-executable matches
@@ -367,7 +369,7 @@ pub enum ChildStdio {
     },
 }
 
-/// A forked child, on its way to execve. Whether it got there is read
+/// A cloned child, on its way to execve. Whether it got there is read
 /// from `status` (the loop polls it; see [`StartStatus`]).
 #[derive(Debug)]
 pub struct Child {
@@ -518,17 +520,29 @@ fn open_dev_null() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The child's three stdio fds before fork (all close-on-exec; dup2 onto
+/// The child's three stdio fds before the clone (all close-on-exec; dup3 onto
 /// 0, 1 and 2 in the child clears that flag on the copies).
 struct ChildEnds {
     fds: [OwnedFd; 3],
     tty: bool,
 }
 
-/// Forks the child for the prepared program. On success the child is on
+/// Starts the child for the prepared program. On success the child is on
 /// its way to execve and the caller must watch `Child::status`; on failure
 /// no process is left behind.
-pub fn spawn(p: &Prepared) -> Result<Child, SpawnError> {
+///
+/// The child is made with `clone(CLONE_VM)`: it runs in the agent's memory,
+/// on a stack of its own, until execve gives it its own. That spares what
+/// fork costs a process that keeps running: copying the page tables, then
+/// a copy-on-write fault for each page the agent writes while the child
+/// has not yet exec'd. The agent does not wait for the child (unlike
+/// vfork), so a child stuck before exec (a hung filesystem under its cwd
+/// or program) never stalls the loop. In exchange the child may touch
+/// nothing it shares: it makes raw system calls only (no libc, which
+/// would write `errno` in the agent's thread-local storage), reads the
+/// [`Launch`] the agent keeps untouched until the child is done with it
+/// (see [`StartStatus`]), and writes only to its own stack.
+pub fn spawn(p: Prepared) -> Result<Child, SpawnError> {
     let (agent_side, child_ends) = match &p.tty {
         Some(size) => {
             let openpty_err = |e: io::Error| SpawnError::resources("openpty", &e);
@@ -580,20 +594,41 @@ pub fn spawn(p: &Prepared) -> Result<Child, SpawnError> {
     };
     let (err_read, err_write) = pipe_cloexec().map_err(|e| SpawnError::resources("pipe", &e))?;
 
-    // SAFETY: the agent is single-threaded, so fork duplicates no lock held
-    // by another thread; the child calls only async-signal-safe functions
-    // on data prepared above and never returns.
-    let pid = unsafe { libc::fork() };
+    let program = p.path.to_string_lossy().into_owned();
+    let cwd = p.cwd.as_deref().map(|c| c.to_string_lossy().into_owned());
+    let mut launch = Box::new(Launch {
+        fds: [0, 1, 2].map(|i| child_ends.fds[i].as_raw_fd()),
+        tty: child_ends.tty,
+        err_fd: err_write.as_raw_fd(),
+        prepared: p,
+        stack: Vec::with_capacity(CHILD_STACK),
+    });
+    // The stack grows down from the top of its allocation, 16-byte aligned
+    // as both ABIs require at a call.
+    let stack_top = {
+        let base = launch.stack.as_mut_ptr() as usize;
+        (base + CHILD_STACK) & !15
+    };
+    let arg: *const Launch = &*launch;
+    // SAFETY: `child_main` only reads `*arg`, which stays valid and
+    // unchanged until the child has exec'd or exited (the Box is kept by
+    // the StartStatus, which frees it only then), and runs on the stack
+    // above, which nothing else uses. SIGCHLD makes it an ordinary child
+    // for waitpid.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            stack_top as *mut libc::c_void,
+            libc::CLONE_VM | libc::SIGCHLD,
+            arg as *mut libc::c_void,
+        )
+    };
     if pid < 0 {
-        return Err(SpawnError::resources("fork", &io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        // SAFETY: in the child of fork; see `child_after_fork`.
-        unsafe { child_after_fork(p, &child_ends, err_write.as_raw_fd()) }
+        return Err(SpawnError::resources("clone", &io::Error::last_os_error()));
     }
     // The parent's copies of the child's ends (the PTY slave among them)
     // close here, so end of file on the agent's side means the child side
-    // is gone.
+    // is gone. The child's fd table is its own copy: this does not touch it.
     drop(child_ends);
     drop(err_write);
 
@@ -611,19 +646,66 @@ pub fn spawn(p: &Prepared) -> Result<Child, SpawnError> {
         stdio: agent_side,
         status: StartStatus {
             pipe: err_read,
-            program: p.path.to_string_lossy().into_owned(),
-            cwd: p.cwd.as_deref().map(|c| c.to_string_lossy().into_owned()),
+            program,
+            cwd,
+            launch: Some(launch),
+            child_done: std::cell::Cell::new(false),
         },
     })
 }
 
+/// The child's stack: its code is a straight line of system calls, a few
+/// hundred bytes of frames.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// What a cloned child reads before execve, at an address that does not
+/// change (boxed), with its stack.
+struct Launch {
+    prepared: Prepared,
+    /// The child's stdio-to-be, as fd numbers in its own fd table.
+    fds: [RawFd; 3],
+    tty: bool,
+    /// The write end of the status pipe.
+    err_fd: RawFd,
+    /// Only its capacity is used, as the child's stack.
+    stack: Vec<u8>,
+}
+
 /// The parent's end of a child's close-on-exec status pipe: it ends
 /// without a byte when execve succeeds, or carries (stage, errno).
-#[derive(Debug)]
 pub struct StartStatus {
     pipe: OwnedFd,
     program: String,
     cwd: Option<String>,
+    /// The memory the child runs on until execve: freed once the child no
+    /// longer uses it.
+    launch: Option<Box<Launch>>,
+    /// The child has exec'd (the pipe ended) or has been reaped.
+    child_done: std::cell::Cell<bool>,
+}
+
+impl std::fmt::Debug for StartStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartStatus")
+            .field("pipe", &self.pipe)
+            .field("program", &self.program)
+            .field("child_done", &self.child_done.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for StartStatus {
+    fn drop(&mut self) {
+        if !self.child_done.get() {
+            // The child may still be running on this memory (the session
+            // went away before its start was settled: an error path or the
+            // agent's end). Leaking a few KiB beats a child writing into
+            // freed memory.
+            if let Some(launch) = self.launch.take() {
+                std::mem::forget(launch);
+            }
+        }
+    }
 }
 
 /// What the status pipe says so far.
@@ -640,6 +722,12 @@ pub enum StartReport {
 impl StartStatus {
     pub fn fd(&self) -> RawFd {
         self.pipe.as_raw_fd()
+    }
+
+    /// Tells the status that its child has been reaped: the memory it ran
+    /// on can be freed.
+    pub fn child_reaped(&self) {
+        self.child_done.set(true);
     }
 
     /// Reads the pipe without blocking.
@@ -665,6 +753,9 @@ impl StartStatus {
             }
         };
         if n == 0 {
+            // The child's end closed: at execve (after the child left the
+            // agent's memory for its own) or at its death.
+            self.child_done.set(true);
             return StartReport::Running;
         }
         if n < report.len() {
@@ -687,76 +778,184 @@ impl StartStatus {
     }
 }
 
-/// Writes (stage, errno) to the error pipe and exits without running any
-/// of the agent's cleanup.
+/// A system call without libc: returns the result, or `-errno`. The cloned
+/// child must not write `errno` (the agent's, in shared memory).
 ///
 /// # Safety
-/// Only in the child of fork.
-unsafe fn child_fail(err_fd: RawFd, stage: Stage) -> ! {
-    let errno = *libc::__errno_location();
+/// As for the system call `nr` with these arguments.
+#[cfg(target_arch = "x86_64")]
+unsafe fn sys(nr: libc::c_long, a: [usize; 6]) -> isize {
+    let ret: isize;
+    std::arch::asm!(
+        "syscall",
+        inlateout("rax") nr as isize => ret,
+        in("rdi") a[0],
+        in("rsi") a[1],
+        in("rdx") a[2],
+        in("r10") a[3],
+        in("r8") a[4],
+        in("r9") a[5],
+        lateout("rcx") _,
+        lateout("r11") _,
+        options(nostack),
+    );
+    ret
+}
+
+/// See the x86_64 version.
+///
+/// # Safety
+/// As for the system call `nr` with these arguments.
+#[cfg(target_arch = "aarch64")]
+unsafe fn sys(nr: libc::c_long, a: [usize; 6]) -> isize {
+    let ret: isize;
+    std::arch::asm!(
+        "svc 0",
+        in("x8") nr,
+        inlateout("x0") a[0] as isize => ret,
+        in("x1") a[1],
+        in("x2") a[2],
+        in("x3") a[3],
+        in("x4") a[4],
+        in("x5") a[5],
+        options(nostack),
+    );
+    ret
+}
+
+/// Writes (stage, errno) to the status pipe and exits with 127, running
+/// nothing of the agent's.
+///
+/// # Safety
+/// Only in the cloned child.
+unsafe fn child_fail(err_fd: RawFd, stage: Stage, ret: isize) -> ! {
+    let errno = (-ret) as i32;
     let mut report = [0u8; 8];
     report[..4].copy_from_slice(&(stage as u32).to_ne_bytes());
     report[4..].copy_from_slice(&errno.to_ne_bytes());
-    libc::write(err_fd, report.as_ptr().cast(), report.len());
-    libc::_exit(127)
+    sys(
+        libc::SYS_write,
+        [
+            err_fd as usize,
+            report.as_ptr() as usize,
+            report.len(),
+            0,
+            0,
+            0,
+        ],
+    );
+    loop {
+        sys(libc::SYS_exit_group, [127, 0, 0, 0, 0, 0]);
+    }
 }
 
-/// The child between fork and execve.
+/// The cloned child's entry: never returns.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the Launch that `spawn` keeps alive and unchanged
+    // until this child has exec'd or exited.
+    unsafe { child_after_clone(&*(arg as *const Launch)) }
+}
+
+/// The child between clone and execve.
 ///
 /// # Safety
-/// Only in the child of fork, in a process that had a single thread. Calls
-/// only async-signal-safe functions and allocates nothing.
-unsafe fn child_after_fork(p: &Prepared, ends: &ChildEnds, err_fd: RawFd) -> ! {
+/// Only in the child cloned by `spawn`. Makes raw system calls only, writes
+/// only its own stack, allocates nothing, and never returns.
+unsafe fn child_after_clone(l: &Launch) -> ! {
+    let p = &l.prepared;
+    let fail = |stage, ret| child_fail(l.err_fd, stage, ret);
     // Default dispositions for every signal the agent does not have at
     // default (SIG_IGN survives exec: the agent ignores SIGPIPE, and may
     // have inherited ignored signals), then an empty mask (the agent blocks
     // the signals its signalfd reads, and a blocked mask survives exec).
     let dfl = KernelSigaction::default();
     for &sig in p.reset_signals {
-        raw_sigaction(sig, &dfl, std::ptr::null_mut());
+        let act = &dfl as *const KernelSigaction as usize;
+        sys(libc::SYS_rt_sigaction, [sig as usize, act, 0, 8, 0, 0]);
     }
-    let mut empty: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut empty);
-    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    let empty: u64 = 0;
+    let set = &empty as *const u64 as usize;
+    sys(
+        libc::SYS_rt_sigprocmask,
+        [libc::SIG_SETMASK as usize, set, 0, 8, 0, 0],
+    );
 
-    if libc::setsid() < 0 {
-        child_fail(err_fd, Stage::Setsid);
+    let r = sys(libc::SYS_setsid, [0; 6]);
+    if r < 0 {
+        fail(Stage::Setsid, r);
     }
-    for (target, fd) in ends.fds.iter().enumerate() {
-        if libc::dup2(fd.as_raw_fd(), target as RawFd) < 0 {
-            child_fail(err_fd, Stage::Stdio);
+    for (target, &fd) in l.fds.iter().enumerate() {
+        let r = if fd == target as RawFd {
+            // Already in place: only the close-on-exec flag must go.
+            sys(
+                libc::SYS_fcntl,
+                [target, libc::F_SETFD as usize, 0, 0, 0, 0],
+            )
+        } else {
+            sys(libc::SYS_dup3, [fd as usize, target, 0, 0, 0, 0])
+        };
+        if r < 0 {
+            fail(Stage::Stdio, r);
         }
     }
     // fd 1 is the terminal even when stdin is /dev/null.
-    if ends.tty && libc::ioctl(1, libc::TIOCSCTTY, 0) < 0 {
-        child_fail(err_fd, Stage::Tty);
+    if l.tty {
+        let r = sys(libc::SYS_ioctl, [1, libc::TIOCSCTTY as usize, 0, 0, 0, 0]);
+        if r < 0 {
+            fail(Stage::Tty, r);
+        }
     }
     if let Some(cwd) = &p.cwd {
-        if libc::chdir(cwd.as_ptr()) < 0 {
-            child_fail(err_fd, Stage::Chdir);
+        let r = sys(libc::SYS_chdir, [cwd.as_ptr() as usize, 0, 0, 0, 0, 0]);
+        if r < 0 {
+            fail(Stage::Chdir, r);
         }
     }
     for (resource, limit) in &p.rlimits {
-        if libc::setrlimit(*resource, limit) < 0 {
-            child_fail(err_fd, Stage::Setrlimit);
+        let limit = limit as *const libc::rlimit as usize;
+        let r = sys(libc::SYS_prlimit64, [0, *resource as usize, limit, 0, 0, 0]);
+        if r < 0 {
+            fail(Stage::Setrlimit, r);
         }
     }
     if let Some((uid, gid, groups)) = &p.identity {
-        if libc::setgroups(groups.len(), groups.as_ptr()) < 0 {
-            child_fail(err_fd, Stage::Setgroups);
+        let r = sys(
+            libc::SYS_setgroups,
+            [groups.len(), groups.as_ptr() as usize, 0, 0, 0, 0],
+        );
+        if r < 0 {
+            fail(Stage::Setgroups, r);
         }
-        if libc::setgid(*gid) < 0 {
-            child_fail(err_fd, Stage::Setgid);
+        let r = sys(libc::SYS_setgid, [*gid as usize, 0, 0, 0, 0, 0]);
+        if r < 0 {
+            fail(Stage::Setgid, r);
         }
-        if libc::setuid(*uid) < 0 {
-            child_fail(err_fd, Stage::Setuid);
+        let r = sys(libc::SYS_setuid, [*uid as usize, 0, 0, 0, 0, 0]);
+        if r < 0 {
+            fail(Stage::Setuid, r);
         }
     }
-    if p.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
-        child_fail(err_fd, Stage::NoNewPrivs);
+    if p.no_new_privs {
+        let r = sys(
+            libc::SYS_prctl,
+            [libc::PR_SET_NO_NEW_PRIVS as usize, 1, 0, 0, 0, 0],
+        );
+        if r < 0 {
+            fail(Stage::NoNewPrivs, r);
+        }
     }
-    libc::execve(p.path.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
-    child_fail(err_fd, Stage::Execve)
+    let r = sys(
+        libc::SYS_execve,
+        [
+            p.path.as_ptr() as usize,
+            p.argv_ptrs.as_ptr() as usize,
+            p.envp_ptrs.as_ptr() as usize,
+            0,
+            0,
+            0,
+        ],
+    );
+    fail(Stage::Execve, r)
 }
 
 #[cfg(test)]

@@ -152,7 +152,10 @@ fn stdin_for_a_child_that_closed_it_is_acknowledged() {
 #[test]
 fn output_window_stalls_and_resumes() {
     let dir = TempDir::new("ow");
-    let data = pseudo_random(1 << 20, 4);
+    // More than the child's pipe holds once the agent has grown it to
+    // 1 MiB (for a streaming child), so the child is still writing when
+    // the window closes.
+    let data = pseudo_random(4 << 20, 4);
     let file = dir.join("data");
     std::fs::write(&file, &data).unwrap();
     let mut agent = Agent::start();
