@@ -206,7 +206,8 @@ pub struct Decoder {
     /// `buf[start..end]` are the bytes received and not yet consumed.
     /// `buf[end..]` is initialised space for the next read: it is zeroed
     /// once when the buffer grows and then reused, so that a read does not
-    /// pay for zeroing a whole chunk each time.
+    /// pay for zeroing a whole chunk each time. ([`Decoder::read_fd`] reads
+    /// into the capacity beyond `end` instead, and zeroes nothing.)
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -344,6 +345,48 @@ impl Decoder {
             State::Frames => self.end += n,
         }
         result
+    }
+
+    /// Like [`Decoder::read_from`], from a raw fd, into uninitialised
+    /// space: nothing is zeroed first, so a read of a few bytes touches one
+    /// page of the buffer, not a whole chunk's worth (the agent reads its
+    /// transport this way; its idle memory is what a host pays per VM).
+    pub fn read_fd(&mut self, fd: std::os::fd::RawFd) -> io::Result<usize> {
+        self.skip_buffered();
+        self.compact();
+        let want = match self.state {
+            State::Skipping(left) => (left.min(READ_CHUNK as u64)) as usize,
+            State::Frames => READ_CHUNK,
+        };
+        // `buf[end..]` need not be initialised for this path.
+        self.buf.truncate(self.end);
+        let cap = self.buf.capacity();
+        if self.end + want > cap {
+            let limit = HEADER_LEN + MAX_PAYLOAD + want;
+            let target = (self.end + want).max((cap * 2).min(limit));
+            self.buf.reserve_exact(target - self.buf.len());
+        }
+        let spare = self.buf.spare_capacity_mut();
+        // SAFETY: `spare` has room for at least `want` bytes; read writes at
+        // most that many, and only what it reports written is used.
+        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), want) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = (n as usize).min(want);
+        match self.state {
+            // Skipped bytes are left where they are, as free space.
+            State::Skipping(left) => {
+                debug_assert_eq!(self.end, 0);
+                self.state = State::skipping(left - n as u64);
+            }
+            State::Frames => {
+                // SAFETY: read initialised the first n spare bytes.
+                unsafe { self.buf.set_len(self.end + n) };
+                self.end += n;
+            }
+        }
+        Ok(n)
     }
 
     /// Returns the next whole frame or framing error, or `None` when more
@@ -514,6 +557,63 @@ mod tests {
             assert!(dec.next_frame().is_none());
             assert!(dec.buffered() == 0);
         }
+    }
+
+    /// read_fd yields what decoding the same bytes in one piece yields:
+    /// frames of every size (a maximal one among them), an oversized
+    /// frame skipped without being buffered, and the frame after it.
+    #[test]
+    fn read_fd_matches_decoding_the_stream() {
+        let mut wire = Vec::new();
+        for (i, len) in [0usize, 1, 100, 70_000, MAX_PAYLOAD, 3, 300_000]
+            .into_iter()
+            .enumerate()
+        {
+            let payload: Vec<u8> = (0..len).map(|b| (b * 31 + i) as u8).collect();
+            append_raw(&mut wire, 0x30, i as u32, &payload);
+        }
+        wire.extend_from_slice(&(LEN_OVERHEAD + MAX_PAYLOAD as u32 + 1_000_000).to_be_bytes());
+        wire.extend_from_slice(&[0x20, 0, 0, 0, 9]);
+        wire.extend(std::iter::repeat_n(0xeeu8, MAX_PAYLOAD + 1_000_000));
+        append_raw(&mut wire, 0x10, 10, b"after");
+        let (expect, _) = decode_chunks([&wire[..]]);
+
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds, which this test owns and closes.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let [r, w] = fds;
+        let writer = std::thread::spawn(move || {
+            // Uneven pieces, so reads end anywhere in a frame.
+            for piece in wire.chunks(77_777) {
+                let mut done = 0;
+                while done < piece.len() {
+                    // SAFETY: writing from a valid slice to our pipe.
+                    let n = unsafe {
+                        libc::write(w, piece[done..].as_ptr().cast(), piece.len() - done)
+                    };
+                    assert!(n > 0);
+                    done += n as usize;
+                }
+            }
+            // SAFETY: closing our own fd: the reader's end of file.
+            unsafe { libc::close(w) };
+        });
+        let mut dec = Decoder::new();
+        let mut got = Vec::new();
+        while dec.read_fd(r).unwrap() > 0 {
+            assert!(dec.capacity() <= HEADER_LEN + MAX_PAYLOAD + READ_CHUNK);
+            while let Some(item) = dec.next_frame() {
+                got.push(match item {
+                    Ok(f) => Decoded::Frame(f.to_owned()),
+                    Err(e) => Decoded::Error(e),
+                });
+            }
+        }
+        writer.join().unwrap();
+        // SAFETY: closing our own fd.
+        unsafe { libc::close(r) };
+        assert!(dec.is_at_boundary());
+        assert_eq!(got, expect);
     }
 
     #[test]

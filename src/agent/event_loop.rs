@@ -30,7 +30,7 @@ use crate::messages::{
 
 use super::session::{self, ReadStop, Session, StdinError};
 use super::spawn::{self, SpawnDefaults, SpawnError, StartReport};
-use super::transport::{FdReader, Flushed, OutQueue, Transport, TransportKind};
+use super::transport::{Flushed, OutQueue, Transport, TransportKind};
 
 const TRANSPORT_IN: Token = Token(0);
 const TRANSPORT_OUT: Token = Token(1);
@@ -277,10 +277,7 @@ impl EventLoop {
             if core.out.pending() >= TRANSPORT_READ_CAP {
                 return;
             }
-            match self
-                .decoder
-                .read_from(&mut FdReader(core.transport.read_fd()))
-            {
+            match self.decoder.read_fd(core.transport.read_fd()) {
                 Ok(0) => {
                     core.transport_readable = false;
                     core.on_transport_eof();

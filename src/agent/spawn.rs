@@ -778,6 +778,11 @@ impl StartStatus {
     }
 }
 
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!(
+    "spawn::sys (raw system calls for the cloned child) exists for x86_64 and aarch64 only"
+);
+
 /// A system call without libc: returns the result, or `-errno`. The cloned
 /// child must not write `errno` (the agent's, in shared memory).
 ///
