@@ -368,78 +368,217 @@ fn shutdown_leaves_an_adopted_escapee_running_in_stdio_mode() {
 // ---------------------------------------------------------------------------
 // Fork bombs.
 
-/// A fork bomb as an unprivileged user with `nproc` limited churns at the
-/// limit; meanwhile other sessions run and PING is answered. Killing the
-/// session's group ends it.
+/// The processes of session `sid` at one instant, zombies included (they
+/// hold their place under RLIMIT_NPROC until reaped). A bomb without job
+/// control keeps the session's process group, so the group is stopped
+/// while /proc is read: a scan under churn could count a process that has
+/// just been reaped and the one forked in its place, and none can fork
+/// once SIGSTOP is pending (the kernel restarts a fork that a group
+/// signal overtakes), so what is read is no more than the group held when
+/// it stopped. The pause lets processes being reaped leave /proc.
+fn frozen_census(sid: i32) -> Vec<Proc> {
+    kill(-sid, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(20));
+    let procs = procs_in_sessions(&[sid]);
+    kill(-sid, libc::SIGCONT);
+    procs
+}
+
+/// Censuses of a bomb (session `sid`) until one finds at least `low`
+/// processes (it may be between two explosions; up to 5 s); every census
+/// must find at most `limit`. Returns the counts.
+fn census_at_limit(sid: i32, low: usize, limit: usize) -> Vec<usize> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut counts = Vec::new();
+    loop {
+        let n = frozen_census(sid).len();
+        counts.push(n);
+        assert!(n <= limit, "RLIMIT_NPROC {limit} did not hold: {counts:?}");
+        if n >= low {
+            return counts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bomb is not at its limit: {} censuses in 5 s, at most {} processes",
+            counts.len(),
+            counts.iter().max().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A fork bomb as `nobody` with `rlimits: nproc 30` (RLIMIT_NPROC counts
+/// per real uid and does not bind root): once it reports that it cannot
+/// fork, 20 or more rounds of a `cat` session fed through stdin, a tty
+/// session and a PING complete, and the window lasts until the bomb has
+/// hit its limit again (new fork failures on its stderr). A census of its
+/// process group (frozen, see [`frozen_census`]; only the group, so other
+/// `nobody` processes on the machine do not count) just before and just
+/// after that window finds it at its limit: at least 10 processes, never
+/// more than 30; it is still running at the end. A group SIGKILL then
+/// ends it: no process of the group is left, zombie or not, and the
+/// agent has no zombie child. Counted, not timed.
+///
+/// The classic `b() { b | b & }; b` dies out at its limit (a shell whose
+/// fork fails exits, and the survivors exit as soon as they have forked),
+/// so each of its shells lives a second, and awk (which carries on when
+/// system() cannot fork) sets it off again and again: it explodes against
+/// its limit about once a second and never dies out (as in the VM's t17).
 #[test]
 fn fork_bomb_with_nproc_limit_does_not_stop_the_agent() {
+    const LIMIT: usize = 30;
+    const LOW: usize = 10;
+    const ROUNDS: usize = 20;
     let mut a = Agent::start(&[]);
-    let mut bomb = sh("b() { b | b & }; b; exec sleep 60");
+    let mut bomb = sh("exec awk 'BEGIN { while (1) system(\"b() { b | b & sleep 1; }; b\") }'");
     bomb.user = Some("nobody".into());
     bomb.rlimits = vec![agentd::messages::Rlimit {
         resource: "nproc".into(),
-        soft: 30,
-        hard: 30,
+        soft: LIMIT as u64,
+        hard: LIMIT as u64,
     }];
     bomb.stdin = false;
     let id = a.exec(&bomb);
     let pid = a.wait_started(id);
+    // dash says "Cannot fork", busybox "can't fork".
+    let failures = |a: &Agent| {
+        String::from_utf8_lossy(&a.logs[&id].stderr)
+            .matches(" fork")
+            .count()
+    };
+    a.wait_for("the bomb to hit its limit", TIMEOUT, |a| failures(a) > 0);
+
+    let before = census_at_limit(pid, LOW, LIMIT);
+    let failures_before = failures(&a);
     let t = Instant::now();
+    let mut rounds = 0;
     let mut worst = Duration::ZERO;
-    let mut runs = 0;
-    while t.elapsed() < Duration::from_secs(2) {
+    while rounds < ROUNDS || failures(&a) == failures_before {
+        assert!(
+            t.elapsed() < TIMEOUT,
+            "no new fork failure in {rounds} rounds; the bomb: {:?}",
+            a.logs[&id].exited
+        );
         let s = Instant::now();
-        let log = a.run(&exec("echo", &["ok"]));
-        assert_eq!(log.stdout, b"ok\n");
-        assert_eq!(log.code(), Some(0));
-        worst = worst.max(s.elapsed()).max(a.ping(b"bomb"));
-        runs += 1;
+        let line = format!("round {rounds}\n");
+        let cat = a.exec_with_stdin(&exec("cat", &[]), line.as_bytes());
+        let log = a.wait_done(cat);
+        assert_eq!(log.code(), Some(0), "{log:?}");
+        assert_eq!(log.stdout, line.as_bytes());
+        let mut tty = exec("/bin/echo", &["tty"]);
+        tty.tty = true;
+        let log = a.run(&tty);
+        assert_eq!(log.code(), Some(0), "{log:?}");
+        assert_eq!(log.stdout, b"tty\r\n");
+        a.ping(line.as_bytes());
+        worst = worst.max(s.elapsed());
+        rounds += 1;
     }
-    println!("under the bomb: {runs} sessions and PINGs, worst {worst:?}");
-    assert!(runs >= 5, "only {runs} sessions in 2 s");
-    assert!(worst < Duration::from_secs(1), "worst {worst:?}");
-    a.wait_for("the bomb to hit its limit", TIMEOUT, |a| {
-        String::from_utf8_lossy(&a.logs[&id].stderr).contains("fork")
-    });
+    let window = t.elapsed();
+    let after = census_at_limit(pid, LOW, LIMIT);
+    let new_failures = failures(&a) - failures_before;
+    assert!(
+        !a.logs[&id].done(),
+        "the bomb ended: {:?}",
+        a.logs[&id].exited
+    );
+    println!(
+        "under the bomb: {rounds} rounds (cat, tty, PING) in {window:?}, worst {worst:?}; \
+         {new_failures} fork failures meanwhile; processes of the bomb before {before:?}, after {after:?}"
+    );
+
     a.signal(id, libc::SIGKILL);
-    kill_sessions(&[pid]);
     let log = a.wait_done(id);
     assert_eq!(log.signal(), Some(libc::SIGKILL));
+    let gone = eventually(Duration::from_secs(10), || {
+        procs_in_sessions(&[pid]).is_empty()
+    });
+    let left = procs_in_sessions(&[pid]);
+    if !gone {
+        kill_sessions(&[pid]);
+    }
+    assert!(gone, "left after a group SIGKILL: {left:?}");
     let clean = eventually(Duration::from_secs(5), || zombie_children(a.pid).is_empty());
     assert!(clean, "zombies: {:?}", zombie_children(a.pid));
 }
 
-/// A bounded bomb without limits (binary tree of depth 7: 254 shells, each
-/// with a `sleep`; most become orphans of the agent): PING is answered
-/// throughout, every process ends and is reaped.
+/// A bounded bomb without limits: a binary tree of shells of depth 7 (255
+/// shells, the session's own the root; each with a `sleep 1`; the inner
+/// ones exit before their children, which the agent adopts). Each shell
+/// leaves a file as it starts and another when its `sleep` is over. A PING
+/// every 10 ms or so until the session has ended and nothing of it is
+/// left; at least 3 of them are answered while the bomb has 100 or more
+/// live processes (counted just before the PING and again just after its
+/// PONG). Then every shell ran to its end (255 + 255 files), the session
+/// exits 0, and every process ended and was reaped: none of the session is
+/// left, zombie or not, and the agent has no zombie child.
 #[test]
 fn bounded_fork_bomb_without_limits() {
+    const SHELLS: usize = 255;
+    const LOADED: usize = 100;
+    let dir = std::env::temp_dir().join(format!("agentd-bomb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).expect("a directory for the markers");
+    let d = dir.display();
     let mut a = Agent::start(&[]);
-    let id = a.exec(&sh(
-        "b() { if [ $1 -gt 0 ]; then b $(($1-1)) & b $(($1-1)) & fi; sleep 1; }; b 7",
+    let mut e = sh(&format!(
+        "b() {{ : > {d}/$1; if [ ${{#1}} -lt 8 ]; then b ${{1}}0 & b ${{1}}1 & fi; \
+         sleep 1; : > {d}/$1.done; }}; b x"
     ));
-    a.close_stdin(id);
+    e.stdin = false;
+    let id = a.exec(&e);
     let pid = a.wait_started(id);
+    let live = || {
+        procs_in_sessions(&[pid])
+            .iter()
+            .filter(|p| p.state != 'Z')
+            .count()
+    };
     let t = Instant::now();
+    let (mut pings, mut loaded, mut max_live) = (0, 0, 0);
     let mut worst = Duration::ZERO;
-    let mut max_procs = 0;
-    while t.elapsed() < Duration::from_millis(2500) {
-        worst = worst.max(a.ping(b"loaded"));
-        max_procs = max_procs.max(procs_in_sessions(&[pid]).len());
-        std::thread::sleep(Duration::from_millis(20));
+    loop {
+        let n_before = live();
+        worst = worst.max(a.ping(format!("ping {pings}").as_bytes()));
+        let n_after = live();
+        pings += 1;
+        if n_before.min(n_after) >= LOADED {
+            loaded += 1;
+        }
+        max_live = max_live.max(n_before).max(n_after);
+        if a.logs[&id].done() && procs_in_sessions(&[pid]).is_empty() {
+            break;
+        }
+        if t.elapsed() > TIMEOUT {
+            kill_sessions(&[pid]);
+            panic!("the bomb's processes outlive it ({max_live} at most)");
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    println!("bomb: up to {max_procs} processes, worst PING {worst:?}");
-    assert!(max_procs > 50, "the bomb did not go off ({max_procs})");
-    assert!(worst < Duration::from_secs(1), "worst PING {worst:?}");
-    let log = a.wait_done(id);
-    assert_eq!(log.code(), Some(0));
-    let gone = eventually(Duration::from_secs(10), || {
-        procs_in_sessions(&[pid]).is_empty()
-    });
-    if !gone {
-        kill_sessions(&[pid]);
+    let took = t.elapsed();
+    let log = a.take_log(id);
+    assert_eq!(log.code(), Some(0), "{log:?}");
+    let mut started = 0;
+    let mut ended = 0;
+    for entry in std::fs::read_dir(&dir).expect("read the markers") {
+        let name = entry.expect("a marker").file_name();
+        if name.to_string_lossy().ends_with(".done") {
+            ended += 1;
+        } else {
+            started += 1;
+        }
     }
-    assert!(gone, "the bomb's processes outlive it");
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "bomb: {pings} PINGs in {took:?} ({loaded} with {LOADED}+ live processes before and after), \
+         up to {max_live} live at once, worst PING {worst:?}; {started} shells started, {ended} ended"
+    );
+    assert!(
+        loaded >= 3,
+        "{loaded} PINGs answered while the bomb had {LOADED}+ live processes (at most {max_live})"
+    );
+    assert_eq!(started, SHELLS, "not every shell ran");
+    assert_eq!(ended, SHELLS, "not every shell ran to its end");
     assert!(zombie_children(a.pid).is_empty());
 }
 
