@@ -645,6 +645,9 @@ impl Core {
             s.stalled = true;
             self.stalled.push_back(key);
         }
+        if self.out.take_transport_full() {
+            self.transport_writable = false;
+        }
         if s.finished() {
             self.finish(key);
         }
@@ -746,9 +749,9 @@ impl Core {
     }
 
     fn next_timeout(&self, now: Instant) -> Option<Duration> {
-        let immediate = self.connected
-            && ((self.transport_readable && self.out.pending() < TRANSPORT_READ_CAP)
-                || (!self.stalled.is_empty() && self.out.pending() < LOW_WATER));
+        let immediate =
+            (self.connected && self.transport_readable && self.out.pending() < TRANSPORT_READ_CAP)
+                || self.may_resume_stalled();
         if immediate {
             return Some(Duration::ZERO);
         }
@@ -802,7 +805,7 @@ impl Core {
     fn pump(&mut self) {
         for _ in 0..16 {
             self.flush_transport();
-            if self.stalled.is_empty() || self.out.pending() >= LOW_WATER || !self.connected {
+            if !self.may_resume_stalled() {
                 return;
             }
             let rounds = self.stalled.len();
@@ -817,6 +820,22 @@ impl Core {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether sessions stalled by backpressure may read again. Over a
+    /// pipe transport their output is spliced, which needs an empty queue
+    /// and a transport that takes bytes (else they would only stall again;
+    /// the transport's writability edge wakes the loop for them). Over
+    /// anything else, once the queue is under the low-water mark.
+    fn may_resume_stalled(&self) -> bool {
+        if self.stalled.is_empty() || !self.connected {
+            return false;
+        }
+        if self.transport.write_is_pipe {
+            self.out.pending() == 0 && self.transport_writable
+        } else {
+            self.out.pending() < LOW_WATER
         }
     }
 

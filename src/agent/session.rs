@@ -26,7 +26,7 @@ use crate::codec::{self, HEADER_LEN, MAX_OUTPUT_PAYLOAD};
 use crate::messages::{self, Ack, Exited, Kind};
 
 use super::spawn::{ChildStdio, StartStatus};
-use super::transport::OutQueue;
+use super::transport::{OutQueue, Splice};
 
 /// Which fd of a session a token names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -442,17 +442,22 @@ impl Session {
                 let kind = if i == 0 { Kind::Stdout } else { Kind::Stderr };
                 let spliced = match splice_to {
                     Some(dst) if !tty => queue.splice_frame(dst, kind as u8, self.id, fd, max),
-                    _ => None,
+                    _ => Splice::No,
                 };
-                if spliced.is_some() && !self.out[i].pipe_grown {
+                if spliced == Splice::Wait {
+                    // The output waits in the child's pipe until the queue
+                    // is empty and the transport writable.
+                    return ReadStop::Backpressure;
+                }
+                if spliced != Splice::No && !self.out[i].pipe_grown {
                     self.out[i].pipe_grown = true;
                     // SAFETY: F_SETPIPE_SZ on our own pipe fd; a refusal
                     // (the per-user pipe limits) changes nothing.
                     unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, OUTPUT_PIPE_SIZE) };
                 }
                 let read = match spliced {
-                    Some(n) => Ok(n),
-                    None => read_frame(queue.buf(), kind, self.id, fd, max, tty),
+                    Splice::Sent(n) => Ok(n),
+                    _ => read_frame(queue.buf(), kind, self.id, fd, max, tty),
                 };
                 match read {
                     Ok(0) => self.end_stream(i, registry),

@@ -186,6 +186,19 @@ pub struct OutQueue {
     tail: usize,
     /// splice(2) failed in a way that says it will keep failing.
     splice_unsupported: bool,
+    /// A splice found the transport full; see `take_transport_full`.
+    transport_full: bool,
+}
+
+/// What [`OutQueue::splice_frame`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Splice {
+    /// A frame with this many payload bytes is on its way.
+    Sent(usize),
+    /// Nothing: read this output into the queue the ordinary way.
+    No,
+    /// Nothing: leave the output in the child's pipe for now.
+    Wait,
 }
 
 /// Below this much buffered output a frame is read, not spliced: for a
@@ -239,18 +252,19 @@ impl OutQueue {
         Ok(Flushed::All)
     }
 
-    /// With nothing queued, sends one frame of `kind` for session `id`
-    /// whose payload the kernel moves from the pipe `src` into the pipe
-    /// `dst` (the transport) without copying it through the agent: the
-    /// header is written, then splice(2) moves the bytes. Whatever splice
-    /// does not move (the transport filled up) is read into the queue as the
-    /// rest of that frame, so the frame is always whole. `src` must be a
-    /// pipe only the agent reads.
+    /// Sends one frame of `kind` for session `id` whose payload the kernel
+    /// moves from the pipe `src` into the pipe `dst` (the transport) without
+    /// copying it through the agent: the header is written, then splice(2)
+    /// moves the bytes. Whatever splice does not move (the transport filled
+    /// up) is read into the queue as the rest of that frame, so the frame
+    /// is always whole. `src` must be a pipe only the agent reads.
     ///
-    /// Returns the payload length sent, or `None` when nothing was done:
-    /// something is queued, less than [`SPLICE_MIN`] is buffered in `src`
-    /// (or `src` is at its end), or the transport cannot take the header
-    /// right now. The caller then reads the frame the ordinary way.
+    /// Less than [`SPLICE_MIN`] buffered in `src` (or its end) is
+    /// [`Splice::No`]: the caller reads it the ordinary way. Otherwise, if
+    /// something is queued (the frame would overtake it) or the transport
+    /// is full, nothing is read ([`Splice::Wait`]): the output waits in the
+    /// child's pipe, not in the agent, until the queue is empty and the
+    /// transport writable again.
     pub fn splice_frame(
         &mut self,
         dst: RawFd,
@@ -258,18 +272,21 @@ impl OutQueue {
         id: u32,
         src: RawFd,
         max: usize,
-    ) -> Option<usize> {
-        if self.splice_unsupported || self.pending() != 0 || max < SPLICE_MIN {
-            return None;
+    ) -> Splice {
+        if self.splice_unsupported || max < SPLICE_MIN {
+            return Splice::No;
         }
         let mut buffered: libc::c_int = 0;
         // SAFETY: FIONREAD writes the byte count into a local integer.
         if unsafe { libc::ioctl(src, libc::FIONREAD, &mut buffered) } < 0 {
-            return None;
+            return Splice::No;
         }
         let buffered = usize::try_from(buffered).unwrap_or(0);
         if buffered < SPLICE_MIN {
-            return None;
+            return Splice::No;
+        }
+        if self.pending() != 0 {
+            return Splice::Wait;
         }
         let len = buffered.min(max);
         let header = crate::codec::header(kind, id, len);
@@ -281,9 +298,13 @@ impl OutQueue {
             }
             match io::Error::last_os_error().raw_os_error() {
                 Some(libc::EINTR) => continue,
-                // EAGAIN (full) or a broken transport: the ordinary path
-                // queues the frame, and the flush meets the condition.
-                _ => return None,
+                Some(libc::EAGAIN) => {
+                    self.transport_full = true;
+                    return Splice::Wait;
+                }
+                // A broken transport: the ordinary path queues the frame,
+                // and the flush meets the error.
+                _ => return Splice::No,
             }
         };
         // Nine bytes into a pipe go in whole or not at all (PIPE_BUF), so
@@ -352,7 +373,13 @@ impl OutQueue {
             rest = 0;
         }
         self.tail = self.buf.len();
-        Some(len)
+        Splice::Sent(len)
+    }
+
+    /// True once after a splice found the transport full (EAGAIN): the
+    /// loop then waits for it to become writable.
+    pub fn take_transport_full(&mut self) -> bool {
+        std::mem::take(&mut self.transport_full)
     }
 
     /// Gives back a flood's larger buffer once the queue is empty. The loop
@@ -493,22 +520,43 @@ mod tests {
         write_all(src_w.as_raw_fd(), &data);
         let mut q = OutQueue::default();
         let sent = q.splice_frame(dst_w.as_raw_fd(), 0x30, 7, src_r.as_raw_fd(), 65536);
-        assert_eq!(sent, Some(40_000));
+        assert_eq!(sent, Splice::Sent(40_000));
         assert_eq!(q.pending(), 0);
         assert_eq!(frames(&drain(dst_r.as_raw_fd())), [(0x30, 7, data)]);
         // Less than SPLICE_MIN buffered: left to the ordinary read.
         write_all(src_w.as_raw_fd(), &pattern(100));
         assert_eq!(
             q.splice_frame(dst_w.as_raw_fd(), 0x30, 7, src_r.as_raw_fd(), 65536),
-            None
+            Splice::No
         );
-        // Something queued: never spliced ahead of it.
+        // Something queued: never spliced ahead of it; the output waits.
         write_all(src_w.as_raw_fd(), &pattern(40_000));
         codec::append_raw(q.buf(), 0x31, 7, b"queued");
         assert_eq!(
             q.splice_frame(dst_w.as_raw_fd(), 0x30, 7, src_r.as_raw_fd(), 65536),
-            None
+            Splice::Wait
         );
+        assert!(!q.take_transport_full());
+        q.flush(dst_w.as_raw_fd()).unwrap();
+        drain(dst_r.as_raw_fd());
+        // A full transport: the output waits, and the loop is told.
+        let mut filler = 0;
+        loop {
+            // SAFETY: writing from a local buffer to our own pipe.
+            let n = unsafe { libc::write(dst_w.as_raw_fd(), [0u8; 4096].as_ptr().cast(), 4096) };
+            if n <= 0 {
+                break;
+            }
+            filler += n as usize;
+        }
+        assert!(filler > 0);
+        assert_eq!(
+            q.splice_frame(dst_w.as_raw_fd(), 0x30, 7, src_r.as_raw_fd(), 65536),
+            Splice::Wait
+        );
+        assert!(q.take_transport_full());
+        assert!(!q.take_transport_full(), "reported once");
+        assert_eq!(q.pending(), 0, "nothing was read");
     }
 
     #[test]
@@ -523,7 +571,7 @@ mod tests {
         write_all(src_w.as_raw_fd(), &data);
         let mut q = OutQueue::default();
         let sent = q.splice_frame(dst_w.as_raw_fd(), 0x30, 9, src_r.as_raw_fd(), 65536);
-        assert_eq!(sent, Some(50_000));
+        assert_eq!(sent, Splice::Sent(50_000));
         assert!(q.pending() > 0, "the transport took all of it");
         assert!(q.tail > 0);
         // A frame queued after the spliced one goes out after it.
@@ -560,7 +608,7 @@ mod tests {
         write_all(src_w.as_raw_fd(), &data);
         let mut q = OutQueue::default();
         let sent = q.splice_frame(file.as_raw_fd(), 0x30, 3, src_r.as_raw_fd(), 65536);
-        assert_eq!(sent, Some(30_000));
+        assert_eq!(sent, Splice::Sent(30_000));
         q.flush(file.as_raw_fd()).unwrap();
         drop(file);
         let stream = std::fs::read(&path).unwrap();
@@ -570,7 +618,7 @@ mod tests {
         write_all(src_w.as_raw_fd(), &pattern(30_000));
         assert_eq!(
             q.splice_frame(1, 0x30, 3, src_r.as_raw_fd(), 65536),
-            None,
+            Splice::No,
             "tried again after splice said it cannot"
         );
     }
