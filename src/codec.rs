@@ -221,7 +221,7 @@ impl Default for Decoder {
 }
 
 /// How much [`Decoder::read_from`] asks for at most per call.
-pub const READ_CHUNK: usize = 256 * 1024;
+pub const READ_CHUNK: usize = 64 * 1024;
 
 /// Above this capacity an empty decoder gives its buffer back, so one large
 /// frame does not pin a megabyte for the life of the connection.

@@ -30,7 +30,7 @@ use crate::messages::{
 
 use super::session::{self, ReadStop, Session, StdinError};
 use super::spawn::{self, SpawnDefaults, SpawnError, StartReport};
-use super::transport::{Flushed, OutQueue, Transport, TransportKind};
+use super::transport::{Flushed, OutQueue, Transport, TransportKind, STAGE_LIMIT};
 
 const TRANSPORT_IN: Token = Token(0);
 const TRANSPORT_OUT: Token = Token(1);
@@ -628,8 +628,7 @@ impl Core {
     /// Does whatever a session can do now: write queued STDIN, read
     /// output, and finish it when it is done.
     fn service(&mut self, key: usize) {
-        let splice_to = (self.transport.write_is_pipe && self.connected && self.transport_writable)
-            .then(|| self.transport.write_fd());
+        let splice = self.transport.write_is_pipe;
         let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
@@ -638,16 +637,14 @@ impl Core {
         }
         s.flush_stdin(self.out.buf(), &self.registry);
         if s.wants_read()
-            && s.read_output(&mut self.out, splice_to, HIGH_WATER, &self.registry)
+            && s.read_output(&mut self.out, splice, HIGH_WATER, &self.registry)
                 == ReadStop::Backpressure
             && !s.stalled
         {
             s.stalled = true;
             self.stalled.push_back(key);
         }
-        if self.out.take_transport_full() {
-            self.transport_writable = false;
-        }
+
         if s.finished() {
             self.finish(key);
         }
@@ -824,16 +821,17 @@ impl Core {
     }
 
     /// Whether sessions stalled by backpressure may read again. Over a
-    /// pipe transport their output is spliced, which needs an empty queue
-    /// and a transport that takes bytes (else they would only stall again;
-    /// the transport's writability edge wakes the loop for them). Over
-    /// anything else, once the queue is under the low-water mark.
+    /// pipe transport their output is staged by splice, which needs nothing
+    /// queued in memory and room in the staging pipe (else they would only
+    /// stall again; the transport's writability edge wakes the loop once
+    /// it drains). Over anything else, once the queue is under the
+    /// low-water mark.
     fn may_resume_stalled(&self) -> bool {
         if self.stalled.is_empty() || !self.connected {
             return false;
         }
         if self.transport.write_is_pipe {
-            self.out.pending() == 0 && self.transport_writable
+            self.out.in_memory() == 0 && self.out.staged() < STAGE_LIMIT
         } else {
             self.out.pending() < LOW_WATER
         }

@@ -411,14 +411,12 @@ impl Session {
     /// Reads output into the queue while there is something to read, window
     /// left, and the queue holds less than `high_water` bytes.
     ///
-    /// `splice_to` is the transport's write fd when it is a pipe that can
-    /// take bytes now: a pipe session's output then goes there by
-    /// splice(2) whenever nothing else is queued (see
-    /// [`OutQueue::splice_frame`]).
+    /// With `splice` (the transport is a pipe), a pipe session's output is
+    /// staged by splice(2) instead of read (see [`OutQueue::splice_frame`]).
     pub fn read_output(
         &mut self,
         queue: &mut OutQueue,
-        splice_to: Option<RawFd>,
+        splice: bool,
         high_water: usize,
         registry: &Registry,
     ) -> ReadStop {
@@ -440,13 +438,14 @@ impl Session {
                     max = max.min(w as usize);
                 }
                 let kind = if i == 0 { Kind::Stdout } else { Kind::Stderr };
-                let spliced = match splice_to {
-                    Some(dst) if !tty => queue.splice_frame(dst, kind as u8, self.id, fd, max),
-                    _ => Splice::No,
+                let spliced = if splice && !tty {
+                    queue.splice_frame(kind as u8, self.id, fd, max)
+                } else {
+                    Splice::No
                 };
                 if spliced == Splice::Wait {
                     // The output waits in the child's pipe until the queue
-                    // is empty and the transport writable.
+                    // has been written.
                     return ReadStop::Backpressure;
                 }
                 if spliced != Splice::No && !self.out[i].pipe_grown {

@@ -171,29 +171,39 @@ pub enum Flushed {
     Partial,
 }
 
-/// Frames waiting for the transport: appended at the end, written from
-/// `pos`. `frame_start` is the start of the frame that `pos` is in, so a
-/// device reconnect can tell a half-sent frame from whole ones.
+/// Frames waiting for the transport, in two parts sent in this order:
+///
+/// - the *staging pipe*, a pipe of the agent's own holding spliced output
+///   frames (a header written, the payload moved from a child's pipe by
+///   splice(2), never copied by the agent; see [`OutQueue::splice_frame`]);
+/// - `buf`, frames encoded (or read from children) into memory, written
+///   from `pos`. `frame_start` is the start of the frame that `pos` is in,
+///   so a device reconnect can tell a half-sent frame from whole ones.
+///
+/// A frame is staged only while `buf` is empty, so everything in `buf`
+/// was queued after everything staged and the order is kept.
 #[derive(Debug, Default)]
 pub struct OutQueue {
     buf: Vec<u8>,
     pos: usize,
     frame_start: usize,
-    /// The first `tail` bytes of `buf` end a frame whose beginning went to
-    /// the transport directly ([`OutQueue::splice_frame`]); frames proper
+    /// The first `tail` bytes of `buf` end a frame whose beginning was
+    /// staged (a splice that moved only part of a payload); frames proper
     /// start after them. While `pos < tail` that frame is the one being
     /// sent, and `frame_start` is 0.
     tail: usize,
+    /// (read end, write end), made at the first splice.
+    staging: Option<(OwnedFd, OwnedFd)>,
+    /// Bytes in the staging pipe.
+    staged: usize,
     /// splice(2) failed in a way that says it will keep failing.
     splice_unsupported: bool,
-    /// A splice found the transport full; see `take_transport_full`.
-    transport_full: bool,
 }
 
 /// What [`OutQueue::splice_frame`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Splice {
-    /// A frame with this many payload bytes is on its way.
+    /// A frame with this many payload bytes is queued.
     Sent(usize),
     /// Nothing: read this output into the queue the ordinary way.
     No,
@@ -205,6 +215,11 @@ pub enum Splice {
 /// few bytes one read beats an ioctl, a header write and a splice.
 pub const SPLICE_MIN: usize = 16 * 1024;
 
+/// The staging pipe's size, and the bytes staged at most (half of it, so
+/// that payload pages not quite full still fit its 256 slots).
+const STAGING_PIPE_SIZE: libc::c_int = 1 << 20;
+pub const STAGE_LIMIT: usize = STAGING_PIPE_SIZE as usize / 2;
+
 /// Capacity kept when the loop goes to sleep with an empty queue; a
 /// flood's larger buffer is given back then.
 const KEEP_CAPACITY: usize = 256 * 1024;
@@ -212,7 +227,17 @@ const KEEP_CAPACITY: usize = 256 * 1024;
 impl OutQueue {
     /// Bytes queued and not yet written.
     pub fn pending(&self) -> usize {
+        self.staged + self.buf.len() - self.pos
+    }
+
+    /// Bytes queued in memory (not staged).
+    pub fn in_memory(&self) -> usize {
         self.buf.len() - self.pos
+    }
+
+    /// Bytes in the staging pipe.
+    pub fn staged(&self) -> usize {
+        self.staged
     }
 
     pub fn capacity(&self) -> usize {
@@ -228,6 +253,41 @@ impl OutQueue {
     /// flush with [`Flushed::Partial`]; any other error is returned (the
     /// caller decides what a broken transport means).
     pub fn flush(&mut self, fd: RawFd) -> io::Result<Flushed> {
+        while self.staged > 0 {
+            let Some((staging, _)) = &self.staging else {
+                break;
+            };
+            // SAFETY: splice between two fds we hold, null offsets (the
+            // source is a pipe; the transport is a pipe or a stream).
+            let n = unsafe {
+                libc::splice(
+                    staging.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    fd,
+                    std::ptr::null_mut(),
+                    self.staged,
+                    libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+                )
+            };
+            if n > 0 {
+                self.staged -= (n as usize).min(self.staged);
+                continue;
+            }
+            let err = if n == 0 {
+                // The staging pipe is empty although bytes are counted:
+                // cannot be, but never spin on it.
+                tracing::error!(staged = self.staged, "staging pipe came up empty");
+                self.staged = 0;
+                break;
+            } else {
+                io::Error::last_os_error()
+            };
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(Flushed::Partial),
+                _ => return Err(err),
+            }
+        }
         while self.pos < self.buf.len() {
             let rest = &self.buf[self.pos..];
             // SAFETY: `rest` is a valid readable slice of the given length.
@@ -252,27 +312,20 @@ impl OutQueue {
         Ok(Flushed::All)
     }
 
-    /// Sends one frame of `kind` for session `id` whose payload the kernel
-    /// moves from the pipe `src` into the pipe `dst` (the transport) without
-    /// copying it through the agent: the header is written, then splice(2)
-    /// moves the bytes. Whatever splice does not move (the transport filled
-    /// up) is read into the queue as the rest of that frame, so the frame
-    /// is always whole. `src` must be a pipe only the agent reads.
+    /// Queues one frame of `kind` for session `id` whose payload the kernel
+    /// moves from the pipe `src` into the staging pipe without the agent
+    /// copying it: the header is written there, then splice(2) moves the
+    /// payload. Whatever splice does not move is read into `buf` as the
+    /// rest of that frame, so the frame is always whole. `src` must be a
+    /// pipe only the agent reads.
     ///
     /// Less than [`SPLICE_MIN`] buffered in `src` (or its end) is
     /// [`Splice::No`]: the caller reads it the ordinary way. Otherwise, if
-    /// something is queued (the frame would overtake it) or the transport
-    /// is full, nothing is read ([`Splice::Wait`]): the output waits in the
-    /// child's pipe, not in the agent, until the queue is empty and the
-    /// transport writable again.
-    pub fn splice_frame(
-        &mut self,
-        dst: RawFd,
-        kind: u8,
-        id: u32,
-        src: RawFd,
-        max: usize,
-    ) -> Splice {
+    /// frames are queued in memory (the staged frame would overtake them)
+    /// or [`STAGE_LIMIT`] bytes are staged, nothing is read
+    /// ([`Splice::Wait`]): the output waits in the child's pipe, not in the
+    /// agent, until the queue has been written.
+    pub fn splice_frame(&mut self, kind: u8, id: u32, src: RawFd, max: usize) -> Splice {
         if self.splice_unsupported || max < SPLICE_MIN {
             return Splice::No;
         }
@@ -285,37 +338,27 @@ impl OutQueue {
         if buffered < SPLICE_MIN {
             return Splice::No;
         }
-        if self.pending() != 0 {
+        if self.in_memory() != 0 || self.staged >= STAGE_LIMIT {
             return Splice::Wait;
         }
+        let Some(dst) = self.staging_fd() else {
+            return Splice::No;
+        };
         let len = buffered.min(max);
         let header = crate::codec::header(kind, id, len);
-        let written = loop {
-            // SAFETY: writing from a local array of the given length.
-            let n = unsafe { libc::write(dst, header.as_ptr().cast(), header.len()) };
-            if n >= 0 {
-                break n as usize;
-            }
-            match io::Error::last_os_error().raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => {
-                    self.transport_full = true;
-                    return Splice::Wait;
-                }
-                // A broken transport: the ordinary path queues the frame,
-                // and the flush meets the error.
-                _ => return Splice::No,
-            }
-        };
-        // Nine bytes into a pipe go in whole or not at all (PIPE_BUF), so
-        // this is for form's sake.
-        self.buf.clear();
-        self.pos = 0;
-        self.frame_start = 0;
-        self.buf.extend_from_slice(&header[written..]);
+        // SAFETY: writing from a local array of the given length. Nine
+        // bytes into a pipe with room (at most half of it is used) go in
+        // whole (PIPE_BUF).
+        let n = unsafe { libc::write(dst, header.as_ptr().cast(), header.len()) };
+        if n != header.len() as isize {
+            // Cannot be with the room left; the ordinary path takes over.
+            self.splice_unsupported = true;
+            return Splice::No;
+        }
+        self.staged += header.len();
         let mut moved = 0;
-        while moved < len && self.buf.is_empty() {
-            // SAFETY: splice between two fds we hold, null offsets (pipes).
+        while moved < len {
+            // SAFETY: splice between two pipes we hold, null offsets.
             let n = unsafe {
                 libc::splice(
                     src,
@@ -337,7 +380,8 @@ impl OutQueue {
             }
             match io::Error::last_os_error().raw_os_error() {
                 Some(libc::EINTR) => continue,
-                // The transport is full: the rest goes through the queue.
+                // The staging pipe is out of slots: the rest goes through
+                // memory.
                 Some(libc::EAGAIN) => break,
                 _ => {
                     // EINVAL and the like: this pair of fds cannot be
@@ -347,9 +391,14 @@ impl OutQueue {
                 }
             }
         }
+        self.staged += moved;
         // The rest of the payload is buffered in `src` (FIONREAD counted it
-        // and nobody else reads there): read it into the queue.
+        // and nobody else reads there): read it into `buf`, which is empty,
+        // so it follows the staged part directly.
         let mut rest = len - moved;
+        self.buf.clear();
+        self.pos = 0;
+        self.frame_start = 0;
         self.buf.reserve(rest);
         while rest > 0 {
             let spare = self.buf.spare_capacity_mut();
@@ -376,10 +425,28 @@ impl OutQueue {
         Splice::Sent(len)
     }
 
-    /// True once after a splice found the transport full (EAGAIN): the
-    /// loop then waits for it to become writable.
-    pub fn take_transport_full(&mut self) -> bool {
-        std::mem::take(&mut self.transport_full)
+    /// The staging pipe's write end, made on first use.
+    fn staging_fd(&mut self) -> Option<RawFd> {
+        if self.staging.is_none() {
+            let mut fds = [0; 2];
+            // SAFETY: pipe2 fills two new fds, which we then own.
+            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
+                self.splice_unsupported = true;
+                return None;
+            }
+            // SAFETY: both fds are new and ours.
+            let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            // SAFETY: F_SETPIPE_SZ on our own pipe. Refused (the per-user
+            // pipe limits), the staging limit would not fit: no staging.
+            if unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, STAGING_PIPE_SIZE) }
+                < STAGING_PIPE_SIZE
+            {
+                self.splice_unsupported = true;
+                return None;
+            }
+            self.staging = Some((r, w));
+        }
+        self.staging.as_ref().map(|(_, w)| w.as_raw_fd())
     }
 
     /// Gives back a flood's larger buffer once the queue is empty. The loop
@@ -426,6 +493,18 @@ impl OutQueue {
     /// a frame the old host got part of, and puts `greeting` (a whole
     /// frame, READY) before every other queued frame.
     pub fn restart_with(&mut self, greeting: &[u8]) {
+        // Staged frames: only a pipe transport stages, and it has no
+        // reconnects; were there any, they could be partly sent: drop them.
+        if self.staged > 0 {
+            self.staging = None;
+            self.staged = 0;
+            // With something staged nothing of `buf` was sent yet; the rest
+            // of a staged frame's payload at its start goes too.
+            self.buf.drain(..self.tail.min(self.buf.len()));
+            self.pos = 0;
+            self.frame_start = 0;
+            self.tail = 0;
+        }
         self.track_frames();
         let first_whole = if self.pos < self.tail {
             // The old host got the start of a spliced frame: skip its rest.
@@ -510,117 +589,145 @@ mod tests {
             .collect()
     }
 
+    /// Flushes `q` into a fresh pipe until all is written; returns the bytes.
+    fn flush_all(q: &mut OutQueue) -> Vec<u8> {
+        let (r, w) = pipe();
+        let mut stream = Vec::new();
+        loop {
+            let done = q.flush(w.as_raw_fd()).unwrap() == Flushed::All;
+            stream.extend(drain(r.as_raw_fd()));
+            if done {
+                return stream;
+            }
+        }
+    }
+
     #[test]
-    fn splice_sends_a_whole_frame_without_queueing() {
+    fn spliced_frames_are_staged_then_sent_in_order() {
         let (src_r, src_w) = pipe();
-        let (dst_r, dst_w) = pipe();
-        // SAFETY: F_SETPIPE_SZ on our own pipe.
-        unsafe { libc::fcntl(dst_w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
         let data = pattern(40_000);
         write_all(src_w.as_raw_fd(), &data);
         let mut q = OutQueue::default();
-        let sent = q.splice_frame(dst_w.as_raw_fd(), 0x30, 7, src_r.as_raw_fd(), 65536);
-        assert_eq!(sent, Splice::Sent(40_000));
-        assert_eq!(q.pending(), 0);
-        assert_eq!(frames(&drain(dst_r.as_raw_fd())), [(0x30, 7, data)]);
+        assert_eq!(
+            q.splice_frame(0x30, 7, src_r.as_raw_fd(), 65536),
+            Splice::Sent(40_000)
+        );
+        assert_eq!(q.staged(), 9 + 40_000);
+        assert_eq!(q.in_memory(), 0);
+        assert_eq!(q.pending(), 9 + 40_000);
+        // Staging again while nothing is in memory keeps the order.
+        let more = pattern(20_000);
+        write_all(src_w.as_raw_fd(), &more);
+        assert_eq!(
+            q.splice_frame(0x31, 8, src_r.as_raw_fd(), 65536),
+            Splice::Sent(20_000)
+        );
         // Less than SPLICE_MIN buffered: left to the ordinary read.
         write_all(src_w.as_raw_fd(), &pattern(100));
         assert_eq!(
-            q.splice_frame(dst_w.as_raw_fd(), 0x30, 7, src_r.as_raw_fd(), 65536),
+            q.splice_frame(0x30, 7, src_r.as_raw_fd(), 65536),
             Splice::No
         );
-        // Something queued: never spliced ahead of it; the output waits.
-        write_all(src_w.as_raw_fd(), &pattern(40_000));
-        codec::append_raw(q.buf(), 0x31, 7, b"queued");
-        assert_eq!(
-            q.splice_frame(dst_w.as_raw_fd(), 0x30, 7, src_r.as_raw_fd(), 65536),
-            Splice::Wait
-        );
-        assert!(!q.take_transport_full());
-        q.flush(dst_w.as_raw_fd()).unwrap();
-        drain(dst_r.as_raw_fd());
-        // A full transport: the output waits, and the loop is told.
-        let mut filler = 0;
-        loop {
-            // SAFETY: writing from a local buffer to our own pipe.
-            let n = unsafe { libc::write(dst_w.as_raw_fd(), [0u8; 4096].as_ptr().cast(), 4096) };
-            if n <= 0 {
-                break;
-            }
-            filler += n as usize;
-        }
-        assert!(filler > 0);
-        assert_eq!(
-            q.splice_frame(dst_w.as_raw_fd(), 0x30, 7, src_r.as_raw_fd(), 65536),
-            Splice::Wait
-        );
-        assert!(q.take_transport_full());
-        assert!(!q.take_transport_full(), "reported once");
-        assert_eq!(q.pending(), 0, "nothing was read");
-    }
-
-    #[test]
-    fn splice_into_a_full_transport_queues_the_rest_of_the_frame() {
-        let (src_r, src_w) = pipe();
-        let (dst_r, dst_w) = pipe();
-        // A 64 KiB transport holding 60,000 bytes already: the splice can
-        // move little or nothing of a 50,000-byte payload.
-        let before = pattern(60_000);
-        write_all(dst_w.as_raw_fd(), &before);
-        let data = pattern(50_000);
-        write_all(src_w.as_raw_fd(), &data);
-        let mut q = OutQueue::default();
-        let sent = q.splice_frame(dst_w.as_raw_fd(), 0x30, 9, src_r.as_raw_fd(), 65536);
-        assert_eq!(sent, Splice::Sent(50_000));
-        assert!(q.pending() > 0, "the transport took all of it");
-        assert!(q.tail > 0);
-        // A frame queued after the spliced one goes out after it.
-        codec::append_raw(q.buf(), 0x31, 9, b"after");
-        let mut stream = drain(dst_r.as_raw_fd());
-        assert_eq!(&stream[..before.len()], &before[..]);
-        stream.drain(..before.len());
-        loop {
-            let done = q.flush(dst_w.as_raw_fd()).unwrap() == Flushed::All;
-            stream.extend(drain(dst_r.as_raw_fd()));
-            if done {
-                break;
-            }
-        }
-        assert_eq!(
-            frames(&stream),
-            [(0x30, 9, data), (0x31, 9, b"after".to_vec())]
-        );
-    }
-
-    #[test]
-    fn splice_to_something_that_cannot_take_it_falls_back_for_good() {
-        let (src_r, src_w) = pipe();
-        // A file opened for appending: the header goes in, splice refuses
-        // (EINVAL), and the payload is read into the queue instead.
-        let path = std::env::temp_dir().join(format!("agentd-splice-{}", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .unwrap();
-        let data = pattern(30_000);
-        write_all(src_w.as_raw_fd(), &data);
-        let mut q = OutQueue::default();
-        let sent = q.splice_frame(file.as_raw_fd(), 0x30, 3, src_r.as_raw_fd(), 65536);
-        assert_eq!(sent, Splice::Sent(30_000));
-        q.flush(file.as_raw_fd()).unwrap();
-        drop(file);
-        let stream = std::fs::read(&path).unwrap();
-        let _ = std::fs::remove_file(&path);
-        assert_eq!(frames(&stream), [(0x30, 3, data)]);
-        assert!(q.splice_unsupported);
+        drain(src_r.as_raw_fd());
+        // A frame in memory: later output must not overtake it; it waits.
+        codec::append_raw(q.buf(), 0x12, 7, b"in memory");
         write_all(src_w.as_raw_fd(), &pattern(30_000));
         assert_eq!(
-            q.splice_frame(1, 0x30, 3, src_r.as_raw_fd(), 65536),
-            Splice::No,
-            "tried again after splice said it cannot"
+            q.splice_frame(0x30, 7, src_r.as_raw_fd(), 65536),
+            Splice::Wait
         );
+        drain(src_r.as_raw_fd());
+        assert_eq!(
+            frames(&flush_all(&mut q)),
+            [
+                (0x30, 7, data),
+                (0x31, 8, more),
+                (0x12, 7, b"in memory".to_vec())
+            ]
+        );
+        assert_eq!(q.pending(), 0);
+    }
+
+    #[test]
+    fn staging_stops_at_its_limit() {
+        let (src_r, src_w) = pipe();
+        // SAFETY: F_SETPIPE_SZ on our own pipe.
+        unsafe { libc::fcntl(src_w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+        let mut q = OutQueue::default();
+        let mut sent = Vec::new();
+        loop {
+            let chunk = pattern(65536);
+            write_all(src_w.as_raw_fd(), &chunk);
+            match q.splice_frame(0x30, 1, src_r.as_raw_fd(), 65536) {
+                Splice::Sent(n) => sent.push(chunk[..n].to_vec()),
+                Splice::Wait => break,
+                Splice::No => panic!("not spliced"),
+            }
+            assert!(sent.len() < 100, "staging never filled");
+        }
+        assert!(q.staged() >= STAGE_LIMIT);
+        assert_eq!(q.in_memory(), 0, "the output waits in the child's pipe");
+        let stream = flush_all(&mut q);
+        let got: Vec<Vec<u8>> = frames(&stream).into_iter().map(|f| f.2).collect();
+        assert_eq!(got, sent);
+    }
+
+    #[test]
+    fn a_payload_the_staging_pipe_cannot_hold_ends_in_memory() {
+        // A packet-mode source pipe (O_DIRECT): every write is a buffer of
+        // its own, so 200 writes of 100 bytes take 200 slots. Two such
+        // payloads need more than the staging pipe's 256 slots.
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two new fds, which we then own.
+        assert_eq!(
+            unsafe {
+                libc::pipe2(
+                    fds.as_mut_ptr(),
+                    libc::O_CLOEXEC | libc::O_DIRECT | libc::O_NONBLOCK,
+                )
+            },
+            0
+        );
+        // SAFETY: both fds are new and ours.
+        let (src_r, src_w) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ on our own pipe.
+        assert!(unsafe { libc::fcntl(src_w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) } >= 1 << 20);
+        let mut q = OutQueue::default();
+        let mut expect = Vec::new();
+        for id in [1, 2] {
+            let data = pattern(20_000 + id as usize);
+            for piece in data.chunks(100) {
+                write_all(src_w.as_raw_fd(), piece);
+            }
+            assert_eq!(
+                q.splice_frame(0x30, id, src_r.as_raw_fd(), 65536),
+                Splice::Sent(data.len())
+            );
+            expect.push((0x30, id, data));
+        }
+        assert!(q.tail > 0, "everything fit in the staging pipe");
+        assert_eq!(q.staged() + q.in_memory(), 2 * 9 + 40_003);
+        // A frame queued after them goes out after them.
+        codec::append_raw(q.buf(), 0x31, 9, b"after");
+        expect.push((0x31, 9, b"after".to_vec()));
+        assert_eq!(frames(&flush_all(&mut q)), expect);
+    }
+
+    #[test]
+    fn restart_drops_staged_frames() {
+        let (src_r, src_w) = pipe();
+        write_all(src_w.as_raw_fd(), &pattern(40_000));
+        let mut q = OutQueue::default();
+        assert_eq!(
+            q.splice_frame(0x30, 7, src_r.as_raw_fd(), 65536),
+            Splice::Sent(40_000)
+        );
+        let mut ready = Vec::new();
+        codec::append_raw(&mut ready, 0x01, 0, b"\x80");
+        q.restart_with(&ready);
+        assert_eq!(q.staged(), 0);
+        assert_eq!(flush_all(&mut q), ready);
     }
 
     #[test]
