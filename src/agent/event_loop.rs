@@ -644,7 +644,6 @@ impl Core {
             s.stalled = true;
             self.stalled.push_back(key);
         }
-
         if s.finished() {
             self.finish(key);
         }

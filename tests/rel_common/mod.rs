@@ -72,8 +72,12 @@ pub struct Agent {
     /// (a frame the host sent before it saw EXITED).
     pub finished: HashSet<u32>,
     pub late_errors: Vec<(u32, ErrorMsg)>,
-    /// Every pid a STARTED named (their groups are killed on drop).
-    pub started: Vec<i32>,
+    /// The pids of sessions STARTED and not yet EXITED: their groups are
+    /// killed on drop. Only those: once the agent has reaped a leader its
+    /// pid is free (pid_max is often 32768), and killing that process
+    /// group later could hit a stranger's, another test's session in this
+    /// very process among them.
+    pub started: HashSet<i32>,
     pub pongs: Vec<(u32, Vec<u8>)>,
     /// ERRORs with id 0.
     pub conn_errors: Vec<ErrorMsg>,
@@ -157,7 +161,7 @@ impl Agent {
             logs: HashMap::new(),
             finished: HashSet::new(),
             late_errors: Vec::new(),
-            started: Vec::new(),
+            started: HashSet::new(),
             pongs: Vec::new(),
             conn_errors: Vec::new(),
             shutdown_done: false,
@@ -443,7 +447,7 @@ impl Agent {
             Message::Started(s) => {
                 assert!(log.pid.is_none() && !log.done(), "second STARTED for {id}");
                 log.pid = Some(s.pid as i32);
-                self.started.push(s.pid as i32);
+                self.started.insert(s.pid as i32);
             }
             Message::ExecFailed(x) => {
                 assert!(
@@ -469,6 +473,9 @@ impl Agent {
             Message::Exited(x) => {
                 assert!(live, "EXITED for session {id} outside STARTED..EXITED");
                 assert!(x.code.is_some() != x.signal.is_some());
+                if let Some(pid) = log.pid {
+                    self.started.remove(&pid);
+                }
                 log.exited = Some(x);
             }
             other => panic!("unexpected {other:?} for session {id}"),
