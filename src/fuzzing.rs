@@ -170,7 +170,8 @@ pub fn message_decode(data: &[u8]) {
 /// for a session after its EXITED); EXEC_FAILED `duplicate_id` only for an
 /// id in use; every PING answered in order with its payload; nothing after
 /// SHUTDOWN_DONE. After the script, the host ends every session (SIGCONT,
-/// OUTPUT_ACK, STDIN_CLOSE), which must then all end, and closes the
+/// OUTPUT_ACK, for a terminal ^Q ^Q in case the script stopped its output
+/// with ^S, STDIN_CLOSE), which must then all end, and closes the
 /// connection; the agent must return, with no child process and no fd
 /// left behind.
 ///
@@ -995,6 +996,21 @@ pub mod dispatch {
             .collect();
         exec_ids.sort_unstable();
         exec_ids.dedup();
+        // Ids that ran (or may run) on a terminal: the script's bytes may
+        // have stopped its output (^S, with IXON on), which only ^Q
+        // restarts, as on any terminal.
+        let tty_ids: Vec<u32> = pre_items
+            .iter()
+            .filter_map(|i| match i {
+                Decoded::Frame(f) if f.kind == Kind::Exec as u8 => {
+                    match Message::decode_from_host(f.as_frame()) {
+                        Ok(Message::Exec(e)) if e.tty => Some(f.id),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            })
+            .collect();
         let epilogue = boundary && !shutdown;
         let final_barrier = barrier_payload(u32::MAX);
         if epilogue {
@@ -1005,6 +1021,10 @@ pub mod dispatch {
                 })
                 .encode(id, &mut stream);
                 Message::OutputAck(Ack { bytes: u32::MAX }).encode(id, &mut stream);
+                if tty_ids.contains(&id) {
+                    // Twice: a pending ^V (literal next) takes the first.
+                    Message::Stdin(b"\x11\x11").encode(id, &mut stream);
+                }
                 Message::StdinClose.encode(id, &mut stream);
             }
             codec::append_raw(&mut stream, Kind::Ping as u8, 0, &final_barrier);
