@@ -73,16 +73,7 @@ impl Host {
             stdin,
             stdout,
             dec: Decoder::new(),
-            ready: Ready {
-                protocol: 0,
-                agent: String::new(),
-                pid: 0,
-                pid1: false,
-                max_payload: 0,
-                stdin_window: 0,
-                max_sessions: 0,
-                uptime_ms: None,
-            },
+            ready: Ready::default(),
             out: Vec::new(),
         };
         host.recv(|kind, _, _| kind == Kind::Ready as u8);

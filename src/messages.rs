@@ -344,7 +344,7 @@ fn default_grace_ms() -> u32 {
 }
 
 /// READY: the agent's greeting.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ready {
     pub protocol: u32,
     /// `agentd/<version>`.

@@ -130,16 +130,7 @@ impl Host {
         let mut host = Host {
             stream,
             dec: Decoder::new(),
-            ready: Ready {
-                protocol: 0,
-                agent: String::new(),
-                pid: 0,
-                pid1: false,
-                max_payload: 0,
-                stdin_window: 0,
-                max_sessions: 0,
-                uptime_ms: None,
-            },
+            ready: Ready::default(),
             queues: HashMap::new(),
             eof: false,
         };
