@@ -490,8 +490,9 @@ impl OutQueue {
     }
 
     /// For a new host connection on a device port: drops the unsent rest of
-    /// a frame the old host got part of, and puts `greeting` (a whole
-    /// frame, READY) before every other queued frame.
+    /// a frame the old host got part of and the replies meant for the old
+    /// host, and puts `greeting` (a whole frame, READY) before every other
+    /// queued frame.
     pub fn restart_with(&mut self, greeting: &[u8]) {
         // Staged frames: only a pipe transport stages, and it has no
         // reconnects; were there any, they could be partly sent: drop them.
@@ -517,20 +518,35 @@ impl OutQueue {
             self.pos
         };
         debug_assert!(greeting.len() >= HEADER_LEN);
-        let mut rest = self.buf.split_off(first_whole.min(self.buf.len()));
-        // A READY still unsent (queued for a host that never read it) is
-        // replaced, not repeated.
-        if rest.len() >= HEADER_LEN && rest[4] == crate::messages::Kind::Ready as u8 {
-            let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            rest.drain(..(4 + len).min(rest.len()));
-        }
+        let rest = self.buf.split_off(first_whole.min(self.buf.len()));
         self.buf.clear();
         self.buf.extend_from_slice(greeting);
-        self.buf.extend_from_slice(&rest);
+        // Session frames carry over to the new host; replies to the
+        // departed host do not: a PONG or an ERROR answers a frame the new
+        // host never sent (an OUTPUT_ACK that crossed its session's EXITED
+        // would reach the next host as an ERROR for a session it never
+        // knew), and a READY still unsent is replaced, not repeated.
+        let mut at = 0;
+        while at + HEADER_LEN <= rest.len() {
+            let len = u32::from_be_bytes([rest[at], rest[at + 1], rest[at + 2], rest[at + 3]]);
+            let end = (at + 4 + len as usize).min(rest.len());
+            if !is_reply_to_the_host(rest[at + 4]) {
+                self.buf.extend_from_slice(&rest[at..end]);
+            }
+            at = end;
+        }
         self.pos = 0;
         self.frame_start = 0;
         self.tail = 0;
     }
+}
+
+/// Frames that answer something a host sent on its connection, rather
+/// than report on a session: READY, PONG and ERROR. They are dropped, not
+/// carried over, when a new host connects to a device port.
+fn is_reply_to_the_host(kind: u8) -> bool {
+    use crate::messages::Kind;
+    kind == Kind::Ready as u8 || kind == Kind::Pong as u8 || kind == Kind::Error as u8
 }
 
 #[cfg(test)]
@@ -763,6 +779,33 @@ mod tests {
         assert_eq!(q.tail, 0);
         assert_eq!(q.pos, 10);
         assert_eq!(q.buf.len(), 9 + 70_000);
+    }
+
+    /// Replies to the departed host stay with it; every session frame goes
+    /// to the next host, in order.
+    #[test]
+    fn restart_keeps_session_frames_and_drops_replies() {
+        use crate::messages::Kind;
+        let mut q = OutQueue::default();
+        let mut ready = Vec::new();
+        codec::append_raw(&mut ready, Kind::Ready as u8, 0, b"\x80");
+        q.buf.extend_from_slice(&ready);
+        codec::append_raw(q.buf(), Kind::Started as u8, 4, b"\x81\xa3pid\x07");
+        codec::append_raw(q.buf(), Kind::Pong as u8, 0, b"ping");
+        codec::append_raw(q.buf(), Kind::Stdout as u8, 4, b"out");
+        codec::append_raw(q.buf(), Kind::Error as u8, 9, b"\x80");
+        codec::append_raw(q.buf(), Kind::StdinAck as u8, 4, b"\x80");
+        codec::append_raw(q.buf(), Kind::Pong as u8, 0, b"");
+        codec::append_raw(q.buf(), Kind::Exited as u8, 4, b"\x80");
+        codec::append_raw(q.buf(), Kind::Error as u8, 0, b"\x80");
+        q.restart_with(&ready);
+        let mut expect = ready.clone();
+        codec::append_raw(&mut expect, Kind::Started as u8, 4, b"\x81\xa3pid\x07");
+        codec::append_raw(&mut expect, Kind::Stdout as u8, 4, b"out");
+        codec::append_raw(&mut expect, Kind::StdinAck as u8, 4, b"\x80");
+        codec::append_raw(&mut expect, Kind::Exited as u8, 4, b"\x80");
+        assert_eq!(q.buf, expect);
+        assert_eq!(flush_all(&mut q), expect);
     }
 
     #[test]
