@@ -320,15 +320,40 @@ fn bench_stdout(bytes: u64, tty: bool) -> f64 {
     let t = Instant::now();
     host.exec(1, exec);
     let mut got = 0u64;
+    let mut frames = 0u64;
     host.recv(|kind, _, payload| {
         if kind == Kind::Stdout as u8 {
             got += payload.len() as u64;
+            frames += 1;
         }
         kind == Kind::Exited as u8
     });
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(got, bytes, "lost output");
+    report_cpu(&format!("stdout ({frames} frames)"), host.pid(), secs);
     bytes as f64 / secs
+}
+
+/// With `AGENTD_BENCH_CPU` set, prints the agent's CPU time (user + system,
+/// from /proc) for one trial to stderr: steadier than throughput for
+/// comparing two builds of the agent on a noisy machine.
+fn report_cpu(what: &str, pid: u32, secs: f64) {
+    if std::env::var_os("AGENTD_BENCH_CPU").is_none() {
+        return;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return;
+    };
+    // Fields after the command name (which ends at the last ')').
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let (user, system) = (f[11] as f64 / hz, f[12] as f64 / hz);
+    eprintln!("{what}: {secs:.2} s wall, agent CPU {user:.2} s user + {system:.2} s system");
 }
 
 fn bench_stdin(bytes: u64) -> f64 {
@@ -390,6 +415,7 @@ fn bench_stdin(bytes: u64) -> f64 {
     stdin.write_all(&buf).expect("write");
     reader.join().expect("reader");
     let secs = t.elapsed().as_secs_f64();
+    report_cpu("stdin", child.0.id(), secs);
     drop(stdin);
     drop(child);
     bytes as f64 / secs
