@@ -365,6 +365,14 @@ impl Decoder {
     /// has room for: with 64 KiB STDIN payloads every read ends inside a
     /// frame, and compacting after each would copy each frame twice.
     pub fn read_fd(&mut self, fd: std::os::fd::RawFd) -> io::Result<usize> {
+        self.read_fd_upto(fd, usize::MAX)
+    }
+
+    /// Like [`Decoder::read_fd`], reading at most `limit` bytes (at least
+    /// one). The agent reads just a header this way when it expects
+    /// another large STDIN frame, whose payload it then moves without
+    /// reading it (see [`Decoder::partial_frame`]).
+    pub fn read_fd_upto(&mut self, fd: std::os::fd::RawFd, limit: usize) -> io::Result<usize> {
         self.skip_buffered();
         let mut want = match self.state {
             State::Skipping(left) => (left.min(READ_CHUNK as u64)) as usize,
@@ -376,6 +384,7 @@ impl Decoder {
         if self.state == State::Frames {
             want = want.max(self.buf.capacity() - self.end);
         }
+        want = want.min(limit.max(1));
         // `buf[end..]` need not be initialised for this path.
         self.buf.truncate(self.end);
         let cap = self.buf.capacity();
@@ -405,6 +414,55 @@ impl Decoder {
             }
         }
         Ok(n)
+    }
+
+    /// The frame at the front of the buffer when its header is there but
+    /// not all of its payload (`None` otherwise, and while skipping).
+    pub fn partial_frame(&self) -> Option<PartialFrame> {
+        if self.state != State::Frames {
+            return None;
+        }
+        let avail = &self.buf[self.start..self.end];
+        if avail.len() < HEADER_LEN {
+            return None;
+        }
+        let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]);
+        let payload_len = len.checked_sub(LEN_OVERHEAD)? as usize;
+        let buffered = avail.len() - HEADER_LEN;
+        if payload_len > MAX_PAYLOAD || buffered >= payload_len {
+            return None;
+        }
+        Some(PartialFrame {
+            kind: avail[4],
+            id: u32::from_be_bytes([avail[5], avail[6], avail[7], avail[8]]),
+            len: payload_len,
+            buffered,
+        })
+    }
+
+    /// Takes the frame [`Decoder::partial_frame`] describes out of the
+    /// decoder and returns the payload bytes it held. The other
+    /// `len - buffered` payload bytes are still in the stream: the caller
+    /// consumes them from the source itself (or has the decoder skip them
+    /// with [`Decoder::skip`]) before it reads through the decoder again.
+    ///
+    /// # Panics
+    /// When there is no partial frame (a caller's bug).
+    pub fn take_partial(&mut self) -> &[u8] {
+        let p = self
+            .partial_frame()
+            .expect("take_partial without a partial frame");
+        let begin = self.start + HEADER_LEN;
+        self.start = self.end;
+        &self.buf[begin..begin + p.buffered]
+    }
+
+    /// Skips the next `n` bytes of the stream (the rest of a payload taken
+    /// with [`Decoder::take_partial`] that its consumer no longer wants).
+    /// Only at a frame boundary with nothing buffered.
+    pub fn skip(&mut self, n: usize) {
+        debug_assert!(self.is_at_boundary());
+        self.state = State::skipping(n as u64);
     }
 
     /// Returns the next whole frame or framing error, or `None` when more
@@ -446,6 +504,18 @@ impl Decoder {
             payload: &self.buf[begin..begin + payload_len],
         }))
     }
+}
+
+/// A frame whose header a decoder holds, without all of its payload: see
+/// [`Decoder::partial_frame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialFrame {
+    pub kind: u8,
+    pub id: u32,
+    /// The whole payload's length.
+    pub len: usize,
+    /// How much of the payload the decoder holds.
+    pub buffered: usize,
 }
 
 /// One item a decoder yields, owned (for tests, fuzzing and simple callers).
@@ -632,6 +702,75 @@ mod tests {
         unsafe { libc::close(r) };
         assert!(dec.is_at_boundary());
         assert_eq!(got, expect);
+    }
+
+    /// A frame with its header buffered and its payload not: described,
+    /// taken out with the payload bytes held, the rest skipped or consumed
+    /// by the caller, and the next frame decodes. Nothing is described for
+    /// a whole frame, a short header, or a frame too large or malformed.
+    #[test]
+    fn partial_frames_are_taken_out_of_the_stream() {
+        let mut wire = Vec::new();
+        append_raw(&mut wire, 0x20, 7, &[5u8; 1000]);
+        append_raw(&mut wire, 0x02, 0, b"ping");
+        let mut dec = Decoder::new();
+        dec.feed(&wire[..8]);
+        assert_eq!(dec.partial_frame(), None, "no whole header yet");
+        dec.feed(&wire[8..109]);
+        assert!(dec.next_frame().is_none());
+        let p = dec.partial_frame().expect("a partial frame");
+        assert_eq!((p.kind, p.id, p.len, p.buffered), (0x20, 7, 1000, 100));
+        assert_eq!(dec.take_partial(), &[5u8; 100][..]);
+        assert!(dec.is_at_boundary());
+        // The caller does not want the rest: it is skipped as it arrives.
+        dec.skip(900);
+        dec.feed(&wire[109..]);
+        match dec.next_frame() {
+            Some(Ok(f)) => assert_eq!((f.kind, f.payload), (0x02, &b"ping"[..])),
+            other => panic!("{other:?}"),
+        }
+        // A whole frame is no partial one.
+        let mut dec = Decoder::new();
+        dec.feed(&wire);
+        assert_eq!(dec.partial_frame(), None);
+        // Nor is an oversized or malformed one.
+        for len in [LEN_OVERHEAD + MAX_PAYLOAD as u32 + 1, 2] {
+            let mut dec = Decoder::new();
+            dec.feed(&len.to_be_bytes());
+            dec.feed(&[0x20, 0, 0, 0, 1, 9, 9]);
+            assert_eq!(dec.partial_frame(), None);
+        }
+    }
+
+    /// read_fd_upto never reads more than asked.
+    #[test]
+    fn read_fd_upto_reads_at_most_the_limit() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds, which this test owns and closes.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let [r, w] = fds;
+        let mut wire = Vec::new();
+        append_raw(&mut wire, 0x20, 3, &[1u8; 50_000]);
+        // SAFETY: writing from a valid slice to our pipe (it has room).
+        assert_eq!(
+            unsafe { libc::write(w, wire.as_ptr().cast(), wire.len()) },
+            wire.len() as isize
+        );
+        let mut dec = Decoder::new();
+        assert_eq!(dec.read_fd_upto(r, HEADER_LEN).unwrap(), HEADER_LEN);
+        let p = dec.partial_frame().expect("a header");
+        assert_eq!((p.id, p.len, p.buffered), (3, 50_000, 0));
+        assert!(dec.take_partial().is_empty());
+        assert_eq!(
+            dec.read_fd_upto(r, 0).unwrap(),
+            1,
+            "a limit of 0 reads one byte"
+        );
+        // SAFETY: closing our own fds.
+        unsafe {
+            libc::close(r);
+            libc::close(w);
+        }
     }
 
     #[test]

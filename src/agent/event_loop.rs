@@ -22,7 +22,7 @@ use nix::sys::signal::{SigSet, Signal as NixSignal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use slab::Slab;
 
-use crate::codec::{self, Decoder, Frame, MAX_PAYLOAD};
+use crate::codec::{self, Decoder, Frame, HEADER_LEN, MAX_PAYLOAD};
 use crate::messages::{
     self, ErrorKind, ErrorMsg, Exec, ExecFailed, ExecFailedKind, Exited, Kind, Message, Ready,
     PROTOCOL_VERSION,
@@ -116,8 +116,26 @@ struct ShutdownState {
 pub struct EventLoop {
     poll: Poll,
     decoder: Decoder,
+    /// A STDIN payload being moved from the transport to its session
+    /// without passing through the decoder (see [`EventLoop::read_transport`]).
+    stdin_stream: Option<StdinStream>,
+    /// The last frame was a large STDIN (streamed or not): the next read
+    /// takes just a header, so that the next large STDIN payload streams
+    /// whole.
+    expect_stdin: bool,
     core: Core,
 }
+
+/// The rest of a STDIN payload still in the transport, for session `id`.
+#[derive(Debug, Clone, Copy)]
+struct StdinStream {
+    id: u32,
+    left: usize,
+}
+
+/// A STDIN payload streams (is spliced from the transport into the
+/// session's stdin pipe) when at least this much of it is still unread.
+const STREAM_STDIN_MIN: usize = 16 * 1024;
 
 /// Everything but the poll and the decoder, so a decoded frame (which
 /// borrows the decoder) can be dispatched against it.
@@ -190,6 +208,8 @@ impl EventLoop {
         Ok(EventLoop {
             poll,
             decoder: Decoder::new(),
+            stdin_stream: None,
+            expect_stdin: false,
             core: Core {
                 registry,
                 transport,
@@ -267,17 +287,62 @@ impl EventLoop {
     /// Reads and dispatches frames until the transport would block, or the
     /// output queue is over its cap (then the host is not reading and its
     /// input waits in the kernel).
+    ///
+    /// On a pipe transport a large STDIN payload streams: once its header
+    /// is decoded, the rest is spliced from the transport straight into
+    /// the session's stdin pipe (see [`Session::stream_stdin`]) instead of
+    /// being read into the decoder and written out again. While a host
+    /// sends STDIN frames back to back, each read takes just the next
+    /// header, so whole payloads stream.
     fn read_transport(&mut self) {
         let core = &mut self.core;
         if core.reset_decoder {
             self.decoder = Decoder::new();
+            self.stdin_stream = None;
+            self.expect_stdin = false;
             core.reset_decoder = false;
         }
         while core.transport_readable && core.connected && core.exit.is_none() {
             if core.out.pending() >= TRANSPORT_READ_CAP {
                 return;
             }
-            match self.decoder.read_fd(core.transport.read_fd()) {
+            if let Some(stream) = self.stdin_stream {
+                match core.stream_stdin(stream.id, stream.left) {
+                    Ok(0) => {
+                        core.transport_readable = false;
+                        core.on_transport_eof();
+                        return;
+                    }
+                    Ok(n) => {
+                        let left = stream.left - n;
+                        self.stdin_stream = (left > 0).then_some(StdinStream { left, ..stream });
+                    }
+                    Err(StreamError::NoSession) => {
+                        self.decoder.skip(stream.left);
+                        self.stdin_stream = None;
+                    }
+                    Err(StreamError::Io(e)) => match e.kind() {
+                        io::ErrorKind::Interrupted => {}
+                        io::ErrorKind::WouldBlock => {
+                            core.transport_readable = false;
+                            return;
+                        }
+                        _ => {
+                            tracing::warn!(error = %e, "reading the transport failed");
+                            core.transport_readable = false;
+                            core.on_transport_eof();
+                            return;
+                        }
+                    },
+                }
+                continue;
+            }
+            let limit = if self.expect_stdin {
+                HEADER_LEN
+            } else {
+                usize::MAX
+            };
+            match self.decoder.read_fd_upto(core.transport.read_fd(), limit) {
                 Ok(0) => {
                     core.transport_readable = false;
                     core.on_transport_eof();
@@ -298,20 +363,51 @@ impl EventLoop {
                     }
                 },
             }
+            self.expect_stdin = false;
             while let Some(item) = self.decoder.next_frame() {
                 match item {
-                    Ok(frame) => core.on_frame(frame),
+                    Ok(frame) => {
+                        // A large STDIN read whole: the next one may stream.
+                        self.expect_stdin = frame.kind == Kind::Stdin as u8
+                            && frame.payload.len() >= STREAM_STDIN_MIN;
+                        core.on_frame(frame)
+                    }
                     Err(e) => {
                         let kind = messages::ProtocolError::from(e).kind();
                         core.send_error(e.id(), kind, e.to_string(), e.frame_kind());
                     }
                 }
                 if core.reset_decoder || core.exit.is_some() {
-                    break;
+                    return;
+                }
+            }
+            if !core.transport.read_is_pipe {
+                continue;
+            }
+            if let Some(p) = self.decoder.partial_frame() {
+                if p.kind == Kind::Stdin as u8
+                    && p.len - p.buffered >= STREAM_STDIN_MIN
+                    && core.can_stream_stdin(p.id, p.len)
+                {
+                    let head = self.decoder.take_partial();
+                    core.begin_stdin_stream(p.id, p.len, head);
+                    self.stdin_stream = Some(StdinStream {
+                        id: p.id,
+                        left: p.len - p.buffered,
+                    });
+                    self.expect_stdin = true;
                 }
             }
         }
     }
+}
+
+/// Why a STDIN payload could not stream on.
+enum StreamError {
+    /// Its session is gone: the rest of the payload is skipped.
+    NoSession,
+    /// Reading the transport failed (WouldBlock: it is empty for now).
+    Io(io::Error),
 }
 
 /// How a wait status reads as EXITED.
@@ -499,6 +595,33 @@ impl Core {
         if let Err((err, message)) = f(self, key) {
             self.send_error(id, err, message, Some(kind as u8));
         }
+    }
+
+    /// See [`Session::can_stream_stdin`]; false for an unknown session.
+    fn can_stream_stdin(&self, id: u32, len: usize) -> bool {
+        self.by_id
+            .get(&id)
+            .is_some_and(|&key| self.sessions[key].can_stream_stdin(len, self.config.stdin_window))
+    }
+
+    /// The start of a streamed STDIN frame (`can_stream_stdin` said yes).
+    fn begin_stdin_stream(&mut self, id: u32, len: usize, head: &[u8]) {
+        if let Some(&key) = self.by_id.get(&id) {
+            self.sessions[key].begin_stdin_stream(len, head, self.out.buf(), &self.registry);
+        }
+    }
+
+    /// Moves more of a streamed STDIN payload; see [`Session::stream_stdin`].
+    fn stream_stdin(&mut self, id: u32, left: usize) -> Result<usize, StreamError> {
+        let Some(&key) = self.by_id.get(&id) else {
+            return Err(StreamError::NoSession);
+        };
+        let src = self.transport.read_fd();
+        let n = self.sessions[key]
+            .stream_stdin(src, left, self.out.buf(), &self.registry)
+            .map_err(StreamError::Io)?;
+        self.service(key);
+        Ok(n)
     }
 
     fn exec(&mut self, id: u32, req: &Exec) {

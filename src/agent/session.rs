@@ -114,7 +114,14 @@ pub struct StdinState {
     /// first EAGAIN: a session that streams input gets a pipe that holds
     /// several STDIN frames; one that does not keeps the default).
     pipe_grown: bool,
+    /// splice(2) from the transport into this pipe failed (not EAGAIN):
+    /// streamed STDIN goes through the queue.
+    splice_failed: bool,
 }
+
+/// How much of a streaming STDIN payload one read takes into the queue
+/// when it cannot be spliced.
+const STREAM_READ_CHUNK: usize = 64 * 1024;
 
 /// What a session's stdin pipe is grown to once the child is slower than
 /// the host: a few 64 KiB frames, so the agent and the child do not take
@@ -567,10 +574,18 @@ impl Session {
             return Ok(());
         }
         st.unacked += data.len() as u64;
+        self.accept_stdin(data, out, registry);
+        Ok(())
+    }
+
+    /// Bytes of an accepted STDIN frame (its window already charged):
+    /// writes what the child takes, queues the rest.
+    fn accept_stdin(&mut self, data: &[u8], out: &mut Vec<u8>, registry: &Registry) {
+        let st = &mut self.stdin;
         if st.child_gone {
             st.ack_due += data.len() as u64;
             self.send_stdin_ack(out);
-            return Ok(());
+            return;
         }
         // Before STARTED nothing is written (and so nothing acknowledged).
         let started = self.starting.is_none();
@@ -589,7 +604,130 @@ impl Session {
         if started {
             self.flush_stdin(out, registry);
         }
-        Ok(())
+    }
+
+    /// Whether a STDIN frame with a `len`-byte payload can stream from the
+    /// transport straight into this session's stdin pipe (see
+    /// [`Session::stream_stdin`]): the session is started, on pipes, its
+    /// stdin open with nothing queued, and the whole frame fits the window.
+    /// Otherwise the frame takes the ordinary path, which also reports
+    /// what is wrong with it.
+    pub fn can_stream_stdin(&self, len: usize, window: u32) -> bool {
+        let st = &self.stdin;
+        self.starting.is_none()
+            && !self.is_tty()
+            && self.in_fd().is_some()
+            && !st.host_closed
+            && !st.child_gone
+            && st.queue.len() == st.pos
+            && st.unacked + len as u64 <= u64::from(window)
+    }
+
+    /// Accepts a STDIN frame of `len` bytes that streams (the window is
+    /// charged for all of it now) and takes `head`, the part of its
+    /// payload already read; the rest follows through
+    /// [`Session::stream_stdin`].
+    pub fn begin_stdin_stream(
+        &mut self,
+        len: usize,
+        head: &[u8],
+        out: &mut Vec<u8>,
+        registry: &Registry,
+    ) {
+        self.stdin.unacked += len as u64;
+        if !head.is_empty() {
+            self.accept_stdin(head, out, registry);
+        }
+    }
+
+    /// Moves up to `left` bytes of a streaming STDIN payload from `src`
+    /// (the transport, a pipe) to the child: with splice(2) straight into
+    /// its stdin pipe while nothing is queued and the pipe has room, so
+    /// the bytes are never copied through the agent; otherwise read into
+    /// the stdin queue, as for an ordinary frame. Bytes for a child whose
+    /// stdin is gone are read and discarded (and acknowledged).
+    ///
+    /// Returns how many bytes left `src`: `Ok(0)` is its end of file, and
+    /// `WouldBlock` means it holds nothing now.
+    pub fn stream_stdin(
+        &mut self,
+        src: RawFd,
+        left: usize,
+        out: &mut Vec<u8>,
+        registry: &Registry,
+    ) -> io::Result<usize> {
+        loop {
+            let Some(fd) = self.in_fd().filter(|_| !self.stdin.child_gone) else {
+                return self.discard_stdin(src, left, out);
+            };
+            let st = &mut self.stdin;
+            if !(st.writable && st.queue.len() == st.pos && !st.splice_failed) {
+                break;
+            }
+            // SAFETY: splice between two pipes we hold, null offsets.
+            let n = unsafe {
+                libc::splice(
+                    src,
+                    std::ptr::null_mut(),
+                    fd,
+                    std::ptr::null_mut(),
+                    left,
+                    libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+                )
+            };
+            if n >= 0 {
+                st.ack_due += n as u64;
+                self.send_stdin_ack(out);
+                return Ok(n as usize);
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => {}
+                // The transport is empty or the child's pipe is full: the
+                // read below tells which.
+                Some(libc::EAGAIN) => {
+                    if !self.grow_stdin_pipe(fd) {
+                        break;
+                    }
+                }
+                Some(libc::EPIPE) => self.stdin_gone(registry),
+                // This pair cannot be spliced: the queue takes over.
+                _ => {
+                    self.stdin.splice_failed = true;
+                    break;
+                }
+            }
+        }
+        let st = &mut self.stdin;
+        let want = left.min(STREAM_READ_CHUNK);
+        st.queue.reserve(want);
+        let spare = st.queue.spare_capacity_mut();
+        // SAFETY: `spare` has room for `want` bytes; only what read reports
+        // written is marked initialised.
+        let n = unsafe { libc::read(src, spare.as_mut_ptr().cast(), want) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = (n as usize).min(want);
+        // SAFETY: read initialised the first n spare bytes.
+        unsafe { st.queue.set_len(st.queue.len() + n) };
+        if n > 0 {
+            self.flush_stdin(out, registry);
+        }
+        Ok(n)
+    }
+
+    /// Reads and drops up to `left` bytes from `src`, acknowledging them.
+    fn discard_stdin(&mut self, src: RawFd, left: usize, out: &mut Vec<u8>) -> io::Result<usize> {
+        let mut scratch = [0u8; 4096];
+        let want = left.min(scratch.len());
+        // SAFETY: reading into a local buffer of at least `want` bytes.
+        let n = unsafe { libc::read(src, scratch.as_mut_ptr().cast(), want) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.stdin.ack_due += n as u64;
+        self.send_stdin_ack(out);
+        Ok(n as usize)
     }
 
     /// Writes `data` to the child's stdin (a pipe or the terminal) while it

@@ -42,6 +42,9 @@ pub struct Transport {
     /// The write side is a pipe, so a pipe session's output can be moved
     /// into it with splice(2) (see [`OutQueue::splice_frame`]).
     pub write_is_pipe: bool,
+    /// The read side is a pipe, so a STDIN payload can be moved out of it
+    /// with splice(2) (see `Session::stream_stdin`).
+    pub read_is_pipe: bool,
 }
 
 /// True when `fd` is a pipe or FIFO.
@@ -88,6 +91,7 @@ impl Transport {
         grow_pipe(write.as_raw_fd());
         Ok(Transport {
             write_is_pipe: is_pipe(write.as_raw_fd()),
+            read_is_pipe: is_pipe(read.as_raw_fd()),
             read,
             write: Some(write),
             kind: TransportKind::Stdio,
@@ -108,6 +112,7 @@ impl Transport {
                 write: None,
                 kind: TransportKind::Stream,
                 write_is_pipe: false,
+                read_is_pipe: false,
             });
         }
         let file = OpenOptions::new()
@@ -127,6 +132,7 @@ impl Transport {
     pub fn from_fd(fd: OwnedFd, kind: TransportKind) -> Transport {
         Transport {
             write_is_pipe: is_pipe(fd.as_raw_fd()),
+            read_is_pipe: is_pipe(fd.as_raw_fd()),
             read: fd,
             write: None,
             kind,
@@ -212,8 +218,12 @@ pub enum Splice {
 }
 
 /// Below this much buffered output a frame is read, not spliced: for a
-/// few bytes one read beats an ioctl, a header write and a splice.
-pub const SPLICE_MIN: usize = 16 * 1024;
+/// few bytes one read beats an ioctl, a header write and a splice. One
+/// page: a child such as `head` writes 8 KiB at a time and the agent, when
+/// it keeps up, finds one or two such writes per wake-up; copying those
+/// (read, then write to the transport) cost the agent about 0.45 s of CPU
+/// per GiB against 0.30 to 0.35 s when they are spliced (BENCHMARKS.md).
+pub const SPLICE_MIN: usize = 4 * 1024;
 
 /// The staging pipe's size, and the bytes staged at most (half of it, so
 /// that payload pages not quite full still fit its 256 slots).

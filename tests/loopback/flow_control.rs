@@ -127,23 +127,28 @@ fn a_child_that_never_reads_stalls_only_its_own_session() {
 }
 
 /// Bytes for a child that closed its stdin are discarded and still
-/// acknowledged: the host never stalls on them.
+/// acknowledged: the host never stalls on them. In small frames, and in
+/// large ones (which stream: see
+/// `streamed_stdin_interleaved_with_other_frames_is_exact`).
 #[test]
 fn stdin_for_a_child_that_closed_it_is_acknowledged() {
     let mut agent = Agent::start();
-    let id = agent.new_id();
-    agent.exec(id, &sh("exec 0<&-; echo closed; exec sleep 100"));
-    agent.recv_where(|f| f.id == id && f.kind == STDOUT, "closed");
-    let window = agent.stdin_window() as usize;
-    let out = agent.feed_stdin(id, &vec![b'd'; 3 * window], 16 * 1024);
-    let mut acked = out.acked;
-    while acked < 3 * window as u64 {
-        let f = agent.recv_where(|f| f.id == id && f.kind == STDIN_ACK, "STDIN_ACK");
-        acked += ack_bytes(&f);
+    for chunk in [16 * 1024, 100_000] {
+        let id = agent.new_id();
+        agent.exec(id, &sh("exec 0<&-; echo closed; exec sleep 100"));
+        agent.recv_where(|f| f.id == id && f.kind == STDOUT, "closed");
+        let window = agent.stdin_window() as usize;
+        let out = agent.feed_stdin(id, &vec![b'd'; 3 * window], chunk);
+        let mut acked = out.acked;
+        while acked < 3 * window as u64 {
+            let f = agent.recv_where(|f| f.id == id && f.kind == STDIN_ACK, "STDIN_ACK");
+            acked += ack_bytes(&f);
+        }
+        assert_eq!(acked, 3 * window as u64);
+        agent.ping();
+        agent.send_signal(id, 9, true);
+        agent.collect(id);
     }
-    assert_eq!(acked, 3 * window as u64);
-    agent.send_signal(id, 9, true);
-    agent.collect(id);
 }
 
 /// OUTPUT_ACK: with `output_window` 65536, a session printing 1 MiB stops
@@ -531,4 +536,197 @@ fn concurrent_large_output_is_exact() {
     }
     agent.assert_no_errors();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What a host streaming STDIN to several sessions at once keeps per
+/// session.
+struct Feed {
+    id: u32,
+    data: Vec<u8>,
+    sent: usize,
+    acked: u64,
+    out: Vec<u8>,
+}
+
+/// Takes one STDOUT or STDIN_ACK frame of any of `feeds`.
+fn take_one(agent: &mut Agent, feeds: &mut [Feed]) {
+    let ids: Vec<u32> = feeds.iter().map(|f| f.id).collect();
+    let f = agent.recv_where(
+        |f| ids.contains(&f.id) && matches!(f.kind, STDOUT | STDIN_ACK),
+        "STDOUT or STDIN_ACK",
+    );
+    let feed = feeds.iter_mut().find(|x| x.id == f.id).unwrap();
+    if f.kind == STDOUT {
+        feed.out.extend_from_slice(&f.payload);
+    } else {
+        feed.acked += ack_bytes(&f);
+    }
+}
+
+/// A pipe transport moves large STDIN payloads by splice(2), straight from
+/// the transport into the child's pipe, and the frame after such a payload
+/// is read from the transport again. Two `cat` sessions (one that starts
+/// reading late, so its pipe fills and the agent's queue takes over in the
+/// middle of a payload) get frames of many sizes in turns, a PING between
+/// some of them: each gets back exactly its bytes, every byte is
+/// acknowledged, every PING answered, no ERROR.
+#[test]
+fn streamed_stdin_interleaved_with_other_frames_is_exact() {
+    let mut agent = Agent::start();
+    let window = agent.stdin_window() as usize;
+    let mut feeds = Vec::new();
+    for (k, script) in ["exec cat", "sleep 0.3; exec cat"].into_iter().enumerate() {
+        let id = agent.new_id();
+        agent.exec(id, &sh(script));
+        feeds.push(Feed {
+            id,
+            data: pseudo_random((5 << 20) + k * 77_777, 40 + k as u64),
+            sent: 0,
+            acked: 0,
+            out: Vec::new(),
+        });
+    }
+    let sizes = [65_536, 100_000, 16_385, 250_000, 1, 40_000, 262_144, 20_000];
+    let mut step = 0;
+    while feeds.iter().any(|f| f.sent < f.data.len()) {
+        let k = step % feeds.len();
+        let n = sizes[step % sizes.len()].min(window);
+        step += 1;
+        if feeds[k].sent == feeds[k].data.len() {
+            continue;
+        }
+        let n = n.min(feeds[k].data.len() - feeds[k].sent);
+        while feeds[k].sent as u64 + n as u64 - feeds[k].acked > window as u64 {
+            take_one(&mut agent, &mut feeds);
+        }
+        let f = &mut feeds[k];
+        agent.send_stdin(f.id, &f.data[f.sent..f.sent + n]);
+        f.sent += n;
+        if step % 7 == 0 {
+            agent.ping();
+        }
+    }
+    for f in &feeds {
+        agent.send_stdin_close(f.id);
+    }
+    while feeds.iter().any(|f| f.out.len() < f.data.len()) {
+        take_one(&mut agent, &mut feeds);
+    }
+    for f in &mut feeds {
+        let rest = agent.collect(f.id);
+        f.out.extend_from_slice(&rest.stdout);
+        f.acked += rest.acked;
+        rest.assert_success();
+        assert_eq!(f.out.len(), f.data.len(), "session {}: byte count", f.id);
+        assert!(
+            f.out == f.data,
+            "session {}: different bytes came back",
+            f.id
+        );
+        assert_eq!(
+            f.acked,
+            f.data.len() as u64,
+            "session {}: STDIN_ACK total",
+            f.id
+        );
+    }
+    agent.assert_no_errors();
+}
+
+/// A large STDIN frame that reaches the agent in pieces, with pauses (the
+/// header and a few bytes, then the rest in three parts): the streamed
+/// payload waits for the transport and goes on, and the frames after it
+/// decode.
+#[test]
+fn streamed_stdin_arriving_in_pieces_is_exact() {
+    let mut agent = Agent::start();
+    let id = agent.new_id();
+    agent.exec(id, &cmd("cat", &[]));
+    let data = pseudo_random(200_000, 50);
+    let mut frame = Vec::new();
+    agentd::codec::append_raw(&mut frame, STDIN, id, &data);
+    agent.note_stdin(id, data.len() as u64);
+    for piece in [
+        &frame[..20],
+        &frame[20..70_000],
+        &frame[70_000..150_000],
+        &frame[150_000..],
+    ] {
+        agent.send_raw(piece);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The same again, twice, now that the agent reads a header first.
+    for _ in 0..2 {
+        agent.send_raw(&frame[..9]);
+        std::thread::sleep(Duration::from_millis(30));
+        agent.send_raw(&frame[9..]);
+        agent.note_stdin(id, data.len() as u64);
+    }
+    agent.ping();
+    agent.send_stdin_close(id);
+    let out = agent.collect(id);
+    out.assert_success();
+    assert_eq!(out.stdout.len(), 3 * data.len());
+    for part in out.stdout.chunks(data.len()) {
+        assert!(part == &data[..], "different bytes came back");
+    }
+    agent.assert_no_errors();
+}
+
+/// The session ends while its STDIN payload is still streaming: a child
+/// that reads one line and exits, then the rest of the payload. Before it
+/// ended, what it did not read is discarded and acknowledged; after its
+/// EXITED, the rest of the payload is skipped (nothing follows EXITED);
+/// either way the frames after the payload decode and are served.
+#[test]
+fn a_session_that_ends_while_its_stdin_streams() {
+    let mut agent = Agent::start();
+    let id = agent.new_id();
+    agent.exec(id, &sh("read line; echo \"got $line\""));
+    let mut data = b"first line\n".to_vec();
+    data.extend(pseudo_random(250_000, 51));
+    let mut frame = Vec::new();
+    agentd::codec::append_raw(&mut frame, STDIN, id, &data);
+    agent.note_stdin(id, data.len() as u64);
+    // Header and 100 KB: the child reads its line and exits.
+    agent.send_raw(&frame[..100_000]);
+    let out = agent.collect(id);
+    out.assert_success();
+    assert_eq!(out.stdout_str(), "got first line\n");
+    // The rest of the payload arrives after EXITED, then a PING and a
+    // session that works.
+    agent.send_raw(&frame[100_000..]);
+    agent.ping();
+    let out = agent.sh("echo after");
+    assert_eq!(out.stdout_str(), "after\n");
+    assert!(
+        agent.take_stashed(|f| f.id == id).is_empty(),
+        "a frame for the session after its EXITED"
+    );
+
+    // A child that closes its stdin while the payload streams, and lives
+    // on: the rest of the payload is read and discarded, and every byte of
+    // the frame is acknowledged.
+    let id = agent.new_id();
+    agent.exec(
+        id,
+        &sh("head -c 1000 >/dev/null; exec 0<&-; echo closed; exec sleep 100"),
+    );
+    let data = pseudo_random(250_000, 52);
+    let mut frame = Vec::new();
+    agentd::codec::append_raw(&mut frame, STDIN, id, &data);
+    agent.note_stdin(id, data.len() as u64);
+    agent.send_raw(&frame[..30_000]);
+    agent.recv_where(|f| f.id == id && f.kind == STDOUT, "closed");
+    agent.send_raw(&frame[30_000..]);
+    agent.ping();
+    let mut acked = 0;
+    while acked < data.len() as u64 {
+        let f = agent.recv_where(|f| f.id == id && f.kind == STDIN_ACK, "STDIN_ACK");
+        acked += ack_bytes(&f);
+    }
+    assert_eq!(acked, data.len() as u64, "STDIN_ACK total");
+    agent.send_signal(id, 9, true);
+    assert_eq!(agent.collect(id).exit, ExitInfo::signal(9));
+    agent.assert_no_errors();
 }
