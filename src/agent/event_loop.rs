@@ -752,6 +752,9 @@ impl Core {
     /// output, and finish it when it is done.
     fn service(&mut self, key: usize) {
         let splice = self.transport.write_is_pipe;
+        // Straight into the transport only while it takes bytes.
+        let direct = (splice && self.connected && self.transport_writable)
+            .then(|| self.transport.write_fd());
         let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
@@ -760,7 +763,7 @@ impl Core {
         }
         s.flush_stdin(self.out.buf(), &self.registry);
         if s.wants_read()
-            && s.read_output(&mut self.out, splice, HIGH_WATER, &self.registry)
+            && s.read_output(&mut self.out, splice, direct, HIGH_WATER, &self.registry)
                 == ReadStop::Backpressure
             && !s.stalled
         {

@@ -419,11 +419,13 @@ impl Session {
     /// left, and the queue holds less than `high_water` bytes.
     ///
     /// With `splice` (the transport is a pipe), a pipe session's output is
-    /// staged by splice(2) instead of read (see [`OutQueue::splice_frame`]).
+    /// spliced instead of read (see [`OutQueue::splice_frame`]): straight
+    /// into the transport `direct`, when given, while nothing is queued.
     pub fn read_output(
         &mut self,
         queue: &mut OutQueue,
         splice: bool,
+        direct: Option<RawFd>,
         high_water: usize,
         registry: &Registry,
     ) -> ReadStop {
@@ -446,7 +448,7 @@ impl Session {
                 }
                 let kind = if i == 0 { Kind::Stdout } else { Kind::Stderr };
                 let spliced = if splice && !tty {
-                    queue.splice_frame(kind as u8, self.id, fd, max)
+                    queue.splice_frame(kind as u8, self.id, fd, max, direct)
                 } else {
                     Splice::No
                 };

@@ -323,11 +323,12 @@ impl OutQueue {
     }
 
     /// Queues one frame of `kind` for session `id` whose payload the kernel
-    /// moves from the pipe `src` into the staging pipe without the agent
-    /// copying it: the header is written there, then splice(2) moves the
-    /// payload. Whatever splice does not move is read into `buf` as the
-    /// rest of that frame, so the frame is always whole. `src` must be a
-    /// pipe only the agent reads.
+    /// moves from the pipe `src` without the agent copying it: the header
+    /// is written, then splice(2) moves the payload, straight into the
+    /// transport `direct` (a pipe) when given and nothing at all is queued,
+    /// into the staging pipe otherwise. Whatever splice does not move is
+    /// read into `buf` as the rest of that frame, so the frame is always
+    /// whole. `src` must be a pipe only the agent reads.
     ///
     /// Less than [`SPLICE_MIN`] buffered in `src` (or its end) is
     /// [`Splice::No`]: the caller reads it the ordinary way. Otherwise, if
@@ -335,7 +336,14 @@ impl OutQueue {
     /// or [`STAGE_LIMIT`] bytes are staged, nothing is read
     /// ([`Splice::Wait`]): the output waits in the child's pipe, not in the
     /// agent, until the queue has been written.
-    pub fn splice_frame(&mut self, kind: u8, id: u32, src: RawFd, max: usize) -> Splice {
+    pub fn splice_frame(
+        &mut self,
+        kind: u8,
+        id: u32,
+        src: RawFd,
+        max: usize,
+        direct: Option<RawFd>,
+    ) -> Splice {
         if self.splice_unsupported || max < SPLICE_MIN {
             return Splice::No;
         }
@@ -351,11 +359,24 @@ impl OutQueue {
         if self.in_memory() != 0 || self.staged >= STAGE_LIMIT {
             return Splice::Wait;
         }
+        let len = buffered.min(max);
+        let header = crate::codec::header(kind, id, len);
+        if let Some(transport) = direct.filter(|_| self.staged == 0) {
+            // Nothing queued at all: straight into the transport.
+            // SAFETY: writing from a local array of the given length.
+            let n = unsafe { libc::write(transport, header.as_ptr().cast(), header.len()) };
+            // Nine bytes to a pipe go in whole or not at all (PIPE_BUF).
+            // Not at all (EAGAIN: the transport is full; or an error that
+            // the next flush reports): the staging pipe takes the frame.
+            if n == header.len() as isize {
+                let moved = self.splice_payload(src, transport, len);
+                self.read_rest_of_frame(src, id, len - moved);
+                return Splice::Sent(len);
+            }
+        }
         let Some(dst) = self.staging_fd() else {
             return Splice::No;
         };
-        let len = buffered.min(max);
-        let header = crate::codec::header(kind, id, len);
         // SAFETY: writing from a local array of the given length. Nine
         // bytes into a pipe with room (at most half of it is used) go in
         // whole (PIPE_BUF).
@@ -366,6 +387,16 @@ impl OutQueue {
             return Splice::No;
         }
         self.staged += header.len();
+        let moved = self.splice_payload(src, dst, len);
+        self.staged += moved;
+        self.read_rest_of_frame(src, id, len - moved);
+        Splice::Sent(len)
+    }
+
+    /// Splices up to `len` bytes from the pipe `src` to `dst` (the staging
+    /// pipe, or the transport) and returns how many moved: less when
+    /// `dst` is full.
+    fn splice_payload(&mut self, src: RawFd, dst: RawFd, len: usize) -> usize {
         let mut moved = 0;
         while moved < len {
             // SAFETY: splice between two pipes we hold, null offsets.
@@ -385,14 +416,15 @@ impl OutQueue {
             }
             if n == 0 {
                 // End of `src`, which cannot be with bytes buffered; the
-                // read below settles it.
+                // read of the rest settles it.
                 break;
             }
             match io::Error::last_os_error().raw_os_error() {
                 Some(libc::EINTR) => continue,
-                // The staging pipe is out of slots: the rest goes through
-                // memory.
+                // `dst` is out of room: the rest goes through memory.
                 Some(libc::EAGAIN) => break,
+                // The host is gone: the next flush reports it.
+                Some(libc::EPIPE) => break,
                 _ => {
                     // EINVAL and the like: this pair of fds cannot be
                     // spliced; never try again.
@@ -401,11 +433,15 @@ impl OutQueue {
                 }
             }
         }
-        self.staged += moved;
-        // The rest of the payload is buffered in `src` (FIONREAD counted it
-        // and nobody else reads there): read it into `buf`, which is empty,
-        // so it follows the staged part directly.
-        let mut rest = len - moved;
+        moved
+    }
+
+    /// Reads the `rest` of a spliced frame's payload from `src` into `buf`
+    /// (which holds nothing else: nothing was queued in memory), as its
+    /// `tail`, so it goes out right after the part already spliced. The
+    /// bytes are buffered in `src` (FIONREAD counted them and nobody else
+    /// reads there).
+    fn read_rest_of_frame(&mut self, src: RawFd, id: u32, mut rest: usize) {
         self.buf.clear();
         self.pos = 0;
         self.frame_start = 0;
@@ -432,7 +468,6 @@ impl OutQueue {
             rest = 0;
         }
         self.tail = self.buf.len();
-        Splice::Sent(len)
     }
 
     /// The staging pipe's write end, made on first use.
@@ -628,6 +663,58 @@ mod tests {
         }
     }
 
+    /// With nothing queued, a spliced frame goes straight into the
+    /// transport; when the transport fills in the middle of its payload,
+    /// the rest waits in memory as the frame's tail, and later frames
+    /// (staged or not) follow it in order.
+    #[test]
+    fn spliced_frames_go_straight_to_the_transport_when_nothing_is_queued() {
+        let (src_r, src_w) = pipe();
+        let (t_r, t_w) = pipe();
+        // SAFETY: F_SETPIPE_SZ on our own pipe: the transport holds 64 KiB.
+        assert!(unsafe { libc::fcntl(t_w.as_raw_fd(), libc::F_SETPIPE_SZ, 65536) } >= 65536);
+        let mut q = OutQueue::default();
+        let a = pattern(40_000);
+        write_all(src_w.as_raw_fd(), &a);
+        let direct = Some(t_w.as_raw_fd());
+        assert_eq!(
+            q.splice_frame(0x30, 1, src_r.as_raw_fd(), 65536, direct),
+            Splice::Sent(40_000)
+        );
+        assert_eq!(q.pending(), 0, "all of it went into the transport");
+        // The next one fills the transport in the middle of its payload.
+        let b: Vec<u8> = pattern(60_000).into_iter().rev().collect();
+        write_all(src_w.as_raw_fd(), &b);
+        assert_eq!(
+            q.splice_frame(0x31, 2, src_r.as_raw_fd(), 65536, direct),
+            Splice::Sent(60_000)
+        );
+        assert!(
+            q.in_memory() > 0 && q.tail == q.in_memory(),
+            "the rest is the tail"
+        );
+        assert_eq!(q.staged(), 0);
+        // Behind the tail, a frame in memory; output after it waits.
+        codec::append_raw(q.buf(), 0x12, 3, b"after");
+        write_all(src_w.as_raw_fd(), &pattern(5_000));
+        assert_eq!(
+            q.splice_frame(0x30, 1, src_r.as_raw_fd(), 65536, direct),
+            Splice::Wait
+        );
+        let mut stream = drain(t_r.as_raw_fd());
+        loop {
+            let done = q.flush(t_w.as_raw_fd()).unwrap() == Flushed::All;
+            stream.extend(drain(t_r.as_raw_fd()));
+            if done {
+                break;
+            }
+        }
+        assert_eq!(
+            frames(&stream),
+            vec![(0x30, 1, a), (0x31, 2, b), (0x12, 3, b"after".to_vec())]
+        );
+    }
+
     #[test]
     fn spliced_frames_are_staged_then_sent_in_order() {
         let (src_r, src_w) = pipe();
@@ -635,7 +722,7 @@ mod tests {
         write_all(src_w.as_raw_fd(), &data);
         let mut q = OutQueue::default();
         assert_eq!(
-            q.splice_frame(0x30, 7, src_r.as_raw_fd(), 65536),
+            q.splice_frame(0x30, 7, src_r.as_raw_fd(), 65536, None),
             Splice::Sent(40_000)
         );
         assert_eq!(q.staged(), 9 + 40_000);
@@ -645,13 +732,13 @@ mod tests {
         let more = pattern(20_000);
         write_all(src_w.as_raw_fd(), &more);
         assert_eq!(
-            q.splice_frame(0x31, 8, src_r.as_raw_fd(), 65536),
+            q.splice_frame(0x31, 8, src_r.as_raw_fd(), 65536, None),
             Splice::Sent(20_000)
         );
         // Less than SPLICE_MIN buffered: left to the ordinary read.
         write_all(src_w.as_raw_fd(), &pattern(100));
         assert_eq!(
-            q.splice_frame(0x30, 7, src_r.as_raw_fd(), 65536),
+            q.splice_frame(0x30, 7, src_r.as_raw_fd(), 65536, None),
             Splice::No
         );
         drain(src_r.as_raw_fd());
@@ -659,7 +746,7 @@ mod tests {
         codec::append_raw(q.buf(), 0x12, 7, b"in memory");
         write_all(src_w.as_raw_fd(), &pattern(30_000));
         assert_eq!(
-            q.splice_frame(0x30, 7, src_r.as_raw_fd(), 65536),
+            q.splice_frame(0x30, 7, src_r.as_raw_fd(), 65536, None),
             Splice::Wait
         );
         drain(src_r.as_raw_fd());
@@ -684,7 +771,7 @@ mod tests {
         loop {
             let chunk = pattern(65536);
             write_all(src_w.as_raw_fd(), &chunk);
-            match q.splice_frame(0x30, 1, src_r.as_raw_fd(), 65536) {
+            match q.splice_frame(0x30, 1, src_r.as_raw_fd(), 65536, None) {
                 Splice::Sent(n) => sent.push(chunk[..n].to_vec()),
                 Splice::Wait => break,
                 Splice::No => panic!("not spliced"),
@@ -727,7 +814,7 @@ mod tests {
                 write_all(src_w.as_raw_fd(), piece);
             }
             assert_eq!(
-                q.splice_frame(0x30, id, src_r.as_raw_fd(), 65536),
+                q.splice_frame(0x30, id, src_r.as_raw_fd(), 65536, None),
                 Splice::Sent(data.len())
             );
             expect.push((0x30, id, data));
@@ -746,7 +833,7 @@ mod tests {
         write_all(src_w.as_raw_fd(), &pattern(40_000));
         let mut q = OutQueue::default();
         assert_eq!(
-            q.splice_frame(0x30, 7, src_r.as_raw_fd(), 65536),
+            q.splice_frame(0x30, 7, src_r.as_raw_fd(), 65536, None),
             Splice::Sent(40_000)
         );
         let mut ready = Vec::new();
