@@ -162,8 +162,9 @@ pub fn message_decode(data: &[u8]) {
 /// harmless programs, STDIN, STDIN_CLOSE, SIGNAL, RESIZE, OUTPUT_ACK,
 /// PING, SHUTDOWN, raw frames of any kind and raw garbage — with barriers
 /// and pauses between them. A real [`EventLoop`](crate::agent::EventLoop)
-/// runs on one end of a socketpair in a thread of its own and spawns real
-/// children; this thread is the host. Every frame the agent sends must
+/// runs on one end of a socketpair, or of two pipes as `agentd --stdio`
+/// has (where output and large STDIN payloads are spliced), in a thread of
+/// its own and spawns real children; this thread is the host. Every frame the agent sends must
 /// decode with [`Message::decode_from_agent`] and keep the contract:
 /// READY first and once; exactly one STARTED or EXEC_FAILED per EXEC;
 /// output, STDIN_ACK and EXITED only between STARTED and EXITED (nothing
@@ -188,7 +189,8 @@ pub fn agent_dispatch(data: &[u8]) {
 /// The `agent_dispatch` harness.
 ///
 /// Input format: byte 0 configures the agent (`max_sessions` = 1 + bits
-/// 0-2; `stdin_window` from bits 3-4: 16, 1024, 65536, 262144 bytes); then
+/// 0-2; `stdin_window` from bits 3-4: 16, 1024, 65536, 262144 bytes;
+/// bit 5: the transport is two pipes, not a socketpair); then
 /// operations until the input ends (at most 64), each a tag byte (mod 12)
 /// and its fields; a missing byte reads as 0. An id is one byte: below
 /// 0xf0, `byte % 6` (so 0 is sometimes used); otherwise a big-endian u32
@@ -358,6 +360,9 @@ pub mod dispatch {
 
     struct Script {
         config: Config,
+        /// Two pipes as the transport (as `agentd --stdio`), not a
+        /// socketpair.
+        pipes: bool,
         stream: Vec<u8>,
         /// (offset in `stream`, what to do once that much is written)
         stops: Vec<(usize, Stop)>,
@@ -461,6 +466,7 @@ pub mod dispatch {
         }
         Script {
             config,
+            pipes: c & 0x20 != 0,
             stream,
             stops,
         }
@@ -743,7 +749,12 @@ pub mod dispatch {
     }
 
     struct Host {
-        sock: OwnedFd,
+        /// The agent's output.
+        rx: OwnedFd,
+        /// The agent's input; `None` once closed (the agent's end of file).
+        tx: Option<OwnedFd>,
+        /// `rx` and `tx` are the same socket.
+        socket: bool,
         dec: Decoder,
         model: Model,
         eof: bool,
@@ -785,7 +796,7 @@ pub mod dispatch {
 
         fn read(&mut self) {
             loop {
-                let mut reader = SockReader(self.sock.as_raw_fd());
+                let mut reader = FdReader(self.rx.as_raw_fd());
                 match self.dec.read_from(&mut reader) {
                     Ok(0) => {
                         assert!(
@@ -843,7 +854,10 @@ pub mod dispatch {
                     }
                 }
                 let acking = self.written >= upto && !self.acks.is_empty();
-                let writing = (self.written < upto || acking) && !self.write_failed && !self.eof;
+                let writing = (self.written < upto || acking)
+                    && !self.write_failed
+                    && !self.eof
+                    && self.tx.is_some();
                 let mut timeout = Duration::from_millis(2);
                 if writing {
                     assert!(
@@ -860,17 +874,27 @@ pub mod dispatch {
                     }
                     timeout = timeout.min(deadline - now);
                 }
-                let mut pfd = libc::pollfd {
-                    fd: self.sock.as_raw_fd(),
-                    events: libc::POLLIN | if writing { libc::POLLOUT } else { 0 },
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd.
-                let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().max(1) as i32) };
+                let tx = self.tx.as_ref().map_or(-1, |fd| fd.as_raw_fd());
+                let mut pfds = [
+                    libc::pollfd {
+                        fd: self.rx.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        // A negative fd is ignored by poll.
+                        fd: if writing { tx } else { -1 },
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: two valid pollfds.
+                let n =
+                    unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout.as_millis().max(1) as i32) };
                 if n <= 0 {
                     // SAFETY: signalling a thread of this process that is
-                    // alive (it holds the other end of the socket, and no
-                    // end of file has been read).
+                    // alive (it holds the other end of the transport, and
+                    // no end of file has been read).
                     unsafe {
                         libc::syscall(
                             libc::SYS_tgkill,
@@ -881,24 +905,19 @@ pub mod dispatch {
                     };
                     continue;
                 }
-                if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                if pfds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                     self.read();
                 }
-                if writing && pfd.revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0 {
+                if writing && pfds[1].revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0
+                {
                     let rest = if acking {
                         &self.acks[..]
                     } else {
                         &stream[self.written..upto]
                     };
-                    // SAFETY: sending from a valid slice.
-                    let n = unsafe {
-                        libc::send(
-                            self.sock.as_raw_fd(),
-                            rest.as_ptr().cast(),
-                            rest.len(),
-                            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                        )
-                    };
+                    // SAFETY: writing from a valid slice to our nonblocking
+                    // fd (SIGPIPE is ignored: see `ignore_sigpipe`).
+                    let n = unsafe { libc::write(tx, rest.as_ptr().cast(), rest.len()) };
                     if n > 0 && acking {
                         self.acks.drain(..n as usize);
                     } else if n > 0 {
@@ -916,19 +935,13 @@ pub mod dispatch {
         }
     }
 
-    struct SockReader(RawFd);
+    /// Reads a nonblocking fd (a socket or a pipe).
+    struct FdReader(RawFd);
 
-    impl std::io::Read for SockReader {
+    impl std::io::Read for FdReader {
         fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
             // SAFETY: reading into a valid buffer.
-            let n = unsafe {
-                libc::recv(
-                    self.0,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
+            let n = unsafe { libc::read(self.0, buf.as_mut_ptr().cast(), buf.len()) };
             if n < 0 {
                 Err(std::io::Error::last_os_error())
             } else {
@@ -953,6 +966,28 @@ pub mod dispatch {
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
     }
 
+    /// Two pipes, both ends nonblocking and close-on-exec: (read, write).
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` is a valid array of two ints.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
+        // SAFETY: both fds were just created and are owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    /// Once per process: a write to a pipe the agent has closed is EPIPE,
+    /// not a SIGPIPE that ends the process (libFuzzer's main does not
+    /// ignore SIGPIPE as Rust's does). Children get default dispositions
+    /// from the agent whatever this process has.
+    fn ignore_sigpipe() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: setting a signal disposition to SIG_IGN.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        });
+    }
+
     /// Once per process: no core files from children, whatever happens.
     fn no_core_dumps() {
         static ONCE: std::sync::Once = std::sync::Once::new();
@@ -969,8 +1004,10 @@ pub mod dispatch {
     /// Runs one input; see [`super::agent_dispatch`].
     pub fn run(data: &[u8]) -> Summary {
         no_core_dumps();
+        ignore_sigpipe();
         let Script {
             config,
+            pipes,
             mut stream,
             stops,
         } = parse(data);
@@ -1046,19 +1083,32 @@ pub mod dispatch {
 
         let fds_before = open_fds();
         assert!(children().is_empty(), "children before the run");
-        let (host_sock, agent_sock) = socketpair();
+        let (rx, tx, agent_in, agent_out) = if pipes {
+            let (agent_in, tx) = pipe();
+            let (rx, agent_out) = pipe();
+            (rx, tx, agent_in, Some(agent_out))
+        } else {
+            let (host_sock, agent_sock) = socketpair();
+            let tx = host_sock.try_clone().expect("dup");
+            (host_sock, tx, agent_sock, None)
+        };
         let (tid_tx, tid_rx) = mpsc::channel();
         let agent = std::thread::spawn(move || {
             crate::agent::process::setup_signals().expect("blocking signals");
             // SAFETY: gettid has no preconditions.
             tid_tx.send(unsafe { libc::gettid() }).unwrap();
-            let transport = Transport::from_fd(agent_sock, TransportKind::Stream);
+            let transport = match agent_out {
+                Some(out) => Transport::from_pipes(agent_in, out),
+                None => Transport::from_fd(agent_in, TransportKind::Stream),
+            };
             let mut event_loop = EventLoop::new(config, transport).expect("the event loop");
             event_loop.run()
         });
         let agent_tid = tid_rx.recv().expect("the agent thread started");
         let mut host = Host {
-            sock: host_sock,
+            rx,
+            tx: Some(tx),
+            socket: !pipes,
             dec: Decoder::new(),
             model: Model::default(),
             eof: false,
@@ -1116,8 +1166,11 @@ pub mod dispatch {
             host.run_until(&stream, all, limit, |m| m.shutdown_done);
         }
         // End of file for the agent.
-        // SAFETY: shutting down the write side of our own socket.
-        unsafe { libc::shutdown(host.sock.as_raw_fd(), libc::SHUT_WR) };
+        if host.socket {
+            // SAFETY: shutting down the write side of our own socket.
+            unsafe { libc::shutdown(host.rx.as_raw_fd(), libc::SHUT_WR) };
+        }
+        host.tx = None;
         let deadline = Instant::now() + WAIT + WAIT;
         while !host.eof {
             assert!(
@@ -1125,7 +1178,7 @@ pub mod dispatch {
                 "the agent did not close the connection"
             );
             let mut pfd = libc::pollfd {
-                fd: host.sock.as_raw_fd(),
+                fd: host.rx.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             };

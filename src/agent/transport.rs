@@ -128,6 +128,22 @@ impl Transport {
         Ok(Transport::from_fd(file.into(), kind))
     }
 
+    /// Two fds already open, close-on-exec and nonblocking, usually
+    /// pipes: `read` from the host, `write` to it. End of file ends the
+    /// agent, as for [`Transport::stdio`] (which this is without the
+    /// takeover of fds 0 and 1; the fuzz harness runs the agent this way).
+    pub fn from_pipes(read: OwnedFd, write: OwnedFd) -> Transport {
+        grow_pipe(read.as_raw_fd());
+        grow_pipe(write.as_raw_fd());
+        Transport {
+            write_is_pipe: is_pipe(write.as_raw_fd()),
+            read_is_pipe: is_pipe(read.as_raw_fd()),
+            read,
+            write: Some(write),
+            kind: TransportKind::Stdio,
+        }
+    }
+
     /// Wraps an fd that is already open, close-on-exec and nonblocking.
     pub fn from_fd(fd: OwnedFd, kind: TransportKind) -> Transport {
         Transport {
