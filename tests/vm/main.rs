@@ -147,6 +147,7 @@ impl Host {
             *BOOT_REPORTED.lock().unwrap() = true;
             report_boot(&host.ready);
         }
+        kill_left_running(&mut host);
         host
     }
 
@@ -893,6 +894,58 @@ const PATTERN_STEP: usize = 4099;
 
 static PATTERN: OnceLock<Vec<u8>> = OnceLock::new();
 
+/// Sessions [`start_all`] started in the current test; left here when the
+/// test fails, for the next [`Host::connect`] to kill.
+static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Declared in a test that starts sessions with [`start_all`]: when the
+/// test passes, its sessions are done and are forgotten; when it fails,
+/// they are left in [`RUNNING`] and the next test's [`Host::connect`] kills
+/// them and reads the connection until each has sent EXITED (not here: a
+/// panic while panicking would abort the suite), so that a flood left
+/// running does not fail the tests after it as well.
+struct KillOnFailure;
+
+impl Drop for KillOnFailure {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            RUNNING.lock().unwrap().clear();
+        }
+    }
+}
+
+/// Kills the sessions a failed test left running (see [`KillOnFailure`])
+/// and takes every frame until each has sent EXITED.
+fn kill_left_running(host: &mut Host) {
+    let ids = std::mem::take(&mut *RUNNING.lock().unwrap());
+    if ids.is_empty() {
+        return;
+    }
+    for &id in &ids {
+        let kill = agentd::messages::Signal {
+            signal: 9,
+            group: true,
+        };
+        host.send(id, Message::Signal(kill));
+    }
+    let mut left: std::collections::HashSet<u32> = ids.into_iter().collect();
+    while !left.is_empty() {
+        match host.next_for_any(STEP) {
+            // Ended already (its EXITED went to the failed test).
+            Some((id, Ev::Error(e))) if e.kind == "unknown_session" => {
+                left.remove(&id);
+            }
+            Some((id, Ev::Exited(_))) => {
+                left.remove(&id);
+            }
+            Some(_) => {}
+            None => panic!("the agent closed the connection"),
+        }
+    }
+    host.queues.clear();
+    eprintln!("(killed the sessions a failed test left running)");
+}
+
 /// The flood pattern: pseudo-random bytes, so that any loss, duplication,
 /// reordering or mix-up shows. Written once per boot to [`PATTERN_PATH`]
 /// through a session's stdin (checked by the guest's sha256sum): seq or
@@ -986,6 +1039,7 @@ impl Floods {
 /// Sends every EXEC, then waits for each STARTED; returns the pids by id.
 fn start_all(host: &mut Host, execs: Vec<(u32, Exec)>) -> HashMap<u32, u32> {
     let ids: Vec<u32> = execs.iter().map(|(id, _)| *id).collect();
+    RUNNING.lock().unwrap().extend(&ids);
     for (id, e) in execs {
         host.send(id, Message::Exec(Box::new(e)));
     }
@@ -1068,6 +1122,7 @@ fn eventually_zero(limit: Duration, mut check: impl FnMut() -> usize) -> usize {
 #[test]
 #[ignore = "needs the VM: run tests/vm/run.sh"]
 fn t15_host_disconnects_mid_flood_sessions_resume() {
+    let _cleanup = KillOnFailure;
     let mut host = Host::connect();
     let pattern = flood_pattern(&mut host);
     // Three floods of about 12 MiB, each a different suffix of the pattern;
@@ -1176,6 +1231,7 @@ fn t15_host_disconnects_mid_flood_sessions_resume() {
 #[test]
 #[ignore = "needs the VM: run tests/vm/run.sh"]
 fn t16_host_stops_reading_while_five_sessions_flood() {
+    let _cleanup = KillOnFailure;
     let mut host = Host::connect();
     let pattern = flood_pattern(&mut host);
     // Warm up the output path (queue, backpressure), then reset the agent's
@@ -1445,6 +1501,7 @@ fn t18_bounded_fork_bomb_without_limits() {
 #[ignore = "needs the VM: run tests/vm/run.sh"]
 fn t19_thousand_concurrent_sessions() {
     const N: usize = 1000;
+    let _cleanup = KillOnFailure;
     let mut host = Host::connect();
     assert!(host.ready.max_sessions as usize > N);
     let t = Instant::now();
