@@ -984,6 +984,7 @@ enum SoakKind {
     Killed,
     Flood,
     Epipe,
+    BigStdin,
 }
 
 const SOAK_MIX: [SoakKind; 16] = [
@@ -1002,10 +1003,14 @@ const SOAK_MIX: [SoakKind; 16] = [
     SoakKind::True,
     SoakKind::Epipe,
     SoakKind::Escapee,
-    SoakKind::Tty,
+    SoakKind::BigStdin,
 ];
 
 const SOAK_FLOOD: u32 = 20_000;
+
+/// STDIN of a `BigStdin` session: two frames of this many bytes (large
+/// enough to stream from the transport into the child's pipe).
+const SOAK_STDIN_FRAME: usize = 100_000;
 
 fn soak_start(a: &mut Agent, kind: SoakKind) -> u32 {
     let id = match kind {
@@ -1034,6 +1039,13 @@ fn soak_start(a: &mut Agent, kind: SoakKind) -> u32 {
             let mut e = exec("seq", &["1", &SOAK_FLOOD.to_string()]);
             e.stdin = false;
             a.exec(&e)
+        }
+        SoakKind::BigStdin => {
+            let id = a.exec(&exec("wc", &["-c"]));
+            let data = vec![b's'; SOAK_STDIN_FRAME];
+            a.stdin(id, &data);
+            a.stdin(id, &data);
+            id
         }
         SoakKind::Epipe => {
             // STDIN comes with the EXEC: it is queued while the session
@@ -1065,6 +1077,11 @@ fn soak_check(kind: SoakKind, id: u32, log: &Log, flood: &[u8]) {
         SoakKind::Flood => log.stdout == flood && log.code() == Some(0),
         // Every STDIN byte is discarded (EPIPE) and acknowledged.
         SoakKind::Epipe => log.stdout == b"closed\n" && log.acked == 4096 && log.errors.is_empty(),
+        SoakKind::BigStdin => {
+            log.stdout == format!("{}\n", 2 * SOAK_STDIN_FRAME).as_bytes()
+                && log.acked == 2 * SOAK_STDIN_FRAME as u64
+                && log.code() == Some(0)
+        }
     };
     assert!(ok, "soak session {id} ({kind:?}): {log:?}");
 }
