@@ -613,6 +613,12 @@ pub mod dispatch {
         frames: usize,
         /// Output bytes received and not yet acknowledged, per session.
         unacked: HashMap<u32, u64>,
+        /// The script's stream holds a framing error (as the vetting
+        /// decodes it): only then may the agent report one. Otherwise an
+        /// ERROR `malformed_frame` or `frame_too_large` means the agent
+        /// lost its place in the stream (for example a STDIN payload that
+        /// streams read as a header).
+        framing_errors_possible: bool,
         summary: Summary,
     }
 
@@ -670,6 +676,13 @@ pub mod dispatch {
                 }
                 Message::Error(e) => {
                     assert!(e.error_kind().is_some(), "unknown ERROR kind {:?}", e.kind);
+                    assert!(
+                        self.framing_errors_possible
+                            || !matches!(e.kind.as_str(), "malformed_frame" | "frame_too_large"),
+                        "ERROR {} for a stream without framing errors: {}",
+                        e.kind,
+                        e.message
+                    );
                     self.summary.errors += 1;
                 }
                 Message::Started(_) => {
@@ -1110,7 +1123,10 @@ pub mod dispatch {
             tx: Some(tx),
             socket: !pipes,
             dec: Decoder::new(),
-            model: Model::default(),
+            model: Model {
+                framing_errors_possible: items.iter().any(|i| matches!(i, Decoded::Error(_))),
+                ..Model::default()
+            },
             eof: false,
             agent_tid,
             items,

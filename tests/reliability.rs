@@ -216,6 +216,48 @@ fn cpu_ticks(pid: i32) -> u64 {
 /// A child closes its stdout first thing and keeps running: the session
 /// goes on (stderr flows, PING is answered), the agent does not spin on
 /// the closed pipe, and EXITED comes when the process exits, with its code.
+/// A child that writes as fast as it can (`cat /dev/zero`) does not hold
+/// the loop: while it floods, PINGs are answered, another session runs,
+/// and the flood itself goes on. The round trips and rates are printed.
+/// (This host is slower than the agent, so backpressure makes the flood
+/// yield here; with a host as fast as the agent, output spliced straight
+/// into the transport leaves nothing queued, and it is the per-turn limit
+/// of `Session::read_output` that makes it yield.)
+#[test]
+fn a_flood_does_not_hold_the_loop() {
+    let mut a = Agent::start(&[]);
+    let mut flood = exec("cat", &["/dev/zero"]);
+    flood.stdin = false;
+    let id = a.exec(&flood);
+    a.count_only.insert(id);
+    a.wait_started(id);
+    let t_start = Instant::now();
+    a.wait_for("256 MiB of the flood", TIMEOUT, |a| {
+        a.logs.get(&id).is_some_and(|l| l.output_bytes >= 256 << 20)
+    });
+    let t_first = t_start.elapsed();
+    let before = a.logs[&id].output_bytes;
+    let t0 = Instant::now();
+    let rtts: Vec<Duration> = (0..10u8).map(|i| a.ping(&[i])).collect();
+    let log = a.run(&exec("echo", &["served"]));
+    assert_eq!(log.stdout, b"served\n");
+    let during = a.logs[&id].output_bytes;
+    let t_pings = t0.elapsed();
+    // And the flood itself goes on.
+    a.wait_for("256 MiB more of the flood", TIMEOUT, |a| {
+        a.logs[&id].output_bytes >= during + (256 << 20)
+    });
+    eprintln!(
+        "PING round trips during the flood: {rtts:?}; the flood's first 256 MiB took {t_first:?}, \
+         {} KiB came in the {t_pings:?} of pings and `echo`, 256 MiB more in {:?}",
+        (during - before) >> 10,
+        t0.elapsed() - t_pings
+    );
+    a.signal(id, libc::SIGKILL);
+    let log = a.wait_done(id);
+    assert_eq!(log.signal(), Some(libc::SIGKILL));
+}
+
 #[test]
 fn child_closes_stdout_early_and_keeps_running() {
     let mut a = Agent::start(&[]);
@@ -1042,6 +1084,8 @@ fn soak_start(a: &mut Agent, kind: SoakKind) -> u32 {
         }
         SoakKind::BigStdin => {
             let id = a.exec(&exec("wc", &["-c"]));
+            // STDIN for a session still starting is queued, not streamed.
+            a.wait_started(id);
             let data = vec![b's'; SOAK_STDIN_FRAME];
             a.stdin(id, &data);
             a.stdin(id, &data);

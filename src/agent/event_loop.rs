@@ -320,6 +320,7 @@ impl EventLoop {
                     Err(StreamError::NoSession) => {
                         self.decoder.skip(stream.left);
                         self.stdin_stream = None;
+                        self.expect_stdin = false;
                     }
                     Err(StreamError::Io(e)) => match e.kind() {
                         io::ErrorKind::Interrupted => {}
@@ -367,8 +368,10 @@ impl EventLoop {
             while let Some(item) = self.decoder.next_frame() {
                 match item {
                     Ok(frame) => {
-                        // A large STDIN read whole: the next one may stream.
-                        self.expect_stdin = frame.kind == Kind::Stdin as u8
+                        // A large STDIN read whole: the next one may stream
+                        // (only a pipe can be spliced from).
+                        self.expect_stdin = core.transport.read_is_pipe
+                            && frame.kind == Kind::Stdin as u8
                             && frame.payload.len() >= STREAM_STDIN_MIN;
                         core.on_frame(frame)
                     }

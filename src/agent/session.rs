@@ -119,6 +119,10 @@ pub struct StdinState {
     splice_failed: bool,
 }
 
+/// How much output one session reads in one turn of the loop before the
+/// others get theirs (see [`Session::read_output`]).
+const READ_TURN: usize = 1024 * 1024;
+
 /// How much of a streaming STDIN payload one read takes into the queue
 /// when it cannot be spliced.
 const STREAM_READ_CHUNK: usize = 64 * 1024;
@@ -430,13 +434,19 @@ impl Session {
         registry: &Registry,
     ) -> ReadStop {
         let tty = self.is_tty();
+        let mut turn = 0;
         for i in 0..2 {
             while self.out[i].readable && !self.out[i].ended {
                 let Some(fd) = self.out_fd(i) else {
                     self.end_stream(i, registry);
                     break;
                 };
-                if queue.pending() >= high_water {
+                // Output spliced straight into a transport that keeps up
+                // leaves nothing queued, so the high-water mark alone
+                // would let a fast child hold the loop: after a turn's
+                // worth the session yields, as under backpressure, and is
+                // resumed after the others (and after the next poll).
+                if queue.pending() >= high_water || turn >= READ_TURN {
                     return ReadStop::Backpressure;
                 }
                 let mut max = MAX_OUTPUT_PAYLOAD;
@@ -470,6 +480,7 @@ impl Session {
                 match read {
                     Ok(0) => self.end_stream(i, registry),
                     Ok(n) => {
+                        turn += n;
                         if let Some(w) = &mut self.window {
                             *w -= n as u32;
                         }
@@ -685,12 +696,9 @@ impl Session {
             match io::Error::last_os_error().raw_os_error() {
                 Some(libc::EINTR) => {}
                 // The transport is empty or the child's pipe is full: the
-                // read below tells which.
-                Some(libc::EAGAIN) => {
-                    if !self.grow_stdin_pipe(fd) {
-                        break;
-                    }
-                }
+                // read below tells which (and a full pipe is grown by
+                // flush_stdin at its EAGAIN, as for any frame).
+                Some(libc::EAGAIN) => break,
                 Some(libc::EPIPE) => self.stdin_gone(registry),
                 // This pair cannot be spliced: the queue takes over.
                 _ => {
@@ -720,7 +728,7 @@ impl Session {
 
     /// Reads and drops up to `left` bytes from `src`, acknowledging them.
     fn discard_stdin(&mut self, src: RawFd, left: usize, out: &mut Vec<u8>) -> io::Result<usize> {
-        let mut scratch = [0u8; 4096];
+        let mut scratch = [0u8; 64 * 1024];
         let want = left.min(scratch.len());
         // SAFETY: reading into a local buffer of at least `want` bytes.
         let n = unsafe { libc::read(src, scratch.as_mut_ptr().cast(), want) };

@@ -655,12 +655,23 @@ fn streamed_stdin_arriving_in_pieces_is_exact() {
         agent.send_raw(piece);
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Each frame takes most of the window: the next is sent once it is
+    // acknowledged.
+    let mut acked = 0;
+    let mut wait_acked = |agent: &mut Agent, total: u64| {
+        while acked < total {
+            let f = agent.recv_where(|f| f.id == id && f.kind == STDIN_ACK, "STDIN_ACK");
+            acked += ack_bytes(&f);
+        }
+    };
+    wait_acked(&mut agent, data.len() as u64);
     // The same again, twice, now that the agent reads a header first.
-    for _ in 0..2 {
+    for k in 2..4u64 {
         agent.send_raw(&frame[..9]);
         std::thread::sleep(Duration::from_millis(30));
         agent.send_raw(&frame[9..]);
         agent.note_stdin(id, data.len() as u64);
+        wait_acked(&mut agent, k * data.len() as u64);
     }
     agent.ping();
     agent.send_stdin_close(id);

@@ -31,6 +31,9 @@ pub struct Log {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub stdout_frames: usize,
+    /// STDOUT and STDERR payload bytes, also for a session whose output is
+    /// only counted (see [`Agent::count_only`]).
+    pub output_bytes: u64,
     /// STDIN bytes acknowledged.
     pub acked: u64,
     pub exited: Option<Exited>,
@@ -91,6 +94,9 @@ pub struct Agent {
     pub read_while_sending: bool,
     /// At most this many bytes per read (a slow host).
     pub read_chunk: Option<usize>,
+    /// Sessions whose output is counted in [`Log::output_bytes`] but not
+    /// kept (endless floods).
+    pub count_only: HashSet<u32>,
     next_id: u32,
 }
 
@@ -160,6 +166,7 @@ impl Agent {
             bytes_in: 0,
             read_while_sending: true,
             read_chunk: None,
+            count_only: HashSet::new(),
             next_id: 1,
         };
         agent.wait_for("READY", TIMEOUT, |a| a.ready.protocol != 0);
@@ -450,7 +457,10 @@ impl Agent {
             Message::Stdout(p) | Message::Stderr(p) => {
                 assert!(live, "output for session {id} outside STARTED..EXITED");
                 assert!(!p.is_empty() && p.len() <= MAX_OUTPUT_PAYLOAD);
-                if f.kind == Kind::Stdout as u8 {
+                log.output_bytes += p.len() as u64;
+                if self.count_only.contains(&id) {
+                    // Counted only.
+                } else if f.kind == Kind::Stdout as u8 {
                     log.stdout.extend_from_slice(p);
                     log.stdout_frames += 1;
                 } else {

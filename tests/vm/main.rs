@@ -894,13 +894,17 @@ const PATTERN_STEP: usize = 4099;
 
 static PATTERN: OnceLock<Vec<u8>> = OnceLock::new();
 
-/// Sessions [`start_all`] started in the current test; left here when the
-/// test fails, for the next [`Host::connect`] to kill.
+/// Sessions [`start_all`] started in the current test.
 static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Sessions a failed test left running, for the next [`Host::connect`] to
+/// kill (not the current test's own: a test may reconnect while its
+/// sessions run, as t15 does).
+static LEFT_RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
 /// Declared in a test that starts sessions with [`start_all`]: when the
 /// test passes, its sessions are done and are forgotten; when it fails,
-/// they are left in [`RUNNING`] and the next test's [`Host::connect`] kills
+/// they go to [`LEFT_RUNNING`] and the next test's [`Host::connect`] kills
 /// them and reads the connection until each has sent EXITED (not here: a
 /// panic while panicking would abort the suite), so that a flood left
 /// running does not fail the tests after it as well.
@@ -908,8 +912,9 @@ struct KillOnFailure;
 
 impl Drop for KillOnFailure {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
-            RUNNING.lock().unwrap().clear();
+        let ids = std::mem::take(&mut *RUNNING.lock().unwrap());
+        if std::thread::panicking() {
+            LEFT_RUNNING.lock().unwrap().extend(ids);
         }
     }
 }
@@ -917,7 +922,7 @@ impl Drop for KillOnFailure {
 /// Kills the sessions a failed test left running (see [`KillOnFailure`])
 /// and takes every frame until each has sent EXITED.
 fn kill_left_running(host: &mut Host) {
-    let ids = std::mem::take(&mut *RUNNING.lock().unwrap());
+    let ids = std::mem::take(&mut *LEFT_RUNNING.lock().unwrap());
     if ids.is_empty() {
         return;
     }
