@@ -172,7 +172,9 @@ pub fn message_decode(data: &[u8]) {
 /// id in use; every PING answered in order with its payload; nothing after
 /// SHUTDOWN_DONE. After the script, the host ends every session (SIGCONT,
 /// OUTPUT_ACK, for a terminal ^Q ^Q in case the script stopped its output
-/// with ^S, STDIN_CLOSE), which must then all end, and closes the
+/// with ^S, and SIGKILL if its input held ^S, since the script may have
+/// closed its stdin before any ^Q; STDIN_CLOSE), which must then all end,
+/// and closes the
 /// connection; the agent must return, with no child process and no fd
 /// left behind.
 ///
@@ -1061,6 +1063,23 @@ pub mod dispatch {
                 _ => None,
             })
             .collect();
+        // Of those, the ids whose input held ^S and whose stdin the script
+        // itself may have closed: once closed, no ^Q can reach the
+        // terminal, and its child stays blocked writing to the stopped
+        // terminal (as on any terminal). Those are SIGKILLed at the end.
+        let stopped_ids: Vec<u32> = pre_items
+            .iter()
+            .filter_map(|i| match i {
+                Decoded::Frame(f)
+                    if f.kind == Kind::Stdin as u8
+                        && f.payload.contains(&0x13)
+                        && tty_ids.contains(&f.id) =>
+                {
+                    Some(f.id)
+                }
+                _ => None,
+            })
+            .collect();
         let epilogue = boundary && !shutdown;
         let final_barrier = barrier_payload(u32::MAX);
         if epilogue {
@@ -1074,6 +1093,13 @@ pub mod dispatch {
                 if tty_ids.contains(&id) {
                     // Twice: a pending ^V (literal next) takes the first.
                     Message::Stdin(b"\x11\x11").encode(id, &mut stream);
+                }
+                if stopped_ids.contains(&id) {
+                    Message::Signal(Signal {
+                        signal: libc::SIGKILL,
+                        group: true,
+                    })
+                    .encode(id, &mut stream);
                 }
                 Message::StdinClose.encode(id, &mut stream);
             }
