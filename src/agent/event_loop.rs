@@ -308,33 +308,23 @@ impl EventLoop {
             }
             if let Some(stream) = self.stdin_stream {
                 match core.stream_stdin(stream.id, stream.left) {
-                    Ok(0) => {
-                        core.transport_readable = false;
-                        core.on_transport_eof();
-                        return;
-                    }
-                    Ok(n) => {
-                        let left = stream.left - n;
-                        self.stdin_stream = (left > 0).then_some(StdinStream { left, ..stream });
-                    }
                     Err(StreamError::NoSession) => {
                         self.decoder.skip(stream.left);
                         self.stdin_stream = None;
                         self.expect_stdin = false;
                     }
-                    Err(StreamError::Io(e)) => match e.kind() {
-                        io::ErrorKind::Interrupted => {}
-                        io::ErrorKind::WouldBlock => {
-                            core.transport_readable = false;
+                    Err(StreamError::Io(e)) => {
+                        if !core.after_transport_read(Err(e)) {
                             return;
                         }
-                        _ => {
-                            tracing::warn!(error = %e, "reading the transport failed");
-                            core.transport_readable = false;
-                            core.on_transport_eof();
+                    }
+                    Ok(n) => {
+                        if !core.after_transport_read(Ok(n)) {
                             return;
                         }
-                    },
+                        let left = stream.left - n;
+                        self.stdin_stream = (left > 0).then_some(StdinStream { left, ..stream });
+                    }
                 }
                 continue;
             }
@@ -343,26 +333,12 @@ impl EventLoop {
             } else {
                 usize::MAX
             };
-            match self.decoder.read_fd_upto(core.transport.read_fd(), limit) {
-                Ok(0) => {
-                    core.transport_readable = false;
-                    core.on_transport_eof();
+            let read = self.decoder.read_fd_upto(core.transport.read_fd(), limit);
+            if !matches!(read, Ok(n) if n > 0) {
+                if !core.after_transport_read(read) {
                     return;
                 }
-                Ok(_) => {}
-                Err(e) => match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => {
-                        core.transport_readable = false;
-                        return;
-                    }
-                    _ => {
-                        tracing::warn!(error = %e, "reading the transport failed");
-                        core.transport_readable = false;
-                        core.on_transport_eof();
-                        return;
-                    }
-                },
+                continue;
             }
             self.expect_stdin = false;
             while let Some(item) = self.decoder.next_frame() {
@@ -597,6 +573,33 @@ impl Core {
         };
         if let Err((err, message)) = f(self, key) {
             self.send_error(id, err, message, Some(kind as u8));
+        }
+    }
+
+    /// Handles what a read of the transport returned: end of file and
+    /// errors end the connection, EAGAIN waits for the next edge, EINTR
+    /// reads again. Returns whether to go on reading.
+    fn after_transport_read(&mut self, read: io::Result<usize>) -> bool {
+        match read {
+            Ok(0) => {
+                self.transport_readable = false;
+                self.on_transport_eof();
+                false
+            }
+            Ok(_) => true,
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted => true,
+                io::ErrorKind::WouldBlock => {
+                    self.transport_readable = false;
+                    false
+                }
+                _ => {
+                    tracing::warn!(error = %e, "reading the transport failed");
+                    self.transport_readable = false;
+                    self.on_transport_eof();
+                    false
+                }
+            },
         }
     }
 
