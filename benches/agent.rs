@@ -301,6 +301,7 @@ fn bench_ping(n: usize) -> Row {
 }
 
 fn native_pipe_seconds(bytes: u64) -> f64 {
+    let cpu = children_cpu();
     let t = Instant::now();
     let status = Command::new("sh")
         .arg("-c")
@@ -308,7 +309,17 @@ fn native_pipe_seconds(bytes: u64) -> f64 {
         .status()
         .expect("sh");
     assert!(status.success());
-    t.elapsed().as_secs_f64()
+    let secs = t.elapsed().as_secs_f64();
+    if std::env::var_os("AGENTD_BENCH_CPU").is_some() {
+        let all = children_cpu() - cpu;
+        eprintln!("native head | cat: {secs:.2} s wall, all {all:.2} s");
+    }
+    secs
+}
+
+/// CPU time (user + system) of this process's reaped children so far.
+fn children_cpu() -> f64 {
+    rusage(libc::RUSAGE_CHILDREN)
 }
 
 fn bench_stdout(bytes: u64, tty: bool) -> f64 {
@@ -317,6 +328,7 @@ fn bench_stdout(bytes: u64, tty: bool) -> f64 {
     exec.args = vec!["-c".into(), bytes.to_string(), "/dev/zero".into()];
     exec.tty = tty;
     exec.stdin = false;
+    let host_cpu = own_cpu();
     let t = Instant::now();
     host.exec(1, exec);
     let mut got = 0u64;
@@ -330,14 +342,36 @@ fn bench_stdout(bytes: u64, tty: bool) -> f64 {
     });
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(got, bytes, "lost output");
-    report_cpu(&format!("stdout ({frames} frames)"), host.pid(), secs);
+    report_cpu(
+        &format!("stdout ({frames} frames)"),
+        host.pid(),
+        secs,
+        own_cpu() - host_cpu,
+    );
     bytes as f64 / secs
 }
 
-/// With `AGENTD_BENCH_CPU` set, prints the agent's CPU time (user + system,
-/// from /proc) for one trial to stderr: steadier than throughput for
-/// comparing two builds of the agent on a noisy machine.
-fn report_cpu(what: &str, pid: u32, secs: f64) {
+/// CPU time (user + system) of this process so far, in seconds.
+fn own_cpu() -> f64 {
+    rusage(libc::RUSAGE_SELF)
+}
+
+fn rusage(who: libc::c_int) -> f64 {
+    // SAFETY: rusage is plain data; all zeroes is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct it is given; `who` is one
+    // of the constants it accepts.
+    unsafe { libc::getrusage(who, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// With `AGENTD_BENCH_CPU` set, prints for one trial to stderr the agent's
+/// CPU time (user + system, from /proc), its reaped children's (the
+/// session's program: the agent was fresh), and the host's (this process,
+/// `host_cpu`): steadier than throughput for comparing two builds of the
+/// agent on a noisy machine, and it shows where a change moved the cost.
+fn report_cpu(what: &str, pid: u32, secs: f64, host_cpu: f64) {
     if std::env::var_os("AGENTD_BENCH_CPU").is_none() {
         return;
     }
@@ -353,7 +387,12 @@ fn report_cpu(what: &str, pid: u32, secs: f64) {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let (user, system) = (f[11] as f64 / hz, f[12] as f64 / hz);
-    eprintln!("{what}: {secs:.2} s wall, agent CPU {user:.2} s user + {system:.2} s system");
+    let children = (f[13] + f[14]) as f64 / hz;
+    eprintln!(
+        "{what}: {secs:.2} s wall, agent CPU {user:.2} s user + {system:.2} s system, \
+         session's program {children:.2} s, host {host_cpu:.2} s, all {:.2} s",
+        user + system + children + host_cpu
+    );
 }
 
 fn bench_stdin(bytes: u64) -> f64 {
@@ -393,6 +432,7 @@ fn bench_stdin(bytes: u64) -> f64 {
         }
     });
     let chunk = vec![0u8; 64 * 1024];
+    let host_cpu = own_cpu();
     let t = Instant::now();
     let mut sent = 0u64;
     while sent < bytes {
@@ -415,7 +455,7 @@ fn bench_stdin(bytes: u64) -> f64 {
     stdin.write_all(&buf).expect("write");
     reader.join().expect("reader");
     let secs = t.elapsed().as_secs_f64();
-    report_cpu("stdin", child.0.id(), secs);
+    report_cpu("stdin", child.0.id(), secs, own_cpu() - host_cpu);
     drop(stdin);
     drop(child);
     bytes as f64 / secs
