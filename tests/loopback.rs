@@ -12,6 +12,7 @@
 //! - [`flow_control`]: STDIN window and acks, OUTPUT_ACK, a host that stops
 //!   reading.
 //! - [`pipelined`]: frames for a session sent before its STARTED.
+//! - [`transports`]: `--port` on a socket, a FIFO pair and a terminal.
 //! - [`tty`]: terminal sessions.
 //!
 //! Tests marked with [`both!`] run twice: as a plain child of the test
@@ -67,5 +68,7 @@ mod flow_control;
 mod guarantees;
 #[path = "loopback/pipelined.rs"]
 mod pipelined;
+#[path = "loopback/transports.rs"]
+mod transports;
 #[path = "loopback/tty.rs"]
 mod tty;

@@ -11,12 +11,13 @@
 //! it never blocks and it is bounded by the loop, which stops reading
 //! children's output above a high-water mark.
 
+use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::codec::HEADER_LEN;
 
@@ -98,11 +99,32 @@ impl Transport {
         })
     }
 
-    /// Opens `path`: a Unix socket is connected to, anything else (a
-    /// character device such as a virtio port, a FIFO) is opened
-    /// read-write.
+    /// Opens `path`:
+    ///
+    /// - a Unix socket is connected to (one host, for the agent's life);
+    /// - a character device (a virtio port, a serial line, a pty) is
+    ///   opened read-write, and put in raw mode if it is a terminal (a
+    ///   `/dev/hvc*` console would otherwise echo frames back, rewrite
+    ///   CR/LF, and turn a 0x03 byte into SIGINT);
+    /// - a FIFO pair `PATH.in` (host to agent) and `PATH.out` (agent to
+    ///   host), when `PATH` itself does not exist, as QEMU's
+    ///   `-chardev pipe,path=PATH` and `agentctl --port PATH` use it: like
+    ///   stdio, end of file on `PATH.in` ends the agent.
+    ///
+    /// A single FIFO is refused: opened read-write, the agent would read
+    /// its own frames back, and it would never see end of file.
     pub fn open(path: &Path) -> io::Result<Transport> {
-        let meta = std::fs::metadata(path)?;
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let (host_to_agent, agent_to_host) = fifo_pair(path);
+                if is_fifo(&host_to_agent) && is_fifo(&agent_to_host) {
+                    return Transport::open_fifo_pair(&host_to_agent, &agent_to_host);
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         let ft = meta.file_type();
         if ft.is_socket() {
             let stream = UnixStream::connect(path)?;
@@ -115,17 +137,54 @@ impl Transport {
                 read_is_pipe: false,
             });
         }
+        if ft.is_fifo() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is a single FIFO, which cannot carry both directions: \
+                     create the pair {p}.in (host to agent) and {p}.out (agent to host) \
+                     and pass {p}",
+                    path.display(),
+                    p = path.display()
+                ),
+            ));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
             .open(path)?;
-        let kind = if ft.is_char_device() {
-            TransportKind::Device
-        } else {
-            TransportKind::Stream
-        };
-        Ok(Transport::from_fd(file.into(), kind))
+        if ft.is_char_device() {
+            make_raw_if_terminal(file.as_raw_fd())?;
+            return Ok(Transport::from_fd(file.into(), TransportKind::Device));
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is a regular file or directory, not a transport: \
+                 give a character device, a Unix socket or a FIFO pair",
+                path.display()
+            ),
+        ))
+    }
+
+    /// Opens a FIFO pair: `host_to_agent` for reading, `agent_to_host` for
+    /// writing, each waiting (blocking: there is nothing else to do yet)
+    /// until the host has opened its end, in this order, which is the
+    /// order the host opens them in too. Opened read-only and write-only,
+    /// so the host closing its ends is end of file here, as on stdio.
+    fn open_fifo_pair(host_to_agent: &Path, agent_to_host: &Path) -> io::Result<Transport> {
+        let read = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(host_to_agent)?;
+        let write = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(agent_to_host)?;
+        set_nonblocking(read.as_raw_fd())?;
+        set_nonblocking(write.as_raw_fd())?;
+        Ok(Transport::from_pipes(read.into(), write.into()))
     }
 
     /// Two fds already open, close-on-exec and nonblocking, usually
@@ -182,6 +241,45 @@ fn grow_pipe(fd: RawFd) {
     // SAFETY: F_SETPIPE_SZ takes an integer; on a non-pipe it fails with
     // EBADF or EINVAL and nothing changes.
     unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, TRANSPORT_PIPE_SIZE) };
+}
+
+/// `PATH.in` and `PATH.out`: the FIFO pair that `PATH` names when it does
+/// not exist itself (QEMU's `-chardev pipe` convention, seen from the
+/// guest's side: the host writes `.in` and reads `.out`).
+pub fn fifo_pair(path: &Path) -> (PathBuf, PathBuf) {
+    let with = |suffix: &str| {
+        let mut s = OsString::from(path.as_os_str());
+        s.push(suffix);
+        PathBuf::from(s)
+    };
+    (with(".in"), with(".out"))
+}
+
+fn is_fifo(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo())
+}
+
+/// Puts `fd` in raw mode if it is a terminal: no echo, no line editing, no
+/// CR/LF translation, no signals or flow control from bytes, 8-bit clean.
+fn make_raw_if_terminal(fd: RawFd) -> io::Result<()> {
+    // SAFETY: termios is plain data; tcgetattr fills it in or fails.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is a valid termios to write into.
+    if unsafe { libc::tcgetattr(fd, &mut t) } < 0 {
+        // ENOTTY: a character device that is not a terminal (a virtio
+        // port): nothing to set.
+        return match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOTTY) | Some(libc::EINVAL) => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        };
+    }
+    // SAFETY: `t` came from tcgetattr; cfmakeraw only edits its flags.
+    unsafe { libc::cfmakeraw(&mut t) };
+    // SAFETY: setting the attributes just read and edited.
+    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// What a flush achieved.
