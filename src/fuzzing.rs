@@ -6,14 +6,19 @@
 
 use std::io;
 
-use crate::codec::{self, Decoded, Decoder, HEADER_LEN, MAX_PAYLOAD, READ_CHUNK};
+use crate::codec::{
+    self, Decoded, Decoder, FrameError, HEADER_LEN, LEN_OVERHEAD, MAX_PAYLOAD, READ_CHUNK,
+};
 use crate::messages::{Direction, Kind, Message, ProtocolError};
 
 /// `frame_decoder`: the first two bytes seed the chunk sizes, the rest is
 /// the stream. The stream is decoded whole, fed in chunks, and read in the
-/// same chunks through [`Decoder::read_from`]; all three must agree, the
-/// decoder must stay within one maximal frame plus one chunk, and every
-/// frame must re-encode to the bytes it was decoded from.
+/// same chunks through [`Decoder::read_from`]; all three must agree, and
+/// the decoder must stay within one maximal frame plus one chunk. What was
+/// decoded is then walked along the stream (`check_against_stream`):
+/// every frame must re-encode to exactly the bytes it came from, at the
+/// offset it came from, framing errors or not, and the decoder must hold
+/// exactly the incomplete rest.
 pub fn frame_decoder(data: &[u8]) {
     if data.len() < 2 {
         return;
@@ -21,7 +26,8 @@ pub fn frame_decoder(data: &[u8]) {
     let seed = u16::from_be_bytes([data[0], data[1]]);
     let stream = &data[2..];
 
-    let (whole, _) = codec::decode_chunks([stream]);
+    let (whole, whole_dec) = codec::decode_chunks([stream]);
+    check_against_stream(stream, &whole, &whole_dec);
 
     // Chunk sizes from a small xorshift seeded by the input.
     let mut state = u32::from(seed) | 1;
@@ -29,10 +35,7 @@ pub fn frame_decoder(data: &[u8]) {
     let mut rest = stream;
     let mut max_chunk = 0;
     while !rest.is_empty() {
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        let n = (state as usize % 97 + 1).min(rest.len());
+        let n = chunk_len(&mut state, rest.len());
         max_chunk = max_chunk.max(n);
         chunks.push(&rest[..n]);
         rest = &rest[n..];
@@ -49,6 +52,8 @@ pub fn frame_decoder(data: &[u8]) {
         drain(&mut dec, &mut chunked);
     }
     assert_eq!(whole, chunked, "chunking changed what was decoded");
+    assert_eq!(dec.buffered(), whole_dec.buffered(), "chunked: bytes held");
+    assert_eq!(dec.is_at_boundary(), whole_dec.is_at_boundary());
 
     let mut reader = ChunkReader {
         chunks: chunks.iter(),
@@ -65,26 +70,107 @@ pub fn frame_decoder(data: &[u8]) {
         drain(&mut dec, &mut read);
     }
     assert_eq!(whole, read, "read_from changed what was decoded");
+    assert_eq!(
+        dec.buffered(),
+        whole_dec.buffered(),
+        "read_from: bytes held"
+    );
+    assert_eq!(dec.is_at_boundary(), whole_dec.is_at_boundary());
+}
 
-    // Re-encode every frame; decoding the re-encoding gives it back, and
-    // when the stream held no framing errors, the re-encoding is the
-    // stream's own prefix, byte for byte.
-    let mut reencoded = Vec::new();
-    for item in &whole {
-        if let Decoded::Frame(f) = item {
-            f.as_frame().encode(&mut reencoded);
-        }
+/// The next chunk length (at most `left`, at least 1): mostly small ones,
+/// which cut headers and payloads anywhere, but also up to a read chunk, up
+/// to a maximal frame, and the whole rest of the stream.
+fn chunk_len(state: &mut u32, left: usize) -> usize {
+    *state ^= *state << 13;
+    *state ^= *state >> 17;
+    *state ^= *state << 5;
+    let r = *state as usize;
+    let n = match *state >> 28 {
+        0..=9 => r % 97 + 1,
+        10..=12 => r % READ_CHUNK + 1,
+        13..=14 => r % (HEADER_LEN + MAX_PAYLOAD) + 1,
+        _ => left,
+    };
+    n.min(left)
+}
+
+/// Walks `stream` along `items`, what a decoder made of it, from offset 0:
+/// a frame must be exactly the bytes at the offset (its re-encoding, byte
+/// for byte), a framing error must be the `len` (and for an oversized frame
+/// `kind` and `id`) at the offset, and each moves the offset past its
+/// `4 + len` bytes (an error's skipped bytes included). What is left after
+/// the last item must be what `dec` holds: an incomplete item, or the part
+/// of a skipped frame that the stream did not reach.
+fn check_against_stream(stream: &[u8], items: &[Decoded], dec: &Decoder) {
+    let mut off: u64 = 0;
+    let mut encoded = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = usize::try_from(off).unwrap_or(usize::MAX);
+        let here = stream.get(at..).unwrap_or(&[]);
+        let len = match *item {
+            Decoded::Frame(ref f) => {
+                encoded.clear();
+                f.as_frame().encode(&mut encoded);
+                assert_eq!(
+                    here.get(..encoded.len()),
+                    Some(&encoded[..]),
+                    "item {i}: frame at offset {off} re-encodes to other bytes than it came from"
+                );
+                encoded.len() as u64 - 4
+            }
+            Decoded::Error(FrameError::Malformed { len }) => {
+                assert!(len < LEN_OVERHEAD, "item {i}: malformed with len {len}");
+                assert_eq!(
+                    here.get(..4),
+                    Some(&len.to_be_bytes()[..]),
+                    "item {i}: malformed frame at offset {off} is not there"
+                );
+                u64::from(len)
+            }
+            Decoded::Error(FrameError::TooLarge { kind, id, len }) => {
+                assert!(
+                    len as usize > LEN_OVERHEAD as usize + MAX_PAYLOAD,
+                    "item {i}: too large with len {len}"
+                );
+                let mut header = len.to_be_bytes().to_vec();
+                header.push(kind);
+                header.extend_from_slice(&id.to_be_bytes());
+                assert_eq!(
+                    here.get(..HEADER_LEN),
+                    Some(&header[..]),
+                    "item {i}: oversized frame at offset {off} is not there"
+                );
+                u64::from(len)
+            }
+        };
+        off += 4 + len;
     }
-    let (again, _) = codec::decode_chunks([&reencoded[..]]);
-    let frames: Vec<_> = whole
-        .iter()
-        .filter(|d| matches!(d, Decoded::Frame(_)))
-        .cloned()
-        .collect();
-    assert_eq!(again, frames);
-    if frames.len() == whole.len() {
-        assert_eq!(&stream[..reencoded.len()], &reencoded[..]);
+    let total = stream.len() as u64;
+    if off >= total {
+        // The stream ended inside a skipped frame, or exactly after an item.
+        assert_eq!(dec.buffered(), 0, "bytes held after the last item");
+        assert_eq!(dec.is_at_boundary(), off == total, "skipping state");
+    } else {
+        let tail = &stream[off as usize..];
+        assert_eq!(dec.buffered(), tail.len(), "bytes held after offset {off}");
+        assert!(
+            !holds_an_item(tail),
+            "a whole item at offset {off} was not decoded"
+        );
     }
+}
+
+/// Whether `bytes` begin with enough for the decoder to yield an item.
+fn holds_an_item(bytes: &[u8]) -> bool {
+    let Some(len) = bytes.get(..4) else {
+        return false;
+    };
+    let len = u64::from(u32::from_be_bytes([len[0], len[1], len[2], len[3]]));
+    let have = bytes.len() as u64;
+    len < u64::from(LEN_OVERHEAD)
+        || (have >= HEADER_LEN as u64
+            && (len > u64::from(LEN_OVERHEAD) + MAX_PAYLOAD as u64 || have >= 4 + len))
 }
 
 fn drain(dec: &mut Decoder, out: &mut Vec<Decoded>) {
