@@ -1,12 +1,15 @@
 //! Golden vectors (tests/vectors/*.hex, format in tests/vectors/README.md):
-//! each file decodes to the typed message built here, and re-encodes to
-//! exactly the same bytes.
+//! each round-trip file decodes to the typed message built here, and
+//! re-encodes to exactly the same bytes; each decode-only file (optional
+//! keys left out) decodes to the message with every default written out
+//! here as a literal, and re-encodes to the full form.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use agentd::codec::OwnedFrame;
 use agentd::codec::MAX_PAYLOAD;
 use agentd::messages::{
     Ack, Direction, ErrorKind, ErrorMsg, Exec, ExecFailed, Exited, Kind, Message, Ready, Resize,
@@ -175,6 +178,93 @@ fn expected() -> Vec<(&'static str, u32, Message<'static>)> {
     ]
 }
 
+/// Every decode-only vector: file stem, frame id, the message it must
+/// decode to, and the round-trip vector whose bytes re-encoding it gives
+/// (if there is one). Defaults are spelled out as the contract's literal
+/// values, not taken from the crate (`Exec::new`, `Default`), so a changed
+/// default in the code fails here.
+fn decode_only() -> Vec<(&'static str, u32, Message<'static>, Option<&'static str>)> {
+    vec![
+        (
+            "exec-cmd-only",
+            1,
+            Message::Exec(Box::new(Exec {
+                cmd: "true".into(),
+                args: vec![],
+                env: vec![],
+                clear_env: false,
+                cwd: None,
+                user: None,
+                tty: false,
+                rows: 24,
+                cols: 80,
+                rlimits: vec![],
+                stdin: true,
+                output_window: 0,
+                linger_ms: 100,
+                no_new_privs: false,
+            })),
+            Some("exec-minimal"),
+        ),
+        (
+            "signal-no-group",
+            1,
+            Message::Signal(Signal {
+                signal: 15,
+                group: true,
+            }),
+            Some("signal"),
+        ),
+        (
+            "shutdown-empty-map",
+            0,
+            Message::Shutdown(Shutdown { grace_ms: 1000 }),
+            None,
+        ),
+        (
+            "shutdown-empty-payload",
+            0,
+            Message::Shutdown(Shutdown { grace_ms: 1000 }),
+            None,
+        ),
+        (
+            "exited-no-core-dumped",
+            1,
+            Message::Exited(Exited {
+                code: Some(3),
+                signal: None,
+                core_dumped: false,
+                status: 3,
+            }),
+            Some("exited-code"),
+        ),
+    ]
+}
+
+/// The bytes of vector `name` and the one frame they hold.
+fn load(name: &str) -> (Vec<u8>, OwnedFrame) {
+    let path = dir().join(format!("{name}.hex"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let bytes = parse_hex(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let frame = common::single_frame(&bytes);
+    (bytes, frame)
+}
+
+/// Decodes `f` both undirected and as its direction's receiver would,
+/// checks both give `msg`, and returns what was decoded.
+fn check_decodes_to<'f>(name: &str, f: &'f OwnedFrame, id: u32, msg: &Message<'_>) -> Message<'f> {
+    assert_eq!(f.kind, msg.kind() as u8, "{name}: kind");
+    assert_eq!(f.id, id, "{name}: id");
+    let decoded = Message::decode(f.as_frame()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(&decoded, msg, "{name}: content");
+    let directed = match msg.kind().direction() {
+        Direction::HostToAgent => Message::decode_from_host(f.as_frame()),
+        Direction::AgentToHost => Message::decode_from_agent(f.as_frame()),
+    };
+    assert_eq!(directed.as_ref(), Ok(msg), "{name}: directed decode");
+    decoded
+}
+
 fn hex_files() -> BTreeSet<String> {
     std::fs::read_dir(dir())
         .unwrap()
@@ -187,20 +277,8 @@ fn hex_files() -> BTreeSet<String> {
 #[test]
 fn every_vector_decodes_and_reencodes_exactly() {
     for (name, id, msg) in expected() {
-        let path = dir().join(format!("{name}.hex"));
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let bytes = parse_hex(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
-
-        let f = common::single_frame(&bytes);
-        assert_eq!(f.kind, msg.kind() as u8, "{name}: kind");
-        assert_eq!(f.id, id, "{name}: id");
-        let decoded = Message::decode(f.as_frame()).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(decoded, msg, "{name}: content");
-        let directed = match msg.kind().direction() {
-            Direction::HostToAgent => Message::decode_from_host(f.as_frame()),
-            Direction::AgentToHost => Message::decode_from_agent(f.as_frame()),
-        };
-        assert_eq!(directed.as_ref(), Ok(&msg), "{name}: directed decode");
+        let (bytes, f) = load(name);
+        let decoded = check_decodes_to(name, &f, id, &msg);
 
         let reencoded = decoded.to_bytes(f.id);
         assert_eq!(
@@ -218,6 +296,31 @@ fn every_vector_decodes_and_reencodes_exactly() {
     }
 }
 
+/// Decode-only vectors decode to their defaults; re-encoding gives the full
+/// form (the named round-trip vector where there is one), never the file's
+/// own bytes: a file in canonical form would belong to the other class.
+#[test]
+fn decode_only_vectors_decode_to_the_defaults() {
+    for (name, id, msg, full) in decode_only() {
+        let (bytes, f) = load(name);
+        let decoded = check_decodes_to(name, &f, id, &msg);
+
+        let reencoded = decoded.to_bytes(f.id);
+        assert_ne!(reencoded, bytes, "{name}: canonical, not decode-only");
+        assert_eq!(reencoded, msg.to_bytes(id), "{name}: re-encoding");
+        if let Some(full) = full {
+            let (full_bytes, _) = load(full);
+            assert_eq!(
+                reencoded,
+                full_bytes,
+                "{name}: re-encoding is not {full}.hex\n ours: {}\n file: {}",
+                hex(&reencoded),
+                hex(&full_bytes)
+            );
+        }
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter()
         .map(|x| format!("{x:02x}"))
@@ -227,21 +330,31 @@ fn hex(b: &[u8]) -> String {
 
 #[test]
 fn the_vector_set_is_complete() {
-    let listed: BTreeSet<String> = expected().iter().map(|e| e.0.to_owned()).collect();
-    assert_eq!(listed.len(), expected().len(), "a name listed twice");
+    let round_trip: BTreeSet<String> = expected().iter().map(|e| e.0.to_owned()).collect();
+    assert_eq!(round_trip.len(), expected().len(), "a name listed twice");
+    let only: BTreeSet<String> = decode_only().iter().map(|e| e.0.to_owned()).collect();
+    assert_eq!(only.len(), decode_only().len(), "a name listed twice");
+    assert!(round_trip.is_disjoint(&only), "a vector in both classes");
+    let listed: BTreeSet<String> = round_trip.union(&only).cloned().collect();
     assert_eq!(hex_files(), listed, "files on disk vs vectors listed here");
 
-    // Every kind has at least one vector.
+    // Every kind has at least one round-trip vector.
     let kinds: BTreeSet<u8> = expected().iter().map(|e| e.2.kind() as u8).collect();
     let all: BTreeSet<u8> = Kind::ALL.iter().map(|&k| k as u8).collect();
     assert_eq!(kinds, all);
 
-    // The README has exactly one line per file.
+    // The README has exactly one line per file, and says "decode-only" in
+    // exactly the lines of decode-only files.
     let readme = std::fs::read_to_string(dir().join("README.md")).unwrap();
     for name in &listed {
         let needle = format!("- `{name}.hex`:");
-        let lines = readme.lines().filter(|l| l.starts_with(&needle)).count();
-        assert_eq!(lines, 1, "README lines for {name}.hex");
+        let lines: Vec<&str> = readme.lines().filter(|l| l.starts_with(&needle)).collect();
+        assert_eq!(lines.len(), 1, "README lines for {name}.hex");
+        assert_eq!(
+            lines[0].contains("decode-only"),
+            only.contains(name),
+            "README line of {name}.hex: decode-only or not"
+        );
     }
     let described = readme
         .lines()
