@@ -5,8 +5,10 @@
 //! fake checks every frame the client sends against the contract. The
 //! second part runs the real `agentd --stdio`.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -765,6 +767,172 @@ fn stdin_through_io_write() {
     assert!(s.wait().unwrap().success());
     let (got, _fake) = agent.join().unwrap();
     assert_eq!(got, text.as_bytes());
+}
+
+// ---------------------------------------------------------------------------
+// The output path allocates nothing per frame.
+
+/// Counts the allocations of the whole process. Only
+/// `output_path_allocates_nothing_per_frame` reads the count, in a process
+/// of its own where nothing else runs.
+struct CountingAlloc;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call goes to the system allocator unchanged (same layout,
+// same pointer); the count is a relaxed atomic add, which neither
+// allocates nor blocks.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc`, passed on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc_zeroed`, passed on.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `ptr` came from this allocator, i.e. from System.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, i.e. from System.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static COUNTING_ALLOC: CountingAlloc = CountingAlloc;
+
+/// Set in the child process that runs the measurement.
+const ALLOC_CHILD: &str = "AGENTD_CLIENT_TEST_ALLOC_CHILD";
+
+/// STDIN frames sent as fast as they can be, and one at a time.
+const ALLOC_FRAMES: u64 = 20_000;
+const ALLOC_LOCKSTEP_FRAMES: u64 = 2_000;
+
+/// STDIN frames of every size from 1 to 300 bytes, with a RESIZE and a
+/// SIGNAL every 50 frames, cost no allocation per frame on the client's
+/// side: not in the session (which encodes into the outbox's buffer), not
+/// in the writer thread (which swaps that buffer with its own and writes
+/// it), whether the writer batches many frames per write or writes each
+/// one alone. Allocations are counted in the whole process while nothing
+/// else runs in it: the fake agent only reads into a buffer on its stack.
+#[test]
+fn output_path_allocates_nothing_per_frame() {
+    if std::env::var_os(ALLOC_CHILD).is_none() {
+        // The other tests of this binary allocate on their own threads at
+        // the same time: measure in a process that runs this test alone.
+        let exe = std::env::current_exe().expect("test binary");
+        let out = std::process::Command::new(exe)
+            .args([
+                "output_path_allocates_nothing_per_frame",
+                "--exact",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(ALLOC_CHILD, "1")
+            .output()
+            .expect("test binary runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stdout}{stderr}");
+        assert!(stdout.contains("allocations for"), "{stdout}{stderr}");
+        print!("{stdout}");
+        return;
+    }
+
+    let (client, mut fake) = Fake::start(1 << 30);
+    let received = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = received.clone();
+    let (id_tx, id_rx) = mpsc::channel();
+    let agent = thread::spawn(move || {
+        let (id, _) = fake.accept_exec();
+        assert_eq!(fake.dec.buffered(), 0, "the client sent more than EXEC");
+        id_tx.send(id).unwrap();
+        fake.sock.set_read_timeout(None).unwrap();
+        let mut buf = [0u8; 64 * 1024];
+        while let Ok(n @ 1..) = fake.sock.read(&mut buf) {
+            counted.fetch_add(n as u64, Ordering::SeqCst);
+        }
+    });
+    let session = client.exec(Command::new("cat")).unwrap();
+    let id = id_rx.recv().unwrap();
+    let h = session.handle();
+    // Frame sizes, worked out before anything is counted.
+    let resize_len = Message::Resize(agentd::messages::Resize {
+        rows: 50,
+        cols: 132,
+    })
+    .to_bytes(id)
+    .len() as u64;
+    let signal_len = Message::Signal(agentd::messages::Signal {
+        signal: libc::SIGWINCH,
+        group: true,
+    })
+    .to_bytes(id)
+    .len() as u64;
+    let payload = [b'x'; 300];
+    let mut sent = 0u64;
+    let wait_received = |sent: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while received.load(Ordering::SeqCst) < sent {
+            assert!(Instant::now() < deadline, "frames did not arrive");
+            thread::yield_now();
+        }
+        assert_eq!(received.load(Ordering::SeqCst), sent);
+    };
+    // `frames` frames; in lockstep each one reaches the agent before the
+    // next is sent, so each is a write of its own; otherwise they are sent
+    // as fast as they can be and the writer batches them.
+    let mut round = |frames: u64, lockstep: bool| {
+        for i in 0..frames {
+            let n = 1 + (i % 300) as usize;
+            h.write_stdin(&payload[..n]).unwrap();
+            sent += 9 + n as u64;
+            if i % 50 == 0 {
+                h.resize(50, 132).unwrap();
+                h.signal(libc::SIGWINCH).unwrap();
+                sent += resize_len + signal_len;
+            }
+            if lockstep {
+                wait_received(sent);
+            }
+        }
+        wait_received(sent);
+    };
+    let frames = |n: u64| n + n.div_ceil(50) * 2;
+    // The first rounds let the two buffers grow to what they need.
+    round(ALLOC_FRAMES, false);
+    round(ALLOC_LOCKSTEP_FRAMES, true);
+    for (n, lockstep) in [(ALLOC_FRAMES, false), (ALLOC_LOCKSTEP_FRAMES, true)] {
+        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        round(n, lockstep);
+        let allocations = ALLOCATIONS.load(Ordering::SeqCst) - before;
+        let frames = frames(n);
+        let how = if lockstep {
+            "one write each"
+        } else {
+            "batched"
+        };
+        println!("{allocations} allocations for {frames} frames ({how})");
+        // A buffer per frame, or per write, would be at least one
+        // allocation per frame here.
+        assert!(
+            allocations <= frames / 100,
+            "{allocations} allocations for {frames} frames ({how})"
+        );
+    }
+    drop(h);
+    drop(session);
+    client.close();
+    agent.join().unwrap();
 }
 
 // ---------------------------------------------------------------------------

@@ -7,8 +7,17 @@
 //! a host that is slow to read cannot deadlock against an agent that is slow
 //! to read: the reader always keeps draining the agent's output.
 //!
+//! The output path allocates nothing per frame. Whoever sends a frame
+//! encodes it straight into the outbox's buffer (a STDIN payload is copied
+//! once, from the caller's slice into that buffer); the writer thread swaps
+//! that buffer with its own empty one and writes it out while the senders
+//! go on filling the other. The two buffers trade places on every write and
+//! keep their capacity, so once they have grown to the usual backlog no
+//! frame costs an allocation or a second copy.
+//!
 //! Lock order, where two are held at once: `Shared::reg`, then a session's
-//! `state`. `Shared::state` is never held with either.
+//! `state`, then `Shared::out`. `Shared::state` is never held with any of
+//! them, and nothing else is locked while `Shared::out` is held.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -44,13 +53,19 @@ fn wait_timeout<'a, T>(c: &Condvar, g: MutexGuard<'a, T>, d: Duration) -> MutexG
     }
 }
 
-/// What the writer thread is asked to do.
-pub(crate) enum WriterMsg {
-    /// Write these bytes (one or more whole frames).
-    Frame(Vec<u8>),
-    /// Write what is queued before this, then close the write side.
-    Close,
+/// Frames waiting for the writer thread.
+#[derive(Default)]
+struct Outbox {
+    /// Whole frames, encoded in place, in the order they were sent.
+    buf: Vec<u8>,
+    /// Write what is in `buf`, then close the write side; nothing more is
+    /// accepted.
+    close: bool,
 }
+
+/// Above this capacity a buffer the writer has emptied is shrunk back, so
+/// that one burst does not pin megabytes for the life of the connection.
+const RETAIN_CAPACITY: usize = 1 << 20;
 
 /// What the reader routes to a session's channel.
 #[derive(Debug)]
@@ -143,7 +158,9 @@ pub(crate) struct Shared {
     reg: Mutex<Registry>,
     state: Mutex<ConnState>,
     cond: Condvar,
-    tx: mpsc::Sender<WriterMsg>,
+    /// Frames for the writer thread, and the condition it waits on.
+    out: Mutex<Outbox>,
+    out_cond: Condvar,
     /// Write end of the pipe that wakes the reader's poll.
     wake: OwnedFd,
     stop: AtomicBool,
@@ -151,11 +168,36 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Queues frames for the writer.
-    pub fn send(&self, bytes: Vec<u8>) -> Result<()> {
-        self.tx
-            .send(WriterMsg::Frame(bytes))
-            .map_err(|_| Error::closed())
+    /// Queues `msg` as a frame of session `id` for the writer, encoding it
+    /// straight into the outgoing buffer (no allocation of its own, and a
+    /// raw payload such as STDIN's is copied once, into that buffer).
+    pub fn send(&self, id: u32, msg: &Message<'_>) -> Result<()> {
+        self.send_with(|buf| msg.encode(id, buf))
+    }
+
+    /// Queues whatever `encode` appends to the outgoing buffer: one or more
+    /// whole frames. Fails once the write side is closing or closed.
+    pub fn send_with(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<()> {
+        let mut out = lock(&self.out);
+        if out.close {
+            drop(out);
+            return Err(self.closed_error().unwrap_or_else(Error::closed));
+        }
+        let was_empty = out.buf.is_empty();
+        encode(&mut out.buf);
+        // The writer only waits when the buffer is empty.
+        if was_empty && !out.buf.is_empty() {
+            self.out_cond.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Asks the writer to write what is queued and then close the write
+    /// side; later sends fail.
+    fn close_outbox(&self) {
+        let mut out = lock(&self.out);
+        out.close = true;
+        self.out_cond.notify_one();
     }
 
     /// The reason the connection closed, if it has.
@@ -192,7 +234,7 @@ impl Shared {
             st.closed = true;
             self.cond.notify_all();
         }
-        let _ = self.tx.send(WriterMsg::Close);
+        self.close_outbox();
         self.stop.store(true, Ordering::SeqCst);
         let _ = nix::unistd::write(&self.wake, &[1]);
     }
@@ -201,7 +243,7 @@ impl Shared {
     /// without closing the connection (the agent's answer to end of file
     /// can still be read).
     pub fn close_writer(&self) {
-        let _ = self.tx.send(WriterMsg::Close);
+        self.close_outbox();
     }
 
     /// Waits for READY.
@@ -282,7 +324,7 @@ impl Shared {
             seq
         };
         let start = Instant::now();
-        let sent = self.send(Message::Ping(&seq.to_be_bytes()).to_bytes(0));
+        let sent = self.send(0, &Message::Ping(&seq.to_be_bytes()));
         if let Err(e) = sent {
             lock(&self.reg).pings.remove(&seq);
             return Err(e);
@@ -302,7 +344,7 @@ impl Shared {
             st.shutdown_error = None;
         }
         let msg = Message::Shutdown(crate::messages::Shutdown { grace_ms });
-        self.send(msg.to_bytes(0))?;
+        self.send(0, &msg)?;
         let mut st = lock(&self.state);
         loop {
             if st.shutdown_done {
@@ -509,7 +551,7 @@ impl Shared {
                 let ack = Message::OutputAck(Ack {
                     bytes: data.len() as u32,
                 });
-                let _ = self.send(ack.to_bytes(id));
+                let _ = self.send(id, &ack);
             }
             return;
         }
@@ -539,7 +581,6 @@ impl Conn {
     /// Starts the reader and writer threads on a transport.
     pub fn start(read: OwnedFd, write: OwnedFd, child: Option<Child>) -> io::Result<Conn> {
         let (wake_r, wake_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let (tx, rx) = mpsc::channel();
         // Ids start at a varying point so that a host reconnecting to a
         // device port is unlikely to collide with sessions a previous host
         // left running.
@@ -557,7 +598,8 @@ impl Conn {
             }),
             state: Mutex::new(ConnState::default()),
             cond: Condvar::new(),
-            tx,
+            out: Mutex::new(Outbox::default()),
+            out_cond: Condvar::new(),
             wake: wake_w,
             stop: AtomicBool::new(false),
             errors: Mutex::new(VecDeque::new()),
@@ -566,7 +608,7 @@ impl Conn {
         let write = File::from(write);
         std::thread::Builder::new()
             .name("agentd-client-writer".into())
-            .spawn(move || writer_loop(&w_shared, write, rx))?;
+            .spawn(move || writer_loop(&w_shared, write))?;
         let r_shared = shared.clone();
         let read = File::from(read);
         let reader = std::thread::Builder::new()
@@ -644,30 +686,32 @@ impl Drop for Conn {
     }
 }
 
-/// Frames queued ahead of a write are coalesced up to this many bytes.
-const COALESCE: usize = 256 * 1024;
-
-fn writer_loop(shared: &Shared, mut out: File, rx: mpsc::Receiver<WriterMsg>) {
+/// Writes what the senders queue, whole frames at a time and everything
+/// queued so far in one write, until asked to close or a write fails.
+fn writer_loop(shared: &Shared, mut out: File) {
+    // The buffer being written; it trades places with the outbox's buffer
+    // on every round, and both keep their capacity.
     let mut buf: Vec<u8> = Vec::new();
-    'outer: while let Ok(msg) = rx.recv() {
-        let mut close = false;
-        match msg {
-            WriterMsg::Frame(f) => buf = f,
-            WriterMsg::Close => close = true,
-        }
-        while !close && buf.len() < COALESCE {
-            match rx.try_recv() {
-                Ok(WriterMsg::Frame(f)) => buf.extend_from_slice(&f),
-                Ok(WriterMsg::Close) => close = true,
-                Err(_) => break,
+    loop {
+        let close = {
+            let mut q = lock(&shared.out);
+            while q.buf.is_empty() && !q.close {
+                q = wait(&shared.out_cond, q);
             }
-        }
+            std::mem::swap(&mut q.buf, &mut buf);
+            // Sends fail once `close` is set, so `buf` holds everything
+            // that was queued before it.
+            q.close
+        };
         if !buf.is_empty() {
             if let Err(e) = out.write_all(&buf) {
                 shared.close(Some(format!("write to the agent failed: {e}")));
-                break 'outer;
+                break;
             }
             buf.clear();
+            if buf.capacity() > RETAIN_CAPACITY {
+                buf.shrink_to(RETAIN_CAPACITY);
+            }
         }
         if close {
             break;

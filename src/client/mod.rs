@@ -87,7 +87,7 @@ pub use crate::messages::{
 use conn::{Conn, Routed, SessState, SessionShared};
 
 use crate::codec::MAX_PAYLOAD;
-use crate::messages::Message;
+use crate::messages::Kind;
 
 /// The most STDIN payload the client puts in one frame.
 const STDIN_CHUNK: usize = 64 * 1024;
@@ -385,8 +385,11 @@ impl Client {
                     },
                 ))
             })?;
-            let frame = Message::Exec(Box::new(request.clone())).to_bytes(id);
-            if let Err(e) = shared.send(frame) {
+            // Serialised straight into the outgoing buffer: no copy of the
+            // request, no buffer of its own.
+            let sent = shared
+                .send_with(|buf| crate::messages::append_map(buf, Kind::Exec as u8, id, &request));
+            if let Err(e) = sent {
                 shared.unregister(id);
                 return Err(e);
             }

@@ -147,10 +147,11 @@ impl SessionHandle {
         }
         let n = data.len().min(st.stdin_credit as usize).min(st.stdin_chunk);
         // Sent under the session lock so no frame for this id is queued
-        // after the reader has seen the session end.
+        // after the reader has seen the session end. The payload is copied
+        // once, from `data` into the outgoing buffer.
         self.conn
             .shared
-            .send(Message::Stdin(&data[..n]).to_bytes(self.sess.id))?;
+            .send(self.sess.id, &Message::Stdin(&data[..n]))?;
         st.stdin_credit -= n as u32;
         Ok(n)
     }
@@ -166,9 +167,7 @@ impl SessionHandle {
         if st.closed {
             return Err(self.closed());
         }
-        self.conn
-            .shared
-            .send(Message::StdinClose.to_bytes(self.sess.id))?;
+        self.conn.shared.send(self.sess.id, &Message::StdinClose)?;
         st.stdin_closed = true;
         self.sess.cond.notify_all();
         Ok(())
@@ -205,7 +204,7 @@ impl SessionHandle {
         if st.closed {
             return Err(self.closed());
         }
-        self.conn.shared.send(msg.to_bytes(self.sess.id))
+        self.conn.shared.send(self.sess.id, &msg)
     }
 
     fn closed(&self) -> Error {
@@ -231,10 +230,7 @@ impl Drop for SessionHandle {
         let mut st = self.sess.lock();
         st.handles -= 1;
         if st.handles == 0 && !st.stdin_closed && !st.ended && !st.closed {
-            let _ = self
-                .conn
-                .shared
-                .send(Message::StdinClose.to_bytes(self.sess.id));
+            let _ = self.conn.shared.send(self.sess.id, &Message::StdinClose);
             st.stdin_closed = true;
         }
     }
@@ -439,7 +435,7 @@ impl Session {
             let ack = Message::OutputAck(Ack {
                 bytes: self.unacked,
             });
-            let _ = self.handle.conn.shared.send(ack.to_bytes(self.id()));
+            let _ = self.handle.conn.shared.send(self.id(), &ack);
         }
         self.unacked = 0;
     }
@@ -505,7 +501,7 @@ impl Drop for Session {
             let ack = Message::OutputAck(Ack {
                 bytes: pending.min(u64::from(u32::MAX)) as u32,
             });
-            let _ = self.handle.conn.shared.send(ack.to_bytes(self.id()));
+            let _ = self.handle.conn.shared.send(self.id(), &ack);
         }
         self.unacked = 0;
     }
