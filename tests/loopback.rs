@@ -66,6 +66,8 @@ mod exec_failed;
 mod flow_control;
 #[path = "loopback/guarantees.rs"]
 mod guarantees;
+#[path = "loopback/init.rs"]
+mod init;
 #[path = "loopback/pipelined.rs"]
 mod pipelined;
 #[path = "loopback/transports.rs"]

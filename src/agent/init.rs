@@ -11,7 +11,7 @@
 //! 3. [`init_logging`] / [`logger_target`]: logs go to `/dev/kmsg` (or the
 //!    console), never to the agent port.
 //! 4. [`install_panic_hook`]: PID 1 must never exit, so a panic logs, syncs and
-//!    powers the machine off.
+//!    powers the machine off (`agentd` installs it before anything else).
 //! 5. [`load_modules`]: a stock distribution kernel has its virtio drivers as
 //!    modules (`agentd.modules=`).
 //! 6. [`set_hostname`], [`default_env`].
@@ -19,7 +19,7 @@
 //!    `agent`), opened once, nonblocking, and kept open for the agent's life.
 //! 8. [`power_off`] / [`fatal`]: the end of the machine.
 //!
-//! [`boot`] runs steps 1 to 6 in the right order and is what the agent's
+//! [`boot`] runs steps 1 to 6 (the hook first) and is what the agent's
 //! PID-1 path calls; each step is public on its own as well.
 //!
 //! # How a virtio-console port signals the host's open and close
@@ -138,6 +138,11 @@ pub struct BootConfig {
     pub hostname: Option<String>,
     /// `agentd.modules=a,b,c`: modules to load from [`MODULE_DIR`], in order.
     pub modules: Vec<String>,
+    /// `agentd.test_panic=1`: a test hook. The agent panics on purpose right
+    /// after [`boot`], so a test can check that the panic hook logs and
+    /// powers off (`tests/vm/run.sh` boots a VM with it). Only the exact
+    /// value `1` sets it.
+    pub test_panic: bool,
 }
 
 impl Default for BootConfig {
@@ -147,6 +152,7 @@ impl Default for BootConfig {
             log: None,
             hostname: None,
             modules: Vec::new(),
+            test_panic: false,
         }
     }
 }
@@ -214,15 +220,29 @@ pub fn parse_cmdline(cmdline: &str) -> BootConfig {
                     .filter(|m| !m.is_empty())
                     .map(str::to_owned),
             ),
+            "agentd.test_panic" => cfg.test_panic = value == "1",
             _ => {}
         }
     }
     cfg
 }
 
+/// Environment variable that stands in for `/proc/cmdline` when the agent
+/// runs with `--init` but is not PID 1 (tests on a developer's machine,
+/// which cannot choose the running kernel's command line). PID 1 never
+/// reads it.
+pub const TEST_CMDLINE_ENV: &str = "AGENTD_TEST_CMDLINE";
+
 /// Reads `/proc/cmdline` (so `/proc` must be mounted) and parses it with
-/// [`parse_cmdline`]. An unreadable command line gives the defaults.
+/// [`parse_cmdline`]. An unreadable command line gives the defaults. A
+/// process that is not PID 1 reads [`TEST_CMDLINE_ENV`] instead when it is
+/// set.
 pub fn read_boot_config() -> BootConfig {
+    if std::process::id() != 1 {
+        if let Some(cmdline) = std::env::var_os(TEST_CMDLINE_ENV) {
+            return parse_cmdline(&cmdline.to_string_lossy());
+        }
+    }
     match fs::read_to_string("/proc/cmdline") {
         Ok(s) => parse_cmdline(&s),
         Err(e) => {
@@ -436,11 +456,9 @@ pub fn mount_basics() -> Vec<PathBuf> {
         }
     }
     // Replace /dev/ptmx only on a /dev of our own: in a container or a test
-    // namespace, /dev may be the host's.
-    if mounted
-        .iter()
-        .any(|p| p == Path::new("/dev") || p == Path::new("/dev/pts"))
-    {
+    // namespace, /dev may be the host's (a devpts of our own on the host's
+    // /dev is not enough: the link would change the host's /dev/ptmx).
+    if mounted.iter().any(|p| p == Path::new("/dev")) {
         link_ptmx();
     }
     ensure_symlink("/proc/self/fd", "/dev/fd");
@@ -698,10 +716,24 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogTarget {
     }
 }
 
+/// Inode number of the initial PID namespace's `/proc/self/ns/pid`
+/// (`PROC_PID_INIT_INO` in the kernel's `include/linux/proc_ns.h`, fixed
+/// since Linux 3.8).
+const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+
+/// Whether this process is in a PID namespace other than the machine's
+/// first (PID 1 of `unshare --pid` in a test). `false` when it cannot tell
+/// (no `/proc` yet, as early in a VM's boot).
+fn in_child_pid_namespace() -> bool {
+    fs::metadata("/proc/self/ns/pid").is_ok_and(|md| md.ino() != PROC_PID_INIT_INO)
+}
+
 /// Opens the log target: for PID 1, `/dev/kmsg`, else `/dev/console`, else
 /// a duplicate of standard error (which the kernel opens on the console for
-/// init). A process that is not PID 1 (`agentd --init` in tests) logs to its
-/// standard error, never to the machine's kernel log.
+/// init). A process that is not PID 1 (`agentd --init` in tests), or PID 1
+/// of a PID namespace other than the machine's first (a test under
+/// `unshare --pid`), logs to its standard error, never to the machine's
+/// kernel log.
 pub fn logger_target() -> LogTarget {
     let stderr = || {
         use std::os::fd::AsFd;
@@ -711,7 +743,7 @@ pub fn logger_target() -> LogTarget {
             .ok()
             .map(File::from)
     };
-    if std::process::id() != 1 {
+    if std::process::id() != 1 || in_child_pid_namespace() {
         return LogTarget {
             file: stderr(),
             kmsg: false,
@@ -776,16 +808,27 @@ fn log_direct(priority: u8, msg: &str) {
 // The end: panic hook, fatal errors, power-off
 // ---------------------------------------------------------------------------
 
-/// Installs a panic hook for PID 1: a panic anywhere logs the panic (to kmsg
-/// or the console), then [`power_off`]s the machine, unmounting `mounted`.
-/// With it, PID 1 never unwinds or aborts out of `main` (which would make the
-/// kernel panic with "Attempted to kill init!").
-pub fn install_panic_hook(mounted: Vec<PathBuf>) {
-    std::panic::set_hook(Box::new(move |info| {
-        log_direct(0, &format!("PID 1 panicked: {info}; powering off"));
-        // Not PID 1 (`--init` in a test): exit 101, as a panic would.
-        end(&mounted, 101);
-    }));
+/// Installs the panic hook of PID 1 (once; later calls do nothing): a panic
+/// anywhere, in any thread, logs the panic (to kmsg or the console) and
+/// [`power_off`]s the machine, unmounting what [`mount_basics`] has mounted
+/// by then. With it, PID 1 never unwinds or aborts out of `main` (which
+/// would make the kernel panic with "Attempted to kill init!").
+///
+/// `agentd` installs it first thing in `main` when it is PID 1, before it
+/// reads its arguments or mounts anything, so no panic can come before it;
+/// [`boot`] installs it too (for `--init` when not PID 1, where a panic ends
+/// the process with status 101, as an ordinary panic would).
+pub fn install_panic_hook() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            log_direct(0, &format!("PID 1 panicked: {info}; powering off"));
+            // `try_lock`: the panic may have come while the list was locked.
+            let mounted = MOUNTED.try_lock().map(|m| m.clone()).unwrap_or_default();
+            // Not PID 1 (`--init` in a test): exit 101, as a panic would.
+            end(&mounted, 101);
+        }));
+    });
 }
 
 /// Logs `msg` as a fatal error and powers the machine off, unmounting what
@@ -891,23 +934,29 @@ pub struct Boot {
     pub mounted: Vec<PathBuf>,
 }
 
-/// Runs the PID-1 setup in order: [`mount_basics`] (logging to the console
-/// meanwhile), [`read_boot_config`], [`init_logging`] at `agentd.log=`,
-/// [`install_panic_hook`], [`load_modules`], [`set_hostname`]. Then the
-/// caller opens the port with [`open_port`] (or calls [`fatal`]) and starts
-/// serving. Never fails.
+/// Runs the PID-1 setup in order: [`install_panic_hook`] (a no-op when
+/// `main` already did), [`mount_basics`] (logging to the console
+/// meanwhile), [`read_boot_config`], [`init_logging`] at `log_level` (the
+/// `--log-level` option) or else `agentd.log=`, [`load_modules`],
+/// [`set_hostname`]. Then the caller opens the port with [`open_port`] (or
+/// calls [`fatal`]) and starts serving. Never fails.
 ///
 /// Only a real PID 1 (of the machine, or of a PID namespace, which comes
 /// with its own mount namespace under `unshare --mount-proc`) mounts, loads
 /// modules and sets the hostname; any other process (`agentd --init` in a
-/// test) only reads the command line and sets up logging and the panic hook.
-pub fn boot() -> Boot {
+/// test) only reads the command line (or [`TEST_CMDLINE_ENV`]) and sets up
+/// logging and the panic hook.
+pub fn boot(log_level: Option<&str>) -> Boot {
+    install_panic_hook();
     if std::process::id() != 1 {
         // `agentd --init` outside a VM: mounting, loading modules or
         // setting the hostname would change the machine the tests run on.
         let config = read_boot_config();
-        init_logging(config.log.as_deref());
-        install_panic_hook(Vec::new());
+        init_logging(log_level.or(config.log.as_deref()));
+        info!(
+            "agentd {} with --init; command line: {config:?}",
+            env!("CARGO_PKG_VERSION")
+        );
         warn!("--init but not PID 1: no mounts, modules or hostname");
         return Boot {
             config,
@@ -925,8 +974,7 @@ pub fn boot() -> Boot {
         .finish();
     let mounted = tracing::subscriber::with_default(early, mount_basics);
     let config = read_boot_config();
-    init_logging(config.log.as_deref());
-    install_panic_hook(mounted.clone());
+    init_logging(log_level.or(config.log.as_deref()));
     info!(
         "agentd {} as PID 1; command line: {config:?}",
         env!("CARGO_PKG_VERSION")
@@ -966,6 +1014,22 @@ mod tests {
         assert_eq!(c.log.as_deref(), Some("debug"));
         assert_eq!(c.hostname.as_deref(), Some("vm1"));
         assert_eq!(c.modules, s(&["virtio_ring", "virtio", "virtio_console"]));
+        assert!(!c.test_panic);
+    }
+
+    #[test]
+    fn test_panic_needs_exactly_1() {
+        assert!(parse_cmdline("quiet agentd.test_panic=1").test_panic);
+        for off in [
+            "agentd.test_panic=0",
+            "agentd.test_panic=yes",
+            "agentd.test_panic=",
+            "agentd.test_panic",
+            "agentd.test_panic=1 agentd.test_panic=0",
+            "-- agentd.test_panic=1",
+        ] {
+            assert!(!parse_cmdline(off).test_panic, "{off}");
+        }
     }
 
     #[test]
@@ -1033,6 +1097,104 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         assert!(!is_mount_point(&dir));
         fs::remove_dir(&dir).unwrap();
+    }
+
+    /// Set in the child of [`mount_basics_twice_mounts_nothing_the_second_time`]
+    /// (the test binary re-executed in a private mount namespace).
+    const MOUNT_NS_CHILD_ENV: &str = "AGENTD_INIT_TEST_MOUNT_NS_CHILD";
+
+    /// "Each only if not already mounted": a second [`mount_basics`] mounts
+    /// nothing and stacks nothing. It mounts for real, so it runs in a
+    /// private mount namespace: the test re-executes its own binary (one
+    /// test, by exact name) under `unshare -m --propagation private`
+    /// rather than forking this multi-threaded process. Skipped when
+    /// `unshare -m` is not permitted (not root, no user namespaces).
+    #[test]
+    fn mount_basics_twice_mounts_nothing_the_second_time() {
+        const NAME: &str = "agent::init::tests::mount_basics_twice_mounts_nothing_the_second_time";
+        if std::env::var_os(MOUNT_NS_CHILD_ENV).is_some() {
+            mount_twice_in_this_namespace();
+            return;
+        }
+        let private = ["-m", "--propagation", "private"];
+        let permitted = std::process::Command::new("unshare")
+            .args(private)
+            .arg("true")
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !permitted {
+            eprintln!("skipped: unshare -m --propagation private is not permitted here");
+            return;
+        }
+        let out = std::process::Command::new("unshare")
+            .args(private)
+            .arg(std::env::current_exe().unwrap())
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env(MOUNT_NS_CHILD_ENV, "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "the child failed:\n{text}");
+        if text.contains("skipped in the mount namespace") {
+            eprintln!("{text}");
+            return;
+        }
+        // The exact filter must have matched (else "0 passed" succeeds).
+        assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+        assert!(text.contains("second call mounted nothing"), "{text}");
+    }
+
+    /// The child's half: in a private mount namespace of its own.
+    fn mount_twice_in_this_namespace() {
+        // With /dev or /dev/pts unmounted, mount_basics would mount a devpts
+        // and could touch the host's /dev (shared even across mount
+        // namespaces): only run where they are mounted already.
+        for p in ["/proc", "/sys", "/dev", "/dev/pts"] {
+            if !is_mount_point(Path::new(p)) {
+                println!("skipped in the mount namespace: {p} is not a mount point");
+                return;
+            }
+        }
+        // Give the first call something to mount: detach /tmp and /run if
+        // they are mount points (in this namespace only).
+        for p in ["/tmp", "/run"] {
+            if is_mount_point(Path::new(p)) {
+                nix::mount::umount2(p, MntFlags::MNT_DETACH).unwrap();
+            }
+        }
+        let first = mount_basics();
+        for p in ["/tmp", "/run"] {
+            assert!(
+                first.contains(&PathBuf::from(p)),
+                "{p} not mounted: {first:?}"
+            );
+        }
+        let second = mount_basics();
+        assert!(second.is_empty(), "the second call mounted {second:?}");
+        // Each of them once, with the options asked for.
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        for p in &first {
+            let lines: Vec<&str> = info
+                .lines()
+                .filter(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+                .collect();
+            assert_eq!(
+                lines.len(),
+                1,
+                "{} mounted {} times",
+                p.display(),
+                lines.len()
+            );
+        }
+        // (tmpfs shows `mode=` in /proc/mounts only when it is not 1777.)
+        let mode = fs::metadata("/tmp").unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o1777, "/tmp has mode {mode:o}");
+        println!("first call mounted {first:?}; second call mounted nothing");
     }
 
     #[test]

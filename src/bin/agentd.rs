@@ -7,12 +7,14 @@
 //! options: --max-sessions N  --stdin-window BYTES  --log-level LEVEL
 //! ```
 //! Logs go to stderr, never to the transport; the level comes from
-//! `--log-level` or `AGENTD_LOG` (default `warn`).
+//! `--log-level` or `AGENTD_LOG` (default `warn`). On the init path it comes
+//! from `--log-level` or `agentd.log=` (default `info`).
 //!
 //! As PID 1 without `--stdio`/`--port` (a VM's `/init`), or with `--init`,
 //! agentd first does what an init would
 //! ([`agentd::agent::init::boot`]: mounts, the `agentd.*` kernel command line,
-//! modules, hostname, logging to `/dev/kmsg`, a panic hook that powers off),
+//! modules, hostname, logging to `/dev/kmsg`; as PID 1 the panic hook that
+//! powers off is installed before anything else, even argument parsing),
 //! then serves the virtio-console port named by `agentd.port=` (or `--port
 //! PATH`, or `--stdio`), and powers the machine off after SHUTDOWN. PID 1
 //! never exits: bad arguments are logged and ignored (the kernel passes
@@ -29,29 +31,37 @@ use agentd::agent::{self, init, process, Config, EventLoop, Mode, Options};
 
 const USAGE: &str = "usage: agentd (--stdio | --port PATH | --init [--stdio | --port PATH]) [--max-sessions N] [--stdin-window BYTES] [--log-level error|warn|info|debug|trace]";
 
+/// An argument as UTF-8, or an error naming it (arguments are read with
+/// `args_os`, so a word that is not UTF-8 is an error, never a panic).
+fn utf8(what: &str, arg: std::ffi::OsString) -> Result<String, String> {
+    arg.into_string()
+        .map_err(|bad| format!("{what}: not valid UTF-8: {bad:?}"))
+}
+
 /// The command line: options, and for `--init` without `--stdio`/`--port`
 /// a `None` mode (the virtio port named on the kernel command line).
 fn parse_args() -> Result<(Options, Option<Mode>), String> {
     let mut opts = Options::stdio();
     let mut mode = None;
     let mut init = false;
-    let mut it = std::env::args().skip(1);
+    let mut it = std::env::args_os().skip(1);
     while let Some(arg) = it.next() {
+        let arg = utf8("argument", arg)?;
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--stdio" => mode = Some(Mode::Stdio),
             "--port" => mode = Some(Mode::Port(PathBuf::from(value("--port")?))),
             "--max-sessions" => {
-                opts.max_sessions = value("--max-sessions")?
+                opts.max_sessions = utf8("--max-sessions", value("--max-sessions")?)?
                     .parse()
                     .map_err(|e| format!("--max-sessions: {e}"))?
             }
             "--stdin-window" => {
-                opts.stdin_window = value("--stdin-window")?
+                opts.stdin_window = utf8("--stdin-window", value("--stdin-window")?)?
                     .parse()
                     .map_err(|e| format!("--stdin-window: {e}"))?
             }
-            "--log-level" => opts.log_level = Some(value("--log-level")?),
+            "--log-level" => opts.log_level = Some(utf8("--log-level", value("--log-level")?)?),
             "--init" => init = true,
             "--version" | "-V" => {
                 println!("agentd {}", env!("CARGO_PKG_VERSION"));
@@ -77,11 +87,18 @@ const PORT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The agent as the first process of a VM (or with `--init`). Never returns.
 fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
-    let boot = init::boot();
+    // `--log-level` wins over `agentd.log=` (both unset: info).
+    let log_level = parsed.as_ref().ok().and_then(|(o, _)| o.log_level.clone());
+    let boot = init::boot(log_level.as_deref());
     let (opts, mode) = parsed.unwrap_or_else(|e| {
         tracing::warn!("ignoring the arguments: {e}");
         (Options::stdio(), None)
     });
+    if boot.config.test_panic {
+        // The documented test hook (docs/VM.md): proves that a panic of
+        // PID 1 logs and powers off instead of killing init.
+        panic!("agentd.test_panic=1: deliberate panic to test the panic hook");
+    }
     let pid1 = std::process::id() == 1;
     process::cloexec_inherited_fds();
     if let Err(e) = process::setup_signals() {
@@ -120,13 +137,18 @@ fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
 }
 
 fn main() -> ExitCode {
+    if std::process::id() == 1 {
+        // Before anything that could panic (arguments, mounts, logging): a
+        // panic of PID 1 must power off, not kill init.
+        init::install_panic_hook();
+    }
     let parsed = parse_args();
     // The init path: `--init`, or PID 1 without an explicit transport (a VM's
     // /init gets no arguments, or stray kernel command-line words that fail
     // to parse). `agentd --stdio` as PID 1 of a PID namespace stays a plain
     // agent that exits 0 at end of file.
     let explicit_transport = matches!(&parsed, Ok((_, Some(_))));
-    let forced = std::env::args().any(|a| a == "--init");
+    let forced = std::env::args_os().any(|a| a == "--init");
     if forced || (std::process::id() == 1 && !explicit_transport) {
         run_as_init(parsed);
     }
