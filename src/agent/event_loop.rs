@@ -123,6 +123,9 @@ pub struct EventLoop {
     /// takes just a header, so that the next large STDIN payload streams
     /// whole.
     expect_stdin: bool,
+    /// The decoder may hold whole frames not yet dispatched (their
+    /// dispatch stopped at the output queue's cap).
+    frames_pending: bool,
     core: Core,
 }
 
@@ -210,6 +213,7 @@ impl EventLoop {
             decoder: Decoder::new(),
             stdin_stream: None,
             expect_stdin: false,
+            frames_pending: false,
             core: Core {
                 registry,
                 transport,
@@ -245,7 +249,12 @@ impl EventLoop {
                 self.core.finish_output(Duration::from_secs(5));
                 return exit;
             }
-            let timeout = self.core.next_timeout(Instant::now());
+            let timeout = if self.can_dispatch() {
+                // Frames wait in the decoder and their replies fit now.
+                Some(Duration::ZERO)
+            } else {
+                self.core.next_timeout(Instant::now())
+            };
             self.core.out.release_spare();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 // EINTR: a signal not routed to the signalfd (none are
@@ -285,8 +294,16 @@ impl EventLoop {
     }
 
     /// Reads and dispatches frames until the transport would block, or the
-    /// output queue is over its cap (then the host is not reading and its
+    /// output queue is at its cap (then the host is not reading and its
     /// input waits in the kernel).
+    ///
+    /// The cap is checked before each frame, not only before each read:
+    /// one read can hold thousands of small frames, each of which may add
+    /// a reply (an ERROR for garbage), so frames already read wait in the
+    /// decoder ([`EventLoop::frames_pending`]) until the queue is under the
+    /// cap again, and nothing more is read until they are dispatched. The
+    /// queue thus ends at most one reply over the cap, and the decoder
+    /// holds at most one read.
     ///
     /// On a pipe transport a large STDIN payload streams: once its header
     /// is decoded, the rest is spliced from the transport straight into
@@ -295,15 +312,19 @@ impl EventLoop {
     /// sends STDIN frames back to back, each read takes just the next
     /// header, so whole payloads stream.
     fn read_transport(&mut self) {
-        let core = &mut self.core;
-        if core.reset_decoder {
+        if self.core.reset_decoder {
             self.decoder = Decoder::new();
             self.stdin_stream = None;
             self.expect_stdin = false;
-            core.reset_decoder = false;
+            self.frames_pending = false;
+            self.core.reset_decoder = false;
         }
-        while core.transport_readable && core.connected && core.exit.is_none() {
-            if core.out.pending() >= TRANSPORT_READ_CAP {
+        while self.core.connected && self.core.exit.is_none() {
+            if self.frames_pending && !self.dispatch_buffered() {
+                return;
+            }
+            let core = &mut self.core;
+            if !core.transport_readable || core.out.pending() >= TRANSPORT_READ_CAP {
                 return;
             }
             if let Some(stream) = self.stdin_stream {
@@ -341,25 +362,11 @@ impl EventLoop {
                 continue;
             }
             self.expect_stdin = false;
-            while let Some(item) = self.decoder.next_frame() {
-                match item {
-                    Ok(frame) => {
-                        // A large STDIN read whole: the next one may stream
-                        // (only a pipe can be spliced from).
-                        self.expect_stdin = core.transport.read_is_pipe
-                            && frame.kind == Kind::Stdin as u8
-                            && frame.payload.len() >= STREAM_STDIN_MIN;
-                        core.on_frame(frame)
-                    }
-                    Err(e) => {
-                        let kind = messages::ProtocolError::from(e).kind();
-                        core.send_error(e.id(), kind, e.to_string(), e.frame_kind());
-                    }
-                }
-                if core.reset_decoder || core.exit.is_some() {
-                    return;
-                }
+            self.frames_pending = true;
+            if !self.dispatch_buffered() {
+                return;
             }
+            let core = &mut self.core;
             if !core.transport.read_is_pipe {
                 continue;
             }
@@ -378,6 +385,49 @@ impl EventLoop {
                 }
             }
         }
+    }
+
+    /// Dispatches the whole frames (and framing errors) the decoder holds.
+    /// True when none is left; false when it stopped early: the output
+    /// queue reached its cap (the rest stay pending), or a frame reset the
+    /// decoder or ended the agent.
+    fn dispatch_buffered(&mut self) -> bool {
+        let core = &mut self.core;
+        loop {
+            if core.out.pending() >= TRANSPORT_READ_CAP {
+                return false;
+            }
+            let Some(item) = self.decoder.next_frame() else {
+                self.frames_pending = false;
+                return true;
+            };
+            match item {
+                Ok(frame) => {
+                    // A large STDIN read whole: the next one may stream
+                    // (only a pipe can be spliced from).
+                    self.expect_stdin = core.transport.read_is_pipe
+                        && frame.kind == Kind::Stdin as u8
+                        && frame.payload.len() >= STREAM_STDIN_MIN;
+                    core.on_frame(frame)
+                }
+                Err(e) => {
+                    let kind = messages::ProtocolError::from(e).kind();
+                    core.send_error(e.id(), kind, e.to_string(), e.frame_kind());
+                }
+            }
+            if core.reset_decoder || core.exit.is_some() {
+                return false;
+            }
+        }
+    }
+
+    /// True when frames wait in the decoder and the output queue has room
+    /// for their replies: the loop must dispatch them before it sleeps.
+    fn can_dispatch(&self) -> bool {
+        self.frames_pending
+            && self.core.connected
+            && self.core.exit.is_none()
+            && self.core.out.pending() < TRANSPORT_READ_CAP
     }
 }
 
@@ -534,7 +584,7 @@ impl Core {
                 }
                 let s = &mut core.sessions[key];
                 if s.starting.is_some() {
-                    s.held_signals.push((sig.signal, sig.group));
+                    s.hold_signal(sig.signal, sig.group);
                 } else {
                     deliver_signal(s, sig.signal, sig.group);
                 }
@@ -747,7 +797,7 @@ impl Core {
         tracing::debug!(id = s.id, pid = s.pid, "STARTED");
         let started = messages::Started { pid: s.pid as u32 };
         messages::append_map(self.out.buf(), Kind::Started as u8, s.id, &started);
-        for (signal, group) in std::mem::take(&mut s.held_signals) {
+        for (signal, group) in s.take_held_signals() {
             deliver_signal(s, signal, group);
         }
         self.service(key);
@@ -1055,7 +1105,7 @@ impl Core {
         for (_, s) in &mut self.sessions {
             if s.starting.is_some() {
                 // As for a host's SIGNAL: after STARTED, or not at all.
-                s.held_signals.push((libc::SIGTERM, true));
+                s.hold_signal(libc::SIGTERM, true);
             } else {
                 signal_group(s, libc::SIGTERM);
             }

@@ -173,8 +173,21 @@ pub struct Session {
     pub stalled: bool,
     /// SIGNALs (signal, group) that arrived while starting: delivered after
     /// STARTED, dropped on EXEC_FAILED, so a signal cannot make a program
-    /// that never ran look started.
-    pub held_signals: Vec<(libc::c_int, bool)>,
+    /// that never ran look started. Each distinct pair is held once (see
+    /// [`Session::hold_signal`]).
+    held_signals: Vec<(libc::c_int, bool)>,
+}
+
+/// Adds (signal, group) to `held` unless it is there already, in the order
+/// of first arrival. A host may send any number of SIGNALs before the
+/// program starts (and it may take long to: a child stuck in `chdir` on a
+/// hung filesystem); each costs no reply, so nothing else bounds them.
+/// Coalesced, they take at most 65 × 2 entries. Delivering a repeated
+/// signal once is what the kernel does too for a signal already pending.
+fn hold_signal(held: &mut Vec<(libc::c_int, bool)>, signal: libc::c_int, group: bool) {
+    if !held.contains(&(signal, group)) {
+        held.push((signal, group));
+    }
 }
 
 fn register(registry: &Registry, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
@@ -240,6 +253,17 @@ fn read_frame(
 }
 
 impl Session {
+    /// Holds a SIGNAL that arrived while the program is starting, for
+    /// delivery after STARTED.
+    pub fn hold_signal(&mut self, signal: libc::c_int, group: bool) {
+        hold_signal(&mut self.held_signals, signal, group);
+    }
+
+    /// The held SIGNALs, to deliver now (the program has started).
+    pub fn take_held_signals(&mut self) -> Vec<(libc::c_int, bool)> {
+        std::mem::take(&mut self.held_signals)
+    }
+
     /// Registers a new child's fds and makes its session.
     pub fn new(
         id: u32,
@@ -961,5 +985,36 @@ fn veof_char(fd: RawFd) -> u8 {
         t.c_cc[libc::VEOF]
     } else {
         4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hold_signal;
+
+    #[test]
+    fn held_signals_are_coalesced_in_order_of_arrival() {
+        let mut held = Vec::new();
+        for round in 0..10_000 {
+            for signal in [15, 2, 64, 15] {
+                hold_signal(&mut held, signal, round % 2 == 0);
+            }
+        }
+        assert_eq!(
+            held,
+            [
+                (15, true),
+                (2, true),
+                (64, true),
+                (15, false),
+                (2, false),
+                (64, false)
+            ]
+        );
+        for signal in 0..=64 {
+            hold_signal(&mut held, signal, true);
+            hold_signal(&mut held, signal, false);
+        }
+        assert_eq!(held.len(), 130);
     }
 }
