@@ -150,6 +150,9 @@ struct Core {
     sessions: Slab<Session>,
     by_id: HashMap<u32, usize>,
     by_pid: HashMap<libc::pid_t, usize>,
+    /// Children killed before their session existed (their fds could not
+    /// be registered), with the memory they ran on, freed once reaped.
+    unwatched: HashMap<libc::pid_t, spawn::StartStatus>,
     /// Sessions that stopped reading at the high-water mark.
     stalled: VecDeque<usize>,
     /// Sessions reaped but not finished (they may have a deadline).
@@ -222,6 +225,7 @@ impl EventLoop {
                 sessions: Slab::new(),
                 by_id: HashMap::new(),
                 by_pid: HashMap::new(),
+                unwatched: HashMap::new(),
                 stalled: VecDeque::new(),
                 lingering: 0,
                 config,
@@ -740,10 +744,13 @@ impl Core {
                 self.by_id.insert(id, key);
                 self.by_pid.insert(pid, key);
             }
-            Err(e) => {
-                // The child runs but the agent cannot watch it: stop it.
+            Err((e, status)) => {
+                // The child runs but the agent cannot watch it: stop it,
+                // without waiting (a child stuck before exec, in a hung
+                // filesystem, dies only when its system call returns). The
+                // memory it runs on is kept until the loop reaps it.
                 send_signal(pid, libc::SIGKILL);
-                wait_for(pid);
+                self.unwatched.insert(pid, status);
                 self.exec_failed(
                     id,
                     SpawnError {
@@ -908,7 +915,13 @@ impl Core {
                 }
             }
             let Some(key) = self.by_pid.remove(&pid) else {
-                tracing::debug!(pid, "reaped an adopted process");
+                if let Some(status) = self.unwatched.remove(&pid) {
+                    // Its memory can go now.
+                    status.child_reaped();
+                    tracing::debug!(pid, "reaped a child that had no session");
+                } else {
+                    tracing::debug!(pid, "reaped an adopted process");
+                }
                 continue;
             };
             if !self.resolve_start(key, true) {

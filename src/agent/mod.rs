@@ -58,17 +58,28 @@ impl Options {
 
 /// Logs to stderr (nonblocking: see [`process::LogSink`]), never to the
 /// transport.
+/// The level is `level` (from `--log-level`), else `AGENTD_LOG`, else
+/// warn; a value that is not a level is reported (at warn, which every
+/// level but `error` and `off` shows) and warn is used.
 pub fn init_logging(level: Option<&str>) {
-    let level = level
-        .map(str::to_owned)
-        .or_else(|| std::env::var("AGENTD_LOG").ok())
-        .and_then(|l| l.parse::<LevelFilter>().ok())
-        .unwrap_or(LevelFilter::WARN);
+    let (source, requested) = match level {
+        Some(l) => ("--log-level", Some(l.to_owned())),
+        None => ("AGENTD_LOG", std::env::var("AGENTD_LOG").ok()),
+    };
+    let parsed = requested.as_deref().map(str::parse::<LevelFilter>);
     let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
+        .with_max_level(match parsed {
+            Some(Ok(level)) => level,
+            _ => LevelFilter::WARN,
+        })
         .with_writer(process::LogSink::stderr())
         .with_ansi(false)
         .try_init();
+    if let (Some(Err(_)), Some(value)) = (parsed, requested) {
+        tracing::warn!(
+            "{source}={value:?} is not a log level (off, error, warn, info, debug, trace); logging at warn"
+        );
+    }
 }
 
 /// Runs the agent as a normal process (not PID 1 init): process setup,

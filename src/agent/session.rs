@@ -264,7 +264,9 @@ impl Session {
         std::mem::take(&mut self.held_signals)
     }
 
-    /// Registers a new child's fds and makes its session.
+    /// Registers a new child's fds and makes its session. On failure the
+    /// child's start status comes back with the error: it owns the memory
+    /// the child may still run on, to be kept until the child is reaped.
     pub fn new(
         id: u32,
         child: super::spawn::Child,
@@ -272,24 +274,26 @@ impl Session {
         linger_ms: u32,
         key: usize,
         registry: &Registry,
-    ) -> io::Result<Session> {
+    ) -> Result<Session, (io::Error, StartStatus)> {
         let super::spawn::Child { pid, stdio, status } = child;
         let has_stdin = match &stdio {
             ChildStdio::Pty { stdin, .. } => *stdin,
             ChildStdio::Pipes { stdin, .. } => stdin.is_some(),
         };
-        register(
+        if let Err(e) = register(
             registry,
             status.fd(),
             token(key, Stream::Start),
             Interest::READABLE,
-        )?;
+        ) {
+            return Err((e, status));
+        }
         let fds = Self::register_stdio(stdio, key, registry);
         let fds = match fds {
             Ok(fds) => fds,
             Err(e) => {
                 deregister(registry, status.fd());
-                return Err(e);
+                return Err((e, status));
             }
         };
         let mut stdin = StdinState::default();

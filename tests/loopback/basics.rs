@@ -588,3 +588,49 @@ fn stopped_is_not_exited() {
     out.assert_success();
     assert_eq!(out.stdout_str(), "done\n");
 }
+
+/// Logging goes to stderr at the level `--log-level` gives, else
+/// `AGENTD_LOG`, else warn; a value that is not a level is reported, not
+/// silently dropped. (An agent whose transport is at end of file at once
+/// logs its exit at info.)
+#[test]
+fn the_log_level_comes_from_the_flag_or_agentd_log() {
+    let stderr_of = |env: Option<&str>, args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"));
+        cmd.arg("--stdio")
+            .args(args)
+            .env_remove("AGENTD_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        if let Some(v) = env {
+            cmd.env("AGENTD_LOG", v);
+        }
+        let out = cmd.output().expect("run agentd");
+        assert!(out.status.success(), "agentd exited with {}", out.status);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let quiet = stderr_of(None, &[]);
+    assert!(quiet.is_empty(), "at the default (warn): {quiet}");
+    let info = stderr_of(Some("info"), &[]);
+    assert!(
+        info.contains("INFO") && info.contains("exiting"),
+        "AGENTD_LOG=info: {info}"
+    );
+    let flag_wins = stderr_of(Some("info"), &["--log-level", "error"]);
+    assert!(
+        flag_wins.is_empty(),
+        "--log-level error over AGENTD_LOG=info: {flag_wins}"
+    );
+    let flag = stderr_of(None, &["--log-level", "debug"]);
+    assert!(flag.contains("INFO"), "--log-level debug: {flag}");
+    for (env, args) in [
+        (Some("loud"), &[][..]),
+        (None, &["--log-level", "loud"][..]),
+    ] {
+        let bad = stderr_of(env, args);
+        assert!(
+            bad.contains("\"loud\" is not a log level") && !bad.contains("INFO"),
+            "a bad level is reported and warn used: {bad}"
+        );
+    }
+}
