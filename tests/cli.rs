@@ -145,6 +145,84 @@ fn transport_failures_exit_125() {
     );
 }
 
+/// A fake agent for `--agent 'sh SCRIPT'`: `script` is a shell script
+/// that runs with `dir` holding the frames the test wrote there.
+fn fake_agent(dir: &TempDir, script: &str, files: &[(&str, &[u8])]) -> String {
+    for (name, bytes) in files {
+        std::fs::write(dir.path(name), bytes).unwrap();
+    }
+    let path = dir.path("fake-agent.sh");
+    std::fs::write(&path, script.replace("$DIR", dir.0.to_str().unwrap())).unwrap();
+    format!("sh {}", path.display())
+}
+
+fn ready_frame(protocol: u32) -> Vec<u8> {
+    use agentd::messages::{Message, Ready};
+    Message::Ready(Ready {
+        protocol,
+        agent: "fake/0".into(),
+        pid: 1,
+        pid1: false,
+        max_payload: 1 << 20,
+        stdin_window: 1 << 16,
+        max_sessions: 8,
+        uptime_ms: None,
+    })
+    .to_bytes(0)
+}
+
+/// One line on stderr, exit 125.
+fn assert_agentctl_failure(out: &Output, what: &str) {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.starts_with("agentctl: "), "{err}");
+    assert!(err.contains(what), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn protocol_failures_exit_125() {
+    use agentd::messages::{ErrorKind, ErrorMsg, Kind, Message};
+    // READY with another protocol version.
+    let dir = TempDir::new("proto2");
+    let agent = fake_agent(
+        &dir,
+        "cat $DIR/ready.bin; timeout 10 cat >/dev/null\n",
+        &[("ready.bin", &ready_frame(2))],
+    );
+    let out = run(&["--agent", &agent, "exec", "true"]);
+    assert_agentctl_failure(&out, "protocol version 2");
+
+    // An ERROR answering EXEC. The session id is the client's choice: the
+    // fake reads EXEC's 9-byte header and answers with the same id. (Were
+    // the id wrong, exec would wait on: the fake hangs up after 10 s.)
+    let dir = TempDir::new("exec-error");
+    let error = Message::Error(ErrorMsg::new(
+        ErrorKind::BadPayload,
+        "EXEC refused by the fake agent",
+        Some(Kind::Exec as u8),
+    ))
+    .to_bytes(0);
+    let script = r#"cat $DIR/ready.bin
+set -- $(dd bs=1 count=9 2>/dev/null | od -An -v -to1)
+cat $DIR/error-len-kind.bin
+printf "\\$6\\$7\\$8\\$9"
+cat $DIR/error-payload.bin
+timeout 10 cat >/dev/null
+"#;
+    let agent = fake_agent(
+        &dir,
+        script,
+        &[
+            ("ready.bin", &ready_frame(1)),
+            ("error-len-kind.bin", &error[..5]),
+            ("error-payload.bin", &error[9..]),
+        ],
+    );
+    let out = run(&["--agent", &agent, "exec", "true"]);
+    assert_agentctl_failure(&out, "bad_payload: EXEC refused by the fake agent");
+}
+
 #[test]
 fn agent_dying_mid_session_exits_125() {
     // The session's parent is the agent: kill it from inside.
@@ -401,12 +479,35 @@ fn explicit_agent_command() {
 
 /// A stand-in for QEMU's `-chardev socket,server=on`: agentd connects to
 /// one socket (`agentd --port`), agentctl to another, and the bridge
-/// splices them, replaying READY to each new host as a reconnect to a
-/// device port would.
+/// relays whole frames between them, replaying READY to each new host as a
+/// reconnect to a device port would.
+///
+/// Unlike a port, it serves several hosts at once: every host gets every
+/// frame from the agent (a client ignores frames for sessions it did not
+/// start), and each host's frames reach the agent whole. That lets a
+/// second agentctl (`shutdown`) reach the agent while a first one runs a
+/// session.
 struct Bridge {
     _dir: TempDir,
     ctl: PathBuf,
     agent: Child,
+}
+
+/// Reads whole frames from `from` and hands each one, encoded, to `each`
+/// until `from` ends or `each` returns false.
+fn relay_frames(mut from: UnixStream, mut each: impl FnMut(&[u8]) -> bool) {
+    let mut dec = agentd::codec::Decoder::new();
+    let mut bytes = Vec::new();
+    while let Ok(1..) = dec.read_from(&mut from) {
+        while let Some(item) = dec.next_frame() {
+            let Ok(frame) = item else { continue };
+            bytes.clear();
+            frame.encode(&mut bytes);
+            if !each(&bytes) {
+                return;
+            }
+        }
+    }
 }
 
 impl Bridge {
@@ -423,7 +524,7 @@ impl Bridge {
             .spawn()
             .unwrap();
         let (mut from_agent, _) = agent_listener.accept().unwrap();
-        let mut to_agent = from_agent.try_clone().unwrap();
+        let to_agent = Arc::new(Mutex::new(from_agent.try_clone().unwrap()));
         // The READY frame, read whole.
         let mut dec = agentd::codec::Decoder::new();
         let ready = loop {
@@ -435,32 +536,37 @@ impl Bridge {
             assert!(dec.read_from(&mut from_agent).unwrap() > 0, "agent closed");
         };
         assert!(dec.is_at_boundary());
-        let host: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
-        let host2 = host.clone();
+        let hosts: Arc<Mutex<Vec<UnixStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let hosts2 = hosts.clone();
         thread::spawn(move || {
-            let mut buf = vec![0; 65536];
-            while let Ok(n) = from_agent.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if let Some(h) = host2.lock().unwrap().as_mut() {
-                    let _ = h.write_all(&buf[..n]);
-                }
-            }
-            if let Some(h) = host2.lock().unwrap().as_mut() {
+            relay_frames(from_agent, |frame| {
+                let mut hosts = hosts2.lock().unwrap();
+                hosts.retain_mut(|h| h.write_all(frame).is_ok());
+                true
+            });
+            for h in hosts2.lock().unwrap().drain(..) {
                 let _ = h.shutdown(std::net::Shutdown::Both);
             }
         });
         thread::spawn(move || {
             for conn in ctl_listener.incoming() {
-                let Ok(mut conn) = conn else { break };
+                let Ok(conn) = conn else { break };
                 let mut writer = conn.try_clone().unwrap();
-                if writer.write_all(&ready).is_err() {
-                    continue;
+                {
+                    // READY first, then frames from the agent, never half
+                    // of one.
+                    let mut hosts = hosts.lock().unwrap();
+                    if writer.write_all(&ready).is_err() {
+                        continue;
+                    }
+                    hosts.push(writer);
                 }
-                *host.lock().unwrap() = Some(writer);
-                let _ = std::io::copy(&mut conn, &mut to_agent);
-                *host.lock().unwrap() = None;
+                let to_agent = to_agent.clone();
+                thread::spawn(move || {
+                    relay_frames(conn, |frame| {
+                        to_agent.lock().unwrap().write_all(frame).is_ok()
+                    })
+                });
             }
         });
         Bridge {
@@ -517,6 +623,42 @@ fn connect_unix_socket_and_shutdown() {
 }
 
 #[test]
+fn shutdown_ends_a_live_session_of_another_agentctl() {
+    use std::io::BufRead;
+    let mut bridge = Bridge::start();
+    let target = bridge.connect_arg();
+    let mut exec = agentctl(&[
+        "--connect",
+        &target,
+        "exec",
+        "sh",
+        "-c",
+        "echo started; exec sleep 100",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(exec.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "started\n");
+    let out = run(&["--connect", &target, "shutdown", "--grace", "100"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // sleep ends by the SIGTERM of the shutdown: 128 + 15, well before
+    // its 100 s and before the grace period's SIGKILL would make it 137.
+    let status = wait_exit(&mut exec, Duration::from_secs(10));
+    let _ = exec.kill();
+    let mut err = String::new();
+    let _ = exec.stderr.take().unwrap().read_to_string(&mut err);
+    assert_eq!(status.and_then(|s| s.code()), Some(143), "{status:?} {err}");
+    let status = wait_exit(&mut bridge.agent, Duration::from_secs(10)).expect("agentd exits");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
 fn port_fifo_pair() {
     let dir = TempDir::new("fifo");
     let base = dir.path("port");
@@ -550,6 +692,80 @@ fn port_fifo_pair() {
     let _ = agent.wait();
     assert_eq!(text(&out.stdout), "over-fifo\n", "{}", text(&out.stderr));
     assert_eq!(out.status.code(), Some(0));
+}
+
+/// `--port` on a pseudo-terminal, as QEMU's `-chardev pty` gives: QEMU
+/// (here the agent) holds the master, the host opens the slave
+/// `/dev/pts/N`, whose line discipline agentctl must put in raw mode or
+/// frames are mangled (CR to NL, ^C to a signal, echo back to the agent).
+#[test]
+fn port_pty_is_put_in_raw_mode() {
+    let pty = nix::pty::openpty(None, None).unwrap();
+    for fd in [&pty.master, &pty.slave] {
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .unwrap();
+    }
+    let slave = std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).unwrap();
+    assert!(slave.starts_with("/dev/pts"), "{}", slave.display());
+    let cooked = termios::tcgetattr(pty.slave.as_fd()).unwrap();
+    assert!(cooked
+        .local_flags
+        .contains(LocalFlags::ICANON | LocalFlags::ECHO));
+
+    // Every byte value, both ways: stdin to the agent, stdout back.
+    let data: Vec<u8> = (0..=255u8).cycle().take(256 * 1024).collect();
+    let mut ctl = agentctl(&["--port", slave.to_str().unwrap(), "exec", "-i", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The agent starts (and says READY) only once the line is raw, as a
+    // guest that has been up for a while would have its READY waiting.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let t = termios::tcgetattr(pty.slave.as_fd()).unwrap();
+        let cooked_local = LocalFlags::ICANON | LocalFlags::ECHO | LocalFlags::ISIG;
+        let cooked_input = termios::InputFlags::ICRNL | termios::InputFlags::IXON;
+        if !t.local_flags.intersects(cooked_local)
+            && !t.input_flags.intersects(cooked_input)
+            && !t.output_flags.contains(termios::OutputFlags::OPOST)
+        {
+            break;
+        }
+        if let Some(status) = ctl.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = ctl.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("agentctl ended ({status:?}) with the pty not raw: {err}");
+        }
+        if Instant::now() > deadline {
+            let _ = ctl.kill();
+            let _ = ctl.wait();
+            panic!("agentctl never made the pty raw");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut agent = Command::new(AGENTD)
+        .arg("--stdio")
+        .stdin(Stdio::from(pty.master.try_clone().unwrap()))
+        .stdout(Stdio::from(pty.master.try_clone().unwrap()))
+        .spawn()
+        .unwrap();
+    let mut stdin = ctl.stdin.take().unwrap();
+    let input = data.clone();
+    let writer = thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = ctl.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "bytes differ");
 }
 
 #[test]
@@ -770,32 +986,56 @@ fn tty_input_echo_and_eof() {
     );
 }
 
+/// How a `-it` agentctl is made to end while its terminal is raw.
+enum End {
+    /// This signal is sent to agentctl; the remote side ignores it, so
+    /// agentctl must end (and restore the terminal) rather than wait.
+    Signal(nix::sys::signal::Signal),
+    /// The agent dies under the session: the transport fails.
+    AgentDies,
+}
+
 #[test]
-fn tty_restored_when_agentctl_is_killed_by_sigterm() {
-    let mut pty = Pty::open(24, 80);
-    let before = pty.termios();
-    // The remote side ignores SIGTERM: agentctl must still end (and
-    // restore the terminal) rather than wait for it.
-    let mut child = pty.spawn(&["exec", "-it", "--", "sh", "-c", "trap '' TERM; sleep 100"]);
-    pty.wait_raw(true, Duration::from_secs(20));
-    // Give the session time to start (raw mode comes just before EXEC).
-    thread::sleep(Duration::from_millis(200));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = wait_child(&mut pty, &mut child);
-    assert_eq!(
-        status.code(),
-        Some(143),
-        "{status:?} signal {:?}",
-        status.signal()
-    );
-    assert!(
-        same_mode(&before, &pty.termios()),
-        "terminal mode not restored"
-    );
+fn tty_restored_on_signals_and_transport_failure() {
+    use nix::sys::signal::Signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+    let cases = [
+        (End::Signal(SIGTERM), 128 + 15),
+        (End::Signal(SIGHUP), 128 + 1),
+        (End::Signal(SIGINT), 128 + 2),
+        (End::Signal(SIGQUIT), 128 + 3),
+        (End::AgentDies, 125),
+    ];
+    for (end, code) in cases {
+        let what = match &end {
+            End::Signal(sig) => format!("{sig}"),
+            End::AgentDies => "the agent dying".to_owned(),
+        };
+        let mut pty = Pty::open(24, 80);
+        let before = pty.termios();
+        let remote = match end {
+            End::Signal(_) => "trap '' TERM HUP INT QUIT; echo session-up; sleep 100",
+            // The session's parent is the agent.
+            End::AgentDies => "echo session-up; sleep 0.3; kill -9 $PPID; sleep 100",
+        };
+        let mut child = pty.spawn(&["exec", "-it", "--", "sh", "-c", remote]);
+        pty.wait_raw(true, Duration::from_secs(20));
+        // The session has started: agentctl knows it and forwards signals.
+        pty.expect("session-up", Duration::from_secs(20));
+        if let End::Signal(sig) = end {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+        }
+        let status = wait_child(&mut pty, &mut child);
+        assert_eq!(
+            status.code(),
+            Some(code),
+            "{what}: {status:?} signal {:?}",
+            status.signal()
+        );
+        assert!(
+            same_mode(&before, &pty.termios()),
+            "{what}: terminal mode not restored"
+        );
+    }
 }
 
 #[test]
