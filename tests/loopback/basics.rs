@@ -21,11 +21,14 @@ both! {
         } else {
             assert_eq!(pid, i128::from(agent.host_pid), "READY pid: {:?}", agent.ready);
         }
+        // `pid1` (an extension key): whether the agent is PID 1.
         let pid1 = agent.ready.get("pid1").and_then(Value::as_bool);
-        eprintln!("READY (pidns {pidns}): {:?}; pid1 = {pid1:?}", agent.ready);
+        assert_eq!(pid1, Some(pidns), "READY pid1: {:?}", agent.ready);
         assert!(agent.ready.get("agent").and_then(Value::as_str).is_some_and(|s| !s.is_empty()));
-        assert!(agent.stdin_window() > 0);
-        assert!(agent.ready_int("max_sessions") > 0);
+        // The defaults (issue and docs/PROTOCOL.md): a 256 KiB stdin
+        // window, 1024 sessions.
+        assert_eq!(agent.stdin_window(), 256 * 1024, "READY: {:?}", agent.ready);
+        assert_eq!(agent.ready_int("max_sessions"), 1024, "READY: {:?}", agent.ready);
     }
 
     /// Exit codes come back as `code` with `status` = code and no `signal`.
@@ -361,7 +364,8 @@ fn signal_defaults_to_the_process_group() {
     let id = agent.new_id();
     agent.exec(id, &sh("sleep 100 & echo $!; wait"));
     let f = agent.recv_where(|f| f.id == id && f.kind == STDOUT, "STDOUT");
-    let bg: i32 = String::from_utf8_lossy(&f.payload).trim().parse().unwrap();
+    let bg: u32 = String::from_utf8_lossy(&f.payload).trim().parse().unwrap();
+    let bg = agent.host_pid_of(bg).expect("the background sleep");
     // `group` absent from the map: it defaults to true.
     let payload = Value::map([("signal", Value::int(15))]).encode();
     agent.send_frame(SIGNAL, id, &payload);

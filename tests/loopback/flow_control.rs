@@ -357,7 +357,8 @@ fn a_host_that_stops_reading_does_not_grow_the_agents_memory() {
     );
     // The flooders are blocked in write(), not running.
     for pid in [zero_pid, yes_pid, tty_pid] {
-        let state = proc_status_field(pid as i32, "State").unwrap_or_default();
+        let pid = agent.host_pid_of(pid).expect("flooder");
+        let state = proc_status_field(pid, "State").unwrap_or_default();
         assert!(
             state.starts_with('S'),
             "flooder {pid} is {state:?}, expected blocked (S)"

@@ -473,9 +473,11 @@ fn child_is_a_session_and_group_leader() {
         let (ppid, pgrp, session, tty_nr, tpgid) = (f[1], f[2], f[3], f[4], f[5]);
         assert_eq!(pgrp, pid.to_string(), "tty {tty}: process group leader");
         assert_eq!(session, pid.to_string(), "tty {tty}: session leader");
+        // The agent's pid as the child sees it: 1 in its own namespace.
+        let agent_pid = if agent.pidns { 1 } else { agent.host_pid };
         assert_eq!(
             ppid,
-            agent.host_pid.to_string(),
+            agent_pid.to_string(),
             "tty {tty}: parent is the agent"
         );
         if tty {

@@ -69,7 +69,7 @@ pub const STDERR: u8 = Kind::Stderr as u8;
 pub const EXITED: u8 = Kind::Exited as u8;
 
 /// How to start the agent.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Opts {
     /// Arguments after `--stdio`.
     pub args: Vec<String>,
@@ -86,6 +86,26 @@ pub struct Opts {
     pub nofile: Option<u64>,
 }
 
+/// With `AGENTD_TEST_PIDNS=1` every agent the suite starts runs as PID 1
+/// of its own pid namespace, not just the tests written for both modes
+/// (`.ci/run` runs the loopback suite once more this way).
+impl Default for Opts {
+    fn default() -> Opts {
+        let pidns = std::env::var("AGENTD_TEST_PIDNS").is_ok_and(|v| v == "1");
+        assert!(
+            !pidns || pidns_available(),
+            "AGENTD_TEST_PIDNS=1 but unshare --pid --fork --mount-proc does not work here"
+        );
+        Opts {
+            args: Vec::new(),
+            pidns,
+            ignore_signals: Vec::new(),
+            leak_fd: false,
+            nofile: None,
+        }
+    }
+}
+
 impl Opts {
     pub fn args(args: &[&str]) -> Opts {
         Opts {
@@ -100,13 +120,33 @@ impl Opts {
     }
 }
 
-/// True when `unshare --pid --fork --mount-proc` works here (root, or user
-/// namespaces allowed). Checked once.
+/// The `unshare` options that make a new pid namespace with its own /proc:
+/// as root `--pid --fork --mount-proc`; otherwise the same in a new user
+/// namespace mapping the caller to root (`-Urpf --mount-proc`), where the
+/// machine allows unprivileged user namespaces.
+fn unshare_args() -> &'static [&'static str] {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        &["--pid", "--fork", "--mount-proc", "--kill-child"]
+    } else {
+        &[
+            "--user",
+            "--map-root-user",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child",
+        ]
+    }
+}
+
+/// True when [`unshare_args`] work here. Checked once.
 pub fn pidns_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         Command::new("unshare")
-            .args(["--pid", "--fork", "--mount-proc", "--kill-child", "true"])
+            .args(unshare_args())
+            .arg("true")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -776,7 +816,7 @@ impl Agent {
         let bin = env!("CARGO_BIN_EXE_agentd");
         let mut cmd = if opts.pidns {
             let mut c = Command::new("unshare");
-            c.args(["--pid", "--fork", "--mount-proc", "--kill-child", bin]);
+            c.args(unshare_args()).arg(bin);
             c
         } else {
             Command::new(bin)
