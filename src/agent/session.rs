@@ -2,6 +2,9 @@
 //! them, as a state machine the event loop drives.
 //!
 //! States (see docs/DESIGN.md):
+//! - **starting**: `starting` is `Some`: cloned, not yet known to have
+//!   exec'd. Nothing is read or written; SIGNALs are held (coalesced)
+//!   until STARTED.
 //! - **running**: `exit` is `None`; output is read as the child writes it,
 //!   within the output window and the transport's high-water mark; STDIN
 //!   is queued and written as the child reads.
