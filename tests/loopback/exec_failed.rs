@@ -1,6 +1,6 @@
-//! Every EXEC_FAILED kind (but `other`, which nothing a host sends can be
-//! relied on to cause). After each, the id is free again and the program
-//! never ran.
+//! Every EXEC_FAILED kind. After each, the id is free again and the
+//! program never ran. (`other`, which the agent uses for an EXEC during a
+//! shutdown's grace, is checked in `guarantees::during_shutdown`.)
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
