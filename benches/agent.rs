@@ -9,7 +9,7 @@
 //! (`benches/run.sh` runs this three times and keeps the median), never by
 //! an assertion.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -317,6 +317,52 @@ fn native_pipe_seconds(bytes: u64) -> f64 {
     secs
 }
 
+/// `head | RELAY | cat`, where RELAY is this program with `--relay`: the
+/// cheapest process that can stand between a producer and a consumer (a
+/// blocking splice loop: no poll, no framing, no copy). The agent's path
+/// has such a third process (the agent, then the host reads), the native
+/// baseline does not: this shows what the third process alone costs on
+/// this machine.
+fn relay_pipe_seconds(bytes: u64) -> f64 {
+    let me = std::env::current_exe().expect("own path");
+    let t = Instant::now();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {bytes} /dev/zero | '{}' --relay | cat > /dev/null",
+            me.display()
+        ))
+        .status()
+        .expect("sh");
+    assert!(status.success());
+    t.elapsed().as_secs_f64()
+}
+
+/// `--relay`: moves stdin to stdout with splice(2) until end of file.
+fn relay() -> ! {
+    loop {
+        // SAFETY: splice between fds 0 and 1 (pipes, in the relay
+        // baseline), null offsets.
+        let n = unsafe {
+            libc::splice(
+                0,
+                std::ptr::null_mut(),
+                1,
+                std::ptr::null_mut(),
+                1 << 20,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        if n == 0 {
+            std::process::exit(0);
+        }
+        if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            eprintln!("relay: {}", io::Error::last_os_error());
+            std::process::exit(1);
+        }
+    }
+}
+
 /// CPU time (user + system) of this process's reaped children so far.
 fn children_cpu() -> f64 {
     rusage(libc::RUSAGE_CHILDREN)
@@ -466,18 +512,37 @@ fn bench_stdin(bytes: u64) -> f64 {
 /// `head | cat` alone swings by a factor of two on a shared two-core
 /// machine (whether the two land on one core or two), so a single run of
 /// each would mostly measure the scheduler.
-fn throughput(trials: usize, bytes: u64, mut agent: impl FnMut() -> f64) -> (f64, f64) {
+fn throughput(trials: usize, bytes: u64, agent: impl FnMut() -> f64) -> (f64, f64) {
+    let (a, n, _) = throughput_with_relay(trials, bytes, agent, false);
+    (a, n)
+}
+
+/// [`throughput`], and with `relay` also the median of the relay baseline
+/// ([`relay_pipe_seconds`]) taken in the same turns (0 without).
+fn throughput_with_relay(
+    trials: usize,
+    bytes: u64,
+    mut agent: impl FnMut() -> f64,
+    relay: bool,
+) -> (f64, f64, f64) {
     let mut a = Vec::new();
     let mut n = Vec::new();
+    let mut r = Vec::new();
     for _ in 0..trials.max(1) {
         a.push(agent());
         n.push(bytes as f64 / native_pipe_seconds(bytes));
+        if relay {
+            r.push(bytes as f64 / relay_pipe_seconds(bytes));
+        }
     }
     let median = |v: &mut Vec<f64>| {
+        if v.is_empty() {
+            return 0.0;
+        }
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    (median(&mut a), median(&mut n))
+    (median(&mut a), median(&mut n), median(&mut r))
 }
 
 fn bench_exec_rate(total: usize, in_flight: usize) -> (f64, f64) {
@@ -618,7 +683,7 @@ fn suite(quick: bool, static_path: Option<&str>, only: &[String]) -> Vec<Row> {
         format!("{} MiB", bytes >> 20)
     };
     if want("stdout") {
-        let (a, n) = throughput(trials, bytes, || bench_stdout(bytes, false));
+        let (a, n, r) = throughput_with_relay(trials, bytes, || bench_stdout(bytes, false), true);
         rows.push(row(
             a / n,
             &format!("stdout throughput, {size}, pipe session (median of {trials})"),
@@ -626,6 +691,14 @@ fn suite(quick: bool, static_path: Option<&str>, only: &[String]) -> Vec<Row> {
             mib(n),
             format!("{:.2}×", a / n),
             "≥ 0.7×",
+        ));
+        rows.push(row(
+            a / r,
+            &format!("the same against a relay: `head | splice loop | cat` (median of {trials})"),
+            mib(a),
+            mib(r),
+            format!("{:.2}×", a / r),
+            "report",
         ));
     }
     if want("tty") {
@@ -716,6 +789,9 @@ fn suite(quick: bool, static_path: Option<&str>, only: &[String]) -> Vec<Row> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--relay") {
+        relay();
+    }
     let value = |flag: &str| {
         args.iter()
             .position(|a| a == flag)
