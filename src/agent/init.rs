@@ -822,7 +822,10 @@ pub fn install_panic_hook() {
     static INSTALLED: std::sync::Once = std::sync::Once::new();
     INSTALLED.call_once(|| {
         std::panic::set_hook(Box::new(|info| {
-            log_direct(0, &format!("PID 1 panicked: {info}; powering off"));
+            // One line, one kernel log record (the message follows a
+            // newline in `info`'s text).
+            let what = info.to_string().replace('\n', " ");
+            log_direct(0, &format!("PID 1 panicked: {what}; powering off"));
             // `try_lock`: the panic may have come while the list was locked.
             let mounted = MOUNTED.try_lock().map(|m| m.clone()).unwrap_or_default();
             // Not PID 1 (`--init` in a test): exit 101, as a panic would.

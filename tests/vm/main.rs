@@ -397,13 +397,27 @@ fn t01_ready_as_pid1() {
 #[ignore = "needs the VM: run tests/vm/run.sh"]
 fn t02_init_duties() {
     let mut host = Host::connect();
-    let out = host.sh("cut -d' ' -f2,3 /proc/mounts; \
+    let out = host.sh("cut -d' ' -f2,3,4 /proc/mounts; \
          echo host=$(hostname); echo path=$PATH; echo home=$HOME; \
          for l in ptmx fd stdin stdout stderr; do readlink /dev/$l; done; \
-         echo pid1=$(cat /proc/1/comm)");
+         echo pid1=$(cat /proc/1/comm); stat -c 'stat %n %a' /tmp /dev/shm /run; \
+         echo modules: $(cut -d' ' -f1 /proc/modules)");
     let s = out.stdout_str();
     eprintln!("{s}");
     assert_eq!(out.status(), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    // /proc/mounts: mount point, type, options (field 4).
+    let options = |mp: &str, fs: &str| -> Vec<String> {
+        let line = s
+            .lines()
+            .find(|l| l.starts_with(&format!("{mp} {fs} ")))
+            .unwrap_or_else(|| panic!("{mp} ({fs}) is not mounted"));
+        line.rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::to_owned)
+            .collect()
+    };
     for (mp, fs) in [
         ("/proc", "proc"),
         ("/sys", "sysfs"),
@@ -414,11 +428,30 @@ fn t02_init_duties() {
         ("/run", "tmpfs"),
         ("/sys/fs/cgroup", "cgroup2"),
     ] {
+        options(mp, fs);
+    }
+    // The options the agent passed (the kernel prints modes without the
+    // leading 0).
+    let pts = options("/dev/pts", "devpts");
+    for want in ["mode=620", "ptmxmode=666"] {
         assert!(
-            s.lines().any(|l| l == format!("{mp} {fs}")),
-            "{mp} ({fs}) is not mounted"
+            pts.iter().any(|o| o == want),
+            "/dev/pts lacks {want}: {pts:?}"
         );
     }
+    // tmpfs shows `mode=` only when it is not the default 1777: check the
+    // modes on the directories themselves.
+    for (mp, mode) in [("/tmp", "1777"), ("/dev/shm", "1777"), ("/run", "755")] {
+        let want = format!("stat {mp} {mode}");
+        assert!(
+            s.lines().any(|l| l == want),
+            "{mp} does not have mode {mode}"
+        );
+    }
+    assert!(
+        options("/run", "tmpfs").iter().any(|o| o == "mode=755"),
+        "/run lacks mode=755"
+    );
     assert!(s.contains("host=agentd-vm"), "hostname not set");
     assert!(s.contains("path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"));
     assert!(s.contains("home=/root"));
@@ -432,6 +465,17 @@ fn t02_init_duties() {
         assert!(s.lines().any(|l| l == link), "missing /dev link to {link}");
     }
     assert!(s.contains("pid1=init"), "PID 1 is not /init");
+    // agentd.modules= loaded the virtio drivers with finit_module (the
+    // kernel has them as modules, CONFIG_VIRTIO_CONSOLE=m).
+    let modules: Vec<&str> = s
+        .lines()
+        .find_map(|l| l.strip_prefix("modules:"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    for m in ["virtio_console", "virtio_pci", "virtio_ring"] {
+        assert!(modules.contains(&m), "/proc/modules lacks {m}: {modules:?}");
+    }
 }
 
 #[test]
@@ -545,6 +589,8 @@ fn t06_tty() {
     assert!(s.contains("/dev/pts/"), "{s}");
     assert!(s.contains("30 100"), "stty size: {s}");
     assert!(s.contains("all-tty"), "{s}");
+    // The agent gives tty sessions a TERM (PID 1 has none of its own).
+    assert!(s.contains("TERM=xterm-256color"), "{s}");
     // An interactive shell on the terminal: input, RESIZE, exit status.
     let id = new_id();
     let mut e = Exec::new("sh");
@@ -832,15 +878,18 @@ fn t13_ping() {
 #[test]
 #[ignore = "needs the VM: run tests/vm/run.sh"]
 fn t14_agentctl() {
-    let Some(agentctl) = std::env::var_os("AGENTD_VM_AGENTCTL") else {
-        eprintln!("AGENTD_VM_AGENTCTL not set; skipped");
-        return;
-    };
-    let help = Command::new(&agentctl).arg("--help").output();
-    if !help.is_ok_and(|h| String::from_utf8_lossy(&h.stdout).contains("exec")) {
-        eprintln!("agentctl has no exec command yet; skipped");
-        return;
-    }
+    // run.sh builds agentctl and sets the variable: a missing or broken
+    // agentctl is a failure, not a skip.
+    let agentctl = std::env::var_os("AGENTD_VM_AGENTCTL")
+        .expect("AGENTD_VM_AGENTCTL is not set: these tests run inside tests/vm/run.sh");
+    let help = Command::new(&agentctl)
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("running {agentctl:?} --help: {e}"));
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("exec"),
+        "{agentctl:?} --help lists no exec command: {help:?}"
+    );
     let connect = format!("unix:{}", sock_path().display());
     // Keep the reconnect gap before and after each agentctl run.
     std::thread::sleep(RECONNECT_GAP);
@@ -1650,6 +1699,22 @@ fn t20_sequential_sessions_leak_nothing() {
 #[ignore = "needs the VM: run tests/vm/run.sh"]
 fn t99_shutdown_powers_off() {
     let mut host = Host::connect();
+    // A process outside every session (its own session and process group,
+    // reparented to PID 1): the session SIGTERMs do not reach it, only
+    // power-off's kill(-1, SIGTERM) after SHUTDOWN_DONE does. It then writes
+    // ORPHAN_MARKER to the kernel log (at error level, so `quiet` still
+    // shows it on the console), which this test reads back from the console.
+    let out = host.sh(&format!(
+        "setsid sh -c 'trap \"echo \\\"<3>{ORPHAN_MARKER}\\\" >/dev/kmsg; exit 0\" TERM; \
+         echo ready >/tmp/orphan.up; while :; do sleep 1; done' </dev/null >/dev/null 2>&1 & \
+         for i in $(seq 100); do [ -e /tmp/orphan.up ] && break; sleep 0.05; done; \
+         cat /tmp/orphan.up"
+    ));
+    assert_eq!(
+        out.stdout_str(),
+        "ready\n",
+        "the orphan did not start: {out:?}"
+    );
     // A session that ignores SIGTERM is SIGKILLed after the grace.
     let id = new_id();
     let pid = host
@@ -1676,21 +1741,44 @@ fn t99_shutdown_powers_off() {
         "frames after SHUTDOWN_DONE"
     );
     eprintln!("shutdown: SHUTDOWN_DONE and power-off in {:?}", t.elapsed());
+    // QEMU has written everything the guest printed before it powered off.
+    let console = std::env::var_os("AGENTD_VM_CONSOLE")
+        .expect("AGENTD_VM_CONSOLE is not set: these tests run inside tests/vm/run.sh");
+    let seen = (0..50).any(|_| {
+        let text = std::fs::read(&console).unwrap_or_default();
+        if String::from_utf8_lossy(&text).contains(ORPHAN_MARKER) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        false
+    });
+    assert!(
+        seen,
+        "the console ({console:?}) does not show {ORPHAN_MARKER:?}: power-off did not \
+         SIGTERM the process outside the sessions"
+    );
 }
+
+/// What t99's orphan writes to the kernel log when power-off's
+/// `kill(-1, SIGTERM)` reaches it.
+const ORPHAN_MARKER: &str = "agentd-vm-test: orphan outside the sessions got SIGTERM";
 
 #[test]
 #[ignore = "needs the VM (second boot): run tests/vm/run.sh"]
-fn second_boot_sigterm_to_pid1_shuts_down_and_powers_off() {
+fn second_boot_busybox_poweroff_shuts_down_gracefully() {
     let mut host = Host::connect();
     let id = new_id();
     let mut e = Exec::new("sleep");
     e.args = vec!["1000".into()];
     e.stdin = false;
     let pid = host.start(id, e).unwrap();
-    // `kill -TERM 1` from inside the guest: the agent shuts down as for
-    // SHUTDOWN with the default grace, then powers off.
+    // busybox `poweroff` inside the guest signals PID 1 the way busybox
+    // init expects (SIGUSR2; `halt` sends SIGUSR1, `reboot` SIGTERM): the
+    // agent shuts down as for SHUTDOWN with the default grace (the session
+    // gets SIGTERM), then powers off. SIGTERM, SIGINT, SIGPWR and SIGUSR1
+    // to PID 1 are tested in tests/loopback/init.rs (PID 1 of a namespace).
     let killer = new_id();
-    let kpid = host.start(killer, sh_exec("kill -TERM 1")).unwrap();
+    let kpid = host.start(killer, sh_exec("poweroff")).unwrap();
     let t = Instant::now();
     let mut exited = HashMap::new();
     loop {
@@ -1713,7 +1801,7 @@ fn second_boot_sigterm_to_pid1_shuts_down_and_powers_off() {
     assert!(exited.contains_key(&killer), "{exited:?}");
     assert!(host.next_for_any(Duration::from_secs(30)).is_none());
     eprintln!(
-        "SIGTERM to PID 1: shut down and powered off in {:?}",
+        "busybox poweroff: shut down and powered off in {:?}",
         t.elapsed()
     );
 }

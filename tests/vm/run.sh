@@ -17,7 +17,7 @@
 # AGENTD_VM_APPEND (extra kernel command line, e.g. agentd.log=debug),
 # AGENTD_VM_KEEP=1 (keep the work folder with console.log even on success).
 #
-# It installs what it lacks (qemu-system-x86, cpio, busybox-static) with apt-get, downloads
+# It installs what it lacks (qemu-system-x86, cpio, busybox-static, binutils) with apt-get, downloads
 # and caches a stock Debian cloud kernel, builds a static agentd and an initramfs, and always
 # stops QEMU on the way out. Exit status: 0 when everything passed.
 set -Eeuo pipefail
@@ -42,7 +42,7 @@ for arg in "$@"; do
         --probe) MODE=probe ;;
         --boot) MODE=boot ;;
         -h | --help)
-            sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+            sed -n '2,/^set -/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -64,6 +64,7 @@ SOCK=$WORK/agent.sock
 CONSOLE=$WORK/console.log
 QEMU_PID=
 FATAL_PID= # the VM of the fatal-error check (no port), run beside the suite
+PANIC_PID= # the VM of the panic check (agentd.test_panic=1), run beside the second boot
 QEMU_RC=
 SUITE_PID=
 STATUS=1
@@ -91,6 +92,7 @@ stop_qemu() {
     fi
     stop_pid QEMU_PID
     stop_pid FATAL_PID
+    stop_pid PANIC_PID
 }
 
 cleanup() {
@@ -128,6 +130,8 @@ ensure_packages() {
     command -v cpio >/dev/null || missing+=(cpio)
     # The initramfs has no libc: only the static busybox will do.
     dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+    # readelf, for the check that agentd is static (the Rust build needs binutils' ld anyway).
+    command -v readelf >/dev/null || missing+=(binutils)
     [[ ${#missing[@]} == 0 ]] && return 0
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
     log "installing ${missing[*]}"
@@ -200,9 +204,18 @@ build_agentd_static() {
     log "building static agentd (target/static)"
     (cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build -q --release \
         --target "$STATIC_TARGET" --target-dir target/static --bin agentd)
-    # A static-pie ELF has no interpreter: it runs with no libc in the initramfs.
-    if LC_ALL=C readelf -l "$AGENTD_STATIC" 2>/dev/null | grep -q 'Requesting program interpreter'; then
-        die "$AGENTD_STATIC is dynamically linked"
+    # A static-pie ELF has no interpreter and needs no shared library: it runs with no
+    # libc in the initramfs. A readelf that fails or prints no program headers fails
+    # the check (it must not pass for want of a tool).
+    local headers dynamic
+    headers=$(LC_ALL=C readelf -lW "$AGENTD_STATIC") || die "readelf -l $AGENTD_STATIC failed"
+    dynamic=$(LC_ALL=C readelf -dW "$AGENTD_STATIC") || die "readelf -d $AGENTD_STATIC failed"
+    grep -q '^Program Headers:' <<<"$headers" || die "readelf -l printed no program headers"
+    if grep -q 'Requesting program interpreter' <<<"$headers"; then
+        die "$AGENTD_STATIC is dynamically linked (it has an INTERP header)"
+    fi
+    if grep -q '(NEEDED)' <<<"$dynamic"; then
+        die "$AGENTD_STATIC needs shared libraries: $(grep '(NEEDED)' <<<"$dynamic" | tr -s ' ')"
     fi
 }
 
@@ -212,6 +225,22 @@ build_host_tools() {
 }
 
 # --- initramfs --------------------------------------------------------------------------
+# Prints one entry without data of a newc cpio archive (the format the kernel unpacks):
+# newc_entry NAME MODE(octal, with the file type) RDEV_MAJOR RDEV_MINOR INODE. Used for
+# /dev/console, which `mknod` can only make as root; written this way the initramfs has
+# the node whoever builds it.
+newc_entry() {
+    local name=$1 mode=$2 rmaj=$3 rmin=$4 ino=$5
+    local namesize=$((${#name} + 1))
+    # magic, ino, mode, uid, gid, nlink, mtime, filesize, devmajor, devminor, rdevmajor,
+    # rdevminor, namesize, check.
+    printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
+        "$ino" "$((8#$mode))" 0 0 1 0 0 0 0 "$rmaj" "$rmin" "$namesize" 0
+    printf '%s\0' "$name"
+    # The header (110 bytes) and the name are padded to a multiple of 4 bytes.
+    head -c $(((4 - (110 + namesize) % 4) % 4)) /dev/zero
+}
+
 # /init (the given program), busybox with its applet links, the virtio modules
 # (decompressed: finit_module gets them without flags), /dev/console, /etc/passwd and group.
 build_initramfs() {
@@ -249,12 +278,19 @@ build_initramfs() {
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
     printf 'root:x:0:\ntty:x:5:\nnogroup:x:65534:\n' >"$root/etc/group"
     # The kernel opens /dev/console for init's stdin, stdout and stderr before anything
-    # is mounted (its built-in initramfs has the node too; this is for certainty).
-    if [[ $(id -u) == 0 ]]; then
-        mknod -m 600 "$root/dev/console" c 5 1
-    fi
-    (cd "$root" && find . -print0 | LC_ALL=C sort -z |
-        cpio --null -o -H newc -R 0:0 --quiet | gzip -1 >"$out")
+    # is mounted (its built-in initramfs has the node too; this is for certainty). The
+    # node comes first in the archive, written by hand (newc_entry), so no root is needed;
+    # cpio's own entries (its "./dev" included) follow, ending with its trailer.
+    {
+        newc_entry dev 040755 0 0 900001
+        newc_entry dev/console 020600 5 1 900002
+        (cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet)
+    } | gzip -1 >"$out"
+    local listing
+    listing=$(gzip -dc "$out" | LC_ALL=C cpio -itv --quiet 2>&1) || die "cpio cannot list $out"
+    grep -qE '^crw------- +1 +(root|0) +(root|0) +5, +1 .* dev/console$' <<<"$listing" ||
+        die "the initramfs has no /dev/console node (c 5 1): $(grep console <<<"$listing")"
+    grep -qE ' (\./)?init$' <<<"$listing" || die "the initramfs has no /init after the console node"
     log "initramfs: $(du -h "$out" | cut -f1)"
 }
 
@@ -338,22 +374,44 @@ check_powered_off() {
     log "QEMU exited 0 and the console shows the power-down"
 }
 
-# The fatal-error VM: QEMU exits 0 and the console shows the fatal error and the power-down.
-check_fatal_powers_off() {
-    local i rc=0
+# Waits for a VM that must power off by itself (its QEMU pid in the variable named $1)
+# and checks that QEMU exited 0 and that its console ($2) shows the power-down, each
+# extended pattern of $4... and no kernel panic; $3 names the check in messages.
+check_vm_powers_off() {
+    local -n vm_pid=$1
+    local console=$2 what=$3 i rc=0 pattern
+    shift 3
     for ((i = 0; i < 900; i++)); do
-        kill -0 "$FATAL_PID" 2>/dev/null || break
+        kill -0 "$vm_pid" 2>/dev/null || break
         sleep 0.1
     done
-    kill -0 "$FATAL_PID" 2>/dev/null && die "no port: the agent did not power off within 90 s"
-    wait "$FATAL_PID" || rc=$?
-    FATAL_PID=
-    local console=$WORK/console-fatal.log
-    [[ $rc == 0 ]] || die "no port: QEMU exited with status $rc"
-    grep -q 'fatal: no virtio-console port named "nope"' "$console" ||
-        die "no port: the console shows no fatal error ($console)"
-    grep -q 'reboot: Power down' "$console" || die "no port: the console shows no power-down"
+    kill -0 "$vm_pid" 2>/dev/null && die "$what: the VM did not power off within 90 s"
+    wait "$vm_pid" || rc=$?
+    vm_pid=
+    [[ $rc == 0 ]] || die "$what: QEMU exited with status $rc"
+    for pattern in "$@"; do
+        grep -qE "$pattern" "$console" || die "$what: the console ($console) shows no '$pattern'"
+    done
+    grep -q 'reboot: Power down' "$console" || die "$what: the console shows no power-down"
+    # With panic=-1 and -no-reboot a kernel panic ("Attempted to kill init!") also ends
+    # QEMU with status 0: only the console tells the two apart.
+    if grep -qE 'Kernel panic|Attempted to kill init' "$console"; then
+        die "$what: the kernel panicked ($console)"
+    fi
+}
+
+# The fatal-error VM: QEMU exits 0 and the console shows the fatal error and the power-down.
+check_fatal_powers_off() {
+    check_vm_powers_off FATAL_PID "$WORK/console-fatal.log" "no port" \
+        'fatal: no virtio-console port named "nope"'
     log "no port: fatal error logged and the VM powered off"
+}
+
+# The panic VM (agentd.test_panic=1): the panic hook logs the panic and powers off.
+check_panic_powers_off() {
+    check_vm_powers_off PANIC_PID "$WORK/console-panic.log" "panic" \
+        'PID 1 panicked: .*agentd.test_panic=1: deliberate panic'
+    log "panic: the panic hook logged the panic and powered the VM off"
 }
 
 # --- modes ------------------------------------------------------------------------------
@@ -364,6 +422,7 @@ suite() {
     # In the background, so that a signal to this script is handled at once (bash
     # defers traps while a foreground command runs); cleanup stops it.
     AGENTD_VM_SOCK=$SOCK AGENTD_VM_T0_MS=$QEMU_T0_MS AGENTD_VM_AGENTCTL=$AGENTCTL \
+        AGENTD_VM_CONSOLE=$CONSOLE \
         timeout -k 5 "$SUITE_TIMEOUT" \
         "$bin" --ignored --test-threads=1 --nocapture "$@" </dev/null &
     SUITE_PID=$!
@@ -393,11 +452,16 @@ run_suite() {
     suite "$bin" --skip second_boot_
     check_powered_off
     mv "$CONSOLE" "$WORK/console-boot1.log"
-    # Second boot: shutdown by a signal to PID 1.
+    # Beside the second boot: a VM whose agent panics on purpose right after its boot
+    # steps (agentd.test_panic=1, a test hook). The panic hook must log and power off.
+    start_qemu "$WORK/initramfs.cpio.gz" "$WORK/panic.sock" "$WORK/console-panic.log" agentd.test_panic=1
+    PANIC_PID=$STARTED_PID
+    # Second boot: shutdown by busybox poweroff (a signal to PID 1).
     boot_vm "$WORK/initramfs.cpio.gz"
     log "running the e2e suite (second boot)"
     suite "$bin" second_boot_
     check_powered_off
+    check_panic_powers_off
     check_fatal_powers_off
     STATUS=0
     log "all VM tests passed in ${SECONDS}s"
