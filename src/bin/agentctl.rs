@@ -92,7 +92,9 @@ struct ExecArgs {
     interactive: bool,
     /// Run on a remote terminal sized like the local one. With -i and a local
     /// terminal, the local terminal is put in raw mode (Ctrl-C goes to the
-    /// remote side as a byte) and restored on exit.
+    /// remote side as a byte) and restored on exit. Without -i it is left as
+    /// it is, as docker does: no byte is forwarded then, so Ctrl-C must stay
+    /// a signal (forwarded as SIGINT) to be able to interrupt.
     #[arg(short, long)]
     tty: bool,
     /// Set an environment variable; KEY alone copies the local value, if any.
