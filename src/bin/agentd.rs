@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! agentd --stdio                 the transport is stdin/stdout (tests, agentctl)
-//! agentd --port PATH             the transport is PATH (device, FIFO or socket)
+//! agentd --port PATH             the transport is PATH (character device,
+//!                                Unix socket, or FIFO pair PATH.in/PATH.out)
 //! agentd --init [--port PATH]    PID-1 duties first (automatic when PID 1)
 //! options: --max-sessions N  --stdin-window BYTES  --log-level LEVEL
 //! ```
