@@ -17,7 +17,8 @@
 //!
 //! Tests marked with [`both!`] run twice: as a plain child of the test
 //! (`::stdio`) and as PID 1 of a new pid namespace (`::pidns`, skipped
-//! where `unshare --pid --fork --mount-proc` does not work).
+//! where no pid namespace can be made: `unshare --pid --fork
+//! --mount-proc`, or `-Urpf --mount-proc` when not root).
 
 #[path = "loopback/harness/mod.rs"]
 mod harness;
@@ -46,7 +47,7 @@ macro_rules! both {
                 $(#[ignore = $reason])?
                 fn pidns() {
                     if !$crate::harness::pidns_available() {
-                        eprintln!("skipped: unshare --pid --fork --mount-proc does not work here");
+                        eprintln!("skipped: no pid namespace here (unshare --pid --fork --mount-proc, or -Urpf --mount-proc when not root)");
                         return;
                     }
                     body($crate::harness::Opts::default().pidns(true))

@@ -795,6 +795,17 @@ pub fn init_logging(level: Option<&str>) {
     if res.is_err() {
         debug!("a tracing subscriber was already installed");
     }
+    if let Some(bad) = level.filter(|l| !is_level(l)) {
+        warn!("log level {bad:?} is not one of error, warn, info, debug, trace; logging at info");
+    }
+}
+
+/// Whether [`parse_level`] knows `level` (else it falls back to info).
+fn is_level(level: &str) -> bool {
+    matches!(
+        level.trim().to_ascii_lowercase().as_str(),
+        "error" | "warn" | "warning" | "info" | "debug" | "trace"
+    )
 }
 
 /// Writes one line straight to the log target, bypassing tracing (for the
@@ -915,6 +926,15 @@ fn end(mounted: &[PathBuf], status: i32) -> ! {
         Ok(never) => match never {},
         Err(e) => e,
     };
+    if in_child_pid_namespace() {
+        // PID 1 of a container without CAP_SYS_BOOT: exiting ends the
+        // namespace, and only it (the machine's kernel is not affected).
+        log_direct(
+            2,
+            &format!("reboot(RB_POWER_OFF) failed: {err}; PID 1 of a pid namespace: exiting"),
+        );
+        std::process::exit(status);
+    }
     log_direct(
         2,
         &format!("reboot(RB_POWER_OFF) failed: {err}; halting here"),

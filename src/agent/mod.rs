@@ -58,6 +58,7 @@ impl Options {
 
 /// Logs to stderr (nonblocking: see [`process::LogSink`]), never to the
 /// transport.
+///
 /// The level is `level` (from `--log-level`), else `AGENTD_LOG`, else
 /// warn; a value that is not a level is reported (at warn, which every
 /// level but `error` and `off` shows) and warn is used.
@@ -87,10 +88,6 @@ pub fn init_logging(level: Option<&str>) {
 pub fn run(opts: &Options) -> i32 {
     init_logging(opts.log_level.as_deref());
     process::cloexec_inherited_fds();
-    if let Err(e) = process::setup_signals() {
-        tracing::error!(error = %e, "blocking signals");
-        return 1;
-    }
     // SAFETY: getpid cannot fail.
     let pid1 = unsafe { libc::getpid() } == 1;
     if !pid1 {
@@ -110,6 +107,13 @@ pub fn run(opts: &Options) -> i32 {
             return 1;
         }
     };
+    // Only now: opening a FIFO pair waits for the host, and until the
+    // loop runs SIGTERM and SIGINT must keep their default action (they
+    // are blocked for the signalfd here; no child exists yet).
+    if let Err(e) = process::setup_signals() {
+        tracing::error!(error = %e, "blocking signals");
+        return 1;
+    }
     let mut config = Config {
         max_sessions: opts.max_sessions,
         stdin_window: opts.stdin_window,

@@ -185,8 +185,9 @@ pub struct Session {
 /// of first arrival. A host may send any number of SIGNALs before the
 /// program starts (and it may take long to: a child stuck in `chdir` on a
 /// hung filesystem); each costs no reply, so nothing else bounds them.
-/// Coalesced, they take at most 65 × 2 entries. Delivering a repeated
-/// signal once is what the kernel does too for a signal already pending.
+/// Coalesced, they take at most 65 × 2 entries. A repeated signal is
+/// delivered once, like a standard signal already pending (real-time
+/// signals, which the kernel would queue, are coalesced too).
 fn hold_signal(held: &mut Vec<(libc::c_int, bool)>, signal: libc::c_int, group: bool) {
     if !held.contains(&(signal, group)) {
         held.push((signal, group));

@@ -61,6 +61,10 @@ struct Outbox {
     /// Write what is in `buf`, then close the write side; nothing more is
     /// accepted.
     close: bool,
+    /// Why the connection closed, when it did ([`Shared::close`]): what a
+    /// send after that fails with, known here without locking `reg`
+    /// (senders may hold a session's `state`, which comes after `reg`).
+    reason: Option<Option<String>>,
 }
 
 /// Above this capacity a buffer the writer has emptied is shrunk back, so
@@ -180,8 +184,10 @@ impl Shared {
     pub fn send_with(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<()> {
         let mut out = lock(&self.out);
         if out.close {
-            drop(out);
-            return Err(self.closed_error().unwrap_or_else(Error::closed));
+            return Err(out
+                .reason
+                .clone()
+                .map_or_else(Error::closed, Error::TransportClosed));
         }
         let was_empty = out.buf.is_empty();
         encode(&mut out.buf);
@@ -194,9 +200,12 @@ impl Shared {
 
     /// Asks the writer to write what is queued and then close the write
     /// side; later sends fail.
-    fn close_outbox(&self) {
+    fn close_outbox(&self, reason: Option<Option<String>>) {
         let mut out = lock(&self.out);
         out.close = true;
+        if out.reason.is_none() {
+            out.reason = reason;
+        }
         self.out_cond.notify_one();
     }
 
@@ -218,7 +227,7 @@ impl Shared {
             if reg.closed.is_some() {
                 return;
             }
-            reg.closed = Some(reason);
+            reg.closed = Some(reason.clone());
             reg.pings.clear();
             std::mem::take(&mut reg.routes)
         };
@@ -234,7 +243,7 @@ impl Shared {
             st.closed = true;
             self.cond.notify_all();
         }
-        self.close_outbox();
+        self.close_outbox(Some(reason));
         self.stop.store(true, Ordering::SeqCst);
         let _ = nix::unistd::write(&self.wake, &[1]);
     }
@@ -243,7 +252,7 @@ impl Shared {
     /// without closing the connection (the agent's answer to end of file
     /// can still be read).
     pub fn close_writer(&self) {
-        self.close_outbox();
+        self.close_outbox(None);
     }
 
     /// Waits for READY.

@@ -294,6 +294,24 @@ fn output_window_covers_stdout_and_stderr_together() {
     );
 }
 
+/// Waits until the process `pid` uses no CPU for 300 ms (three samples
+/// 100 ms apart), so a measurement is taken once it has done all it will,
+/// however slow the machine is today. Fails the test after the timeout.
+fn wait_agent_idle(pid: i32) {
+    let mut last = cpu_ticks(pid);
+    let mut still = 0;
+    assert!(
+        wait_until(timeout(), || {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = cpu_ticks(pid);
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+            still >= 3
+        }),
+        "the agent (pid {pid}) never went idle"
+    );
+}
+
 /// Reads /proc/<pid>/stat utime + stime (clock ticks).
 fn cpu_ticks(pid: i32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -334,7 +352,8 @@ fn a_host_that_stops_reading_does_not_grow_the_agents_memory() {
                 .unwrap();
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // Measure once the agent has stopped (it has nothing it may do).
+    wait_agent_idle(agent.host_pid);
     let ticks0 = cpu_ticks(agent.host_pid);
     let mut peak = 0;
     for _ in 0..25 {
@@ -425,7 +444,8 @@ fn replies_to_a_host_that_does_not_read_stay_under_the_cap() {
         input.resize(input.len() + zeros, 0);
         host.try_send_raw(&input, Duration::from_secs(60)).unwrap();
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Measure once the agent has taken all it will and stopped.
+    wait_agent_idle(agent.host_pid);
     let mut peak = 0;
     for _ in 0..10 {
         peak = peak.max(agent.rss_kib());

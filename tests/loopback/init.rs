@@ -18,7 +18,7 @@
 //! that is not PID 1 reads (`agentd::agent::init::TEST_CMDLINE_ENV`).
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output as ProcessOutput, Stdio};
 use std::time::Duration;
 
@@ -45,7 +45,7 @@ fn signal_shuts_down(opts: Opts, sig: i32) {
 /// message) where that does not work.
 fn pidns_opts(args: &[&str]) -> Option<Opts> {
     if !pidns_available() {
-        eprintln!("skipped: unshare --pid --fork --mount-proc does not work here");
+        eprintln!("skipped: no pid namespace here (unshare --pid --fork --mount-proc, or -Urpf --mount-proc when not root)");
         return None;
     }
     Some(Opts::args(args).pidns(true))
@@ -250,10 +250,26 @@ fn init_flag_as_pid1_of_a_namespace_powers_off() {
     let Some(opts) = pidns_opts(&["--init"]) else {
         return;
     };
-    // Not under /tmp: the agent mounts a tmpfs there when /tmp is not a
-    // mount point.
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("agentd-init-pidns-{}", std::process::id()));
+    // Somewhere the agent does not mount over (in its namespace) when it
+    // is not a mount point already: not under /tmp or /run (the build
+    // directory is, in a clone under /tmp).
+    let covered = |p: &Path| {
+        ["/tmp", "/run", "/dev", "/proc", "/sys"]
+            .iter()
+            .any(|m| p.starts_with(m))
+    };
+    let base = [
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
+        PathBuf::from("/var/tmp"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    ]
+    .into_iter()
+    .find(|p| p.is_dir() && !covered(p));
+    let Some(base) = base else {
+        eprintln!("skipped: no scratch directory outside /tmp and /run");
+        return;
+    };
+    let dir = base.join(format!("agentd-init-pidns-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let marker = dir.join("orphan-got-sigterm");

@@ -7,42 +7,34 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agentd::codec::{Decoder, OwnedFrame};
 use agentd::messages::{Exec, Kind, Message, Shutdown};
 
-use crate::harness::timeout;
-
-/// A scratch directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "agentd-transport-{tag}-{}-{:?}",
-            std::process::id(),
-            Instant::now()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::harness::{timeout, wait_until, TempDir};
 
 /// The agent process, killed (with its sessions' groups gone with it or
 /// reaped by it) if a test fails before it exits.
 struct AgentProc(Child);
 
 impl AgentProc {
+    /// Fails the test if the agent has exited (it would never open or
+    /// connect to what the test waits on).
+    fn assert_running(&mut self, what: &str) {
+        if let Some(status) = self.0.try_wait().expect("try_wait") {
+            let mut err = String::new();
+            if let Some(mut e) = self.0.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("agentd exited ({status}) before {what}: {err}");
+        }
+    }
+
     fn start(port: &Path) -> AgentProc {
         AgentProc(
             Command::new(env!("CARGO_BIN_EXE_agentd"))
@@ -185,21 +177,15 @@ impl Conn {
     }
 }
 
-/// True while `pid` exists (a zombie counts: it has not been reaped).
-fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
-}
-
+/// Waits until `pid` is gone, reaped included: signal 0 reaches a zombie
+/// too, so this also proves the agent reaped its session.
 fn wait_gone(pid: i32) {
-    let end = Instant::now() + timeout();
-    while alive(pid) {
-        assert!(
-            Instant::now() < end,
-            "session process {pid} outlived the agent"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let exists = || unsafe { libc::kill(pid, 0) == 0 };
+    assert!(
+        wait_until(timeout(), || !exists()),
+        "session process {pid} outlived the agent"
+    );
 }
 
 fn mkfifo(path: &Path) {
@@ -230,13 +216,20 @@ fn a_fifo_pair_carries_the_protocol_and_its_end_of_file_ends_the_agent() {
     mkfifo(&to_agent);
     mkfifo(&from_agent);
     let mut agent = AgentProc::start(&port);
-    // The order the agent opens them in (each open waits for the other
-    // side), as agentctl does.
-    let write = File::options()
-        .write(true)
-        .open(&to_agent)
-        .expect("open .in");
-    let read = File::open(&from_agent).expect("open .out");
+    // Read-write, as agentctl opens them: an open that never waits for the
+    // agent (a test that cannot hang), and closing `.in` is still end of
+    // file for the agent, whose only other writer it is.
+    let open = |p: &Path| {
+        File::options()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(p)
+            .expect("open a FIFO of the pair")
+    };
+    let write = open(&to_agent);
+    let read = open(&from_agent);
+    agent.assert_running("opening the FIFO pair");
     let mut conn = Conn::new(read.into(), write.into());
     conn.expect(Kind::Ready, 0);
     let (out, status) = conn.run(1, "echo", &["over a FIFO pair"]);
@@ -254,8 +247,19 @@ fn end_of_file_on_a_socket_kills_the_sessions_and_the_agent_exits_0() {
     let dir = TempDir::new("sock");
     let path = dir.0.join("agent.sock");
     let listener = UnixListener::bind(&path).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
     let mut agent = AgentProc::start(&path);
-    let (stream, _) = listener.accept().expect("accept");
+    let mut accepted = None;
+    assert!(
+        wait_until(timeout(), || {
+            agent.assert_running("connecting");
+            accepted = listener.accept().ok();
+            accepted.is_some()
+        }),
+        "agentd did not connect"
+    );
+    let (stream, _) = accepted.expect("accepted");
+    stream.set_nonblocking(false).expect("blocking");
     let write = stream.try_clone().expect("dup");
     let mut conn = Conn::new(stream.into(), write.into());
     conn.expect(Kind::Ready, 0);
@@ -276,10 +280,14 @@ fn end_of_file_on_a_socket_kills_the_sessions_and_the_agent_exits_0() {
 #[test]
 fn a_terminal_port_is_put_in_raw_mode_and_is_8_bit_clean() {
     let pty = nix::pty::openpty(None, None).expect("openpty");
+    for fd in [pty.master.as_raw_fd(), pty.slave.as_raw_fd()] {
+        // SAFETY: fcntl on fds we own. Close-on-exec: the agent must open
+        // the slave itself, not inherit it.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     let slave_path =
         std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).expect("slave path");
     let mut agent = AgentProc::start(&slave_path);
-    drop(pty.slave);
     let master = pty.master;
     // SAFETY: fcntl on the master fd we own.
     unsafe {
@@ -288,7 +296,10 @@ fn a_terminal_port_is_put_in_raw_mode_and_is_8_bit_clean() {
     }
     let write = master.as_fd().try_clone_to_owned().expect("dup");
     let mut conn = Conn::new(master, write);
+    // The slave stays open here until the agent has it open too: with no
+    // slave open, a read of the master is EIO (end of file).
     conn.expect(Kind::Ready, 0);
+    drop(pty.slave);
     // Every byte value, twice, in a PING: the PONG must be identical.
     let all: Vec<u8> = (0..=255u8).chain(0..=255u8).collect();
     conn.send(&Message::Ping(&all), 0);

@@ -74,7 +74,7 @@ pub struct Opts {
     /// Arguments after `--stdio`.
     pub args: Vec<String>,
     /// Run the agent as PID 1 of a new pid namespace
-    /// (`unshare --pid --fork --mount-proc`).
+    /// (`unshare --pid --fork --mount-proc`; `-Urpf` when not root).
     pub pidns: bool,
     /// Signals the agent starts with ignored (dispositions survive exec),
     /// as a careless parent might leave them.
@@ -94,7 +94,7 @@ impl Default for Opts {
         let pidns = std::env::var("AGENTD_TEST_PIDNS").is_ok_and(|v| v == "1");
         assert!(
             !pidns || pidns_available(),
-            "AGENTD_TEST_PIDNS=1 but unshare --pid --fork --mount-proc does not work here"
+            "AGENTD_TEST_PIDNS=1 but no pid namespace here (unshare --pid --fork --mount-proc, or -Urpf --mount-proc when not root)"
         );
         Opts {
             args: Vec::new(),
