@@ -316,3 +316,23 @@ fn a_terminal_port_is_put_in_raw_mode_and_is_8_bit_clean() {
     let (status, err) = agent.wait();
     assert!(status.success(), "agentd: {status}: {err}");
 }
+
+/// An agent waiting for the host of a FIFO pair has no session yet and
+/// nothing to lose: SIGTERM ends it (its signals are not yet blocked for
+/// the loop's signalfd).
+#[test]
+fn sigterm_ends_an_agent_still_waiting_for_its_fifo_host() {
+    let dir = TempDir::new("pair-wait");
+    let port = dir.0.join("port");
+    mkfifo(&dir.0.join("port.in"));
+    mkfifo(&dir.0.join("port.out"));
+    let mut agent = AgentProc::start(&port);
+    // Give it time to reach the open that waits (nothing shows it).
+    std::thread::sleep(Duration::from_millis(200));
+    agent.assert_running("the test signalled it");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
+    let (status, err) = agent.wait();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{status}: {err}");
+}
