@@ -312,13 +312,6 @@ fn wait_agent_idle(pid: i32) {
     );
 }
 
-/// Reads /proc/<pid>/stat utime + stime (clock ticks).
-fn cpu_ticks(pid: i32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = s[s.rfind(')').unwrap() + 2..].split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
 /// Guarantee 5: a host that stops reading does not grow the agent's
 /// memory. Three sessions flood output (two on pipes, whose output the
 /// agent splices and otherwise leaves in the child's pipe; one on a

@@ -669,6 +669,75 @@ fn out_of_descriptors_is_exec_failed_resource() {
     }
 }
 
+/// The agent cannot watch a new session's fds (epoll_ctl fails: here a
+/// seccomp filter, in life a full `fs.epoll.max_user_watches`): EXEC_FAILED
+/// `resource` at stage `register` with the errno; the child, already
+/// running, is killed and then reaped by the loop (no zombie left, and no
+/// blocking wait: the agent answers throughout), its fds closed.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn unwatchable_session_is_exec_failed_resource_and_reaped() {
+    // The fds an idle agent holds: the only ones it may watch.
+    let idle = {
+        let mut agent = Agent::start();
+        agent.ping();
+        open_fds(agent.host_pid)
+    };
+    let opts = Opts {
+        epoll_add_only: Some(idle.iter().map(|&fd| fd as u32).collect()),
+        ..Opts::default()
+    };
+    let mut agent = Agent::start_with(opts);
+    agent.ping();
+    assert_eq!(
+        open_fds(agent.host_pid),
+        idle,
+        "the filtered agent's fds differ"
+    );
+    for id in 1..=20u32 {
+        let f = agent.exec_fail(id, &cmd("sleep", &["1000"]), "resource");
+        assert_eq!(f.stage.as_deref(), Some("register"), "{f:?}");
+        assert_eq!(f.errno, Some(libc::ENOSPC), "{f:?}");
+        agent.ping();
+    }
+    agent.wait_no_children(timeout());
+    assert_eq!(
+        open_fds(agent.host_pid),
+        idle,
+        "a failed session's fds stay open"
+    );
+    agent.ping();
+}
+
+/// epoll_wait failing with something other than EINTR, for good (here a
+/// seccomp filter): the agent logs it and backs off instead of spinning,
+/// and neither exits nor panics (as PID 1 that would panic the kernel).
+/// READY still goes out: it is flushed before the first poll.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn failing_epoll_wait_is_logged_and_backed_off() {
+    let opts = Opts {
+        epoll_wait_fails: true,
+        ..Opts::default()
+    };
+    let agent = Agent::start_with(opts);
+    std::thread::sleep(Duration::from_millis(200));
+    let ticks0 = cpu_ticks(agent.host_pid);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let ticks = cpu_ticks(agent.host_pid) - ticks0;
+    let secs = t0.elapsed().as_secs_f64();
+    // A spinning loop burns about 100 ticks a second; backing off 10 ms
+    // per failure, a few.
+    assert!(
+        ticks <= 25,
+        "the agent used {ticks} clock ticks of CPU in {secs:.2} s with epoll_wait failing"
+    );
+    assert!(alive(agent.host_pid), "the agent exited");
+    let log = agent.log();
+    assert!(log.contains("poll failed"), "no log of the failure: {log}");
+}
+
 /// During a shutdown's grace: PING is answered, a new EXEC fails
 /// (docs/DESIGN.md: `other`), a second SHUTDOWN adds no second
 /// SHUTDOWN_DONE.

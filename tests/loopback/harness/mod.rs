@@ -84,6 +84,15 @@ pub struct Opts {
     pub leak_fd: bool,
     /// RLIMIT_NOFILE (soft and hard) for the agent.
     pub nofile: Option<u64>,
+    /// A seccomp filter lets `epoll_ctl(EPOLL_CTL_ADD)` succeed only for
+    /// these fds and fails it with ENOSPC (what a full `max_user_watches`
+    /// gives) for any other: given an idle agent's fds, the agent starts
+    /// but cannot watch a new session's. x86_64 only.
+    pub epoll_add_only: Option<Vec<u32>>,
+    /// A seccomp filter fails every epoll_wait (and epoll_pwait,
+    /// epoll_pwait2) with EINVAL: the agent's poll can never succeed.
+    /// x86_64 only.
+    pub epoll_wait_fails: bool,
 }
 
 /// With `AGENTD_TEST_PIDNS=1` every agent the suite starts runs as PID 1
@@ -102,6 +111,8 @@ impl Default for Opts {
             ignore_signals: Vec::new(),
             leak_fd: false,
             nofile: None,
+            epoll_add_only: None,
+            epoll_wait_fails: false,
         }
     }
 }
@@ -830,10 +841,17 @@ impl Agent {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if !opts.ignore_signals.is_empty() || opts.leak_fd || opts.nofile.is_some() {
+        if !opts.ignore_signals.is_empty()
+            || opts.leak_fd
+            || opts.nofile.is_some()
+            || opts.epoll_add_only.is_some()
+            || opts.epoll_wait_fails
+        {
             let sigs = opts.ignore_signals.clone();
             let leak_fd = opts.leak_fd;
             let nofile = opts.nofile;
+            let deny_filter = (opts.epoll_add_only.is_some() || opts.epoll_wait_fails)
+                .then(|| epoll_filter(opts.epoll_add_only.as_deref(), opts.epoll_wait_fails));
             // SAFETY: between fork and exec only async-signal-safe system
             // calls run, on data prepared before fork.
             unsafe {
@@ -853,6 +871,9 @@ impl Agent {
                         if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) < 0 {
                             return Err(std::io::Error::last_os_error());
                         }
+                    }
+                    if let Some(filter) = &deny_filter {
+                        install_seccomp_filter(filter)?;
                     }
                     Ok(())
                 });
@@ -1491,6 +1512,132 @@ pub fn proc_status_field(pid: i32, name: &str) -> Option<String> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .map(|v| v.trim().to_owned())
+}
+
+/// The classic BPF program behind [`Opts::epoll_add_only`] and
+/// [`Opts::epoll_wait_fails`]: on x86_64, `epoll_ctl(_, EPOLL_CTL_ADD, fd,
+/// _)` for an fd not in `add_only` (when given) returns ENOSPC, and with
+/// `wait_fails` every epoll_wait, epoll_pwait and epoll_pwait2 returns
+/// EINVAL; every other system call is allowed.
+fn epoll_filter(add_only: Option<&[u32]>, wait_fails: bool) -> Vec<libc::sock_filter> {
+    if !cfg!(target_arch = "x86_64") {
+        panic!("the epoll filters are written for x86_64 system call numbers");
+    }
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const LD_ABS_W: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    /// Where a jump goes: on to the next instruction, or to one of the
+    /// three returns at the end.
+    #[derive(Clone, Copy)]
+    enum To {
+        Next,
+        Allow,
+        NoSpace,
+        Invalid,
+    }
+    // struct seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (the
+    // low 32 bits first, little endian).
+    let mut prog: Vec<(u16, To, To, u32)> = vec![
+        (LD_ABS_W, To::Next, To::Next, 4),
+        (JEQ, To::Next, To::Allow, AUDIT_ARCH_X86_64),
+        (LD_ABS_W, To::Next, To::Next, 0),
+    ];
+    if wait_fails {
+        for nr in [
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_epoll_pwait2,
+        ] {
+            prog.push((JEQ, To::Invalid, To::Next, nr as u32));
+        }
+    }
+    if let Some(allowed) = add_only {
+        prog.push((JEQ, To::Next, To::Allow, libc::SYS_epoll_ctl as u32));
+        prog.push((LD_ABS_W, To::Next, To::Next, 24));
+        prog.push((JEQ, To::Next, To::Allow, libc::EPOLL_CTL_ADD as u32));
+        prog.push((LD_ABS_W, To::Next, To::Next, 32));
+        for &fd in allowed {
+            prog.push((JEQ, To::Allow, To::Next, fd));
+        }
+        prog.push((JEQ, To::NoSpace, To::NoSpace, 0));
+    }
+    let (allow, no_space, invalid) = (prog.len(), prog.len() + 1, prog.len() + 2);
+    let offset = |i: usize, to: To| -> u8 {
+        let target = match to {
+            To::Next => return 0,
+            To::Allow => allow,
+            To::NoSpace => no_space,
+            To::Invalid => invalid,
+        };
+        u8::try_from(target - i - 1).expect("a jump too far for classic BPF")
+    };
+    let mut out: Vec<libc::sock_filter> = prog
+        .iter()
+        .enumerate()
+        .map(|(i, &(code, jt, jf, k))| libc::sock_filter {
+            code,
+            jt: offset(i, jt),
+            jf: offset(i, jf),
+            k,
+        })
+        .collect();
+    for ret in [
+        libc::SECCOMP_RET_ALLOW,
+        libc::SECCOMP_RET_ERRNO | libc::ENOSPC as u32,
+        libc::SECCOMP_RET_ERRNO | libc::EINVAL as u32,
+    ] {
+        out.push(libc::sock_filter {
+            code: RET,
+            jt: 0,
+            jf: 0,
+            k: ret,
+        });
+    }
+    out
+}
+
+/// Installs a seccomp filter on the calling process (between fork and
+/// exec: two prctl calls, no allocation).
+fn install_seccomp_filter(filter: &[libc::sock_filter]) -> std::io::Result<()> {
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with integer arguments, then with a pointer to a
+    // program that outlives the call (the kernel copies it).
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            ) < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Reads /proc/<pid>/stat utime + stime (clock ticks).
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = s[s.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// The agent's open fds.
+pub fn open_fds(pid: i32) -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort_unstable();
+    fds
 }
 
 /// True if `pid` exists and is not a zombie.
