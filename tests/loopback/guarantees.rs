@@ -701,6 +701,9 @@ fn unwatchable_session_is_exec_failed_resource_and_reaped() {
         agent.ping();
     }
     agent.wait_no_children(timeout());
+    // The agent frees a child's status pipe just after reaping it: once
+    // it has answered a PING sent now, it has done both.
+    agent.ping();
     assert_eq!(
         open_fds(agent.host_pid),
         idle,
@@ -722,13 +725,25 @@ fn failing_epoll_wait_is_logged_and_backed_off() {
     };
     let agent = Agent::start_with(opts);
     std::thread::sleep(Duration::from_millis(200));
-    let ticks0 = cpu_ticks(agent.host_pid);
+    let switches = |pid| {
+        proc_status_field(pid, "voluntary_ctxt_switches")
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("voluntary_ctxt_switches")
+    };
+    let (ticks0, sleeps0) = (cpu_ticks(agent.host_pid), switches(agent.host_pid));
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
     let ticks = cpu_ticks(agent.host_pid) - ticks0;
+    let sleeps = switches(agent.host_pid) - sleeps0;
     let secs = t0.elapsed().as_secs_f64();
-    // A spinning loop burns about 100 ticks a second; backing off 10 ms
-    // per failure, a few.
+    // Backing off 10 ms per failure, the agent sleeps (a voluntary context
+    // switch) up to 100 times a second and uses a few ticks of CPU. A
+    // spinning loop never sleeps, and burns up to 100 ticks a second (as
+    // many as a loaded machine gives it).
+    assert!(
+        sleeps >= 20,
+        "the agent slept {sleeps} times in {secs:.2} s with epoll_wait failing: it spins"
+    );
     assert!(
         ticks <= 25,
         "the agent used {ticks} clock ticks of CPU in {secs:.2} s with epoll_wait failing"

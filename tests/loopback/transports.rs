@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use agentd::codec::{Decoder, OwnedFrame};
 use agentd::messages::{Exec, Kind, Message, Shutdown};
 
-use crate::harness::{timeout, wait_until, TempDir};
+use crate::harness::{cloexec_pty, timeout, wait_until, TempDir};
 
 /// The agent process, killed (with its sessions' groups gone with it or
 /// reaped by it) if a test fails before it exits.
@@ -279,16 +279,10 @@ fn end_of_file_on_a_socket_kills_the_sessions_and_the_agent_exits_0() {
 /// CR/LF rewriting, no ^C turned into a signal, no ^S stopping output.
 #[test]
 fn a_terminal_port_is_put_in_raw_mode_and_is_8_bit_clean() {
-    let pty = nix::pty::openpty(None, None).expect("openpty");
-    for fd in [pty.master.as_raw_fd(), pty.slave.as_raw_fd()] {
-        // SAFETY: fcntl on fds we own. Close-on-exec: the agent must open
-        // the slave itself, not inherit it.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
-    let slave_path =
-        std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).expect("slave path");
+    // Close-on-exec from the start: the agent must open the slave itself,
+    // and agents other tests start meanwhile must not inherit either end.
+    let (master, slave, slave_path) = cloexec_pty();
     let mut agent = AgentProc::start(&slave_path);
-    let master = pty.master;
     // SAFETY: fcntl on the master fd we own.
     unsafe {
         let flags = libc::fcntl(master.as_raw_fd(), libc::F_GETFL);
@@ -299,7 +293,7 @@ fn a_terminal_port_is_put_in_raw_mode_and_is_8_bit_clean() {
     // The slave stays open here until the agent has it open too: with no
     // slave open, a read of the master is EIO (end of file).
     conn.expect(Kind::Ready, 0);
-    drop(pty.slave);
+    drop(slave);
     // Every byte value, twice, in a PING: the PONG must be identical.
     let all: Vec<u8> = (0..=255u8).chain(0..=255u8).collect();
     conn.send(&Message::Ping(&all), 0);

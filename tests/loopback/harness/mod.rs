@@ -87,11 +87,12 @@ pub struct Opts {
     /// A seccomp filter lets `epoll_ctl(EPOLL_CTL_ADD)` succeed only for
     /// these fds and fails it with ENOSPC (what a full `max_user_watches`
     /// gives) for any other: given an idle agent's fds, the agent starts
-    /// but cannot watch a new session's. x86_64 only.
+    /// but cannot watch a new session's. x86_64 only (elsewhere setting it
+    /// fails the test).
     pub epoll_add_only: Option<Vec<u32>>,
     /// A seccomp filter fails every epoll_wait (and epoll_pwait,
     /// epoll_pwait2) with EINVAL: the agent's poll can never succeed.
-    /// x86_64 only.
+    /// x86_64 only (elsewhere setting it fails the test).
     pub epoll_wait_fails: bool,
 }
 
@@ -850,8 +851,12 @@ impl Agent {
             let sigs = opts.ignore_signals.clone();
             let leak_fd = opts.leak_fd;
             let nofile = opts.nofile;
-            let deny_filter = (opts.epoll_add_only.is_some() || opts.epoll_wait_fails)
+            let wants_filter = opts.epoll_add_only.is_some() || opts.epoll_wait_fails;
+            #[cfg(target_arch = "x86_64")]
+            let deny_filter = wants_filter
                 .then(|| epoll_filter(opts.epoll_add_only.as_deref(), opts.epoll_wait_fails));
+            #[cfg(not(target_arch = "x86_64"))]
+            assert!(!wants_filter, "the epoll filters are written for x86_64");
             // SAFETY: between fork and exec only async-signal-safe system
             // calls run, on data prepared before fork.
             unsafe {
@@ -872,6 +877,7 @@ impl Agent {
                             return Err(std::io::Error::last_os_error());
                         }
                     }
+                    #[cfg(target_arch = "x86_64")]
                     if let Some(filter) = &deny_filter {
                         install_seccomp_filter(filter)?;
                     }
@@ -1514,15 +1520,13 @@ pub fn proc_status_field(pid: i32, name: &str) -> Option<String> {
         .map(|v| v.trim().to_owned())
 }
 
+#[cfg(target_arch = "x86_64")]
 /// The classic BPF program behind [`Opts::epoll_add_only`] and
 /// [`Opts::epoll_wait_fails`]: on x86_64, `epoll_ctl(_, EPOLL_CTL_ADD, fd,
 /// _)` for an fd not in `add_only` (when given) returns ENOSPC, and with
 /// `wait_fails` every epoll_wait, epoll_pwait and epoll_pwait2 returns
 /// EINVAL; every other system call is allowed.
 fn epoll_filter(add_only: Option<&[u32]>, wait_fails: bool) -> Vec<libc::sock_filter> {
-    if !cfg!(target_arch = "x86_64") {
-        panic!("the epoll filters are written for x86_64 system call numbers");
-    }
     const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
     const LD_ABS_W: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
@@ -1597,6 +1601,7 @@ fn epoll_filter(add_only: Option<&[u32]>, wait_fails: bool) -> Vec<libc::sock_fi
     out
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Installs a seccomp filter on the calling process (between fork and
 /// exec: two prctl calls, no allocation).
 fn install_seccomp_filter(filter: &[libc::sock_filter]) -> std::io::Result<()> {
@@ -1618,6 +1623,47 @@ fn install_seccomp_filter(filter: &[libc::sock_filter]) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A new pseudo-terminal, both ends close-on-exec from the moment they
+/// exist (openpty's are inheritable until fixed up, and an agent another
+/// test starts in between would inherit them): (master, slave, slave path).
+pub fn cloexec_pty() -> (OwnedFd, OwnedFd, PathBuf) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: posix_openpt returns a new fd or -1; grantpt and unlockpt
+    // take that fd; ptsname_r writes a NUL-terminated path into the buffer
+    // of the given length; open returns a new fd or -1.
+    unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(
+            master >= 0,
+            "posix_openpt: {}",
+            std::io::Error::last_os_error()
+        );
+        let master = OwnedFd::from_raw_fd(master);
+        assert_eq!(libc::grantpt(master.as_raw_fd()), 0, "grantpt");
+        assert_eq!(libc::unlockpt(master.as_raw_fd()), 0, "unlockpt");
+        let mut name = [0 as libc::c_char; 128];
+        assert_eq!(
+            libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()),
+            0,
+            "ptsname_r"
+        );
+        let slave = libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        assert!(
+            slave >= 0,
+            "open the slave: {}",
+            std::io::Error::last_os_error()
+        );
+        let path = std::ffi::CStr::from_ptr(name.as_ptr())
+            .to_str()
+            .expect("a UTF-8 slave path")
+            .into();
+        (master, OwnedFd::from_raw_fd(slave), path)
+    }
 }
 
 /// Reads /proc/<pid>/stat utime + stime (clock ticks).
