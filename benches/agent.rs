@@ -86,7 +86,8 @@ impl Host {
 
     fn send(&mut self, msg: &Message, id: u32) {
         self.out.clear();
-        msg.encode(id, &mut self.out);
+        msg.encode(id, &mut self.out)
+            .expect("the test's frames fit");
         self.stdin.write_all(&self.out).expect("write to agent");
     }
 
@@ -244,7 +245,9 @@ fn bench_ping(n: usize) -> Row {
     }
     // Native: the same frame bytes over a socketpair to a forked echo.
     let mut frame = Vec::new();
-    Message::Ping(&payload).encode(1, &mut frame);
+    Message::Ping(&payload)
+        .encode(1, &mut frame)
+        .expect("the test's frames fit");
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid array for socketpair to fill.
     assert_eq!(
@@ -454,7 +457,9 @@ fn bench_stdin(bytes: u64) -> f64 {
     let mut exec = Exec::new("sh");
     exec.args = vec!["-c".into(), "cat > /dev/null".into()];
     let mut buf = Vec::new();
-    Message::Exec(Box::new(exec)).encode(1, &mut buf);
+    Message::Exec(Box::new(exec))
+        .encode(1, &mut buf)
+        .expect("the test's frames fit");
     stdin.write_all(&buf).expect("write");
     let credit = Arc::new((Mutex::new(window), Condvar::new()));
     let reader_credit = credit.clone();
@@ -492,12 +497,13 @@ fn bench_stdin(bytes: u64) -> f64 {
             *avail -= n;
         }
         buf.clear();
-        codec::append_raw(&mut buf, Kind::Stdin as u8, 1, &chunk[..n as usize]);
+        codec::append_raw(&mut buf, Kind::Stdin as u8, 1, &chunk[..n as usize])
+            .expect("the test's frames fit");
         stdin.write_all(&buf).expect("write");
         sent += n;
     }
     buf.clear();
-    codec::append_raw(&mut buf, Kind::StdinClose as u8, 1, &[]);
+    codec::append_raw(&mut buf, Kind::StdinClose as u8, 1, &[]).expect("the test's frames fit");
     stdin.write_all(&buf).expect("write");
     reader.join().expect("reader");
     let secs = t.elapsed().as_secs_f64();

@@ -45,9 +45,11 @@ impl Frame<'_> {
         }
     }
 
-    /// Appends this frame, exactly as it would appear on the wire, to `out`.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        append_raw(out, self.kind, self.id, self.payload);
+    /// Appends this frame, exactly as it would appear on the wire, to `out`
+    /// (nothing when its payload is over the limit, which a decoded frame's
+    /// never is).
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), TooLarge> {
+        append_raw(out, self.kind, self.id, self.payload)
     }
 }
 
@@ -101,7 +103,31 @@ impl FrameError {
     }
 }
 
-/// Writes a header for a payload of `payload_len` bytes.
+/// A frame that would break the frame limit (`len` > 5 + [`MAX_PAYLOAD`]):
+/// the encoder refuses to build it, so no frame anyone sends with this
+/// crate can be one a conforming receiver must discard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a frame of kind {kind:#04x} with {payload_len} bytes of payload is over the {MAX_PAYLOAD}-byte payload limit")]
+pub struct TooLarge {
+    pub kind: u8,
+    pub payload_len: usize,
+}
+
+/// Why [`append_with`] appended nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError<E> {
+    /// The payload writer failed.
+    #[error(transparent)]
+    Payload(E),
+    /// The payload it wrote is over the limit: the frame was taken back.
+    #[error(transparent)]
+    TooLarge(TooLarge),
+}
+
+/// Writes a header for a payload of `payload_len` bytes. The caller
+/// guarantees `payload_len <= MAX_PAYLOAD` (every caller in this crate
+/// passes a length it has bounded); [`append_raw`] and [`append_with`]
+/// check it.
 pub fn header(kind: u8, id: u32, payload_len: usize) -> [u8; HEADER_LEN] {
     debug_assert!(payload_len <= MAX_PAYLOAD);
     let len = LEN_OVERHEAD + payload_len as u32;
@@ -112,32 +138,45 @@ pub fn header(kind: u8, id: u32, payload_len: usize) -> [u8; HEADER_LEN] {
     h
 }
 
-/// Appends a frame with a raw payload to `out`.
-pub fn append_raw(out: &mut Vec<u8>, kind: u8, id: u32, payload: &[u8]) {
+/// Appends a frame with a raw payload to `out`, or nothing when the
+/// payload is over [`MAX_PAYLOAD`].
+pub fn append_raw(out: &mut Vec<u8>, kind: u8, id: u32, payload: &[u8]) -> Result<(), TooLarge> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(TooLarge {
+            kind,
+            payload_len: payload.len(),
+        });
+    }
     out.reserve(HEADER_LEN + payload.len());
     out.extend_from_slice(&header(kind, id, payload.len()));
     out.extend_from_slice(payload);
+    Ok(())
 }
 
 /// Appends a frame whose payload is produced by `write_payload`, which
 /// appends the payload bytes to the vector it is given. The header's `len`
 /// is patched afterwards, so the payload is written once, in place.
 ///
-/// If `write_payload` fails, `out` is left as it was.
+/// If `write_payload` fails, or what it wrote is over [`MAX_PAYLOAD`],
+/// `out` is left as it was and the frame is not sent: the size is checked
+/// here, whatever the caller put in the payload, not assumed.
 pub fn append_with<E>(
     out: &mut Vec<u8>,
     kind: u8,
     id: u32,
     write_payload: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
-) -> Result<(), E> {
+) -> Result<(), AppendError<E>> {
     let start = out.len();
     out.extend_from_slice(&header(kind, id, 0));
     if let Err(e) = write_payload(out) {
         out.truncate(start);
-        return Err(e);
+        return Err(AppendError::Payload(e));
     }
     let payload_len = out.len() - start - HEADER_LEN;
-    debug_assert!(payload_len <= MAX_PAYLOAD);
+    if payload_len > MAX_PAYLOAD {
+        out.truncate(start);
+        return Err(AppendError::TooLarge(TooLarge { kind, payload_len }));
+    }
     let len = LEN_OVERHEAD + payload_len as u32;
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
     Ok(())
@@ -545,6 +584,44 @@ pub fn decode_chunks<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> (Vec<Dec
 mod tests {
     use super::*;
 
+    /// The encoder refuses a frame over the limit and leaves the buffer as
+    /// it was; a payload of exactly the limit is a valid frame.
+    #[test]
+    fn oversized_frames_are_refused_not_built() {
+        let mut out = b"queued".to_vec();
+        let big = vec![7u8; MAX_PAYLOAD + 1];
+        assert_eq!(
+            append_raw(&mut out, 0x30, 1, &big),
+            Err(TooLarge {
+                kind: 0x30,
+                payload_len: MAX_PAYLOAD + 1
+            })
+        );
+        assert_eq!(out, b"queued");
+        let r = append_with(&mut out, 0x12, 2, |buf| {
+            buf.extend_from_slice(&big);
+            Ok::<(), ()>(())
+        });
+        assert_eq!(
+            r,
+            Err(AppendError::TooLarge(TooLarge {
+                kind: 0x12,
+                payload_len: MAX_PAYLOAD + 1
+            }))
+        );
+        assert_eq!(out, b"queued", "a refused frame leaves nothing behind");
+        append_with(&mut out, 0x12, 2, |buf| {
+            buf.extend_from_slice(&big[..MAX_PAYLOAD]);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(out.len(), 6 + HEADER_LEN + MAX_PAYLOAD);
+        assert_eq!(
+            &out[6..10],
+            &(LEN_OVERHEAD + MAX_PAYLOAD as u32).to_be_bytes()
+        );
+    }
+
     #[test]
     fn header_layout() {
         assert_eq!(header(0x10, 0x01020304, 3), [0, 0, 0, 8, 0x10, 1, 2, 3, 4]);
@@ -553,8 +630,8 @@ mod tests {
     #[test]
     fn one_byte_at_a_time() {
         let mut wire = Vec::new();
-        append_raw(&mut wire, 0x02, 7, b"hello");
-        append_raw(&mut wire, 0x21, 9, b"");
+        append_raw(&mut wire, 0x02, 7, b"hello").unwrap();
+        append_raw(&mut wire, 0x21, 9, b"").unwrap();
         let (items, dec) = decode_chunks(wire.chunks(1));
         assert_eq!(
             items,
@@ -577,7 +654,7 @@ mod tests {
     #[test]
     fn short_len_is_reported_and_skipped() {
         let mut wire = vec![0, 0, 0, 3, 0xaa, 0xbb, 0xcc];
-        append_raw(&mut wire, 0x02, 1, b"x");
+        append_raw(&mut wire, 0x02, 1, b"x").unwrap();
         let (items, _) = decode_chunks([&wire[..]]);
         assert_eq!(items[0], Decoded::Error(FrameError::Malformed { len: 3 }));
         assert_eq!(
@@ -616,7 +693,7 @@ mod tests {
         }
         assert!(dec.capacity() < 64 * 1024);
         let mut next = Vec::new();
-        append_raw(&mut next, 0x02, 3, b"ok");
+        append_raw(&mut next, 0x02, 3, b"ok").unwrap();
         dec.feed(&next);
         assert_eq!(
             dec.next_frame(),
@@ -658,12 +735,12 @@ mod tests {
             .enumerate()
         {
             let payload: Vec<u8> = (0..len).map(|b| (b * 31 + i) as u8).collect();
-            append_raw(&mut wire, 0x30, i as u32, &payload);
+            append_raw(&mut wire, 0x30, i as u32, &payload).unwrap();
         }
         wire.extend_from_slice(&(LEN_OVERHEAD + MAX_PAYLOAD as u32 + 1_000_000).to_be_bytes());
         wire.extend_from_slice(&[0x20, 0, 0, 0, 9]);
         wire.extend(std::iter::repeat_n(0xeeu8, MAX_PAYLOAD + 1_000_000));
-        append_raw(&mut wire, 0x10, 10, b"after");
+        append_raw(&mut wire, 0x10, 10, b"after").unwrap();
         let (expect, _) = decode_chunks([&wire[..]]);
 
         let mut fds = [0; 2];
@@ -711,8 +788,8 @@ mod tests {
     #[test]
     fn partial_frames_are_taken_out_of_the_stream() {
         let mut wire = Vec::new();
-        append_raw(&mut wire, 0x20, 7, &[5u8; 1000]);
-        append_raw(&mut wire, 0x02, 0, b"ping");
+        append_raw(&mut wire, 0x20, 7, &[5u8; 1000]).expect("the test's frames fit");
+        append_raw(&mut wire, 0x02, 0, b"ping").unwrap();
         let mut dec = Decoder::new();
         dec.feed(&wire[..8]);
         assert_eq!(dec.partial_frame(), None, "no whole header yet");
@@ -750,9 +827,9 @@ mod tests {
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
         let [r, w] = fds;
         let mut wire = Vec::new();
-        append_raw(&mut wire, 0x20, 3, &[1u8; 50_000]);
-        // SAFETY: writing from a valid slice to our pipe (it has room).
+        append_raw(&mut wire, 0x20, 3, &[1u8; 50_000]).expect("the test's frames fit");
         assert_eq!(
+            // SAFETY: writing from a valid slice to our pipe (it has room).
             unsafe { libc::write(w, wire.as_ptr().cast(), wire.len()) },
             wire.len() as isize
         );

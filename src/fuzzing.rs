@@ -111,7 +111,9 @@ fn check_against_stream(stream: &[u8], items: &[Decoded], dec: &Decoder) {
         let len = match *item {
             Decoded::Frame(ref f) => {
                 encoded.clear();
-                f.as_frame().encode(&mut encoded);
+                f.as_frame()
+                    .encode(&mut encoded)
+                    .expect("a decoded frame fits");
                 assert_eq!(
                     here.get(..encoded.len()),
                     Some(&encoded[..]),
@@ -304,9 +306,7 @@ pub mod dispatch {
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
-    use crate::agent::spawn::SpawnDefaults;
-    use crate::agent::transport::{Transport, TransportKind};
-    use crate::agent::{Config, EventLoop, Exit};
+    use crate::agent::{Config, EventLoop, Exit, SpawnDefaults, Transport, TransportKind};
     use crate::codec::{self, Decoded, Decoder, MAX_OUTPUT_PAYLOAD, MAX_PAYLOAD};
     use crate::messages::{
         Ack, Exec, ExecFailedKind, Kind, Message, Resize, Rlimit, Shutdown, Signal,
@@ -480,7 +480,9 @@ pub mod dispatch {
             match tag {
                 0 => {
                     let id = inp.id();
-                    Message::Exec(Box::new(exec(&mut inp))).encode(id, out);
+                    Message::Exec(Box::new(exec(&mut inp)))
+                        .encode(id, out)
+                        .expect("a fuzz frame fits");
                 }
                 1 => {
                     let id = inp.id();
@@ -492,19 +494,27 @@ pub mod dispatch {
                     } else {
                         inp.bytes(usize::from(n))
                     };
-                    Message::Stdin(payload).encode(id, out);
+                    Message::Stdin(payload)
+                        .encode(id, out)
+                        .expect("a fuzz frame fits");
                 }
-                2 => Message::StdinClose.encode(inp.id(), out),
+                2 => Message::StdinClose
+                    .encode(inp.id(), out)
+                    .expect("a fuzz frame fits"),
                 3 => {
                     let id = inp.id();
                     let signal = SIGNALS[usize::from(inp.u8()) % SIGNALS.len()];
                     let group = inp.u8() & 1 == 0;
-                    Message::Signal(Signal { signal, group }).encode(id, out);
+                    Message::Signal(Signal { signal, group })
+                        .encode(id, out)
+                        .expect("a fuzz frame fits");
                 }
                 4 => {
                     let id = inp.id();
                     let (rows, cols) = (u16::from(inp.u8()), u16::from(inp.u8()));
-                    Message::Resize(Resize { rows, cols }).encode(id, out);
+                    Message::Resize(Resize { rows, cols })
+                        .encode(id, out)
+                        .expect("a fuzz frame fits");
                 }
                 5 => {
                     let id = inp.id();
@@ -514,7 +524,9 @@ pub mod dispatch {
                         2 => 65536,
                         _ => u32::MAX,
                     };
-                    Message::OutputAck(Ack { bytes }).encode(id, out);
+                    Message::OutputAck(Ack { bytes })
+                        .encode(id, out)
+                        .expect("a fuzz frame fits");
                 }
                 6 => {
                     let id = inp.id();
@@ -524,17 +536,20 @@ pub mod dispatch {
                     } else {
                         inp.bytes(usize::from(n)).to_vec()
                     };
-                    codec::append_raw(out, Kind::Ping as u8, id, &payload);
+                    codec::append_raw(out, Kind::Ping as u8, id, &payload)
+                        .expect("a fuzz frame fits");
                 }
                 7 => {
                     let grace_ms = u32::from(inp.u8()) * 4;
-                    Message::Shutdown(Shutdown { grace_ms }).encode(0, out);
+                    Message::Shutdown(Shutdown { grace_ms })
+                        .encode(0, out)
+                        .expect("a fuzz frame fits");
                 }
                 8 => {
                     let kind = inp.u8();
                     let id = inp.id();
                     let n = usize::from(inp.u8());
-                    codec::append_raw(out, kind, id, inp.bytes(n));
+                    codec::append_raw(out, kind, id, inp.bytes(n)).expect("a fuzz frame fits");
                 }
                 9 => {
                     let n = usize::from(inp.u8() % 64);
@@ -543,7 +558,8 @@ pub mod dispatch {
                 10 => {
                     let payload = barrier_payload(barriers);
                     barriers += 1;
-                    codec::append_raw(out, Kind::Ping as u8, 0, &payload);
+                    codec::append_raw(out, Kind::Ping as u8, 0, &payload)
+                        .expect("a fuzz frame fits");
                     stops.push((out.len(), Stop::Barrier(payload)));
                 }
                 _ => {
@@ -951,7 +967,9 @@ pub mod dispatch {
                 if self.auto_ack && self.written >= upto {
                     for (id, n) in self.model.unacked.drain() {
                         let bytes = n.min(u64::from(u32::MAX)) as u32;
-                        Message::OutputAck(Ack { bytes }).encode(id, &mut self.acks);
+                        Message::OutputAck(Ack { bytes })
+                            .encode(id, &mut self.acks)
+                            .expect("a fuzz frame fits");
                     }
                 }
                 let acking = self.written >= upto && !self.acks.is_empty();
@@ -1174,22 +1192,31 @@ pub mod dispatch {
                     signal: libc::SIGCONT,
                     group: true,
                 })
-                .encode(id, &mut stream);
-                Message::OutputAck(Ack { bytes: u32::MAX }).encode(id, &mut stream);
+                .encode(id, &mut stream)
+                .expect("a fuzz frame fits");
+                Message::OutputAck(Ack { bytes: u32::MAX })
+                    .encode(id, &mut stream)
+                    .expect("a fuzz frame fits");
                 if tty_ids.contains(&id) {
                     // Twice: a pending ^V (literal next) takes the first.
-                    Message::Stdin(b"\x11\x11").encode(id, &mut stream);
+                    Message::Stdin(b"\x11\x11")
+                        .encode(id, &mut stream)
+                        .expect("a fuzz frame fits");
                 }
                 if stopped_ids.contains(&id) {
                     Message::Signal(Signal {
                         signal: libc::SIGKILL,
                         group: true,
                     })
-                    .encode(id, &mut stream);
+                    .encode(id, &mut stream)
+                    .expect("a fuzz frame fits");
                 }
-                Message::StdinClose.encode(id, &mut stream);
+                Message::StdinClose
+                    .encode(id, &mut stream)
+                    .expect("a fuzz frame fits");
             }
-            codec::append_raw(&mut stream, Kind::Ping as u8, 0, &final_barrier);
+            codec::append_raw(&mut stream, Kind::Ping as u8, 0, &final_barrier)
+                .expect("a fuzz frame fits");
         }
 
         let (items, _) = codec::decode_chunks([&stream[..]]);
@@ -1219,12 +1246,12 @@ pub mod dispatch {
         };
         let (tid_tx, tid_rx) = mpsc::channel();
         let agent = std::thread::spawn(move || {
-            crate::agent::process::setup_signals().expect("blocking signals");
+            crate::agent::setup_signals().expect("blocking signals");
             // SAFETY: gettid has no preconditions.
             tid_tx.send(unsafe { libc::gettid() }).unwrap();
             let transport = match agent_out {
                 Some(out) => Transport::from_pipes(agent_in, out),
-                None => Transport::from_fd(agent_in, TransportKind::Stream),
+                None => Transport::from_fd(agent_in, TransportKind::Socket),
             };
             let mut event_loop = EventLoop::new(config, transport).expect("the event loop");
             event_loop.run()

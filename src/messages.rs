@@ -18,7 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{self, Frame, FrameError, MAX_PING_PAYLOAD};
+use crate::codec::{self, AppendError, Frame, FrameError, TooLarge, MAX_PING_PAYLOAD};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -397,10 +397,11 @@ pub struct ErrorMsg {
 }
 
 impl ErrorMsg {
+    /// An ERROR whose `message` is capped at [`MAX_MESSAGE`] bytes.
     pub fn new(kind: ErrorKind, message: impl Into<String>, frame_kind: Option<u8>) -> Self {
         ErrorMsg {
             kind: kind.as_str().to_owned(),
-            message: message.into(),
+            message: cap_message(message.into()),
             frame_kind,
         }
     }
@@ -558,6 +559,21 @@ pub struct ExecFailed {
 }
 
 impl ExecFailed {
+    /// An EXEC_FAILED whose `message` is capped at [`MAX_MESSAGE`] bytes.
+    pub fn new(
+        kind: ExecFailedKind,
+        message: impl Into<String>,
+        errno: Option<i32>,
+        stage: Option<&str>,
+    ) -> Self {
+        ExecFailed {
+            kind: kind.as_str().to_owned(),
+            message: cap_message(message.into()),
+            errno,
+            stage: stage.map(str::to_owned),
+        }
+    }
+
     pub fn failed_kind(&self) -> Option<ExecFailedKind> {
         ExecFailedKind::parse(&self.kind)
     }
@@ -602,6 +618,15 @@ pub struct Exited {
     #[serde(default)]
     pub core_dumped: bool,
     pub status: i32,
+    /// Extension: output bytes the agent read from the session and dropped
+    /// instead of sending (a shutdown past its grace, while the output
+    /// window was used up or the host did not read). Absent when none was.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub output_dropped: Option<u64>,
 }
 
 impl Exited {
@@ -611,6 +636,7 @@ impl Exited {
             signal: None,
             core_dumped: false,
             status: code,
+            output_dropped: None,
         }
     }
 
@@ -620,6 +646,7 @@ impl Exited {
             signal: Some(signal),
             core_dumped,
             status: 128 + signal,
+            output_dropped: None,
         }
     }
 }
@@ -734,8 +761,10 @@ impl<'a> Message<'a> {
         Self::decode(frame)
     }
 
-    /// Appends this message as a frame with session `id` to `out`.
-    pub fn encode(&self, id: u32, out: &mut Vec<u8>) {
+    /// Appends this message as a frame with session `id` to `out`, or
+    /// nothing when it would be over the frame limit (a raw payload over
+    /// [`codec::MAX_PAYLOAD`], or a map that serialises to more).
+    pub fn encode(&self, id: u32, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         let kind = self.kind() as u8;
         match self {
             Message::Ready(m) => append_map(out, kind, id, m),
@@ -743,9 +772,11 @@ impl<'a> Message<'a> {
             | Message::Pong(p)
             | Message::Stdin(p)
             | Message::Stdout(p)
-            | Message::Stderr(p) => codec::append_raw(out, kind, id, p),
+            | Message::Stderr(p) => Ok(codec::append_raw(out, kind, id, p)?),
             Message::Shutdown(m) => append_map(out, kind, id, m),
-            Message::ShutdownDone | Message::StdinClose => codec::append_raw(out, kind, id, &[]),
+            Message::ShutdownDone | Message::StdinClose => {
+                Ok(codec::append_raw(out, kind, id, &[])?)
+            }
             Message::Error(m) => append_map(out, kind, id, m),
             Message::Exec(m) => append_map(out, kind, id, m.as_ref()),
             Message::Started(m) => append_map(out, kind, id, m),
@@ -758,23 +789,108 @@ impl<'a> Message<'a> {
     }
 
     /// This message as a frame with session `id`, in a new buffer.
+    ///
+    /// # Panics
+    /// When the message does not fit in a frame (see [`Message::encode`]):
+    /// this is for tests and for messages known to fit; the agent and the
+    /// client encode with [`Message::encode`] and handle the refusal.
     pub fn to_bytes(&self, id: u32) -> Vec<u8> {
         let mut out = Vec::new();
-        self.encode(id, &mut out);
+        if let Err(e) = self.encode(id, &mut out) {
+            panic!("{} does not fit in a frame: {e}", self.kind().name());
+        }
         out
     }
 }
 
-/// Appends a frame with a map payload serialised from `msg` (string keys).
+/// Why a message was not encoded. Nothing was appended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The frame would be over the frame limit.
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
+    /// MessagePack serialisation failed (cannot happen for this module's
+    /// types, which hold only strings, integers, booleans and vectors).
+    #[error("serialising the payload: {0}")]
+    Serialize(String),
+}
+
+impl From<AppendError<rmp_serde::encode::Error>> for EncodeError {
+    fn from(e: AppendError<rmp_serde::encode::Error>) -> Self {
+        match e {
+            AppendError::Payload(e) => EncodeError::Serialize(e.to_string()),
+            AppendError::TooLarge(t) => EncodeError::TooLarge(t),
+        }
+    }
+}
+
+/// The most bytes of `message` an ERROR or EXEC_FAILED carries: it is for
+/// people, and it must never make the frame that carries it too large, so
+/// whatever a request quotes (a path, a user name, a command line) is cut.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// How much of a string from a request a message quotes.
+pub const MAX_QUOTE: usize = 200;
+
+/// `message` cut to at most [`MAX_MESSAGE`] bytes, at a character
+/// boundary, with an ellipsis when anything was cut.
+pub fn cap_message(message: String) -> String {
+    if message.len() <= MAX_MESSAGE {
+        return message;
+    }
+    let mut cut = MAX_MESSAGE - '…'.len_utf8();
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut s = message;
+    s.truncate(cut);
+    s.push('…');
+    s
+}
+
+/// A string from a request, for a message, as it is: at most
+/// [`MAX_QUOTE`] bytes of it (cut at a character boundary, with an
+/// ellipsis and the whole length when cut), so a message never quotes a
+/// whole megabyte back.
+pub fn clip(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= MAX_QUOTE {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut cut = MAX_QUOTE;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}… ({} bytes)", &s[..cut], s.len()))
+}
+
+/// Like [`clip`], `Debug`-quoted as `{:?}` would (the cut part quoted, the
+/// ellipsis after it).
+pub fn quote(s: &str) -> String {
+    if s.len() <= MAX_QUOTE {
+        return format!("{s:?}");
+    }
+    let mut cut = MAX_QUOTE;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{:?}… ({} bytes)", &s[..cut], s.len())
+}
+
+/// Appends a frame with a map payload serialised from `msg` (string keys),
+/// or nothing when it would be over the frame limit.
 ///
-/// Serialising the structs of this module cannot fail: they hold only
-/// strings, integers, booleans and vectors of those, all of which
+/// Serialising the structs of this module cannot fail otherwise: they hold
+/// only strings, integers, booleans and vectors of those, all of which
 /// MessagePack encodes, and writing to a `Vec` cannot fail.
-pub fn append_map<T: Serialize>(out: &mut Vec<u8>, kind: u8, id: u32, msg: &T) {
-    let result = codec::append_with(out, kind, id, |buf| {
+pub fn append_map<T: Serialize>(
+    out: &mut Vec<u8>,
+    kind: u8,
+    id: u32,
+    msg: &T,
+) -> Result<(), EncodeError> {
+    Ok(codec::append_with(out, kind, id, |buf| {
         rmp_serde::encode::write_named(buf, msg)
-    });
-    debug_assert!(result.is_ok(), "serialising a protocol message failed");
+    })?)
 }
 
 /// Decodes a map payload into `T`, after [`check_map`].

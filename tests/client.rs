@@ -587,7 +587,7 @@ fn connection_level_errors_are_kept() {
         &Message::Error(ErrorMsg::new(ErrorKind::UnknownKind, "0x7f", Some(0x7f))),
     );
     // A frame the client cannot decode is recorded too.
-    agentd::codec::append_raw(&mut Vec::new(), 0, 0, b"");
+    agentd::codec::append_raw(&mut Vec::new(), 0, 0, b"").expect("the test's frames fit");
     fake.sock
         .write_all(&agentd::codec::header(0x7e, 0, 0))
         .unwrap();

@@ -43,7 +43,7 @@ impl Item {
         match self {
             Item::Frame(f) => {
                 let mut b = Vec::new();
-                f.as_frame().encode(&mut b);
+                f.as_frame().encode(&mut b).expect("the test's frames fit");
                 out.bytes(&b);
             }
             Item::Message { id, msg } => out.bytes(&msg.message().to_bytes(*id)),
@@ -378,6 +378,7 @@ fn message() -> impl Strategy<Value = Msg> {
                 signal,
                 core_dumped,
                 status,
+                output_dropped: None,
             })
         });
     let typed = prop_oneof![
@@ -707,7 +708,9 @@ fn directed(f: &OwnedFrame) -> (Decodes<'_>, Decodes<'_>) {
 
 fn wire(f: &OwnedFrame) -> Vec<u8> {
     let mut out = Vec::new();
-    f.as_frame().encode(&mut out);
+    f.as_frame()
+        .encode(&mut out)
+        .expect("the test's frames fit");
     out
 }
 
@@ -735,7 +738,7 @@ proptest! {
         let mut again = Vec::new();
         for d in &fed {
             let Decoded::Frame(f) = d else { unreachable!() };
-            f.as_frame().encode(&mut again);
+            f.as_frame().encode(&mut again).expect("the test's frames fit");
         }
         prop_assert_eq!(again, stream);
     }
@@ -815,7 +818,7 @@ fn the_frame_size_limit_is_exact() {
     // A payload of exactly MAX_PAYLOAD is a frame; one byte more is not.
     let payload = vec![7u8; MAX_PAYLOAD + 1];
     let mut wire = Vec::new();
-    codec::append_raw(&mut wire, 0x30, 1, &payload[..MAX_PAYLOAD]);
+    codec::append_raw(&mut wire, 0x30, 1, &payload[..MAX_PAYLOAD]).expect("the test's frames fit");
     let (items, dec) = codec::decode_chunks(wire.chunks(100_000));
     assert!(dec.is_at_boundary());
     assert!(matches!(&items[..], [Decoded::Frame(f)] if f.payload.len() == MAX_PAYLOAD));
@@ -825,7 +828,7 @@ fn the_frame_size_limit_is_exact() {
     wire.push(0x30);
     wire.extend_from_slice(&1u32.to_be_bytes());
     wire.extend_from_slice(&payload);
-    codec::append_raw(&mut wire, 0x02, 2, b"after");
+    codec::append_raw(&mut wire, 0x02, 2, b"after").expect("the test's frames fit");
     let (items, dec) = codec::decode_chunks(wire.chunks(100_000));
     assert!(dec.is_at_boundary());
     assert_eq!(
@@ -851,7 +854,7 @@ fn every_short_length_is_malformed_and_skipped() {
         let mut wire = len.to_be_bytes().to_vec();
         // `len` bytes that look like a frame header, to be skipped.
         wire.extend(std::iter::repeat_n(0xffu8, len as usize));
-        codec::append_raw(&mut wire, 0x21, 4, b"");
+        codec::append_raw(&mut wire, 0x21, 4, b"").expect("the test's frames fit");
         for chunk in [1, 2, 3, wire.len()] {
             let (items, dec) = codec::decode_chunks(wire.chunks(chunk));
             assert!(dec.is_at_boundary());
@@ -874,15 +877,15 @@ fn every_short_length_is_malformed_and_skipped() {
 #[test]
 fn encoder_helpers_leave_the_buffer_as_it_was_on_failure() {
     let mut out = Vec::new();
-    codec::append_raw(&mut out, 0x02, 1, b"keep");
+    codec::append_raw(&mut out, 0x02, 1, b"keep").expect("the test's frames fit");
     let before = out.clone();
 
     // append_with: the payload writer fails after writing some bytes.
-    let r: Result<(), &str> = codec::append_with(&mut out, 0x10, 2, |buf| {
+    let r = codec::append_with(&mut out, 0x10, 2, |buf| {
         buf.extend_from_slice(b"partial");
         Err("no")
     });
-    assert_eq!(r, Err("no"));
+    assert_eq!(r, Err(codec::AppendError::Payload("no")));
     assert_eq!(out, before);
     // ... and succeeds: the header's len is patched in place.
     codec::append_with(&mut out, 0x10, 2, |buf| {

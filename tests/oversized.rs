@@ -29,7 +29,8 @@ impl Stream {
         head.extend_from_slice(&id.to_be_bytes());
         let mut pattern = Vec::new();
         while pattern.len() < 4096 {
-            codec::append_raw(&mut pattern, 0x30, 1, b"not a frame");
+            codec::append_raw(&mut pattern, 0x30, 1, b"not a frame")
+                .expect("the test's frames fit");
         }
         Stream {
             head,
@@ -78,7 +79,7 @@ impl Read for Stream {
 
 fn next_frame_bytes() -> Vec<u8> {
     let mut v = Vec::new();
-    codec::append_raw(&mut v, 0x02, 42, b"still in step");
+    codec::append_raw(&mut v, 0x02, 42, b"still in step").expect("the test's frames fit");
     v
 }
 

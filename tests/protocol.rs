@@ -201,7 +201,7 @@ fn every_kind_round_trips() {
         // Re-encoding is byte for byte the same.
         assert_eq!(back.to_bytes(id), bytes);
         // encode appends behind what is already in the buffer.
-        msg.encode(id, &mut stream);
+        msg.encode(id, &mut stream).expect("the test's frames fit");
     }
     let (items, dec) = codec::decode_chunks([&stream[..]]);
     assert!(dec.is_at_boundary());
@@ -376,7 +376,8 @@ fn other_defaults() {
             code: None,
             signal: None,
             core_dumped: false,
-            status: 0
+            status: 0,
+            output_dropped: None,
         }))
     );
     // READY: uptime_ms absent.
@@ -394,7 +395,8 @@ fn exited_constructors() {
             code: Some(3),
             signal: None,
             core_dumped: false,
-            status: 3
+            status: 3,
+            output_dropped: None,
         }
     );
     assert_eq!(
@@ -403,7 +405,8 @@ fn exited_constructors() {
             code: None,
             signal: Some(11),
             core_dumped: true,
-            status: 139
+            status: 139,
+            output_dropped: None,
         }
     );
 }

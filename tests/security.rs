@@ -385,8 +385,12 @@ fn no_new_privs_sets_the_flag() {
 /// `victim`, a READY, a SHUTDOWN_DONE, an ERROR, and an oversized header.
 fn forged_frames(victim: u32) -> Vec<u8> {
     let mut out = Vec::new();
-    Message::Exited(Exited::from_code(0)).encode(victim, &mut out);
-    Message::Stdout(b"FORGED-MARKER for the victim").encode(victim, &mut out);
+    Message::Exited(Exited::from_code(0))
+        .encode(victim, &mut out)
+        .expect("the test's frames fit");
+    Message::Stdout(b"FORGED-MARKER for the victim")
+        .encode(victim, &mut out)
+        .expect("the test's frames fit");
     Message::Ready(agentd::messages::Ready {
         protocol: 1,
         agent: "FORGED-MARKER".into(),
@@ -397,8 +401,11 @@ fn forged_frames(victim: u32) -> Vec<u8> {
         max_sessions: 1,
         uptime_ms: None,
     })
-    .encode(0, &mut out);
-    Message::ShutdownDone.encode(0, &mut out);
+    .encode(0, &mut out)
+    .expect("the test's frames fit");
+    Message::ShutdownDone
+        .encode(0, &mut out)
+        .expect("the test's frames fit");
     out.extend_from_slice(&agentd::codec::header(Kind::Stdout as u8, victim, 0));
     out.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x30]);
     out

@@ -235,6 +235,7 @@ fn decode_only() -> Vec<(&'static str, u32, Message<'static>, Option<&'static st
                 signal: None,
                 core_dumped: false,
                 status: 3,
+                output_dropped: None,
             }),
             Some("exited-code"),
         ),

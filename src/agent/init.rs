@@ -86,7 +86,10 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use tracing::level_filters::LevelFilter;
 use tracing::{debug, error, info, warn};
+
+use super::{log, sys};
 
 /// Where [`load_modules`] looks for `NAME.ko`.
 pub const MODULE_DIR: &str = "/lib/modules/agentd";
@@ -95,7 +98,7 @@ pub const MODULE_DIR: &str = "/lib/modules/agentd";
 pub const DEFAULT_PORT: &str = "agent";
 
 /// `PATH` of [`default_env`].
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = super::spawn::DEFAULT_PATH;
 
 /// How long [`power_off`] waits for processes to exit after SIGTERM.
 pub const POWER_OFF_GRACE: Duration = Duration::from_millis(1000);
@@ -238,7 +241,7 @@ pub const TEST_CMDLINE_ENV: &str = "AGENTD_TEST_CMDLINE";
 /// process that is not PID 1 reads [`TEST_CMDLINE_ENV`] instead when it is
 /// set.
 pub fn read_boot_config() -> BootConfig {
-    if std::process::id() != 1 {
+    if !sys::is_pid1() {
         if let Some(cmdline) = std::env::var_os(TEST_CMDLINE_ENV) {
             return parse_cmdline(&cmdline.to_string_lossy());
         }
@@ -543,22 +546,6 @@ pub fn default_env() -> Vec<(String, String)> {
     ]
 }
 
-/// Milliseconds since the machine booted (`CLOCK_BOOTTIME`), for READY's
-/// `uptime_ms`.
-pub fn uptime_ms() -> Option<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec that outlives the call;
-    // clock_gettime writes only into it.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    if rc != 0 {
-        return None;
-    }
-    Some(ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000)
-}
-
 // ---------------------------------------------------------------------------
 // The virtio-console port
 // ---------------------------------------------------------------------------
@@ -743,7 +730,7 @@ pub fn logger_target() -> LogTarget {
             .ok()
             .map(File::from)
     };
-    if std::process::id() != 1 || in_child_pid_namespace() {
+    if !sys::is_pid1() || in_child_pid_namespace() {
         return LogTarget {
             file: stderr(),
             kmsg: false,
@@ -765,28 +752,24 @@ pub fn logger_target() -> LogTarget {
     LogTarget { file, kmsg: false }
 }
 
-/// Parses an `agentd.log=` level; unknown or absent gives `info`.
-pub fn parse_level(level: Option<&str>) -> tracing::Level {
-    match level.map(|l| l.trim().to_ascii_lowercase()).as_deref() {
-        Some("error") => tracing::Level::ERROR,
-        Some("warn") | Some("warning") => tracing::Level::WARN,
-        Some("debug") => tracing::Level::DEBUG,
-        Some("trace") => tracing::Level::TRACE,
-        _ => tracing::Level::INFO,
-    }
-}
-
 /// Installs the global tracing subscriber of PID 1: plain text (no colours, no
-/// timestamps: the kernel log stamps records) to [`logger_target`], at
-/// `level` (`agentd.log=`). Does nothing if a subscriber is already set.
-pub fn init_logging(level: Option<&str>) {
+/// timestamps: the kernel log stamps records) to [`logger_target`], at the
+/// level `flag` (`--log-level`) names, else `cmdline` (`agentd.log=`), else
+/// info. A value that is not a level is reported and info is used. Does
+/// nothing if a subscriber is already set.
+pub fn init_logging(flag: Option<&str>, cmdline: Option<&str>) {
+    let (source, value) = match flag {
+        Some(v) => ("--log-level", Some(v)),
+        None => ("agentd.log", cmdline),
+    };
+    let (level, complaint) = log::level_or(source, value, LevelFilter::INFO);
     let target = logger_target();
     let kmsg = target.is_kmsg();
     let builder = tracing_subscriber::fmt()
         .with_writer(target)
         .with_ansi(false)
         .with_target(false)
-        .with_max_level(parse_level(level));
+        .with_max_level(level);
     let res = if kmsg {
         builder.without_time().try_init()
     } else {
@@ -795,17 +778,9 @@ pub fn init_logging(level: Option<&str>) {
     if res.is_err() {
         debug!("a tracing subscriber was already installed");
     }
-    if let Some(bad) = level.filter(|l| !is_level(l)) {
-        warn!("log level {bad:?} is not one of error, warn, info, debug, trace; logging at info");
+    if let Some(c) = complaint {
+        warn!("{c}");
     }
-}
-
-/// Whether [`parse_level`] knows `level` (else it falls back to info).
-fn is_level(level: &str) -> bool {
-    matches!(
-        level.trim().to_ascii_lowercase().as_str(),
-        "error" | "warn" | "warning" | "info" | "debug" | "trace"
-    )
 }
 
 /// Writes one line straight to the log target, bypassing tracing (for the
@@ -896,7 +871,7 @@ pub fn power_off(mounted: &[PathBuf]) -> ! {
 /// [`power_off`], with the exit status a process that is not PID 1 exits
 /// with.
 fn end(mounted: &[PathBuf], status: i32) -> ! {
-    let pid1 = std::process::id() == 1;
+    let pid1 = sys::is_pid1();
     if pid1 {
         info!("powering off: terminating all processes");
         let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
@@ -971,11 +946,11 @@ pub struct Boot {
 /// logging and the panic hook.
 pub fn boot(log_level: Option<&str>) -> Boot {
     install_panic_hook();
-    if std::process::id() != 1 {
+    if !sys::is_pid1() {
         // `agentd --init` outside a VM: mounting, loading modules or
         // setting the hostname would change the machine the tests run on.
         let config = read_boot_config();
-        init_logging(log_level.or(config.log.as_deref()));
+        init_logging(log_level, config.log.as_deref());
         info!(
             "agentd {} with --init; command line: {config:?}",
             env!("CARGO_PKG_VERSION")
@@ -997,7 +972,7 @@ pub fn boot(log_level: Option<&str>) -> Boot {
         .finish();
     let mounted = tracing::subscriber::with_default(early, mount_basics);
     let config = read_boot_config();
-    init_logging(log_level.or(config.log.as_deref()));
+    init_logging(log_level, config.log.as_deref());
     info!(
         "agentd {} as PID 1; command line: {config:?}",
         env!("CARGO_PKG_VERSION")
@@ -1101,14 +1076,6 @@ mod tests {
         let env = default_env();
         assert!(env.contains(&("PATH".into(), DEFAULT_PATH.into())));
         assert!(env.contains(&("HOME".into(), "/root".into())));
-    }
-
-    #[test]
-    fn levels_parse() {
-        assert_eq!(parse_level(None), tracing::Level::INFO);
-        assert_eq!(parse_level(Some("DEBUG")), tracing::Level::DEBUG);
-        assert_eq!(parse_level(Some("warning")), tracing::Level::WARN);
-        assert_eq!(parse_level(Some("bogus")), tracing::Level::INFO);
     }
 
     #[test]
@@ -1231,7 +1198,7 @@ mod tests {
 
     #[test]
     fn uptime_is_positive() {
-        assert!(uptime_ms().unwrap() > 0);
+        assert!(sys::uptime_ms().unwrap() > 0);
     }
 
     #[test]

@@ -1,29 +1,49 @@
-//! The guest agent: one thread, one `mio::Poll`, sessions in a slab.
+//! The guest agent: one thread, one `mio::Poll`, host links and sessions
+//! in slabs. docs/DESIGN.md explains the loop; each module says why it is
+//! shaped as it is.
 //!
-//! - [`event_loop`]: the poll loop, frame dispatch, reaping, deadlines.
-//! - [`session`]: one child's fds and flow control, as a state machine.
-//! - [`spawn`]: from EXEC to a running child (clone, execve, error pipe).
-//! - [`transport`]: the host stream and the output queue.
-//! - [`user`]: `user` resolution from /etc/passwd and /etc/group.
-//! - [`process`]: process-wide setup (signal mask, fd hygiene, subreaper).
+//! - `event_loop`: the poll and one turn of the loop ([`EventLoop`]).
+//! - `core`: the agent's state and what the loop does with it: reading
+//!   links, reaping, deadlines, backpressure, shutdown.
+//! - `dispatch`: what each frame a host sends does.
+//! - `link`: one host connection (transport, decoder, output queue,
+//!   connection state); the only code that touches a transport fd.
+//! - `stream`: the flow-controlled byte streams every session (and every
+//!   extension stream) is made of.
+//! - `session`: one child's fds and streams, as a state machine.
+//! - `spawn`: from EXEC to a running child (clone, execve, status pipe).
+//! - `transport`, `outqueue`: opening a host's transport; the queue of
+//!   frames going to it.
+//! - `timers`, `token`, `sys`: deadlines, event tokens, system calls.
+//! - `user`: `user` resolution from /etc/passwd and /etc/group.
+//! - `process`, `log`: process-wide setup and logging.
 //! - [`init`]: PID-1 duties (mounts, kernel command line, modules, the
 //!   virtio port, logging, power-off).
 
-pub mod event_loop;
+mod core;
+mod dispatch;
+mod event_loop;
 pub mod init;
-pub mod process;
-pub mod session;
-pub mod spawn;
-pub mod transport;
-pub mod user;
+mod link;
+mod log;
+mod outqueue;
+mod process;
+mod session;
+mod spawn;
+mod stream;
+mod sys;
+mod timers;
+mod token;
+mod transport;
+mod user;
 
-pub use event_loop::{Config, EventLoop, Exit};
+pub use event_loop::{Config, EventLoop, Exit, LoopError};
+pub use log::parse_level;
+pub use process::{become_subreaper, cloexec_inherited_fds, setup_signals};
+pub use spawn::SpawnDefaults;
+pub use transport::{Transport, TransportKind};
 
 use std::path::PathBuf;
-
-use tracing::level_filters::LevelFilter;
-
-use transport::Transport;
 
 /// Where the agent finds its host.
 #[derive(Debug, Clone)]
@@ -40,7 +60,8 @@ pub struct Options {
     pub mode: Mode,
     pub max_sessions: usize,
     pub stdin_window: u32,
-    /// `error`, `warn`, `info`, `debug` or `trace`; else `AGENTD_LOG`, else warn.
+    /// `off`, `error`, `warn`, `info`, `debug` or `trace`; else
+    /// `AGENTD_LOG`, else warn.
     pub log_level: Option<String>,
 }
 
@@ -56,41 +77,33 @@ impl Options {
     }
 }
 
-/// Logs to stderr (nonblocking: see [`process::LogSink`]), never to the
-/// transport.
-///
-/// The level is `level` (from `--log-level`), else `AGENTD_LOG`, else
-/// warn; a value that is not a level is reported (at warn, which every
-/// level but `error` and `off` shows) and warn is used.
-pub fn init_logging(level: Option<&str>) {
-    let (source, requested) = match level {
-        Some(l) => ("--log-level", Some(l.to_owned())),
-        None => ("AGENTD_LOG", std::env::var("AGENTD_LOG").ok()),
+/// Runs the event loop on an open transport, with `env` as the sessions'
+/// base environment, until the transport closes or a shutdown completes.
+/// Raises the agent's fd limit first (children get the original back).
+pub fn serve(
+    transport: Transport,
+    opts: &Options,
+    env: Vec<(String, String)>,
+) -> Result<Exit, LoopError> {
+    let config = Config {
+        max_sessions: opts.max_sessions,
+        stdin_window: opts.stdin_window,
+        pid1: sys::is_pid1(),
+        defaults: SpawnDefaults {
+            env,
+            child_nofile: process::raise_fd_limit(),
+        },
     };
-    let parsed = requested.as_deref().map(str::parse::<LevelFilter>);
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(match parsed {
-            Some(Ok(level)) => level,
-            _ => LevelFilter::WARN,
-        })
-        .with_writer(process::LogSink::stderr())
-        .with_ansi(false)
-        .try_init();
-    if let (Some(Err(_)), Some(value)) = (parsed, requested) {
-        tracing::warn!(
-            "{source}={value:?} is not a log level (off, error, warn, info, debug, trace); logging at warn"
-        );
-    }
+    let mut event_loop = EventLoop::new(config, transport)?;
+    Ok(event_loop.run())
 }
 
 /// Runs the agent as a normal process (not PID 1 init): process setup,
 /// the transport, the loop. Returns the process exit status.
 pub fn run(opts: &Options) -> i32 {
-    init_logging(opts.log_level.as_deref());
+    log::init_stderr_logging(opts.log_level.as_deref());
     process::cloexec_inherited_fds();
-    // SAFETY: getpid cannot fail.
-    let pid1 = unsafe { libc::getpid() } == 1;
-    if !pid1 {
+    if !sys::is_pid1() {
         if let Err(e) = process::become_subreaper() {
             tracing::warn!(error = %e, "cannot become a child subreaper; orphans will not be reaped here");
         }
@@ -114,21 +127,14 @@ pub fn run(opts: &Options) -> i32 {
         tracing::error!(error = %e, "blocking signals");
         return 1;
     }
-    let mut config = Config {
-        max_sessions: opts.max_sessions,
-        stdin_window: opts.stdin_window,
-        pid1,
-        ..Config::default()
-    };
-    config.defaults.child_nofile = process::raise_fd_limit();
-    let mut event_loop = match EventLoop::new(config, transport) {
-        Ok(l) => l,
+    match serve(transport, opts, SpawnDefaults::from_agent_env().env) {
+        Ok(exit) => {
+            tracing::info!(?exit, "agent exiting");
+            0
+        }
         Err(e) => {
             eprintln!("agentd: {e}");
-            return 1;
+            1
         }
-    };
-    let exit = event_loop.run();
-    tracing::info!(?exit, "agent exiting");
-    0
+    }
 }

@@ -56,65 +56,12 @@ pub fn become_subreaper() -> io::Result<()> {
     Ok(())
 }
 
-/// Where the agent's logs go: its stderr, through an open file of its own
-/// that is nonblocking, so a reader that stops reading (or a slow serial
-/// console) costs log lines, never the loop.
-///
-/// `/proc/self/fd/2` is opened anew (for a pipe, a terminal or a file that
-/// gives a separate open file description, whose O_NONBLOCK does not touch
-/// whoever shares fd 2); if that fails (a socket) fd 2 is duplicated and
-/// written as it is.
-#[derive(Debug)]
-pub struct LogSink(Option<std::fs::File>);
-
-impl LogSink {
-    pub fn stderr() -> LogSink {
-        use std::os::fd::FromRawFd;
-        use std::os::unix::fs::OpenOptionsExt;
-        let reopened = std::fs::OpenOptions::new()
-            .append(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
-            .open("/proc/self/fd/2");
-        if let Ok(f) = reopened {
-            return LogSink(Some(f));
-        }
-        // SAFETY: F_DUPFD_CLOEXEC returns a new fd we own, or -1.
-        let fd = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) };
-        // SAFETY: a non-negative `fd` was just created and is ours alone.
-        LogSink((fd >= 0).then(|| unsafe { std::fs::File::from_raw_fd(fd) }))
-    }
-}
-
-/// One log line's writer; without a stderr, lines are dropped.
-pub struct LogWriter<'a>(Option<&'a std::fs::File>);
-
-impl io::Write for LogWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &mut self.0 {
-            Some(f) => f.write(buf),
-            None => Ok(buf.len()),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
-    type Writer = LogWriter<'a>;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        LogWriter(self.0.as_ref())
-    }
-}
-
 /// Raises the agent's soft RLIMIT_NOFILE to its hard limit (a session
 /// costs up to four fds, so the usual soft 1024 would cap the agent near
 /// 250 sessions) and returns the limit as it was, for children: they get
 /// the original soft limit back (programs that use select(2) break above
 /// 1024). `None` when the limit could not be read.
-pub fn raise_fd_limit() -> Option<libc::rlimit> {
+pub(crate) fn raise_fd_limit() -> Option<libc::rlimit> {
     let mut original = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

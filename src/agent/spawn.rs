@@ -27,20 +27,22 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::messages::{Exec, ExecFailedKind, RlimitResource};
+use crate::messages::{clip, quote, Exec, ExecFailedKind, RlimitResource};
 
+use super::sys::{cvt, open_dev_null, pipe_cloexec, set_nonblocking};
 use super::user::{self, Identity};
 
 /// The `PATH` used to find `cmd` when the child's environment has none.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The `TERM` a tty session gets unless its environment says otherwise.
-pub const DEFAULT_TERM: &str = "xterm-256color";
+pub(crate) const DEFAULT_TERM: &str = "xterm-256color";
 
 /// Why a session could not start: becomes EXEC_FAILED.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
-pub struct SpawnError {
+pub(crate) struct SpawnError {
     pub kind: ExecFailedKind,
     pub message: String,
     pub errno: Option<i32>,
@@ -103,7 +105,7 @@ impl SpawnDefaults {
 }
 
 /// An EXEC turned into C data, ready for the child.
-pub struct Prepared {
+pub(crate) struct Prepared {
     path: CString,
     /// Owns the strings `argv_ptrs` points into.
     _argv: Vec<CString>,
@@ -159,7 +161,8 @@ unsafe fn raw_sigaction(
     old: *mut KernelSigaction,
 ) -> libc::c_long {
     // The last argument is the size of the kernel's sigset_t: 8 bytes.
-    libc::syscall(libc::SYS_rt_sigaction, sig, act, old, 8usize)
+    // SAFETY: the caller's contract: `act` and `old` are valid or null.
+    unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, act, old, 8usize) }
 }
 
 fn c_string(what: &str, s: &str) -> Result<CString, SpawnError> {
@@ -167,7 +170,7 @@ fn c_string(what: &str, s: &str) -> Result<CString, SpawnError> {
 }
 
 /// Validates an EXEC and builds everything the child needs.
-pub fn prepare(exec: &Exec, defaults: &SpawnDefaults) -> Result<Prepared, SpawnError> {
+pub(crate) fn prepare(exec: &Exec, defaults: &SpawnDefaults) -> Result<Prepared, SpawnError> {
     if exec.cmd.is_empty() {
         return Err(SpawnError::invalid("cmd is empty"));
     }
@@ -188,12 +191,14 @@ pub fn prepare(exec: &Exec, defaults: &SpawnDefaults) -> Result<Prepared, SpawnE
     }
     for r in &exec.rlimits {
         let res = RlimitResource::parse(&r.resource).ok_or_else(|| {
-            SpawnError::invalid(format!("unknown rlimit resource {:?}", r.resource))
+            SpawnError::invalid(format!("unknown rlimit resource {}", quote(&r.resource)))
         })?;
         if r.soft > r.hard {
             return Err(SpawnError::invalid(format!(
                 "rlimit {}: soft limit {} is above hard limit {}",
-                r.resource, r.soft, r.hard
+                quote(&r.resource),
+                r.soft,
+                r.hard
             )));
         }
         rlimits.push((
@@ -237,12 +242,13 @@ pub fn prepare(exec: &Exec, defaults: &SpawnDefaults) -> Result<Prepared, SpawnE
         env
     };
     for entry in &exec.env {
-        let (k, v) = entry
-            .split_once('=')
-            .ok_or_else(|| SpawnError::invalid(format!("env entry {entry:?} is not KEY=VALUE")))?;
+        let (k, v) = entry.split_once('=').ok_or_else(|| {
+            SpawnError::invalid(format!("env entry {} is not KEY=VALUE", quote(entry)))
+        })?;
         if k.is_empty() {
             return Err(SpawnError::invalid(format!(
-                "env entry {entry:?} has an empty key"
+                "env entry {} has an empty key",
+                quote(entry)
             )));
         }
         set_var(&mut env, k, v);
@@ -341,7 +347,7 @@ fn resolve_program(
     };
     Err(SpawnError {
         kind,
-        message: format!("{cmd:?} {what} in any PATH directory"),
+        message: format!("{} {what} in any PATH directory", quote(cmd)),
         errno: Some(errno),
         stage: Some("lookup"),
     })
@@ -357,7 +363,7 @@ fn is_executable(path: &Path) -> bool {
 
 /// The agent's ends of a started child's stdio.
 #[derive(Debug)]
-pub enum ChildStdio {
+pub(crate) enum ChildStdio {
     /// A terminal: the master carries output, and input unless `stdin` is
     /// false (then the child's stdin is /dev/null).
     Pty { master: OwnedFd, stdin: bool },
@@ -372,7 +378,7 @@ pub enum ChildStdio {
 /// A cloned child, on its way to execve. Whether it got there is read
 /// from `status` (the loop polls it; see [`StartStatus`]).
 #[derive(Debug)]
-pub struct Child {
+pub(crate) struct Child {
     pub pid: libc::pid_t,
     pub stdio: ChildStdio,
     pub status: StartStatus,
@@ -442,38 +448,12 @@ impl Stage {
             _ => Other,
         };
         let what = match self {
-            Stage::Execve => format!("execve {program}"),
-            Stage::Chdir => format!("chdir {}", cwd.unwrap_or("")),
+            Stage::Execve => format!("execve {}", clip(program)),
+            Stage::Chdir => format!("chdir {}", clip(cwd.unwrap_or(""))),
             other => other.name().to_owned(),
         };
         SpawnError::os(kind, self.name(), &what, errno)
     }
-}
-
-fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// A pipe with both ends close-on-exec: (read, write).
-fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl on an fd the caller owns; no pointers involved.
-    unsafe {
-        let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
-        cvt(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
-    }
-    Ok(())
 }
 
 /// Opens a new pseudo-terminal: (master, slave), both close-on-exec, the
@@ -513,13 +493,6 @@ fn open_pty(size: &libc::winsize) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((master, unsafe { OwnedFd::from_raw_fd(slave) }))
 }
 
-fn open_dev_null() -> io::Result<OwnedFd> {
-    // SAFETY: a constant NUL-terminated path and flags.
-    let fd = cvt(unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
-    // SAFETY: open succeeded, the fd is ours alone.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// The child's three stdio fds before the clone (all close-on-exec; dup3 onto
 /// 0, 1 and 2 in the child clears that flag on the copies).
 struct ChildEnds {
@@ -542,7 +515,7 @@ struct ChildEnds {
 /// would write `errno` in the agent's thread-local storage), reads the
 /// [`Launch`] the agent keeps untouched until the child is done with it
 /// (see [`StartStatus`]), and writes only to its own stack.
-pub fn spawn(p: Prepared) -> Result<Child, SpawnError> {
+pub(crate) fn spawn(p: Prepared) -> Result<Child, SpawnError> {
     let (agent_side, child_ends) = match &p.tty {
         Some(size) => {
             let openpty_err = |e: io::Error| SpawnError::resources("openpty", &e);
@@ -673,7 +646,7 @@ struct Launch {
 
 /// The parent's end of a child's close-on-exec status pipe: it ends
 /// without a byte when execve succeeds, or carries (stage, errno).
-pub struct StartStatus {
+pub(crate) struct StartStatus {
     pipe: OwnedFd,
     program: String,
     cwd: Option<String>,
@@ -710,7 +683,7 @@ impl Drop for StartStatus {
 
 /// What the status pipe says so far.
 #[derive(Debug)]
-pub enum StartReport {
+pub(crate) enum StartReport {
     /// Nothing yet: the child has not reached execve.
     Pending,
     /// execve succeeded: the program runs.
@@ -720,18 +693,18 @@ pub enum StartReport {
 }
 
 impl StartStatus {
-    pub fn fd(&self) -> RawFd {
+    pub(crate) fn fd(&self) -> RawFd {
         self.pipe.as_raw_fd()
     }
 
     /// Tells the status that its child has been reaped: the memory it ran
     /// on can be freed.
-    pub fn child_reaped(&self) {
+    pub(crate) fn child_reaped(&self) {
         self.child_done.set(true);
     }
 
     /// Reads the pipe without blocking.
-    pub fn poll(&self) -> StartReport {
+    pub(crate) fn poll(&self) -> StartReport {
         let mut report = [0u8; 8];
         let n = loop {
             // SAFETY: reading into a local buffer of the given length.
@@ -791,19 +764,23 @@ compile_error!(
 #[cfg(target_arch = "x86_64")]
 unsafe fn sys(nr: libc::c_long, a: [usize; 6]) -> isize {
     let ret: isize;
-    std::arch::asm!(
-        "syscall",
-        inlateout("rax") nr as isize => ret,
-        in("rdi") a[0],
-        in("rsi") a[1],
-        in("rdx") a[2],
-        in("r10") a[3],
-        in("r8") a[4],
-        in("r9") a[5],
-        lateout("rcx") _,
-        lateout("r11") _,
-        options(nostack),
-    );
+    // SAFETY: the caller's contract: the call `nr` is sound with `a`;
+    // the asm clobbers only what it declares.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as isize => ret,
+            in("rdi") a[0],
+            in("rsi") a[1],
+            in("rdx") a[2],
+            in("r10") a[3],
+            in("r8") a[4],
+            in("r9") a[5],
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
     ret
 }
 
@@ -814,17 +791,21 @@ unsafe fn sys(nr: libc::c_long, a: [usize; 6]) -> isize {
 #[cfg(target_arch = "aarch64")]
 unsafe fn sys(nr: libc::c_long, a: [usize; 6]) -> isize {
     let ret: isize;
-    std::arch::asm!(
-        "svc 0",
-        in("x8") nr,
-        inlateout("x0") a[0] as isize => ret,
-        in("x1") a[1],
-        in("x2") a[2],
-        in("x3") a[3],
-        in("x4") a[4],
-        in("x5") a[5],
-        options(nostack),
-    );
+    // SAFETY: the caller's contract: the call `nr` is sound with `a`;
+    // the asm clobbers only what it declares.
+    unsafe {
+        std::arch::asm!(
+            "svc 0",
+            in("x8") nr,
+            inlateout("x0") a[0] as isize => ret,
+            in("x1") a[1],
+            in("x2") a[2],
+            in("x3") a[3],
+            in("x4") a[4],
+            in("x5") a[5],
+            options(nostack),
+        );
+    }
     ret
 }
 
@@ -834,23 +815,27 @@ unsafe fn sys(nr: libc::c_long, a: [usize; 6]) -> isize {
 /// # Safety
 /// Only in the cloned child.
 unsafe fn child_fail(err_fd: RawFd, stage: Stage, ret: isize) -> ! {
-    let errno = (-ret) as i32;
-    let mut report = [0u8; 8];
-    report[..4].copy_from_slice(&(stage as u32).to_ne_bytes());
-    report[4..].copy_from_slice(&errno.to_ne_bytes());
-    sys(
-        libc::SYS_write,
-        [
-            err_fd as usize,
-            report.as_ptr() as usize,
-            report.len(),
-            0,
-            0,
-            0,
-        ],
-    );
-    loop {
-        sys(libc::SYS_exit_group, [127, 0, 0, 0, 0, 0]);
+    // SAFETY: in the cloned child (the caller's contract): a write of a
+    // local array and exit_group, raw system calls that touch nothing shared.
+    unsafe {
+        let errno = (-ret) as i32;
+        let mut report = [0u8; 8];
+        report[..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+        report[4..].copy_from_slice(&errno.to_ne_bytes());
+        sys(
+            libc::SYS_write,
+            [
+                err_fd as usize,
+                report.as_ptr() as usize,
+                report.len(),
+                0,
+                0,
+                0,
+            ],
+        );
+        loop {
+            sys(libc::SYS_exit_group, [127, 0, 0, 0, 0, 0]);
+        }
     }
 }
 
@@ -867,100 +852,105 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 /// Only in the child cloned by `spawn`. Makes raw system calls only, writes
 /// only its own stack, allocates nothing, and never returns.
 unsafe fn child_after_clone(l: &Launch) -> ! {
-    let p = &l.prepared;
-    let fail = |stage, ret| child_fail(l.err_fd, stage, ret);
-    // Default dispositions for every signal the agent does not have at
-    // default (SIG_IGN survives exec: the agent ignores SIGPIPE, and may
-    // have inherited ignored signals), then an empty mask (the agent blocks
-    // the signals its signalfd reads, and a blocked mask survives exec).
-    let dfl = KernelSigaction::default();
-    for &sig in p.reset_signals {
-        let act = &dfl as *const KernelSigaction as usize;
-        sys(libc::SYS_rt_sigaction, [sig as usize, act, 0, 8, 0, 0]);
-    }
-    let empty: u64 = 0;
-    let set = &empty as *const u64 as usize;
-    sys(
-        libc::SYS_rt_sigprocmask,
-        [libc::SIG_SETMASK as usize, set, 0, 8, 0, 0],
-    );
+    // SAFETY: the caller's contract (only in the child cloned by `spawn`):
+    // every call below is a raw system call on data `spawn` prepared and
+    // keeps unchanged, or on this stack.
+    unsafe {
+        let p = &l.prepared;
+        let fail = |stage, ret| child_fail(l.err_fd, stage, ret);
+        // Default dispositions for every signal the agent does not have at
+        // default (SIG_IGN survives exec: the agent ignores SIGPIPE, and may
+        // have inherited ignored signals), then an empty mask (the agent blocks
+        // the signals its signalfd reads, and a blocked mask survives exec).
+        let dfl = KernelSigaction::default();
+        for &sig in p.reset_signals {
+            let act = &dfl as *const KernelSigaction as usize;
+            sys(libc::SYS_rt_sigaction, [sig as usize, act, 0, 8, 0, 0]);
+        }
+        let empty: u64 = 0;
+        let set = &empty as *const u64 as usize;
+        sys(
+            libc::SYS_rt_sigprocmask,
+            [libc::SIG_SETMASK as usize, set, 0, 8, 0, 0],
+        );
 
-    let r = sys(libc::SYS_setsid, [0; 6]);
-    if r < 0 {
-        fail(Stage::Setsid, r);
-    }
-    for (target, &fd) in l.fds.iter().enumerate() {
-        let r = if fd == target as RawFd {
-            // Already in place: only the close-on-exec flag must go.
-            sys(
-                libc::SYS_fcntl,
-                [target, libc::F_SETFD as usize, 0, 0, 0, 0],
-            )
-        } else {
-            sys(libc::SYS_dup3, [fd as usize, target, 0, 0, 0, 0])
-        };
+        let r = sys(libc::SYS_setsid, [0; 6]);
         if r < 0 {
-            fail(Stage::Stdio, r);
+            fail(Stage::Setsid, r);
         }
-    }
-    // fd 1 is the terminal even when stdin is /dev/null.
-    if l.tty {
-        let r = sys(libc::SYS_ioctl, [1, libc::TIOCSCTTY as usize, 0, 0, 0, 0]);
-        if r < 0 {
-            fail(Stage::Tty, r);
+        for (target, &fd) in l.fds.iter().enumerate() {
+            let r = if fd == target as RawFd {
+                // Already in place: only the close-on-exec flag must go.
+                sys(
+                    libc::SYS_fcntl,
+                    [target, libc::F_SETFD as usize, 0, 0, 0, 0],
+                )
+            } else {
+                sys(libc::SYS_dup3, [fd as usize, target, 0, 0, 0, 0])
+            };
+            if r < 0 {
+                fail(Stage::Stdio, r);
+            }
         }
-    }
-    if let Some(cwd) = &p.cwd {
-        let r = sys(libc::SYS_chdir, [cwd.as_ptr() as usize, 0, 0, 0, 0, 0]);
-        if r < 0 {
-            fail(Stage::Chdir, r);
+        // fd 1 is the terminal even when stdin is /dev/null.
+        if l.tty {
+            let r = sys(libc::SYS_ioctl, [1, libc::TIOCSCTTY as usize, 0, 0, 0, 0]);
+            if r < 0 {
+                fail(Stage::Tty, r);
+            }
         }
-    }
-    for (resource, limit) in &p.rlimits {
-        let limit = limit as *const libc::rlimit as usize;
-        let r = sys(libc::SYS_prlimit64, [0, *resource as usize, limit, 0, 0, 0]);
-        if r < 0 {
-            fail(Stage::Setrlimit, r);
+        if let Some(cwd) = &p.cwd {
+            let r = sys(libc::SYS_chdir, [cwd.as_ptr() as usize, 0, 0, 0, 0, 0]);
+            if r < 0 {
+                fail(Stage::Chdir, r);
+            }
         }
-    }
-    if let Some((uid, gid, groups)) = &p.identity {
+        for (resource, limit) in &p.rlimits {
+            let limit = limit as *const libc::rlimit as usize;
+            let r = sys(libc::SYS_prlimit64, [0, *resource as usize, limit, 0, 0, 0]);
+            if r < 0 {
+                fail(Stage::Setrlimit, r);
+            }
+        }
+        if let Some((uid, gid, groups)) = &p.identity {
+            let r = sys(
+                libc::SYS_setgroups,
+                [groups.len(), groups.as_ptr() as usize, 0, 0, 0, 0],
+            );
+            if r < 0 {
+                fail(Stage::Setgroups, r);
+            }
+            let r = sys(libc::SYS_setgid, [*gid as usize, 0, 0, 0, 0, 0]);
+            if r < 0 {
+                fail(Stage::Setgid, r);
+            }
+            let r = sys(libc::SYS_setuid, [*uid as usize, 0, 0, 0, 0, 0]);
+            if r < 0 {
+                fail(Stage::Setuid, r);
+            }
+        }
+        if p.no_new_privs {
+            let r = sys(
+                libc::SYS_prctl,
+                [libc::PR_SET_NO_NEW_PRIVS as usize, 1, 0, 0, 0, 0],
+            );
+            if r < 0 {
+                fail(Stage::NoNewPrivs, r);
+            }
+        }
         let r = sys(
-            libc::SYS_setgroups,
-            [groups.len(), groups.as_ptr() as usize, 0, 0, 0, 0],
+            libc::SYS_execve,
+            [
+                p.path.as_ptr() as usize,
+                p.argv_ptrs.as_ptr() as usize,
+                p.envp_ptrs.as_ptr() as usize,
+                0,
+                0,
+                0,
+            ],
         );
-        if r < 0 {
-            fail(Stage::Setgroups, r);
-        }
-        let r = sys(libc::SYS_setgid, [*gid as usize, 0, 0, 0, 0, 0]);
-        if r < 0 {
-            fail(Stage::Setgid, r);
-        }
-        let r = sys(libc::SYS_setuid, [*uid as usize, 0, 0, 0, 0, 0]);
-        if r < 0 {
-            fail(Stage::Setuid, r);
-        }
+        fail(Stage::Execve, r)
     }
-    if p.no_new_privs {
-        let r = sys(
-            libc::SYS_prctl,
-            [libc::PR_SET_NO_NEW_PRIVS as usize, 1, 0, 0, 0, 0],
-        );
-        if r < 0 {
-            fail(Stage::NoNewPrivs, r);
-        }
-    }
-    let r = sys(
-        libc::SYS_execve,
-        [
-            p.path.as_ptr() as usize,
-            p.argv_ptrs.as_ptr() as usize,
-            p.envp_ptrs.as_ptr() as usize,
-            0,
-            0,
-            0,
-        ],
-    );
-    fail(Stage::Execve, r)
 }
 
 #[cfg(test)]

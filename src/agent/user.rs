@@ -8,9 +8,11 @@
 
 use std::fs;
 
+use crate::messages::quote;
+
 /// Who a child runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
+pub(crate) struct Identity {
     pub uid: u32,
     pub gid: u32,
     /// Supplementary groups, the primary gid first.
@@ -21,12 +23,12 @@ pub struct Identity {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UserError {
-    #[error("no user named {0:?} in /etc/passwd")]
+pub(crate) enum UserError {
+    #[error("no user named {} in /etc/passwd", quote(.0))]
     UnknownUser(String),
-    #[error("no group named {0:?} in /etc/group")]
+    #[error("no group named {} in /etc/group", quote(.0))]
     UnknownGroup(String),
-    #[error("empty user or group in {0:?}")]
+    #[error("empty user or group in {}", quote(.0))]
     Empty(String),
 }
 
@@ -74,7 +76,7 @@ fn group_entries(text: &str) -> impl Iterator<Item = (&str, u32, Vec<&str>)> + '
 
 /// Resolves `name`, `uid`, `name:group` or `uid:gid` with the databases at
 /// the usual paths.
-pub fn resolve(spec: &str) -> Result<Identity, UserError> {
+pub(crate) fn resolve(spec: &str) -> Result<Identity, UserError> {
     resolve_with(spec, &read_db("/etc/passwd"), &read_db("/etc/group"))
 }
 
@@ -86,7 +88,7 @@ pub fn resolve(spec: &str) -> Result<Identity, UserError> {
 ///   must exist in the group database.
 /// - Supplementary groups: the primary gid plus every group that lists the
 ///   user's name as a member. Nothing is inherited from the agent.
-pub fn resolve_with(spec: &str, passwd: &str, group: &str) -> Result<Identity, UserError> {
+pub(crate) fn resolve_with(spec: &str, passwd: &str, group: &str) -> Result<Identity, UserError> {
     let (user_part, group_part) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),

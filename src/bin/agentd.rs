@@ -26,9 +26,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agentd::agent::spawn::SpawnDefaults;
-use agentd::agent::transport::{Transport, TransportKind};
-use agentd::agent::{self, init, process, Config, EventLoop, Mode, Options};
+use agentd::agent::{self, init, Mode, Options, Transport, TransportKind};
 
 const USAGE: &str = "usage: agentd (--stdio | --port PATH | --init [--stdio | --port PATH]) [--max-sessions N] [--stdin-window BYTES] [--log-level error|warn|info|debug|trace]";
 
@@ -100,13 +98,12 @@ fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
         // PID 1 logs and powers off instead of killing init.
         panic!("agentd.test_panic=1: deliberate panic to test the panic hook");
     }
-    let pid1 = std::process::id() == 1;
-    process::cloexec_inherited_fds();
-    if let Err(e) = process::setup_signals() {
+    agent::cloexec_inherited_fds();
+    if let Err(e) = agent::setup_signals() {
         init::fatal(&format!("blocking signals: {e}"));
     }
-    if !pid1 {
-        if let Err(e) = process::become_subreaper() {
+    if std::process::id() != 1 {
+        if let Err(e) = agent::become_subreaper() {
             tracing::warn!(error = %e, "cannot become a child subreaper");
         }
     }
@@ -121,19 +118,10 @@ fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
             Err(e) => init::fatal(&e.to_string()),
         },
     };
-    let config = Config {
-        max_sessions: opts.max_sessions,
-        stdin_window: opts.stdin_window,
-        pid1,
-        defaults: SpawnDefaults {
-            env: init::default_env(),
-            child_nofile: process::raise_fd_limit(),
-        },
-    };
-    let mut event_loop =
-        EventLoop::new(config, transport).unwrap_or_else(|e| init::fatal(&e.to_string()));
-    let exit = event_loop.run();
-    tracing::info!(?exit, "agent loop ended; powering off");
+    match agent::serve(transport, &opts, init::default_env()) {
+        Ok(exit) => tracing::info!(?exit, "agent loop ended; powering off"),
+        Err(e) => init::fatal(&e.to_string()),
+    }
     init::power_off(&boot.mounted)
 }
 

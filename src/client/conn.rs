@@ -33,9 +33,11 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::error::{Error, Result};
-use super::session::ExitStatus;
+use super::status::ExitStatus;
 use crate::codec::{Decoder, Frame};
-use crate::messages::{Ack, ErrorMsg, ExecFailed, Kind, Message, Ready, PROTOCOL_VERSION};
+use crate::messages::{
+    Ack, EncodeError, ErrorMsg, ExecFailed, Kind, Message, Ready, PROTOCOL_VERSION,
+};
 
 /// Locks a mutex, recovering the data if another thread panicked with it.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -84,35 +86,35 @@ pub(crate) enum Routed {
 
 /// Per-session state shared by the reader and the session's handles.
 pub(crate) struct SessionShared {
-    pub id: u32,
-    pub state: Mutex<SessState>,
-    pub cond: Condvar,
+    pub(crate) id: u32,
+    pub(crate) state: Mutex<SessState>,
+    pub(crate) cond: Condvar,
 }
 
 pub(crate) struct SessState {
     /// STDIN bytes we may still send before an ack.
-    pub stdin_credit: u32,
+    pub(crate) stdin_credit: u32,
     /// The window the agent announced (for sanity checks of acks).
-    pub stdin_window: u32,
+    pub(crate) stdin_window: u32,
     /// The largest STDIN payload to put in one frame.
-    pub stdin_chunk: usize,
+    pub(crate) stdin_chunk: usize,
     /// STDIN_CLOSE sent, or the session has no stdin.
-    pub stdin_closed: bool,
+    pub(crate) stdin_closed: bool,
     /// EXITED or EXEC_FAILED received: the id is no longer ours.
-    pub ended: bool,
+    pub(crate) ended: bool,
     /// The transport closed while the session was live.
-    pub closed: bool,
+    pub(crate) closed: bool,
     /// The [`super::Session`] was dropped: output is discarded (and
     /// acknowledged) by the reader.
-    pub detached: bool,
+    pub(crate) detached: bool,
     /// The session's `output_window` (0: unlimited, no acks).
-    pub output_window: u32,
+    pub(crate) output_window: u32,
     /// Live [`super::SessionHandle`]s (the Session's own included).
-    pub handles: usize,
+    pub(crate) handles: usize,
 }
 
 impl SessionShared {
-    pub fn new(id: u32, st: SessState) -> Self {
+    pub(crate) fn new(id: u32, st: SessState) -> Self {
         SessionShared {
             id,
             state: Mutex::new(st),
@@ -120,11 +122,11 @@ impl SessionShared {
         }
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, SessState> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, SessState> {
         lock(&self.state)
     }
 
-    pub fn wait<'a>(&self, g: MutexGuard<'a, SessState>) -> MutexGuard<'a, SessState> {
+    pub(crate) fn wait<'a>(&self, g: MutexGuard<'a, SessState>) -> MutexGuard<'a, SessState> {
         wait(&self.cond, g)
     }
 }
@@ -175,13 +177,16 @@ impl Shared {
     /// Queues `msg` as a frame of session `id` for the writer, encoding it
     /// straight into the outgoing buffer (no allocation of its own, and a
     /// raw payload such as STDIN's is copied once, into that buffer).
-    pub fn send(&self, id: u32, msg: &Message<'_>) -> Result<()> {
+    pub(crate) fn send(&self, id: u32, msg: &Message<'_>) -> Result<()> {
         self.send_with(|buf| msg.encode(id, buf))
     }
 
     /// Queues whatever `encode` appends to the outgoing buffer: one or more
     /// whole frames. Fails once the write side is closing or closed.
-    pub fn send_with(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<()> {
+    pub(crate) fn send_with(
+        &self,
+        encode: impl FnOnce(&mut Vec<u8>) -> std::result::Result<(), EncodeError>,
+    ) -> Result<()> {
         let mut out = lock(&self.out);
         if out.close {
             return Err(out
@@ -190,7 +195,9 @@ impl Shared {
                 .map_or_else(Error::closed, Error::TransportClosed));
         }
         let was_empty = out.buf.is_empty();
-        encode(&mut out.buf);
+        // A frame over the limit is refused by the encoder (nothing is
+        // appended) and never sent.
+        encode(&mut out.buf).map_err(Error::Encode)?;
         // The writer only waits when the buffer is empty.
         if was_empty && !out.buf.is_empty() {
             self.out_cond.notify_one();
@@ -210,18 +217,18 @@ impl Shared {
     }
 
     /// The reason the connection closed, if it has.
-    pub fn closed_error(&self) -> Option<Error> {
+    pub(crate) fn closed_error(&self) -> Option<Error> {
         lock(&self.reg).closed.clone().map(Error::TransportClosed)
     }
 
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         lock(&self.reg).closed.is_some()
     }
 
     /// Closes the connection: every waiter wakes with `TransportClosed`,
     /// the writer closes the write side after what is queued, the reader
     /// stops. Idempotent; the first reason wins.
-    pub fn close(&self, reason: Option<String>) {
+    pub(crate) fn close(&self, reason: Option<String>) {
         let routes = {
             let mut reg = lock(&self.reg);
             if reg.closed.is_some() {
@@ -251,12 +258,12 @@ impl Shared {
     /// Asks the writer to close the write side after what is queued,
     /// without closing the connection (the agent's answer to end of file
     /// can still be read).
-    pub fn close_writer(&self) {
+    pub(crate) fn close_writer(&self) {
         self.close_outbox(None);
     }
 
     /// Waits for READY.
-    pub fn wait_ready(&self, timeout: Option<Duration>) -> Result<Ready> {
+    pub(crate) fn wait_ready(&self, timeout: Option<Duration>) -> Result<Ready> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = lock(&self.state);
         loop {
@@ -284,12 +291,12 @@ impl Shared {
     }
 
     /// The latest READY.
-    pub fn ready(&self) -> Option<Ready> {
+    pub(crate) fn ready(&self) -> Option<Ready> {
         lock(&self.state).ready.clone()
     }
 
     /// Registers a new session under a fresh id (never 0, never a live one).
-    pub fn register(
+    pub(crate) fn register(
         &self,
         make: impl FnOnce(u32) -> Arc<SessionShared>,
     ) -> Result<(u32, Arc<SessionShared>, mpsc::Receiver<Routed>)> {
@@ -315,12 +322,12 @@ impl Shared {
     }
 
     /// Forgets a session whose start failed.
-    pub fn unregister(&self, id: u32) {
+    pub(crate) fn unregister(&self, id: u32) {
         lock(&self.reg).routes.remove(&id);
     }
 
     /// Sends a PING and waits for its PONG.
-    pub fn ping(&self) -> Result<Duration> {
+    pub(crate) fn ping(&self) -> Result<Duration> {
         let (tx, rx) = mpsc::channel();
         let seq = {
             let mut reg = lock(&self.reg);
@@ -346,7 +353,7 @@ impl Shared {
 
     /// Sends SHUTDOWN and waits for SHUTDOWN_DONE (or an ERROR answering
     /// it, or the end of the connection).
-    pub fn shutdown(&self, grace_ms: u32) -> Result<()> {
+    pub(crate) fn shutdown(&self, grace_ms: u32) -> Result<()> {
         {
             let mut st = lock(&self.state);
             st.shutdown_pending = true;
@@ -372,7 +379,7 @@ impl Shared {
     }
 
     /// Waits until the connection is closed, at most `timeout`. True if it is.
-    pub fn wait_closed(&self, timeout: Duration) -> bool {
+    pub(crate) fn wait_closed(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut st = lock(&self.state);
         while !st.closed {
@@ -387,7 +394,7 @@ impl Shared {
 
     /// Connection-level ERRORs received so far (and frames that could not
     /// be decoded), oldest first; the list is emptied.
-    pub fn take_errors(&self) -> Vec<ErrorMsg> {
+    pub(crate) fn take_errors(&self) -> Vec<ErrorMsg> {
         lock(&self.errors).drain(..).collect()
     }
 
@@ -577,7 +584,7 @@ impl Shared {
 /// closes the transport (for a spawned agent: closes its stdin, which ends
 /// it and every session), reaps a spawned agent and joins the reader.
 pub(crate) struct Conn {
-    pub shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     reader: Mutex<Option<JoinHandle<()>>>,
     child: Mutex<Option<Child>>,
 }
@@ -588,7 +595,7 @@ const CHILD_EXIT_WAIT: Duration = Duration::from_secs(3);
 
 impl Conn {
     /// Starts the reader and writer threads on a transport.
-    pub fn start(read: OwnedFd, write: OwnedFd, child: Option<Child>) -> io::Result<Conn> {
+    pub(crate) fn start(read: OwnedFd, write: OwnedFd, child: Option<Child>) -> io::Result<Conn> {
         let (wake_r, wake_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         // Ids start at a varying point so that a host reconnecting to a
         // device port is unlikely to collide with sessions a previous host
@@ -637,12 +644,12 @@ impl Conn {
         })
     }
 
-    pub fn has_child(&self) -> bool {
+    pub(crate) fn has_child(&self) -> bool {
         lock(&self.child).is_some()
     }
 
     /// Waits (at most `timeout`) for a spawned agent to exit, and reaps it.
-    pub fn wait_child(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
+    pub(crate) fn wait_child(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let mut child = lock(&self.child);
         let c = child.as_mut()?;
         let deadline = Instant::now() + timeout;
@@ -663,7 +670,7 @@ impl Conn {
     /// socket mode, end of file: it kills every session and exits), reaps a
     /// spawned agent (killing it if it does not exit in time), then stops
     /// the reader. Idempotent.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.shared.close_writer();
         if let Some(mut child) = lock(&self.child).take() {
             let deadline = Instant::now() + CHILD_EXIT_WAIT;

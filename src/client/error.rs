@@ -50,6 +50,11 @@ pub enum Error {
     #[error("the session's stdin is closed")]
     StdinClosed,
 
+    /// A request that cannot be sent: it would be a frame over the frame
+    /// limit (for example an EXEC whose strings add up to more than 1 MiB).
+    #[error("cannot send the request: {0}")]
+    Encode(crate::messages::EncodeError),
+
     /// The agent sent something the contract does not allow (a frame that
     /// does not decode, output before STARTED, a zero stdin window...).
     #[error("agent broke the protocol: {0}")]

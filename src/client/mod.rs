@@ -66,6 +66,7 @@ mod command;
 mod conn;
 mod error;
 mod session;
+mod status;
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -78,7 +79,8 @@ use std::time::Duration;
 
 pub use command::Command;
 pub use error::{Error, Result};
-pub use session::{Event, Events, ExitStatus, Output, Session, SessionHandle};
+pub use session::{Event, Events, Output, Session, SessionHandle};
+pub use status::ExitStatus;
 
 pub use crate::messages::{
     ErrorKind, ErrorMsg, Exec, ExecFailed, ExecFailedKind, Ready, RlimitResource,

@@ -541,7 +541,9 @@ fn frames_split_at_every_byte_and_coalesced() {
     }
     agent.exec_reply(id).expect("EXEC sent byte by byte failed");
     let mut stdin = Vec::new();
-    Message::Stdin(b"split\n").encode(id, &mut stdin);
+    Message::Stdin(b"split\n")
+        .encode(id, &mut stdin)
+        .expect("the test's frames fit");
     for b in &stdin {
         agent.send_raw(std::slice::from_ref(b));
     }
@@ -549,9 +551,13 @@ fn frames_split_at_every_byte_and_coalesced() {
     // 1000 PINGs and the STDIN_CLOSE in one write.
     let mut many = Vec::new();
     for i in 0..1000u32 {
-        Message::Ping(&i.to_be_bytes()).encode(i, &mut many);
+        Message::Ping(&i.to_be_bytes())
+            .encode(i, &mut many)
+            .expect("the test's frames fit");
     }
-    Message::StdinClose.encode(id, &mut many);
+    Message::StdinClose
+        .encode(id, &mut many)
+        .expect("the test's frames fit");
     agent.send_raw(&many);
     for i in 0..1000u32 {
         let f = agent.recv_where(|f| f.kind == PONG, "PONG");

@@ -100,7 +100,7 @@ fn frame_too_large_answers_with_the_frames_id_then_skips_exactly_len() {
 
 /// Appends a small PING frame (bait inside bytes that must be skipped).
 fn append_bait_ping(out: &mut Vec<u8>) {
-    agentd::codec::append_raw(out, PING, 1, b"inside");
+    agentd::codec::append_raw(out, PING, 1, b"inside").expect("the test's frames fit");
 }
 
 #[test]
@@ -654,7 +654,8 @@ fn garbage_never_stops_the_agent_or_disturbs_a_session() {
                     // A map header in front, to get past the first check.
                     payload[0] = 0x80 | (rng.below(4) as u8);
                 }
-                agentd::codec::append_raw(&mut bytes, kind, id, &payload);
+                agentd::codec::append_raw(&mut bytes, kind, id, &payload)
+                    .expect("the test's frames fit");
             }
         }
         // Every garbage frame gets exactly one answer: an ERROR, or a PONG

@@ -176,7 +176,7 @@ both! {
         agent.exec(1, &cmd("sleep", &["1000"]));
         let procs = agent.descendants();
         let mut half = Vec::new();
-        agentd::codec::append_raw(&mut half, STDIN, 1, b"never finished");
+        agentd::codec::append_raw(&mut half, STDIN, 1, b"never finished").expect("the test's frames fit");
         half.truncate(12);
         agent.send_raw(&half);
         agent.close();

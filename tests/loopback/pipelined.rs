@@ -13,7 +13,7 @@ use crate::harness::*;
 fn batch(msgs: &[(Message<'_>, u32)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (m, id) in msgs {
-        m.encode(*id, &mut out);
+        m.encode(*id, &mut out).expect("the test's frames fit");
     }
     out
 }

@@ -91,7 +91,7 @@ impl Conn {
 
     fn send(&mut self, msg: &Message<'_>, id: u32) {
         let mut buf = Vec::new();
-        msg.encode(id, &mut buf);
+        msg.encode(id, &mut buf).expect("the test's frames fit");
         File::from(self.write.try_clone().expect("dup"))
             .write_all(&buf)
             .expect("write to agent");

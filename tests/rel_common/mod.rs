@@ -251,8 +251,12 @@ impl Agent {
         let id = self.fresh_id();
         self.logs.entry(id).or_default();
         let mut bytes = Message::Exec(Box::new(exec.clone())).to_bytes(id);
-        Message::Stdin(data).encode(id, &mut bytes);
-        Message::StdinClose.encode(id, &mut bytes);
+        Message::Stdin(data)
+            .encode(id, &mut bytes)
+            .expect("the test's frames fit");
+        Message::StdinClose
+            .encode(id, &mut bytes)
+            .expect("the test's frames fit");
         self.send_raw(&bytes).expect("write to the agent");
         id
     }

@@ -260,7 +260,7 @@ impl Host {
     /// Sends one frame with a raw payload (no tracking).
     pub fn send_frame(&self, kind: u8, id: u32, payload: &[u8]) {
         let mut buf = Vec::new();
-        codec::append_raw(&mut buf, kind, id, payload);
+        codec::append_raw(&mut buf, kind, id, payload).expect("the test's frames fit");
         self.send_raw(&buf);
     }
 

@@ -1,0 +1,195 @@
+//! What the agent does with each frame a host sends: decode it (refusing
+//! what the contract refuses, in the order docs/PROTOCOL.md gives), then
+//! act on the connection or on the session the frame's id names on that
+//! host's link. Every refusal is a typed ERROR or EXEC_FAILED, never the
+//! end of anything else.
+
+use std::io;
+use std::time::Duration;
+
+use crate::codec::{self, Frame};
+use crate::messages::{ErrorKind, Exec, ExecFailedKind, Kind, Message};
+
+use super::core::Core;
+use super::session::{Session, SessionSpec};
+use super::spawn::{self, SpawnError};
+use super::stream::InflowError;
+
+/// What a session frame's handler refuses with: an ERROR kind and message.
+type Refusal = (ErrorKind, String);
+
+impl Core {
+    /// One whole frame from link `lk`.
+    pub(crate) fn on_frame(&mut self, lk: usize, frame: Frame<'_>) {
+        let id = frame.id;
+        let msg = match Message::decode_from_host(frame) {
+            Ok(msg) => msg,
+            Err(e) => return self.send_error(lk, id, e.kind(), e.to_string(), Some(frame.kind)),
+        };
+        match msg {
+            Message::Ping(payload) => {
+                let link = &mut self.links[lk];
+                if let Err(e) = codec::append_raw(link.frames(), Kind::Pong as u8, id, payload) {
+                    // A PING's payload is at most 4 KiB (checked when decoded).
+                    tracing::error!(error = %e, "PONG could not be encoded");
+                }
+            }
+            Message::Shutdown(s) => {
+                self.start_shutdown(Duration::from_millis(u64::from(s.grace_ms)))
+            }
+            Message::Exec(req) => self.exec(lk, id, &req),
+            Message::Stdin(data) => self.with_session(lk, id, Kind::Stdin, |core, key| {
+                let window = core.config.stdin_window;
+                let frames = Some(core.links[lk].frames());
+                core.sessions[key]
+                    .push_stdin(data, window, frames, &core.registry)
+                    .map_err(|e| stdin_refusal(e, data.len()))
+            }),
+            Message::StdinClose => self.with_session(lk, id, Kind::StdinClose, |core, key| {
+                let frames = Some(core.links[lk].frames());
+                core.sessions[key]
+                    .close_stdin(frames, &core.registry)
+                    .map_err(|_| {
+                        let msg = "stdin of this session is already closed";
+                        (ErrorKind::StdinClosed, msg.to_owned())
+                    })
+            }),
+            Message::Resize(r) => self.with_session(lk, id, Kind::Resize, |core, key| {
+                let Some(fd) = core.sessions[key].pty_fd() else {
+                    let msg = "the session has no terminal (started without tty)";
+                    return Err((ErrorKind::NotATty, msg.to_owned()));
+                };
+                let size = libc::winsize {
+                    ws_row: r.rows,
+                    ws_col: r.cols,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                // SAFETY: TIOCSWINSZ reads a valid winsize from the pointer.
+                if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &size) } < 0 {
+                    tracing::warn!(id, error = %io::Error::last_os_error(), "TIOCSWINSZ failed");
+                }
+                Ok(())
+            }),
+            Message::Signal(sig) => self.with_session(lk, id, Kind::Signal, |core, key| {
+                if !(0..=64).contains(&sig.signal) {
+                    let msg = format!("{} is not a Linux signal number (0 to 64)", sig.signal);
+                    return Err((ErrorKind::InvalidSignal, msg));
+                }
+                core.sessions[key].signal(sig.signal, sig.group);
+                Ok(())
+            }),
+            Message::OutputAck(ack) => self.with_session(lk, id, Kind::OutputAck, |core, key| {
+                core.sessions[key].ack_output(ack.bytes);
+                core.service(key);
+                Ok(())
+            }),
+            // decode_from_host lets only host → agent kinds through.
+            other => self.send_error(
+                lk,
+                id,
+                ErrorKind::WrongDirection,
+                format!("{} is not sent by a host", other.kind().name()),
+                Some(frame.kind),
+            ),
+        }
+    }
+
+    /// Runs `f` on the session that `id` names on link `lk`, answering
+    /// ERROR for an unknown id or for what `f` refuses.
+    fn with_session(
+        &mut self,
+        lk: usize,
+        id: u32,
+        kind: Kind,
+        f: impl FnOnce(&mut Core, usize) -> Result<(), Refusal>,
+    ) {
+        let Some(&key) = self.ids.get(&(lk, id)) else {
+            let msg = format!("no session with id {id}");
+            return self.send_error(lk, id, ErrorKind::UnknownSession, msg, Some(kind as u8));
+        };
+        if let Err((err, message)) = f(self, key) {
+            self.send_error(lk, id, err, message, Some(kind as u8));
+        }
+    }
+
+    /// EXEC: checks the id and the agent's state, prepares and spawns the
+    /// child, and makes its session (STARTED waits for the status pipe).
+    fn exec(&mut self, lk: usize, id: u32, req: &Exec) {
+        if let Err(e) = self.may_exec(lk, id) {
+            return self.exec_failed(lk, id, e);
+        }
+        let child = match spawn::prepare(req, &self.config.defaults).and_then(spawn::spawn) {
+            Ok(child) => child,
+            Err(e) => return self.exec_failed(lk, id, e),
+        };
+        let pid = child.pid;
+        let spec = SessionSpec {
+            id,
+            link: lk,
+            seq: self.take_seq(),
+            output_window: req.output_window,
+            linger_ms: req.linger_ms,
+        };
+        let key = self.sessions.vacant_key();
+        match Session::new(spec, child, key, &self.registry) {
+            Ok(session) => self.add_session(key, session),
+            Err((e, status)) => {
+                self.unwatched(pid, status);
+                let err = SpawnError {
+                    kind: ExecFailedKind::Resource,
+                    message: format!("registering the session's fds: {e}"),
+                    errno: e.raw_os_error(),
+                    stage: Some("register"),
+                };
+                self.exec_failed(lk, id, err);
+            }
+        }
+    }
+
+    /// Why an EXEC for `id` on link `lk` cannot start a session now.
+    fn may_exec(&self, lk: usize, id: u32) -> Result<(), SpawnError> {
+        let fail = |kind, message: String| SpawnError {
+            kind,
+            message,
+            errno: None,
+            stage: None,
+        };
+        if id == 0 {
+            let msg = "session id 0 is reserved for the connection";
+            return Err(fail(ExecFailedKind::InvalidRequest, msg.to_owned()));
+        }
+        if self.ids.contains_key(&(lk, id)) {
+            let msg = "a session with this id is running";
+            return Err(fail(ExecFailedKind::DuplicateId, msg.to_owned()));
+        }
+        if self.is_shutting_down() {
+            let msg = "the agent is shutting down";
+            return Err(fail(ExecFailedKind::Other, msg.to_owned()));
+        }
+        if self.sessions.len() >= self.config.max_sessions {
+            let msg = format!(
+                "{} sessions are running, the agent's maximum",
+                self.sessions.len()
+            );
+            return Err(fail(ExecFailedKind::Resource, msg));
+        }
+        Ok(())
+    }
+}
+
+/// The ERROR for a STDIN the session's input refused.
+fn stdin_refusal(e: InflowError, len: usize) -> Refusal {
+    match e {
+        InflowError::Closed => (
+            ErrorKind::StdinClosed,
+            "stdin of this session is closed".to_owned(),
+        ),
+        InflowError::WindowExceeded { in_use, window } => (
+            ErrorKind::WindowExceeded,
+            format!(
+                "{len} bytes with {in_use} unacknowledged exceed the stdin window of {window}; frame dropped"
+            ),
+        ),
+    }
+}
