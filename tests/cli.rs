@@ -289,6 +289,20 @@ fn without_i_remote_stdin_is_dev_null() {
     assert_eq!(text(&out.stdout).trim(), "/dev/null");
 }
 
+/// `-t` without `-i`, as `docker exec -t c stty size`: the remote stdin is
+/// the remote terminal (no local byte is forwarded), so programs that ask
+/// their terminal about itself work; it used to be /dev/null.
+#[test]
+fn with_t_without_i_remote_stdin_is_the_terminal() {
+    let out = run_with_input(
+        &["exec", "-t", "--", "sh", "-c", "test -t 0 && stty size"],
+        b"not forwarded\n".to_vec(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // No local terminal: the default 24x80.
+    assert_eq!(text(&out.stdout).trim(), "24 80");
+}
+
 // ---------------------------------------------------------------------------
 // -e, -w, -u, --rlimit, --clear-env.
 

@@ -11,6 +11,8 @@
 //! - [`guarantees`]: the contract's seven guarantees.
 //! - [`flow_control`]: STDIN window and acks, OUTPUT_ACK, a host that stops
 //!   reading.
+//! - [`limits`]: no reply over the frame limit whatever a request quotes;
+//!   a shutdown always ends, whatever the windows and the host do.
 //! - [`pipelined`]: frames for a session sent before its STARTED.
 //! - [`transports`]: `--port` on a socket, a FIFO pair and a terminal.
 //! - [`tty`]: terminal sessions.
@@ -69,6 +71,8 @@ mod flow_control;
 mod guarantees;
 #[path = "loopback/init.rs"]
 mod init;
+#[path = "loopback/limits.rs"]
+mod limits;
 #[path = "loopback/pipelined.rs"]
 mod pipelined;
 #[path = "loopback/transports.rs"]

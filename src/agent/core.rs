@@ -7,7 +7,7 @@
 //! tables that tie them together: the host ids of each link, the pids
 //! being waited for, the timers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,10 @@ pub(crate) struct Core {
     /// Children being waited for, by pid (only when reaping: everything
     /// else is keyed by id).
     by_pid: HashMap<libc::pid_t, usize>,
+    /// Sessions that yielded their turn with nothing to wait for (they
+    /// drop their output: no link's draining will resume them): serviced
+    /// again next turn.
+    yielded: VecDeque<usize>,
     /// Children killed before their session existed (their fds could not
     /// be registered), with the memory they ran on, freed once reaped.
     unwatched: HashMap<libc::pid_t, StartStatus>,
@@ -109,6 +113,7 @@ impl Core {
             ids: HashMap::new(),
             by_pid: HashMap::new(),
             unwatched: HashMap::new(),
+            yielded: VecDeque::new(),
             timers: Timers::default(),
             config,
             shutdown: None,
@@ -242,8 +247,14 @@ impl Core {
             return;
         };
         let stop = s.service(&mut link.output(), &self.registry, &mut self.timers);
-        if stop.stalls() && s.mark_stalled() {
-            link.stall(key);
+        if stop.stalls() {
+            if s.is_discarding() {
+                // Whatever list it may be on: the link's will not resume it.
+                s.mark_stalled();
+                self.yielded.push_back(key);
+            } else if s.mark_stalled() {
+                link.stall(key);
+            }
         }
         if s.is_finished() {
             self.finish(key);
@@ -327,10 +338,11 @@ impl Core {
     /// How long the loop may sleep: zero when work is possible without an
     /// event, else until the nearest deadline, or forever.
     pub(crate) fn next_timeout(&self, now: Instant) -> Option<Duration> {
-        let immediate = self
-            .links
-            .iter()
-            .any(|(_, l)| l.may_read() || l.can_dispatch() || l.may_resume_stalled());
+        let immediate = !self.yielded.is_empty()
+            || self
+                .links
+                .iter()
+                .any(|(_, l)| l.may_read() || l.can_dispatch() || l.may_resume_stalled());
         if immediate {
             return Some(Duration::ZERO);
         }
@@ -352,6 +364,12 @@ impl Core {
     /// Flushes every link's queue and, while it is below the low-water
     /// mark, lets its stalled sessions read again.
     pub(crate) fn pump(&mut self) {
+        for key in std::mem::take(&mut self.yielded) {
+            if let Some(s) = self.sessions.get_mut(key) {
+                s.take_stalled();
+                self.service(key);
+            }
+        }
         for _ in 0..16 {
             let mut resumed = false;
             let keys: Vec<usize> = self.links.iter().map(|(k, _)| k).collect();
@@ -615,6 +633,7 @@ impl Core {
         let Some(sd) = &mut self.shutdown else {
             return;
         };
+
         let phase = sd.phase;
         match phase {
             ShutdownPhase::Grace => {

@@ -272,6 +272,11 @@ impl Session {
         std::mem::take(&mut self.stalled)
     }
 
+    /// Whether its output is being dropped (a shutdown past its grace).
+    pub(crate) fn is_discarding(&self) -> bool {
+        self.discard
+    }
+
     /// The status pipe of a starting session.
     pub(crate) fn start_status(&self) -> Option<&StartStatus> {
         match &self.state {

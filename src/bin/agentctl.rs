@@ -412,7 +412,12 @@ fn build_command(args: &ExecArgs) -> Command {
     cmd.as_exec_mut()
         .rlimits
         .extend(args.rlimit.iter().cloned());
-    cmd.stdin(args.interactive).output_window(OUTPUT_WINDOW);
+    // With -t the remote stdin is the remote terminal, whether or not local
+    // input is forwarded (as docker's `exec -t` without `-i`): programs
+    // ask it about itself (`stty size`, `test -t 0`). Without -t and -i it
+    // is /dev/null.
+    cmd.stdin(args.interactive || args.tty)
+        .output_window(OUTPUT_WINDOW);
     cmd
 }
 
