@@ -25,7 +25,7 @@ use super::event_loop::{handled_signals, Config, Exit, LoopError};
 use super::link::{HostLink, Input};
 use super::session::Session;
 use super::spawn::{SpawnError, StartReport, StartStatus};
-use super::sys::{self, send_signal};
+use super::sys::{self, send_signal, Reaped};
 use super::timers::{timeout_until, Timer, Timers};
 use super::token::Source;
 use super::transport::Transport;
@@ -285,7 +285,7 @@ impl Core {
     /// exits, so this waits with WNOHANG until nothing is left.
     pub(crate) fn reap(&mut self) {
         let now = Instant::now();
-        while let Some((pid, status)) = sys::reap_one() {
+        while let Reaped::Child(pid, status) = sys::reap_one() {
             let Some(key) = self.by_pid.remove(&pid) else {
                 if let Some(status) = self.unwatched.remove(&pid) {
                     // Its memory can go now.
@@ -740,12 +740,7 @@ pub(crate) fn kill_and_reap_all(limit: Duration) {
             send_signal(-pid, libc::SIGKILL);
             send_signal(pid, libc::SIGKILL);
         }
-        while sys::reap_one().is_some() {}
-        // SAFETY: waitpid with WNOHANG on any child only asks whether one
-        // is left (ECHILD when none is).
-        let none_left = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } < 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD);
-        if none_left {
+        if !sys::reap_ended() {
             return;
         }
         if Instant::now() >= end {

@@ -84,7 +84,6 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tracing::level_filters::LevelFilter;
 use tracing::{debug, error, info, warn};
@@ -833,28 +832,6 @@ pub fn fatal(msg: &str) -> ! {
     end(&mounted, 1)
 }
 
-/// Reaps every child that has exited, without blocking. Returns `false` when
-/// there are no children left (`ECHILD`).
-fn reap_all() -> bool {
-    loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => return true,
-            Ok(_) => continue,
-            Err(Errno::EINTR) => continue,
-            Err(_) => return false,
-        }
-    }
-}
-
-/// Reaps children until none is left or `within` has passed, napping 10 ms
-/// between looks.
-fn reap_until_gone(within: Duration) {
-    let deadline = Instant::now() + within;
-    while reap_all() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Ends the machine: `kill(-1, SIGTERM)` (every process but PID 1), up to
 /// [`POWER_OFF_GRACE`] reaping them, `kill(-1, SIGKILL)`, reaping, `sync`,
 /// unmounting `mounted` in reverse order (lazily, `MNT_DETACH`, when busy),
@@ -875,9 +852,9 @@ fn end(mounted: &[PathBuf], status: i32) -> ! {
     if pid1 {
         info!("powering off: terminating all processes");
         let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
-        reap_until_gone(POWER_OFF_GRACE);
+        sys::reap_until_gone(POWER_OFF_GRACE);
         let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
-        reap_until_gone(Duration::from_millis(500));
+        sys::reap_until_gone(Duration::from_millis(500));
     }
     nix::unistd::sync();
     for path in mounted.iter().rev() {

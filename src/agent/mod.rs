@@ -41,6 +41,7 @@ pub use event_loop::{Config, EventLoop, Exit, LoopError};
 pub use log::parse_level;
 pub use process::{become_subreaper, cloexec_inherited_fds, setup_signals};
 pub use spawn::SpawnDefaults;
+pub use sys::is_pid1;
 pub use transport::{Transport, TransportKind};
 
 use std::path::PathBuf;

@@ -109,7 +109,7 @@ pub(crate) fn uptime_ms() -> Option<u64> {
 
 /// Whether this process is PID 1 (of the machine, or of a pid namespace):
 /// the one place that decides it.
-pub(crate) fn is_pid1() -> bool {
+pub fn is_pid1() -> bool {
     std::process::id() == 1
 }
 
@@ -124,21 +124,53 @@ pub(crate) fn send_signal(target: libc::pid_t, signal: libc::c_int) {
     }
 }
 
-/// One `waitpid(-1, WNOHANG)`, retried on EINTR: the pid and wait status of
-/// a child that has ended, or `None` when none has (0) or there are no
-/// children (ECHILD).
-pub(crate) fn reap_one() -> Option<(libc::pid_t, libc::c_int)> {
+/// What one `waitpid(-1, WNOHANG)` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reaped {
+    /// A child that ended, with its wait status.
+    Child(libc::pid_t, libc::c_int),
+    /// Children remain, none has ended.
+    NoneEnded,
+    /// No children at all (ECHILD).
+    NoChildren,
+}
+
+/// One `waitpid(-1, WNOHANG)`, retried on EINTR: the one reaping call of
+/// the agent, for the loop (which needs the status) and for the way out.
+pub(crate) fn reap_one() -> Reaped {
     loop {
         let mut status = 0;
         // SAFETY: `status` is a valid out pointer.
         let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
         if pid > 0 {
-            return Some((pid, status));
+            return Reaped::Child(pid, status);
         }
-        if pid < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-            continue;
+        if pid == 0 {
+            return Reaped::NoneEnded;
         }
-        return None;
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return Reaped::NoChildren;
+        }
+    }
+}
+
+/// Reaps every child that has ended; false when no child is left.
+pub(crate) fn reap_ended() -> bool {
+    loop {
+        match reap_one() {
+            Reaped::Child(..) => continue,
+            Reaped::NoneEnded => return true,
+            Reaped::NoChildren => return false,
+        }
+    }
+}
+
+/// Reaps children until none is left or `within` has passed, napping
+/// between looks. Only on the way out: it sleeps.
+pub(crate) fn reap_until_gone(within: std::time::Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while reap_ended() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 

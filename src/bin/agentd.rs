@@ -102,7 +102,7 @@ fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
     if let Err(e) = agent::setup_signals() {
         init::fatal(&format!("blocking signals: {e}"));
     }
-    if std::process::id() != 1 {
+    if !agent::is_pid1() {
         if let Err(e) = agent::become_subreaper() {
             tracing::warn!(error = %e, "cannot become a child subreaper");
         }
@@ -126,7 +126,7 @@ fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
 }
 
 fn main() -> ExitCode {
-    if std::process::id() == 1 {
+    if agent::is_pid1() {
         // Before anything that could panic (arguments, mounts, logging): a
         // panic of PID 1 must power off, not kill init.
         init::install_panic_hook();
@@ -138,7 +138,7 @@ fn main() -> ExitCode {
     // agent that exits 0 at end of file.
     let explicit_transport = matches!(&parsed, Ok((_, Some(_))));
     let forced = std::env::args_os().any(|a| a == "--init");
-    if forced || (std::process::id() == 1 && !explicit_transport) {
+    if forced || (agent::is_pid1() && !explicit_transport) {
         run_as_init(parsed);
     }
     let opts = match parsed {
