@@ -1,0 +1,331 @@
+//! The payloads of protocol v1's own kinds (the contract's tables).
+
+use serde::{Deserialize, Serialize};
+
+use super::strict;
+use super::{cap_message, ErrorKind, ExecFailedKind};
+
+fn default_true() -> bool {
+    true
+}
+fn default_rows() -> u16 {
+    24
+}
+fn default_cols() -> u16 {
+    80
+}
+fn default_linger_ms() -> u32 {
+    100
+}
+fn default_grace_ms() -> u32 {
+    1000
+}
+
+/// READY: the agent's greeting.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {
+    pub protocol: u32,
+    /// `agentd/<version>`.
+    #[serde(deserialize_with = "strict::string")]
+    pub agent: String,
+    pub pid: u32,
+    pub pid1: bool,
+    pub max_payload: u32,
+    pub stdin_window: u32,
+    pub max_sessions: u32,
+    /// Milliseconds since the machine booted (an extension: the host can
+    /// read boot-to-READY time from it). Absent from older agents.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub uptime_ms: Option<u64>,
+}
+
+/// SHUTDOWN.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shutdown {
+    #[serde(default = "default_grace_ms")]
+    pub grace_ms: u32,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            grace_ms: default_grace_ms(),
+        }
+    }
+}
+
+/// ERROR. `kind` stays a string so a host can read kinds a newer agent adds;
+/// [`ErrorMsg::error_kind`] parses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    #[serde(deserialize_with = "strict::string")]
+    pub kind: String,
+    #[serde(deserialize_with = "strict::string")]
+    pub message: String,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub frame_kind: Option<u8>,
+}
+
+impl ErrorMsg {
+    /// An ERROR whose `message` is capped at [`MAX_MESSAGE`] bytes.
+    pub fn new(kind: ErrorKind, message: impl Into<String>, frame_kind: Option<u8>) -> Self {
+        ErrorMsg {
+            kind: kind.as_str().to_owned(),
+            message: cap_message(message.into()),
+            frame_kind,
+        }
+    }
+
+    pub fn error_kind(&self) -> Option<ErrorKind> {
+        ErrorKind::parse(&self.kind)
+    }
+}
+
+/// One `rlimits` entry of EXEC: a map with string keys, every key
+/// required (`u64::MAX` is `RLIM_INFINITY`). Deserialised by hand so that,
+/// like a payload map, it must be a map (not an array) and its keys strings
+/// (not field indices); `resource`, `soft` and `hard` at most once each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rlimit {
+    pub resource: String,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+impl<'de> Deserialize<'de> for Rlimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Rlimit, D::Error> {
+        d.deserialize_map(RlimitVisitor)
+    }
+}
+
+struct RlimitVisitor;
+
+impl<'de> serde::de::Visitor<'de> for RlimitVisitor {
+    type Value = Rlimit;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an rlimits entry (a map of resource, soft, hard)")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Rlimit, A::Error> {
+        use serde::de::Error;
+        let mut resource = None;
+        let mut soft = None;
+        let mut hard = None;
+        while let Some(strict::Str(key)) = map.next_key()? {
+            match key.as_str() {
+                "resource" if resource.is_none() => {
+                    resource = Some(map.next_value::<strict::Str>()?.0);
+                }
+                "soft" if soft.is_none() => soft = Some(map.next_value::<u64>()?),
+                "hard" if hard.is_none() => hard = Some(map.next_value::<u64>()?),
+                "resource" | "soft" | "hard" => {
+                    return Err(A::Error::custom(format!("duplicate key `{key}`")));
+                }
+                // Unknown keys are ignored, however often they appear
+                // (remembering them would cost memory a hostile host chooses).
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Rlimit {
+            resource: resource.ok_or_else(|| A::Error::missing_field("resource"))?,
+            soft: soft.ok_or_else(|| A::Error::missing_field("soft"))?,
+            hard: hard.ok_or_else(|| A::Error::missing_field("hard"))?,
+        })
+    }
+}
+
+/// EXEC: start a process as a new session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exec {
+    #[serde(deserialize_with = "strict::string")]
+    pub cmd: String,
+    #[serde(default, deserialize_with = "strict::strings")]
+    pub args: Vec<String>,
+    #[serde(default, deserialize_with = "strict::strings")]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub clear_env: bool,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::opt_string"
+    )]
+    pub cwd: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::opt_string"
+    )]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub tty: bool,
+    #[serde(default = "default_rows")]
+    pub rows: u16,
+    #[serde(default = "default_cols")]
+    pub cols: u16,
+    #[serde(default)]
+    pub rlimits: Vec<Rlimit>,
+    #[serde(default = "default_true")]
+    pub stdin: bool,
+    #[serde(default)]
+    pub output_window: u32,
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u32,
+    /// Extension: set `PR_SET_NO_NEW_PRIVS` in the child before execve.
+    #[serde(default)]
+    pub no_new_privs: bool,
+}
+
+impl Exec {
+    /// An EXEC of `cmd` with every other key at its default.
+    pub fn new(cmd: impl Into<String>) -> Self {
+        Exec {
+            cmd: cmd.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            clear_env: false,
+            cwd: None,
+            user: None,
+            tty: false,
+            rows: default_rows(),
+            cols: default_cols(),
+            rlimits: Vec::new(),
+            stdin: true,
+            output_window: 0,
+            linger_ms: default_linger_ms(),
+            no_new_privs: false,
+        }
+    }
+}
+
+/// STARTED.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    pub pid: u32,
+}
+
+/// EXEC_FAILED.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecFailed {
+    #[serde(deserialize_with = "strict::string")]
+    pub kind: String,
+    #[serde(deserialize_with = "strict::string")]
+    pub message: String,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub errno: Option<i32>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::opt_string"
+    )]
+    pub stage: Option<String>,
+}
+
+impl ExecFailed {
+    /// An EXEC_FAILED whose `message` is capped at [`MAX_MESSAGE`] bytes.
+    pub fn new(
+        kind: ExecFailedKind,
+        message: impl Into<String>,
+        errno: Option<i32>,
+        stage: Option<&str>,
+    ) -> Self {
+        ExecFailed {
+            kind: kind.as_str().to_owned(),
+            message: cap_message(message.into()),
+            errno,
+            stage: stage.map(str::to_owned),
+        }
+    }
+
+    pub fn failed_kind(&self) -> Option<ExecFailedKind> {
+        ExecFailedKind::parse(&self.kind)
+    }
+}
+
+/// STDIN_ACK and OUTPUT_ACK: window returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub bytes: u32,
+}
+
+/// RESIZE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// SIGNAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signal {
+    pub signal: i32,
+    #[serde(default = "default_true")]
+    pub group: bool,
+}
+
+/// EXITED: how the process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exited {
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub code: Option<i32>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub core_dumped: bool,
+    pub status: i32,
+    /// Extension: output bytes the agent read from the session and dropped
+    /// instead of sending (a shutdown past its grace, while the output
+    /// window was used up or the host did not read). Absent when none was.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub output_dropped: Option<u64>,
+}
+
+impl Exited {
+    pub fn from_code(code: i32) -> Self {
+        Exited {
+            code: Some(code),
+            signal: None,
+            core_dumped: false,
+            status: code,
+            output_dropped: None,
+        }
+    }
+
+    pub fn from_signal(signal: i32, core_dumped: bool) -> Self {
+        Exited {
+            code: None,
+            signal: Some(signal),
+            core_dumped,
+            status: 128 + signal,
+            output_dropped: None,
+        }
+    }
+}
+
