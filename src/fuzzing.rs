@@ -505,9 +505,13 @@ pub mod dispatch {
                     let id = inp.id();
                     let signal = SIGNALS[usize::from(inp.u8()) % SIGNALS.len()];
                     let group = inp.u8() & 1 == 0;
-                    Message::Signal(Signal { signal, group })
-                        .encode(id, out)
-                        .expect("a fuzz frame fits");
+                    Message::Signal(Signal {
+                        signal,
+                        group,
+                        tree: false,
+                    })
+                    .encode(id, out)
+                    .expect("a fuzz frame fits");
                 }
                 4 => {
                     let id = inp.id();
@@ -1191,6 +1195,7 @@ pub mod dispatch {
                 Message::Signal(Signal {
                     signal: libc::SIGCONT,
                     group: true,
+                    tree: false,
                 })
                 .encode(id, &mut stream)
                 .expect("a fuzz frame fits");
@@ -1207,6 +1212,7 @@ pub mod dispatch {
                     Message::Signal(Signal {
                         signal: libc::SIGKILL,
                         group: true,
+                        tree: false,
                     })
                     .encode(id, &mut stream)
                     .expect("a fuzz frame fits");

@@ -167,6 +167,10 @@ fn ready_frame(protocol: u32) -> Vec<u8> {
         stdin_window: 1 << 16,
         max_sessions: 8,
         uptime_ms: None,
+        features: Vec::new(),
+        realtime_ns: None,
+        restores: None,
+        clock_set: None,
     })
     .to_bytes(0)
 }

@@ -37,6 +37,10 @@ fn ready(stdin_window: u32) -> Ready {
         stdin_window,
         max_sessions: 1024,
         uptime_ms: None,
+        features: Vec::new(),
+        realtime_ns: None,
+        restores: None,
+        clock_set: None,
     }
 }
 
@@ -107,7 +111,13 @@ impl Fake {
         let Ok(Message::Exec(exec)) = Message::decode_from_host(f.as_frame()) else {
             panic!("EXEC does not decode")
         };
-        self.send(f.id, &Message::Started(Started { pid: 1000 + f.id }));
+        self.send(
+            f.id,
+            &Message::Started(Started {
+                pid: 1000 + f.id,
+                session: None,
+            }),
+        );
         (f.id, *exec)
     }
 
@@ -875,6 +885,7 @@ fn output_path_allocates_nothing_per_frame() {
     let signal_len = Message::Signal(agentd::messages::Signal {
         signal: libc::SIGWINCH,
         group: true,
+        tree: false,
     })
     .to_bytes(id)
     .len() as u64;

@@ -296,6 +296,14 @@ fn exec() -> impl Strategy<Value = Exec> {
                 output_window,
                 linger_ms,
                 no_new_privs,
+                tag: None,
+                replay_bytes: None,
+                timeout_ms: None,
+                kill_grace_ms: None,
+                detach: false,
+                memory_max: None,
+                pids_max: None,
+                cpu_max: None,
             },
         )
 }
@@ -341,6 +349,10 @@ fn message() -> impl Strategy<Value = Msg> {
                     stdin_window,
                     max_sessions,
                     uptime_ms,
+                    features: Vec::new(),
+                    realtime_ns: None,
+                    restores: None,
+                    clock_set: None,
                 })
             },
         );
@@ -379,6 +391,8 @@ fn message() -> impl Strategy<Value = Msg> {
                 core_dumped,
                 status,
                 output_dropped: None,
+                timed_out: false,
+                oom_killed: false,
             })
         });
     let typed = prop_oneof![
@@ -387,14 +401,17 @@ fn message() -> impl Strategy<Value = Msg> {
         Just(Message::ShutdownDone),
         error,
         exec().prop_map(|e| Message::Exec(Box::new(e))),
-        any::<u32>().prop_map(|pid| Message::Started(Started { pid })),
+        any::<u32>().prop_map(|pid| Message::Started(Started { pid, session: None })),
         exec_failed,
         Just(Message::StdinClose),
         any::<u32>().prop_map(|bytes| Message::StdinAck(Ack { bytes })),
         (any::<u16>(), any::<u16>())
             .prop_map(|(rows, cols)| Message::Resize(Resize { rows, cols })),
-        (any::<i32>(), any::<bool>())
-            .prop_map(|(signal, group)| Message::Signal(Signal { signal, group })),
+        (any::<i32>(), any::<bool>()).prop_map(|(signal, group)| Message::Signal(Signal {
+            signal,
+            group,
+            tree: false
+        })),
         any::<u32>().prop_map(|bytes| Message::OutputAck(Ack { bytes })),
         exited,
     ]

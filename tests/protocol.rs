@@ -142,6 +142,10 @@ fn samples() -> Vec<Message<'static>> {
             stdin_window: 262_144,
             max_sessions: 1024,
             uptime_ms: Some(1234),
+            features: Vec::new(),
+            realtime_ns: None,
+            restores: None,
+            clock_set: None,
         }),
         Message::Ping(b"ping"),
         Message::Pong(b"pong"),
@@ -149,7 +153,10 @@ fn samples() -> Vec<Message<'static>> {
         Message::ShutdownDone,
         Message::Error(ErrorMsg::new(ErrorKind::BadPayload, "no cmd", Some(0x10))),
         Message::Exec(Box::new(full_exec())),
-        Message::Started(Started { pid: 4242 }),
+        Message::Started(Started {
+            pid: 4242,
+            session: None,
+        }),
         Message::ExecFailed(ExecFailed {
             kind: "not_found".into(),
             message: "no such file".into(),
@@ -166,6 +173,7 @@ fn samples() -> Vec<Message<'static>> {
         Message::Signal(Signal {
             signal: 15,
             group: false,
+            tree: false,
         }),
         Message::OutputAck(Ack { bytes: 70_000 }),
         Message::Stdout(b"out"),
@@ -341,7 +349,8 @@ fn other_defaults() {
         decode(Kind::Signal, &mp::map(&[("signal", mp::fix(9))])),
         Ok(Message::Signal(Signal {
             signal: 9,
-            group: true
+            group: true,
+            tree: false
         }))
     );
     // ERROR: frame_kind absent.
@@ -378,6 +387,8 @@ fn other_defaults() {
             core_dumped: false,
             status: 0,
             output_dropped: None,
+            timed_out: false,
+            oom_killed: false
         }))
     );
     // READY: uptime_ms absent.
@@ -397,6 +408,8 @@ fn exited_constructors() {
             core_dumped: false,
             status: 3,
             output_dropped: None,
+            timed_out: false,
+            oom_killed: false
         }
     );
     assert_eq!(
@@ -407,6 +420,8 @@ fn exited_constructors() {
             core_dumped: true,
             status: 139,
             output_dropped: None,
+            timed_out: false,
+            oom_killed: false
         }
     );
 }
@@ -878,7 +893,8 @@ fn named_integer_cases() {
         decode(Kind::Signal, &mp::map(&[("signal", mp::nfix(-1))])),
         Ok(Message::Signal(Signal {
             signal: -1,
-            group: true
+            group: true,
+            tree: false
         }))
     );
 }
@@ -1590,6 +1606,7 @@ fn encoder_is_canonical() {
     let bytes = Message::Signal(Signal {
         signal: -100,
         group: true,
+        tree: false,
     })
     .to_bytes(1);
     let expect = mp::map(&[("signal", mp::i8(-100)), ("group", mp::bool(true))]);
@@ -1616,6 +1633,10 @@ fn encoder_is_canonical() {
         stdin_window: 0,
         max_sessions: 0,
         uptime_ms: Some(u64::MAX),
+        features: Vec::new(),
+        realtime_ns: None,
+        restores: None,
+        clock_set: None,
     })
     .to_bytes(0);
     assert!(bytes.ends_with(&[&mp::str("uptime_ms")[..], &mp::u64(u64::MAX)].concat()));

@@ -400,6 +400,10 @@ fn forged_frames(victim: u32) -> Vec<u8> {
         stdin_window: 1,
         max_sessions: 1,
         uptime_ms: None,
+        features: Vec::new(),
+        realtime_ns: None,
+        restores: None,
+        clock_set: None,
     })
     .encode(0, &mut out)
     .expect("the test's frames fit");

@@ -54,6 +54,10 @@ fn ready(pid: u32, pid1: bool, uptime_ms: Option<u64>) -> Ready {
         stdin_window: 262_144,
         max_sessions: 1024,
         uptime_ms,
+        features: Vec::new(),
+        realtime_ns: None,
+        restores: None,
+        clock_set: None,
     }
 }
 
@@ -113,7 +117,14 @@ fn expected() -> Vec<(&'static str, u32, Message<'static>)> {
             0x0102_0304,
             Message::Exec(Box::new(common::full_exec())),
         ),
-        ("started", 1, Message::Started(Started { pid: 4242 })),
+        (
+            "started",
+            1,
+            Message::Started(Started {
+                pid: 4242,
+                session: None,
+            }),
+        ),
         (
             "exec-failed",
             2,
@@ -152,6 +163,7 @@ fn expected() -> Vec<(&'static str, u32, Message<'static>)> {
             Message::Signal(Signal {
                 signal: 15,
                 group: true,
+                tree: false,
             }),
         ),
         (
@@ -160,6 +172,7 @@ fn expected() -> Vec<(&'static str, u32, Message<'static>)> {
             Message::Signal(Signal {
                 signal: 9,
                 group: false,
+                tree: false,
             }),
         ),
         ("output-ack", 1, Message::OutputAck(Ack { bytes: 65536 })),
@@ -203,6 +216,14 @@ fn decode_only() -> Vec<(&'static str, u32, Message<'static>, Option<&'static st
                 output_window: 0,
                 linger_ms: 100,
                 no_new_privs: false,
+                tag: None,
+                replay_bytes: None,
+                timeout_ms: None,
+                kill_grace_ms: None,
+                detach: false,
+                memory_max: None,
+                pids_max: None,
+                cpu_max: None,
             })),
             Some("exec-minimal"),
         ),
@@ -212,6 +233,7 @@ fn decode_only() -> Vec<(&'static str, u32, Message<'static>, Option<&'static st
             Message::Signal(Signal {
                 signal: 15,
                 group: true,
+                tree: false,
             }),
             Some("signal"),
         ),
@@ -236,6 +258,8 @@ fn decode_only() -> Vec<(&'static str, u32, Message<'static>, Option<&'static st
                 core_dumped: false,
                 status: 3,
                 output_dropped: None,
+                timed_out: false,
+                oom_killed: false,
             }),
             Some("exited-code"),
         ),

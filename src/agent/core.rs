@@ -229,7 +229,10 @@ impl Core {
         s.started(&self.registry);
         let (lk, id, pid) = (s.link(), s.id(), s.pid());
         tracing::debug!(id, pid, "STARTED");
-        let started = messages::Started { pid: pid as u32 };
+        let started = messages::Started {
+            pid: pid as u32,
+            session: None,
+        };
         if let Some(link) = self.links.get_mut(lk) {
             push_map(link.frames(), Kind::Started, id, &started);
         }
@@ -698,6 +701,11 @@ pub(crate) fn ready_frame(config: &Config) -> Vec<u8> {
         stdin_window: config.stdin_window,
         max_sessions: config.max_sessions as u32,
         uptime_ms: sys::uptime_ms(),
+        features: super::dispatch::SERVED
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect(),
+        ..Ready::default()
     };
     let mut out = Vec::new();
     push_map(&mut out, Kind::Ready, 0, &ready);

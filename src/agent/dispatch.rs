@@ -8,12 +8,15 @@ use std::io;
 use std::time::Duration;
 
 use crate::codec::{self, Frame};
-use crate::messages::{ErrorKind, Exec, ExecFailedKind, Kind, Message};
+use crate::messages::{self, ErrorKind, Exec, ExecFailedKind, Feature, Kind, Message};
 
 use super::core::Core;
 use super::session::{Session, SessionSpec};
 use super::spawn::{self, SpawnError};
 use super::stream::InflowError;
+
+/// The extensions this agent serves, as READY's `features` lists them.
+pub(crate) const SERVED: &[Feature] = &[];
 
 /// What a session frame's handler refuses with: an ERROR kind and message.
 type Refusal = (ErrorKind, String);
@@ -22,6 +25,14 @@ impl Core {
     /// One whole frame from link `lk`.
     pub(crate) fn on_frame(&mut self, lk: usize, frame: Frame<'_>) {
         let id = frame.id;
+        // A kind of an extension the agent does not serve is unknown, as
+        // it was before the extension existed (extension rule 1).
+        if let Some(f) = Kind::from_u8(frame.kind).and_then(Kind::feature) {
+            if !SERVED.contains(&f) {
+                let e = messages::ProtocolError::UnknownKind(frame.kind);
+                return self.send_error(lk, id, e.kind(), e.to_string(), Some(frame.kind));
+            }
+        }
         let msg = match Message::decode_from_host(frame) {
             Ok(msg) => msg,
             Err(e) => return self.send_error(lk, id, e.kind(), e.to_string(), Some(frame.kind)),

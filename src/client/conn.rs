@@ -541,6 +541,13 @@ impl Shared {
             | Message::Resize(_)
             | Message::Signal(_)
             | Message::OutputAck(_) => {}
+            Message::Fs(_) | Message::Net(_) | Message::Sessions(_) | Message::Clock(_) => {
+                tracing::debug!(
+                    kind = frame.kind,
+                    id,
+                    "extension frame this client does not use"
+                );
+            }
         }
     }
 

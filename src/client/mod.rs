@@ -337,6 +337,7 @@ impl Client {
             stdin_window: 0,
             max_sessions: 0,
             uptime_ms: None,
+            ..Ready::default()
         })
     }
 

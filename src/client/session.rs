@@ -139,6 +139,7 @@ impl SessionHandle {
         self.send_control(Message::Signal(Signal {
             signal,
             group: true,
+            tree: false,
         }))
     }
 
@@ -147,6 +148,7 @@ impl SessionHandle {
         self.send_control(Message::Signal(Signal {
             signal,
             group: false,
+            tree: false,
         }))
     }
 

@@ -41,6 +41,45 @@ pub struct Ready {
         deserialize_with = "strict::some"
     )]
     pub uptime_ms: Option<u64>,
+    /// Extension: the extensions the agent serves (`fs`, `net`,
+    /// `sessions`, `clock`); absent means none.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "strict::strings"
+    )]
+    pub features: Vec<String>,
+    /// Extension `clock`: the guest's CLOCK_REALTIME when READY was built,
+    /// nanoseconds since the epoch.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub realtime_ns: Option<i64>,
+    /// Extension `clock`: how many times the agent has seen the VM
+    /// restored from a snapshot (READY is sent again after each).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub restores: Option<u32>,
+    /// Extension `clock`: whether CLOCK_SET and ENTROPY are served (the
+    /// agent is PID 1 of a VM, or was started with `--allow-clock`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub clock_set: Option<bool>,
+}
+
+impl Ready {
+    /// Whether READY lists `feature`.
+    pub fn has(&self, feature: super::Feature) -> bool {
+        self.features.iter().any(|f| f == feature.name())
+    }
 }
 
 /// SHUTDOWN.
@@ -185,6 +224,64 @@ pub struct Exec {
     /// Extension: set `PR_SET_NO_NEW_PRIVS` in the child before execve.
     #[serde(default)]
     pub no_new_privs: bool,
+    /// Extension `sessions`: a free string to find the session by.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::opt_string"
+    )]
+    pub tag: Option<String>,
+    /// Extension `sessions`: bytes of each output stream kept for a later
+    /// ATTACH (absent: the agent's default, 0: none).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub replay_bytes: Option<u32>,
+    /// Extension `sessions`: end the session's whole tree after this long
+    /// (SIGTERM, SIGKILL after `kill_grace_ms`); 0 or absent: never.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub timeout_ms: Option<u32>,
+    /// Extension `sessions`: between a deadline's SIGTERM and its SIGKILL
+    /// (default 1000).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub kill_grace_ms: Option<u32>,
+    /// Extension `sessions`: start detached: STARTED is the last frame for
+    /// this id, the session goes on for a later ATTACH.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detach: bool,
+    /// Extension `sessions` (cgroup v2): the session cgroup's memory.max,
+    /// in bytes.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub memory_max: Option<u64>,
+    /// Extension `sessions` (cgroup v2): pids.max.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub pids_max: Option<u32>,
+    /// Extension `sessions` (cgroup v2): cpu.max as cgroup writes it,
+    /// `"QUOTA PERIOD"` in microseconds (`"50000 100000"`: half a CPU).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::opt_string"
+    )]
+    pub cpu_max: Option<String>,
 }
 
 impl Exec {
@@ -205,6 +302,14 @@ impl Exec {
             output_window: 0,
             linger_ms: default_linger_ms(),
             no_new_privs: false,
+            tag: None,
+            replay_bytes: None,
+            timeout_ms: None,
+            kill_grace_ms: None,
+            detach: false,
+            memory_max: None,
+            pids_max: None,
+            cpu_max: None,
         }
     }
 }
@@ -213,6 +318,13 @@ impl Exec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Started {
     pub pid: u32,
+    /// Extension `sessions`: the agent-wide session number.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub session: Option<u64>,
 }
 
 /// EXEC_FAILED.
@@ -276,6 +388,21 @@ pub struct Signal {
     pub signal: i32,
     #[serde(default = "default_true")]
     pub group: bool,
+    /// Extension `sessions`: every process of the session's tree (its
+    /// cgroup), even those that left its process group.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tree: bool,
+}
+
+impl Signal {
+    /// `signal` to the session's process group.
+    pub fn group(signal: i32) -> Signal {
+        Signal {
+            signal,
+            group: true,
+            tree: false,
+        }
+    }
 }
 
 /// EXITED: how the process ended.
@@ -305,6 +432,14 @@ pub struct Exited {
         deserialize_with = "strict::some"
     )]
     pub output_dropped: Option<u64>,
+    /// Extension `sessions`: the session's `timeout_ms` passed and the
+    /// agent ended it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+    /// Extension `sessions`: the kernel's OOM killer killed a process of
+    /// the session (its cgroup's `memory.events`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub oom_killed: bool,
 }
 
 impl Exited {
@@ -315,6 +450,8 @@ impl Exited {
             core_dumped: false,
             status: code,
             output_dropped: None,
+            timed_out: false,
+            oom_killed: false,
         }
     }
 
@@ -325,7 +462,8 @@ impl Exited {
             core_dumped,
             status: 128 + signal,
             output_dropped: None,
+            timed_out: false,
+            oom_killed: false,
         }
     }
 }
-

@@ -20,13 +20,6 @@ use serde::Serialize;
 
 use crate::codec::{self, AppendError, Frame, FrameError, TooLarge, MAX_PING_PAYLOAD};
 
-mod core;
-mod map;
-mod strict;
-
-pub use self::core::*;
-pub use map::{check_map, MAX_DEPTH};
-
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -111,6 +104,79 @@ kinds! {
     Stdout = 0x30, "STDOUT", AgentToHost, Raw;
     Stderr = 0x31, "STDERR", AgentToHost, Raw;
     Exited = 0x32, "EXITED", AgentToHost, Map;
+    FsRequest = 0x40, "FS_REQUEST", HostToAgent, Map;
+    FsOpened = 0x41, "FS_OPENED", AgentToHost, Map;
+    FsData = 0x42, "FS_DATA", AgentToHost, Raw;
+    FsDataAck = 0x43, "FS_DATA_ACK", HostToAgent, Map;
+    FsWrite = 0x44, "FS_WRITE", HostToAgent, Raw;
+    FsWriteAck = 0x45, "FS_WRITE_ACK", AgentToHost, Map;
+    FsEnd = 0x46, "FS_END", HostToAgent, Empty;
+    FsEntries = 0x47, "FS_ENTRIES", AgentToHost, Map;
+    FsEvents = 0x48, "FS_EVENTS", AgentToHost, Map;
+    FsDone = 0x49, "FS_DONE", AgentToHost, Map;
+    FsError = 0x4a, "FS_ERROR", AgentToHost, Map;
+    FsCancel = 0x4b, "FS_CANCEL", HostToAgent, Empty;
+    NetConnect = 0x50, "NET_CONNECT", HostToAgent, Map;
+    NetConnected = 0x51, "NET_CONNECTED", AgentToHost, Map;
+    NetFailed = 0x52, "NET_FAILED", AgentToHost, Map;
+    NetSend = 0x53, "NET_SEND", HostToAgent, Raw;
+    NetSendAck = 0x54, "NET_SEND_ACK", AgentToHost, Map;
+    NetRecv = 0x55, "NET_RECV", AgentToHost, Raw;
+    NetRecvAck = 0x56, "NET_RECV_ACK", HostToAgent, Map;
+    NetShutdown = 0x57, "NET_SHUTDOWN", HostToAgent, Empty;
+    NetEof = 0x58, "NET_EOF", AgentToHost, Empty;
+    NetClose = 0x59, "NET_CLOSE", HostToAgent, Map;
+    NetClosed = 0x5a, "NET_CLOSED", AgentToHost, Map;
+    List = 0x60, "LIST", HostToAgent, Map;
+    Sessions = 0x61, "SESSIONS", AgentToHost, Map;
+    Attach = 0x62, "ATTACH", HostToAgent, Map;
+    Attached = 0x63, "ATTACHED", AgentToHost, Map;
+    AttachFailed = 0x64, "ATTACH_FAILED", AgentToHost, Map;
+    Detach = 0x65, "DETACH", HostToAgent, Empty;
+    Detached = 0x66, "DETACHED", AgentToHost, Map;
+    ClockGet = 0x70, "CLOCK_GET", HostToAgent, Empty;
+    Clock = 0x71, "CLOCK", AgentToHost, Map;
+    ClockSet = 0x72, "CLOCK_SET", HostToAgent, Map;
+    ClockSetDone = 0x73, "CLOCK_SET_DONE", AgentToHost, Map;
+    Entropy = 0x74, "ENTROPY", HostToAgent, Raw;
+    EntropyDone = 0x75, "ENTROPY_DONE", AgentToHost, Map;
+}
+
+/// The extensions of version 1 (docs/PROTOCOL.md, "Extensions"), by the
+/// name READY's `features` lists them under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Feature {
+    Fs,
+    Net,
+    Sessions,
+    Clock,
+}
+
+impl Feature {
+    pub const ALL: [Feature; 4] = [Feature::Fs, Feature::Net, Feature::Sessions, Feature::Clock];
+
+    /// The name in READY's `features`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Feature::Fs => "fs",
+            Feature::Net => "net",
+            Feature::Sessions => "sessions",
+            Feature::Clock => "clock",
+        }
+    }
+}
+
+impl Kind {
+    /// The extension a kind belongs to (`None` for the contract's own).
+    pub fn feature(self) -> Option<Feature> {
+        match self as u8 {
+            0x40..=0x4f => Some(Feature::Fs),
+            0x50..=0x5f => Some(Feature::Net),
+            0x60..=0x6f => Some(Feature::Sessions),
+            0x70..=0x7f => Some(Feature::Clock),
+            _ => None,
+        }
+    }
 }
 
 /// A frame that could be cut from the stream but not understood. Each
@@ -142,7 +208,7 @@ impl ProtocolError {
         }
     }
 
-    fn bad(kind: Kind, reason: impl Into<String>) -> Self {
+    pub(crate) fn bad(kind: Kind, reason: impl Into<String>) -> Self {
         ProtocolError::BadPayload {
             kind,
             reason: reason.into(),
@@ -194,6 +260,21 @@ macro_rules! string_enum {
     };
 }
 
+mod clock;
+mod core;
+mod fs;
+mod map;
+mod net;
+mod sessions;
+mod strict;
+
+pub use self::core::*;
+pub use clock::*;
+pub use fs::*;
+pub use map::{check_map, MAX_DEPTH};
+pub use net::*;
+pub use sessions::*;
+
 string_enum! {
     /// The `kind` of an ERROR frame.
     ErrorKind {
@@ -207,6 +288,8 @@ string_enum! {
         InvalidSignal = "invalid_signal",
         WindowExceeded = "window_exceeded",
         StdinClosed = "stdin_closed",
+        Unsupported = "unsupported",
+        NotPermitted = "not_permitted",
     }
 }
 
@@ -294,6 +377,10 @@ pub enum Message<'a> {
     Stdout(&'a [u8]),
     Stderr(&'a [u8]),
     Exited(Exited),
+    Fs(FsMsg<'a>),
+    Net(NetMsg<'a>),
+    Sessions(SessionsMsg),
+    Clock(ClockMsg<'a>),
 }
 
 impl<'a> Message<'a> {
@@ -317,6 +404,10 @@ impl<'a> Message<'a> {
             Message::Stdout(_) => Kind::Stdout,
             Message::Stderr(_) => Kind::Stderr,
             Message::Exited(_) => Kind::Exited,
+            Message::Fs(m) => m.kind(),
+            Message::Net(m) => m.kind(),
+            Message::Sessions(m) => m.kind(),
+            Message::Clock(m) => m.kind(),
         }
     }
 
@@ -360,6 +451,13 @@ impl<'a> Message<'a> {
             Kind::Stdout => Message::Stdout(p),
             Kind::Stderr => Message::Stderr(p),
             Kind::Exited => Message::Exited(decode_map(kind, p)?),
+            _ => match kind.feature() {
+                Some(Feature::Fs) => Message::Fs(FsMsg::decode(kind, p)?),
+                Some(Feature::Net) => Message::Net(NetMsg::decode(kind, p)?),
+                Some(Feature::Sessions) => Message::Sessions(SessionsMsg::decode(kind, p)?),
+                Some(Feature::Clock) => Message::Clock(ClockMsg::decode(kind, p)?),
+                None => return Err(ProtocolError::UnknownKind(frame.kind)),
+            },
         })
     }
 
@@ -407,6 +505,10 @@ impl<'a> Message<'a> {
             Message::Resize(m) => append_map(out, kind, id, m),
             Message::Signal(m) => append_map(out, kind, id, m),
             Message::Exited(m) => append_map(out, kind, id, m),
+            Message::Fs(m) => m.encode(id, out),
+            Message::Net(m) => m.encode(id, out),
+            Message::Sessions(m) => m.encode(id, out),
+            Message::Clock(m) => m.encode(id, out),
         }
     }
 
@@ -515,6 +617,16 @@ pub fn append_map<T: Serialize>(
     })?)
 }
 
+/// Appends a frame with a raw payload, or nothing when it is over the limit.
+pub(crate) fn append_bytes(
+    out: &mut Vec<u8>,
+    kind: Kind,
+    id: u32,
+    payload: &[u8],
+) -> Result<(), EncodeError> {
+    Ok(codec::append_raw(out, kind as u8, id, payload)?)
+}
+
 /// Decodes a map payload into `T`, after [`check_map`].
 pub fn decode_map<T: serde::de::DeserializeOwned>(
     kind: Kind,
@@ -527,7 +639,7 @@ pub fn decode_map<T: serde::de::DeserializeOwned>(
 }
 
 /// A kind without payload accepts an empty payload or a map (ignored).
-fn check_empty(kind: Kind, payload: &[u8]) -> Result<(), ProtocolError> {
+pub(crate) fn check_empty(kind: Kind, payload: &[u8]) -> Result<(), ProtocolError> {
     if payload.is_empty() {
         return Ok(());
     }
@@ -584,4 +696,3 @@ mod tests {
         assert!(check_map(&p).is_err());
     }
 }
-

@@ -261,5 +261,13 @@ pub fn full_exec() -> Exec {
         output_window: 65536,
         linger_ms: 250,
         no_new_privs: true,
+        tag: None,
+        replay_bytes: None,
+        timeout_ms: None,
+        kill_grace_ms: None,
+        detach: false,
+        memory_max: None,
+        pids_max: None,
+        cpu_max: None,
     }
 }

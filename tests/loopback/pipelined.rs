@@ -143,6 +143,7 @@ fn a_signal_right_behind_exec_does_not_change_its_reply() {
                 Message::Signal(agentd::messages::Signal {
                     signal: 15,
                     group: true,
+                    tree: false,
                 }),
                 id,
             ),
@@ -183,6 +184,7 @@ fn exec_and_kill_in_one_write() {
                 Message::Signal(agentd::messages::Signal {
                     signal: 9,
                     group: id % 2 == 0,
+                    tree: false,
                 }),
                 id,
             ),
@@ -216,6 +218,7 @@ fn exec_stop_and_continue_in_one_write() {
             Message::Signal(agentd::messages::Signal {
                 signal,
                 group: true,
+                tree: false,
             })
         };
         let bytes = batch(&[(exec_msg(e), id), (sig(19), id), (sig(18), id)]);

@@ -280,6 +280,7 @@ impl Agent {
             &Message::Signal(Signal {
                 signal,
                 group: true,
+                tree: false,
             }),
         );
     }

@@ -629,6 +629,7 @@ fn t07_signals() {
         Message::Signal(agentd::messages::Signal {
             signal: 15,
             group: true,
+            tree: false,
         }),
     );
     let out = host.collect(id, pid, STEP);
@@ -651,6 +652,7 @@ fn t07_signals() {
         Message::Signal(agentd::messages::Signal {
             signal: 10,
             group: false,
+            tree: false,
         }),
     );
     let out = host.collect(id, pid, STEP);
@@ -666,6 +668,7 @@ fn t07_signals() {
         Message::Signal(agentd::messages::Signal {
             signal: 999,
             group: true,
+            tree: false,
         }),
     );
     match host.expect_for(id, STEP) {
@@ -979,6 +982,7 @@ fn kill_left_running(host: &mut Host) {
         let kill = agentd::messages::Signal {
             signal: 9,
             group: true,
+            tree: false,
         };
         host.send(id, Message::Signal(kill));
     }
@@ -1319,6 +1323,7 @@ fn t16_host_stops_reading_while_five_sessions_flood() {
         Message::Signal(agentd::messages::Signal {
             signal: 9,
             group: true,
+            tree: false,
         }),
     );
     // Read again.
@@ -1482,6 +1487,7 @@ fn t17_fork_bomb_with_nproc_limit_does_not_stop_the_agent() {
         Message::Signal(agentd::messages::Signal {
             signal: 9,
             group: true,
+            tree: false,
         }),
     );
     let out = host.collect(id, pid, STEP);

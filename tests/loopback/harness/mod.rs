@@ -328,7 +328,14 @@ impl Host {
     }
 
     pub fn send_signal(&self, id: u32, signal: i32, group: bool) {
-        self.send(&Message::Signal(SignalMsg { signal, group }), id);
+        self.send(
+            &Message::Signal(SignalMsg {
+                signal,
+                group,
+                tree: false,
+            }),
+            id,
+        );
     }
 
     pub fn send_resize(&self, id: u32, rows: u16, cols: u16) {
