@@ -171,6 +171,8 @@ fn ready_frame(protocol: u32) -> Vec<u8> {
         realtime_ns: None,
         restores: None,
         clock_set: None,
+        replay_bytes: None,
+        cgroups: None,
     })
     .to_bytes(0)
 }

@@ -41,6 +41,8 @@ fn ready(stdin_window: u32) -> Ready {
         realtime_ns: None,
         restores: None,
         clock_set: None,
+        replay_bytes: None,
+        cgroups: None,
     }
 }
 

@@ -353,6 +353,8 @@ fn message() -> impl Strategy<Value = Msg> {
                     realtime_ns: None,
                     restores: None,
                     clock_set: None,
+                    replay_bytes: None,
+                    cgroups: None,
                 })
             },
         );

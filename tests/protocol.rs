@@ -146,6 +146,8 @@ fn samples() -> Vec<Message<'static>> {
             realtime_ns: None,
             restores: None,
             clock_set: None,
+            replay_bytes: None,
+            cgroups: None,
         }),
         Message::Ping(b"ping"),
         Message::Pong(b"pong"),
@@ -1637,6 +1639,8 @@ fn encoder_is_canonical() {
         realtime_ns: None,
         restores: None,
         clock_set: None,
+        replay_bytes: None,
+        cgroups: None,
     })
     .to_bytes(0);
     assert!(bytes.ends_with(&[&mp::str("uptime_ms")[..], &mp::u64(u64::MAX)].concat()));

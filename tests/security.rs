@@ -404,6 +404,8 @@ fn forged_frames(victim: u32) -> Vec<u8> {
         realtime_ns: None,
         restores: None,
         clock_set: None,
+        replay_bytes: None,
+        cgroups: None,
     })
     .encode(0, &mut out)
     .expect("the test's frames fit");

@@ -58,6 +58,8 @@ fn ready(pid: u32, pid1: bool, uptime_ms: Option<u64>) -> Ready {
         realtime_ns: None,
         restores: None,
         clock_set: None,
+        replay_bytes: None,
+        cgroups: None,
     }
 }
 

@@ -73,6 +73,20 @@ pub struct Ready {
         deserialize_with = "strict::some"
     )]
     pub clock_set: Option<bool>,
+    /// Extension `sessions`: the default of EXEC's `replay_bytes`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub replay_bytes: Option<u32>,
+    /// Extension `sessions`: whether sessions get cgroups of their own.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub cgroups: Option<bool>,
 }
 
 impl Ready {
