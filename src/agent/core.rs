@@ -22,6 +22,7 @@ use crate::messages::{
 };
 
 use super::event_loop::{handled_signals, Config, Exit, LoopError};
+use super::fs;
 use super::link::{HostLink, Input};
 use super::session::Session;
 use super::spawn::{SpawnError, StartReport, StartStatus};
@@ -59,17 +60,35 @@ struct Shutdown {
     deadline: Instant,
 }
 
+/// What a host id names (and what waits on a link's list to resume).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owned {
+    Session(usize),
+    Fs(usize),
+}
+
+/// What a child pid is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Child {
+    Session(usize),
+    /// A file operation's worker: the task's key and its number (the slot
+    /// may hold a later task by the time the worker is reaped).
+    FsWorker(usize, u64),
+}
+
 pub(crate) struct Core {
     pub(crate) registry: Registry,
     signals: SignalFd,
     pub(crate) links: Slab<HostLink>,
     pub(crate) sessions: Slab<Session>,
-    /// What each host id of each link names: (link key, id) → session key.
-    /// Ids are the host's, one space per connection.
-    pub(crate) ids: HashMap<(usize, u32), usize>,
+    /// File operations in progress.
+    pub(crate) fs: Slab<fs::Task>,
+    /// What each host id of each link names. Ids are the host's, one space
+    /// per connection, shared by sessions and every extension's streams.
+    pub(crate) ids: HashMap<(usize, u32), Owned>,
     /// Children being waited for, by pid (only when reaping: everything
     /// else is keyed by id).
-    by_pid: HashMap<libc::pid_t, usize>,
+    pub(crate) by_pid: HashMap<libc::pid_t, Child>,
     /// Sessions that yielded their turn with nothing to wait for (they
     /// drop their output: no link's draining will resume them): serviced
     /// again next turn.
@@ -110,6 +129,7 @@ impl Core {
             signals,
             links: Slab::new(),
             sessions: Slab::new(),
+            fs: Slab::new(),
             ids: HashMap::new(),
             by_pid: HashMap::new(),
             unwatched: HashMap::new(),
@@ -175,8 +195,9 @@ impl Core {
     /// before the loop next reaps, so its exit cannot be missed.
     pub(crate) fn add_session(&mut self, key: usize, session: Session) {
         let pid = session.pid();
-        self.ids.insert((session.link(), session.id()), key);
-        self.by_pid.insert(pid, key);
+        self.ids
+            .insert((session.link(), session.id()), Owned::Session(key));
+        self.by_pid.insert(pid, Child::Session(key));
         self.sessions.insert(session);
     }
 
@@ -256,7 +277,7 @@ impl Core {
                 s.mark_stalled();
                 self.yielded.push_back(key);
             } else if s.mark_stalled() {
-                link.stall(key);
+                link.stall(Owned::Session(key));
             }
         }
         if s.is_finished() {
@@ -278,8 +299,8 @@ impl Core {
     }
 
     /// A session is gone: a shutdown may now be complete.
-    fn after_session_gone(&mut self) {
-        if self.shutdown.is_some() && self.sessions.is_empty() {
+    pub(crate) fn after_session_gone(&mut self) {
+        if self.shutdown.is_some() && self.sessions.is_empty() && self.fs.is_empty() {
             self.complete_shutdown();
         }
     }
@@ -289,15 +310,22 @@ impl Core {
     pub(crate) fn reap(&mut self) {
         let now = Instant::now();
         while let Reaped::Child(pid, status) = sys::reap_one() {
-            let Some(key) = self.by_pid.remove(&pid) else {
-                if let Some(status) = self.unwatched.remove(&pid) {
-                    // Its memory can go now.
-                    status.child_reaped();
-                    tracing::debug!(pid, "reaped a child that had no session");
-                } else {
-                    tracing::debug!(pid, "reaped an adopted process");
+            let key = match self.by_pid.remove(&pid) {
+                Some(Child::Session(key)) => key,
+                Some(Child::FsWorker(key, seq)) => {
+                    self.fs_worker_reaped(key, seq, status);
+                    continue;
                 }
-                continue;
+                None => {
+                    if let Some(status) = self.unwatched.remove(&pid) {
+                        // Its memory can go now.
+                        status.child_reaped();
+                        tracing::debug!(pid, "reaped a child that had no session");
+                    } else {
+                        tracing::debug!(pid, "reaped an adopted process");
+                    }
+                    continue;
+                }
             };
             if !self.resolve_start(key, true) {
                 continue;
@@ -382,21 +410,33 @@ impl Core {
                     continue;
                 }
                 let stalled = self.links[lk].take_resumable();
-                for key in stalled {
-                    if self
-                        .sessions
-                        .get_mut(key)
-                        .is_some_and(Session::take_stalled)
-                    {
-                        resumed = true;
-                        self.service(key);
-                    }
+                for owner in stalled {
+                    resumed |= self.resume(owner);
                 }
             }
             if !resumed {
                 return;
             }
         }
+    }
+
+    /// Services what waited on a link's list, if it still waits there.
+    fn resume(&mut self, owner: Owned) -> bool {
+        match owner {
+            Owned::Session(key) => {
+                if self.sessions.get_mut(key).is_some_and(Session::take_stalled) {
+                    self.service(key);
+                    return true;
+                }
+            }
+            Owned::Fs(key) => {
+                if self.fs.get_mut(key).is_some_and(fs::Task::take_stalled) {
+                    self.service_fs(key);
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// Reads and dispatches link `lk`'s frames until its transport would
@@ -496,7 +536,7 @@ impl Core {
             return;
         };
         let window = self.config.stdin_window;
-        let Some(&key) = self.ids.get(&(lk, p.id)) else {
+        let Some(&Owned::Session(key)) = self.ids.get(&(lk, p.id)) else {
             return;
         };
         if !self.sessions[key].can_stream_stdin(p.len, window) {
@@ -508,7 +548,7 @@ impl Core {
 
     /// Moves more of a streamed STDIN payload into its session.
     fn stream_stdin(&mut self, lk: usize, id: u32, left: usize) -> Input {
-        let Some(&key) = self.ids.get(&(lk, id)) else {
+        let Some(&Owned::Session(key)) = self.ids.get(&(lk, id)) else {
             // Its session has ended meanwhile: the rest is skipped.
             self.links[lk].skip_stdin_stream();
             return Input::Again;
@@ -540,10 +580,14 @@ impl Core {
     /// After the turn's reads: a device port whose host hung up ends that
     /// host's visit once what it sent has been served.
     pub(crate) fn end_departed_visits(&mut self) {
-        for (_, link) in self.links.iter_mut() {
-            if link.hup_pending() {
-                link.end_departed_visit();
+        let mut left = Vec::new();
+        for (lk, link) in self.links.iter_mut() {
+            if link.hup_pending() && link.end_departed_visit() {
+                left.push(lk);
             }
+        }
+        for lk in left {
+            self.drop_link_tasks(lk);
         }
     }
 
@@ -553,7 +597,8 @@ impl Core {
             return;
         };
         if !link.kind().eof_ends_agent() {
-            return link.host_left();
+            link.host_left();
+            return self.drop_link_tasks(lk);
         }
         if self.exit.is_some() {
             return;
@@ -624,7 +669,8 @@ impl Core {
             phase: ShutdownPhase::Grace,
             deadline: Instant::now() + grace,
         });
-        if self.sessions.is_empty() {
+        self.cancel_all_tasks();
+        if self.sessions.is_empty() && self.fs.is_empty() {
             self.complete_shutdown();
         }
     }

@@ -10,13 +10,13 @@ use std::time::Duration;
 use crate::codec::{self, Frame};
 use crate::messages::{self, ErrorKind, Exec, ExecFailedKind, Feature, Kind, Message};
 
-use super::core::Core;
+use super::core::{Core, Owned};
 use super::session::{Session, SessionSpec};
 use super::spawn::{self, SpawnError};
 use super::stream::InflowError;
 
 /// The extensions this agent serves, as READY's `features` lists them.
-pub(crate) const SERVED: &[Feature] = &[];
+pub(crate) const SERVED: &[Feature] = &[Feature::Fs];
 
 /// What a session frame's handler refuses with: an ERROR kind and message.
 type Refusal = (ErrorKind, String);
@@ -95,6 +95,7 @@ impl Core {
                 core.service(key);
                 Ok(())
             }),
+            Message::Fs(m) => self.on_fs_frame(lk, id, m),
             // decode_from_host lets only host → agent kinds through.
             other => self.send_error(
                 lk,
@@ -115,7 +116,7 @@ impl Core {
         kind: Kind,
         f: impl FnOnce(&mut Core, usize) -> Result<(), Refusal>,
     ) {
-        let Some(&key) = self.ids.get(&(lk, id)) else {
+        let Some(&Owned::Session(key)) = self.ids.get(&(lk, id)) else {
             let msg = format!("no session with id {id}");
             return self.send_error(lk, id, ErrorKind::UnknownSession, msg, Some(kind as u8));
         };

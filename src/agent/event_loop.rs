@@ -163,6 +163,12 @@ impl EventLoop {
                     core.service(key);
                 }
             }
+            Some(Source::Fs(key, fd)) => {
+                if let Some(t) = core.fs.get_mut(key) {
+                    t.on_event(fd);
+                    core.service_fs(key);
+                }
+            }
             None => tracing::warn!(token = event.token().0, "event for an unknown token"),
         }
     }

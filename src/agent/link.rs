@@ -22,6 +22,7 @@ use mio::{Interest, Registry};
 
 use crate::codec::{Decoder, PartialFrame, HEADER_LEN};
 
+use super::core::Owned;
 use super::outqueue::{Flushed, OutQueue, STAGE_LIMIT};
 use super::stream::{LinkOut, PayloadSource};
 use super::token::{LinkFd, Source};
@@ -87,7 +88,7 @@ pub(crate) struct HostLink {
     expect_stdin: bool,
     /// Sessions (slab keys) that stopped reading at this link's high-water
     /// mark or at their turn's end, to resume in order.
-    stalled: VecDeque<usize>,
+    stalled: VecDeque<Owned>,
 }
 
 impl HostLink {
@@ -223,7 +224,8 @@ impl HostLink {
     /// The virtio port keeps bytes a host sent until they are read, even
     /// after that host is gone, so without this the next host's stream
     /// would start with the old host's leftovers.
-    pub(crate) fn end_departed_visit(&mut self) {
+    /// Returns whether the visit ended (the host had not already come back).
+    pub(crate) fn end_departed_visit(&mut self) -> bool {
         self.hup_pending = false;
         let mut buf = [0u8; 4096];
         loop {
@@ -239,7 +241,9 @@ impl HostLink {
         }
         if self.connected {
             self.host_left();
+            return true;
         }
+        false
     }
 
     /// Whether the transport may be read now: a host is there, an edge
@@ -408,8 +412,8 @@ impl HostLink {
     }
 
     /// Puts a session on the list of those to resume.
-    pub(crate) fn stall(&mut self, session: usize) {
-        self.stalled.push_back(session);
+    pub(crate) fn stall(&mut self, owner: Owned) {
+        self.stalled.push_back(owner);
     }
 
     /// The sessions to resume now, in order (and the list is emptied), or
@@ -418,7 +422,7 @@ impl HostLink {
     /// room in the staging pipe (the transport's writability edge wakes the
     /// loop once it drains); over anything else, once the queue is under
     /// the low-water mark.
-    pub(crate) fn take_resumable(&mut self) -> VecDeque<usize> {
+    pub(crate) fn take_resumable(&mut self) -> VecDeque<Owned> {
         if self.may_resume_stalled() {
             std::mem::take(&mut self.stalled)
         } else {

@@ -15,6 +15,8 @@
 //! - `transport`, `outqueue`: opening a host's transport; the queue of
 //!   frames going to it.
 //! - `timers`, `token`, `sys`: deadlines, event tokens, system calls.
+//! - `fs`: the `fs` extension: file operations run by worker processes.
+//! - `worker`: forking a worker process for work that may block.
 //! - `user`: `user` resolution from /etc/passwd and /etc/group.
 //! - `process`, `log`: process-wide setup and logging.
 //! - [`init`]: PID-1 duties (mounts, kernel command line, modules, the
@@ -23,6 +25,7 @@
 mod core;
 mod dispatch;
 mod event_loop;
+mod fs;
 pub mod init;
 mod link;
 mod log;
@@ -36,6 +39,7 @@ mod timers;
 mod token;
 mod transport;
 mod user;
+mod worker;
 
 pub use event_loop::{Config, EventLoop, Exit, LoopError};
 pub use log::parse_level;

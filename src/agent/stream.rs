@@ -49,11 +49,12 @@ impl Window {
     }
 
     /// How much may be sent now (`usize::MAX` when unlimited).
-    fn room(&self) -> usize {
+    pub(crate) fn room(&self) -> usize {
         self.left.map_or(usize::MAX, |w| w as usize)
     }
 
-    fn take(&mut self, n: usize) {
+    /// Charges `n` bytes sent.
+    pub(crate) fn take(&mut self, n: usize) {
         if let Some(w) = &mut self.left {
             *w = w.saturating_sub(n as u32);
         }

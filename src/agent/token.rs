@@ -35,6 +35,17 @@ pub(crate) enum LinkFd {
     Write,
 }
 
+/// Which pipe of a file operation's worker a token names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FsFd {
+    /// Frames from the worker.
+    Ctl,
+    /// Bytes from the worker (read, tar_get).
+    Out,
+    /// Bytes to the worker (write, tar_put).
+    In,
+}
+
 /// What an event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Source {
@@ -44,11 +55,14 @@ pub(crate) enum Source {
     Link(usize, LinkFd),
     /// One of a session's fds.
     Session(usize, SessionFd),
+    /// One of a file operation's pipes.
+    Fs(usize, FsFd),
 }
 
 const CLASS_SIGNALS: usize = 0;
 const CLASS_LINK: usize = 1;
 const CLASS_SESSION: usize = 2;
+const CLASS_FS: usize = 3;
 
 fn token(key: usize, class: usize, sub: usize) -> Token {
     Token(key << 8 | class << 3 | sub)
@@ -61,6 +75,7 @@ impl Source {
             Source::Signals => token(0, CLASS_SIGNALS, 0),
             Source::Link(key, fd) => token(key, CLASS_LINK, fd as usize),
             Source::Session(key, fd) => token(key, CLASS_SESSION, fd as usize),
+            Source::Fs(key, fd) => token(key, CLASS_FS, fd as usize),
         }
     }
 
@@ -75,6 +90,9 @@ impl Source {
             (CLASS_SESSION, 1) => Source::Session(key, SessionFd::Stdout),
             (CLASS_SESSION, 2) => Source::Session(key, SessionFd::Stderr),
             (CLASS_SESSION, 3) => Source::Session(key, SessionFd::Start),
+            (CLASS_FS, 0) => Source::Fs(key, FsFd::Ctl),
+            (CLASS_FS, 1) => Source::Fs(key, FsFd::Out),
+            (CLASS_FS, 2) => Source::Fs(key, FsFd::In),
             _ => return None,
         })
     }
@@ -97,6 +115,9 @@ mod tests {
                 SessionFd::Start,
             ] {
                 all.push(Source::Session(key, fd));
+            }
+            for fd in [FsFd::Ctl, FsFd::Out, FsFd::In] {
+                all.push(Source::Fs(key, fd));
             }
         }
         let mut tokens = std::collections::HashSet::new();

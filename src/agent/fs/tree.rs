@@ -1,0 +1,177 @@
+//! Whole trees as one stream: `tar_get` packs a directory (or a file) as a
+//! tar archive, `tar_put` unpacks one, in a worker. The archive format is
+//! the `tar` crate's (ustar with GNU long names): well kept, and what
+//! `tar` itself reads and writes, so a host can pipe it anywhere.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::messages::{FsDone, FsError, FsErrorKind};
+
+use super::ops::{io_error, lstat, safe_relative, Ctx};
+
+/// Counts what goes through a writer.
+struct Counted<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Counts what comes through a reader.
+struct CountedRead<R> {
+    inner: R,
+    bytes: u64,
+}
+
+impl<R: io::Read> io::Read for CountedRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+fn other(message: String) -> FsError {
+    FsError::new(FsErrorKind::Other, message, None, None)
+}
+
+/// Packs `path` (named by its last component) into the data pipe.
+pub(crate) fn get(mut ctx: Ctx<'_>, data: Option<File>) -> Result<FsDone, FsError> {
+    let out = data.ok_or_else(|| other("no data pipe".into()))?;
+    let root = ctx.path.to_path_buf();
+    let stat = lstat(&root).map_err(|e| ctx.fail(&e))?;
+    let name = root
+        .file_name()
+        .map_or_else(|| PathBuf::from("."), PathBuf::from);
+    ctx.opened(Some(stat))?;
+    let mut builder = tar::Builder::new(Counted {
+        inner: io::BufWriter::with_capacity(256 * 1024, out),
+        bytes: 0,
+    });
+    builder.follow_symlinks(false);
+    let mut entries = 0u64;
+    add(&mut builder, &root, &name, &mut entries)?;
+    builder
+        .finish()
+        .map_err(|e| io_error(&e, Some(&ctx.req.path)))?;
+    let mut counted = builder
+        .into_inner()
+        .map_err(|e| io_error(&e, Some(&ctx.req.path)))?;
+    counted
+        .flush()
+        .map_err(|e| io_error(&e, Some(&ctx.req.path)))?;
+    let bytes = counted.bytes;
+    // The data pipe's end of file comes before FS_DONE.
+    drop(counted);
+    Ok(FsDone {
+        bytes: Some(bytes),
+        entries: Some(entries),
+        ..FsDone::default()
+    })
+}
+
+/// Adds `path` as `name`, and a directory's contents after it.
+fn add<W: Write>(
+    b: &mut tar::Builder<W>,
+    path: &Path,
+    name: &Path,
+    entries: &mut u64,
+) -> Result<(), FsError> {
+    let fail = |e: &io::Error| io_error(e, Some(&path.to_string_lossy()));
+    let meta = fs::symlink_metadata(path).map_err(|e| fail(&e))?;
+    b.append_path_with_name(path, name).map_err(|e| fail(&e))?;
+    *entries += 1;
+    if meta.is_dir() {
+        let mut children: Vec<_> = fs::read_dir(path)
+            .map_err(|e| fail(&e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| fail(&e))?;
+        // A stable order: the same tree gives the same archive.
+        children.sort_by_key(|e| e.file_name());
+        for child in children {
+            let n = child.file_name();
+            add(b, &path.join(&n), &name.join(&n), entries)?;
+        }
+    }
+    Ok(())
+}
+
+/// Unpacks the archive coming on the data pipe into `path`.
+pub(crate) fn put(mut ctx: Ctx<'_>, data: Option<File>) -> Result<FsDone, FsError> {
+    let input = data.ok_or_else(|| other("no data pipe".into()))?;
+    let dst = ctx.path.to_path_buf();
+    if ctx.req.parents.unwrap_or(false) {
+        fs::create_dir_all(&dst).map_err(|e| ctx.fail(&e))?;
+    }
+    let meta = fs::metadata(&dst).map_err(|e| ctx.fail(&e))?;
+    if !meta.is_dir() {
+        return Err(ctx.fail(&io::Error::from_raw_os_error(libc::ENOTDIR)));
+    }
+    ctx.opened(None)?;
+    let mut archive = tar::Archive::new(CountedRead {
+        inner: io::BufReader::with_capacity(256 * 1024, input),
+        bytes: 0,
+    });
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_mtime(true);
+    archive.set_preserve_ownerships(ctx.req.owners.unwrap_or(false));
+    archive.set_overwrite(true);
+    archive.set_unpack_xattrs(false);
+    let mut entries = 0u64;
+    let iter = archive
+        .entries()
+        .map_err(|e| io_error(&e, Some(&ctx.req.path)))?;
+    for entry in iter {
+        let mut entry = entry.map_err(|e| io_error(&e, Some(&ctx.req.path)))?;
+        let name = entry
+            .path()
+            .map_err(|e| io_error(&e, Some(&ctx.req.path)))?
+            .into_owned();
+        let rel = safe_relative(&name).map_err(|m| {
+            FsError::new(
+                FsErrorKind::InvalidRequest,
+                m,
+                None,
+                Some(name.to_string_lossy().into_owned()),
+            )
+        })?;
+        if rel.as_os_str().is_empty() {
+            // "." itself: the destination, which exists.
+            continue;
+        }
+        let unpacked = entry
+            .unpack_in(&dst)
+            .map_err(|e| io_error(&e, Some(&dst.join(&rel).to_string_lossy())))?;
+        if !unpacked {
+            return Err(FsError::new(
+                FsErrorKind::InvalidRequest,
+                format!("{} would land outside {}", rel.display(), ctx.req.path),
+                None,
+                Some(rel.to_string_lossy().into_owned()),
+            ));
+        }
+        entries += 1;
+    }
+    // Whatever follows the archive's end (padding) is read to the end, so
+    // FS_DONE comes after the host's FS_END.
+    let mut rest = archive.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(|e| io_error(&e, Some(&ctx.req.path)))?;
+    let bytes = rest.bytes;
+    Ok(FsDone {
+        bytes: Some(bytes),
+        entries: Some(entries),
+        ..FsDone::default()
+    })
+}
