@@ -24,6 +24,7 @@ use crate::messages::{
 use super::event_loop::{handled_signals, Config, Exit, LoopError};
 use super::fs;
 use super::link::{HostLink, Input};
+use super::net;
 use super::session::Session;
 use super::spawn::{SpawnError, StartReport, StartStatus};
 use super::sys::{self, send_signal, Reaped};
@@ -65,6 +66,7 @@ struct Shutdown {
 pub(crate) enum Owned {
     Session(usize),
     Fs(usize),
+    Net(usize),
 }
 
 /// What a child pid is.
@@ -74,6 +76,9 @@ pub(crate) enum Child {
     /// A file operation's worker: the task's key and its number (the slot
     /// may hold a later task by the time the worker is reaped).
     FsWorker(usize, u64),
+    /// A worker connecting for a connection: it answers on its socket;
+    /// its exit needs nothing but reaping.
+    Connector,
 }
 
 pub(crate) struct Core {
@@ -83,6 +88,8 @@ pub(crate) struct Core {
     pub(crate) sessions: Slab<Session>,
     /// File operations in progress.
     pub(crate) fs: Slab<fs::Task>,
+    /// Connections to guest sockets.
+    pub(crate) net: Slab<net::Conn>,
     /// What each host id of each link names. Ids are the host's, one space
     /// per connection, shared by sessions and every extension's streams.
     pub(crate) ids: HashMap<(usize, u32), Owned>,
@@ -130,6 +137,7 @@ impl Core {
             links: Slab::new(),
             sessions: Slab::new(),
             fs: Slab::new(),
+            net: Slab::new(),
             ids: HashMap::new(),
             by_pid: HashMap::new(),
             unwatched: HashMap::new(),
@@ -300,7 +308,7 @@ impl Core {
 
     /// A session is gone: a shutdown may now be complete.
     pub(crate) fn after_session_gone(&mut self) {
-        if self.shutdown.is_some() && self.sessions.is_empty() && self.fs.is_empty() {
+        if self.shutdown.is_some() && self.is_idle() {
             self.complete_shutdown();
         }
     }
@@ -316,6 +324,7 @@ impl Core {
                     self.fs_worker_reaped(key, seq, status);
                     continue;
                 }
+                Some(Child::Connector) => continue,
                 None => {
                     if let Some(status) = self.unwatched.remove(&pid) {
                         // Its memory can go now.
@@ -362,6 +371,7 @@ impl Core {
                     s.linger_over(&mut self.timers);
                     self.service(key);
                 }
+                Timer::Connect { key, seq } => self.connect_timed_out(key, seq),
             }
         }
     }
@@ -424,7 +434,11 @@ impl Core {
     fn resume(&mut self, owner: Owned) -> bool {
         match owner {
             Owned::Session(key) => {
-                if self.sessions.get_mut(key).is_some_and(Session::take_stalled) {
+                if self
+                    .sessions
+                    .get_mut(key)
+                    .is_some_and(Session::take_stalled)
+                {
                     self.service(key);
                     return true;
                 }
@@ -432,6 +446,12 @@ impl Core {
             Owned::Fs(key) => {
                 if self.fs.get_mut(key).is_some_and(fs::Task::take_stalled) {
                     self.service_fs(key);
+                    return true;
+                }
+            }
+            Owned::Net(key) => {
+                if self.net.get_mut(key).is_some_and(net::Conn::take_stalled) {
+                    self.service_net(key);
                     return true;
                 }
             }
@@ -588,6 +608,7 @@ impl Core {
         }
         for lk in left {
             self.drop_link_tasks(lk);
+            self.drop_link_conns(lk);
         }
     }
 
@@ -598,6 +619,7 @@ impl Core {
         };
         if !link.kind().eof_ends_agent() {
             link.host_left();
+            self.drop_link_conns(lk);
             return self.drop_link_tasks(lk);
         }
         if self.exit.is_some() {
@@ -645,6 +667,11 @@ impl Core {
         }
     }
 
+    /// No session, file operation or connection is left.
+    fn is_idle(&self) -> bool {
+        self.sessions.is_empty() && self.fs.is_empty() && self.net.is_empty()
+    }
+
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutdown.is_some()
     }
@@ -670,7 +697,8 @@ impl Core {
             deadline: Instant::now() + grace,
         });
         self.cancel_all_tasks();
-        if self.sessions.is_empty() && self.fs.is_empty() {
+        self.close_all_conns();
+        if self.is_idle() {
             self.complete_shutdown();
         }
     }

@@ -16,7 +16,7 @@ use super::spawn::{self, SpawnError};
 use super::stream::InflowError;
 
 /// The extensions this agent serves, as READY's `features` lists them.
-pub(crate) const SERVED: &[Feature] = &[Feature::Fs];
+pub(crate) const SERVED: &[Feature] = &[Feature::Fs, Feature::Net];
 
 /// What a session frame's handler refuses with: an ERROR kind and message.
 type Refusal = (ErrorKind, String);
@@ -96,6 +96,7 @@ impl Core {
                 Ok(())
             }),
             Message::Fs(m) => self.on_fs_frame(lk, id, m),
+            Message::Net(m) => self.on_net_frame(lk, id, m),
             // decode_from_host lets only host → agent kinds through.
             other => self.send_error(
                 lk,

@@ -169,6 +169,7 @@ impl EventLoop {
                     core.service_fs(key);
                 }
             }
+            Some(Source::Net(key, fd)) => core.on_net_event(key, fd, readable, event.is_writable()),
             None => tracing::warn!(token = event.token().0, "event for an unknown token"),
         }
     }

@@ -16,6 +16,7 @@
 //!   frames going to it.
 //! - `timers`, `token`, `sys`: deadlines, event tokens, system calls.
 //! - `fs`: the `fs` extension: file operations run by worker processes.
+//! - `net`: the `net` extension: connections to guest sockets.
 //! - `worker`: forking a worker process for work that may block.
 //! - `user`: `user` resolution from /etc/passwd and /etc/group.
 //! - `process`, `log`: process-wide setup and logging.
@@ -29,6 +30,7 @@ mod fs;
 pub mod init;
 mod link;
 mod log;
+mod net;
 mod outqueue;
 mod process;
 mod session;

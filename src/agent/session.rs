@@ -204,14 +204,7 @@ impl Session {
                     Outflow::new(stderr, true, false),
                 ]
             },
-            stdin: Inflow::new(
-                if tty {
-                    Close::TerminalEof
-                } else {
-                    Close::CloseFd
-                },
-                has_stdin,
-            ),
+            stdin: Inflow::new(if tty { Close::TerminalEof } else { Close::Fd }, has_stdin),
             window: Window::new(spec.output_window),
             linger_ms: spec.linger_ms,
             stalled: false,

@@ -150,6 +150,9 @@ pub(crate) struct Outflow {
     final_left: Option<usize>,
     /// Bytes read and dropped ([`Sink::Discard`]).
     dropped: u64,
+    /// The errno of the read that ended the stream, when one did (not
+    /// EIO, a PTY master's end of file).
+    failed: Option<i32>,
 }
 
 impl Outflow {
@@ -165,6 +168,7 @@ impl Outflow {
             pipe_grown: false,
             final_left: None,
             dropped: 0,
+            failed: None,
         }
     }
 
@@ -214,6 +218,11 @@ impl Outflow {
 
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped
+    }
+
+    /// The errno of a read that failed and so ended the stream.
+    pub(crate) fn failure(&self) -> Option<i32> {
+        self.failed
     }
 
     /// Reads `fd` into `sink` as frames for `id` until it would block,
@@ -286,7 +295,23 @@ impl Outflow {
                         return Pumped::Ended;
                     }
                     _ => {
-                        tracing::warn!(id, error = %e, "reading a stream failed");
+                        // A connection's reset is its peer's doing (and
+                        // reported to the host); anything else is odd.
+                        let reset = matches!(
+                            e.raw_os_error(),
+                            Some(
+                                libc::ECONNRESET
+                                    | libc::ECONNABORTED
+                                    | libc::ETIMEDOUT
+                                    | libc::EPIPE
+                            )
+                        );
+                        if reset {
+                            tracing::debug!(id, error = %e, "reading a stream failed");
+                        } else {
+                            tracing::warn!(id, error = %e, "reading a stream failed");
+                        }
+                        self.failed = e.raw_os_error();
                         self.end();
                         return Pumped::Ended;
                     }
@@ -412,10 +437,13 @@ pub(crate) struct Acks<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Close {
     /// Close the fd: a pipe's reader then sees end of file.
-    CloseFd,
+    Fd,
     /// Write the terminal's end-of-file character (VEOF) at the start of a
     /// line: twice when the line has text. The fd stays open.
     TerminalEof,
+    /// Shut a socket down for writing (`SHUT_WR`): the peer reads end of
+    /// file, and can still send. The fd stays open.
+    ShutdownWrite,
 }
 
 /// Why an [`Inflow`] refused the host's bytes.
@@ -512,6 +540,27 @@ impl Inflow {
     /// An edge: the fd takes bytes again.
     pub(crate) fn on_writable(&mut self) {
         self.writable = true;
+    }
+
+    /// The reader went away (a write failed with EPIPE, EIO, ECONNRESET):
+    /// bytes are discarded from then on.
+    pub(crate) fn is_gone(&self) -> bool {
+        self.gone
+    }
+
+    /// The host's close has been carried out (or the reader is gone).
+    pub(crate) fn is_done(&self) -> bool {
+        self.close_done
+    }
+
+    /// Drops what is queued without writing it (a connection closed at
+    /// once); nothing more is acknowledged.
+    pub(crate) fn abandon(&mut self) {
+        self.queue.clear();
+        self.pos = 0;
+        self.host_closed = true;
+        self.close_done = true;
+        self.gone = true;
     }
 
     fn queued(&self) -> usize {
@@ -616,7 +665,7 @@ impl Inflow {
     /// At the first EAGAIN on a pipe, asks for a larger one. True when it
     /// grew, so the write is worth retrying at once.
     fn grow_pipe(&mut self, fd: RawFd) -> bool {
-        if self.pipe_grown || self.close == Close::TerminalEof {
+        if self.pipe_grown || self.close != Close::Fd {
             return false;
         }
         self.pipe_grown = true;
@@ -712,16 +761,27 @@ impl Inflow {
     /// one. True once the input side is over.
     fn finish_close(&mut self, fd: RawFd) -> bool {
         if !self.host_closed || self.close_done {
-            return self.close_done && self.close == Close::CloseFd;
+            return self.close_done && self.close == Close::Fd;
         }
         match self.close {
-            Close::CloseFd => {
+            Close::Fd => {
                 // Closing the pipe's write end is the reader's EOF.
                 self.close_done = true;
                 true
             }
             Close::TerminalEof => {
                 self.write_terminal_eof(fd);
+                false
+            }
+            Close::ShutdownWrite => {
+                // SAFETY: shutdown(2) on a socket the owner holds.
+                if unsafe { libc::shutdown(fd, libc::SHUT_WR) } < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::ENOTCONN) {
+                        tracing::debug!(error = %e, "shutdown(SHUT_WR) failed");
+                    }
+                }
+                self.close_done = true;
                 false
             }
         }

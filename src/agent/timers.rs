@@ -16,6 +16,8 @@ pub(crate) enum Timer {
     /// Session `key` has lingered for its `linger_ms`: its streams get
     /// their final pass. `seq` tells it from a later session in the slot.
     Linger { key: usize, seq: u64 },
+    /// Connection `key` did not connect within its `timeout_ms`.
+    Connect { key: usize, seq: u64 },
 }
 
 /// A deadline in the set, for cancelling it.

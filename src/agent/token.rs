@@ -46,6 +46,15 @@ pub(crate) enum FsFd {
     In,
 }
 
+/// Which fd of a connection a token names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NetFd {
+    /// The guest socket.
+    Socket,
+    /// The control socket of a worker connecting for it.
+    Worker,
+}
+
 /// What an event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Source {
@@ -57,12 +66,15 @@ pub(crate) enum Source {
     Session(usize, SessionFd),
     /// One of a file operation's pipes.
     Fs(usize, FsFd),
+    /// A connection's socket, or its connector's.
+    Net(usize, NetFd),
 }
 
 const CLASS_SIGNALS: usize = 0;
 const CLASS_LINK: usize = 1;
 const CLASS_SESSION: usize = 2;
 const CLASS_FS: usize = 3;
+const CLASS_NET: usize = 4;
 
 fn token(key: usize, class: usize, sub: usize) -> Token {
     Token(key << 8 | class << 3 | sub)
@@ -76,6 +88,7 @@ impl Source {
             Source::Link(key, fd) => token(key, CLASS_LINK, fd as usize),
             Source::Session(key, fd) => token(key, CLASS_SESSION, fd as usize),
             Source::Fs(key, fd) => token(key, CLASS_FS, fd as usize),
+            Source::Net(key, fd) => token(key, CLASS_NET, fd as usize),
         }
     }
 
@@ -93,6 +106,8 @@ impl Source {
             (CLASS_FS, 0) => Source::Fs(key, FsFd::Ctl),
             (CLASS_FS, 1) => Source::Fs(key, FsFd::Out),
             (CLASS_FS, 2) => Source::Fs(key, FsFd::In),
+            (CLASS_NET, 0) => Source::Net(key, NetFd::Socket),
+            (CLASS_NET, 1) => Source::Net(key, NetFd::Worker),
             _ => return None,
         })
     }
@@ -119,6 +134,8 @@ mod tests {
             for fd in [FsFd::Ctl, FsFd::Out, FsFd::In] {
                 all.push(Source::Fs(key, fd));
             }
+            all.push(Source::Net(key, NetFd::Socket));
+            all.push(Source::Net(key, NetFd::Worker));
         }
         let mut tokens = std::collections::HashSet::new();
         for s in all {

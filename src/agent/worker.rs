@@ -71,6 +71,24 @@ where
     F: FnOnce(WorkerIo, Result<Option<Identity>, SetupError>) -> i32,
 {
     let (ctl_r, ctl_w) = sys::pipe_cloexec()?;
+    spawn_on(ctl_r, ctl_w, user, data_out, data_in, work)
+}
+
+/// [`spawn`] with a control channel the caller made: `agent_ctl` stays
+/// here, `worker_ctl` becomes the worker's fd 3 (a socketpair, to pass
+/// fds back).
+pub(crate) fn spawn_on<F>(
+    agent_ctl: OwnedFd,
+    worker_ctl: OwnedFd,
+    user: Option<&str>,
+    data_out: bool,
+    data_in: bool,
+    work: F,
+) -> io::Result<Worker>
+where
+    F: FnOnce(WorkerIo, Result<Option<Identity>, SetupError>) -> i32,
+{
+    let (ctl_r, ctl_w) = (agent_ctl, worker_ctl);
     let out = data_out.then(sys::pipe_cloexec).transpose()?;
     let inp = data_in.then(sys::pipe_cloexec).transpose()?;
     // SAFETY: the agent is single-threaded, so the child is a full copy in
@@ -185,7 +203,12 @@ unsafe fn place_fds(fds: [Option<RawFd>; 3]) {
                 libc::dup2(*fd, CTL_FD + i as RawFd);
             }
         }
-        libc::syscall(libc::SYS_close_range, (DATA_IN_FD + 1) as u32, u32::MAX, 0u32);
+        libc::syscall(
+            libc::SYS_close_range,
+            (DATA_IN_FD + 1) as u32,
+            u32::MAX,
+            0u32,
+        );
         for (i, fd) in fds.iter().enumerate() {
             if fd.is_none() {
                 libc::close(CTL_FD + i as RawFd);
@@ -202,15 +225,24 @@ fn drop_privileges(user: Option<&str>) -> Result<Option<Identity>, SetupError> {
     let id = user::resolve(spec).map_err(SetupError::User)?;
     // SAFETY: setgroups reads `groups.len()` gids from the pointer.
     if unsafe { libc::setgroups(id.groups.len(), id.groups.as_ptr()) } < 0 {
-        return Err(SetupError::Credentials("setgroups", io::Error::last_os_error()));
+        return Err(SetupError::Credentials(
+            "setgroups",
+            io::Error::last_os_error(),
+        ));
     }
     // SAFETY: setgid/setuid take integers.
     if unsafe { libc::setgid(id.gid) } < 0 {
-        return Err(SetupError::Credentials("setgid", io::Error::last_os_error()));
+        return Err(SetupError::Credentials(
+            "setgid",
+            io::Error::last_os_error(),
+        ));
     }
     // SAFETY: as above.
     if unsafe { libc::setuid(id.uid) } < 0 {
-        return Err(SetupError::Credentials("setuid", io::Error::last_os_error()));
+        return Err(SetupError::Credentials(
+            "setuid",
+            io::Error::last_os_error(),
+        ));
     }
     Ok(Some(id))
 }

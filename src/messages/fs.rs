@@ -235,7 +235,11 @@ pub struct FsRequest {
     )]
     pub stat: Option<bool>,
     /// tar_put: keep the archive's uid and gid (default false).
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "strict::some")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
     pub owners: Option<bool>,
 }
 

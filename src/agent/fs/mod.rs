@@ -32,7 +32,9 @@ use mio::{Interest, Registry};
 use crate::codec::{self, Decoder, MAX_OUTPUT_PAYLOAD};
 use crate::messages::{self, FsError, FsErrorKind, FsOp, FsRequest, Kind};
 
-use super::stream::{Acks, Close, Flushed, Inflow, InflowError, LinkOut, Outflow, Pumped, Sink, Window};
+use super::stream::{
+    Acks, Close, Flushed, Inflow, InflowError, LinkOut, Outflow, Pumped, Sink, Window,
+};
 use super::token::{FsFd, Source};
 use super::worker;
 
@@ -142,7 +144,7 @@ impl Task {
             out: Outflow::new(Kind::FsData as u8, true, false),
             window,
             data_in: w.pipes.data_in,
-            input: Inflow::new(Close::CloseFd, op.takes_data()),
+            input: Inflow::new(Close::Fd, op.takes_data()),
             opened: false,
             held: None,
             last: None,
@@ -174,9 +176,13 @@ impl Task {
     }
 
     fn deregister(&self, registry: &Registry) {
-        for fd in [self.ctl.as_ref(), self.data_out.as_ref(), self.data_in.as_ref()]
-            .into_iter()
-            .flatten()
+        for fd in [
+            self.ctl.as_ref(),
+            self.data_out.as_ref(),
+            self.data_in.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let _ = registry.deregister(&mut SourceFd(&fd.as_raw_fd()));
         }
@@ -343,7 +349,13 @@ impl Task {
                 let kind = Kind::from_u8(frame.kind);
                 let allowed = matches!(
                     kind,
-                    Some(Kind::FsOpened | Kind::FsEntries | Kind::FsEvents | Kind::FsDone | Kind::FsError)
+                    Some(
+                        Kind::FsOpened
+                            | Kind::FsEntries
+                            | Kind::FsEvents
+                            | Kind::FsDone
+                            | Kind::FsError
+                    )
                 );
                 if !allowed || frame.payload.len() > MAX_OUTPUT_PAYLOAD {
                     return Err(bad_worker(&format!("kind {:#04x}", frame.kind)));
@@ -397,7 +409,10 @@ impl Task {
         let fd = self.data_out.as_ref().map(AsRawFd::as_raw_fd)?;
         let mut budget = READ_TURN;
         let mut sink = Sink::Queue(&mut *link);
-        match self.out.pump(fd, self.id, &mut sink, &mut self.window, &mut budget) {
+        match self
+            .out
+            .pump(fd, self.id, &mut sink, &mut self.window, &mut budget)
+        {
             Pumped::Ended => {
                 self.close_data_out(registry);
                 None
@@ -426,7 +441,9 @@ impl Task {
         if let Some(fd) = self.data_out.as_ref().map(AsRawFd::as_raw_fd) {
             let mut budget = READ_TURN;
             let mut window = Window::new(0);
-            if self.out.pump(fd, self.id, &mut Sink::Discard, &mut window, &mut budget)
+            if self
+                .out
+                .pump(fd, self.id, &mut Sink::Discard, &mut window, &mut budget)
                 == Pumped::Ended
             {
                 self.close_data_out(registry);
@@ -463,7 +480,12 @@ impl Task {
         if self.cancelled {
             if self.op == FsOp::Watch {
                 let mut out = Vec::new();
-                let _ = messages::append_map(&mut out, Kind::FsDone as u8, self.id, &messages::FsDone::default());
+                let _ = messages::append_map(
+                    &mut out,
+                    Kind::FsDone as u8,
+                    self.id,
+                    &messages::FsDone::default(),
+                );
                 return out;
             }
             let e = FsError::new(FsErrorKind::Cancelled, "cancelled", None, None);
@@ -490,11 +512,6 @@ impl Task {
         self.ctl = None;
         self.data_out = None;
         self.data_in = None;
-    }
-
-    /// Whether the worker has been reaped.
-    pub(crate) fn is_reaped(&self) -> bool {
-        self.exit.is_some()
     }
 }
 

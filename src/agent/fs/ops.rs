@@ -62,7 +62,9 @@ pub(crate) fn run(
         Ok(id) => home_of(id.as_ref()),
         Err(e) => {
             let err = match e {
-                SetupError::User(e) => FsError::new(FsErrorKind::BadUser, e.to_string(), None, None),
+                SetupError::User(e) => {
+                    FsError::new(FsErrorKind::BadUser, e.to_string(), None, None)
+                }
                 SetupError::Credentials(call, e) => os_error(call, &e, None),
             };
             let _ = reply.send(Kind::FsError, &err);
@@ -229,10 +231,20 @@ fn one_shot(ctx: Ctx<'_>, op: FsOp) -> OpResult<FsDone> {
         }
         FsOp::Lstat => done.stat = Some(lstat(path).map_err(fail)?),
         FsOp::Readlink => {
-            done.path = Some(fs::read_link(path).map_err(fail)?.to_string_lossy().into_owned())
+            done.path = Some(
+                fs::read_link(path)
+                    .map_err(fail)?
+                    .to_string_lossy()
+                    .into_owned(),
+            )
         }
         FsOp::Realpath => {
-            done.path = Some(fs::canonicalize(path).map_err(fail)?.to_string_lossy().into_owned())
+            done.path = Some(
+                fs::canonicalize(path)
+                    .map_err(fail)?
+                    .to_string_lossy()
+                    .into_owned(),
+            )
         }
         FsOp::Mkdir => mkdir(req, path).map_err(fail)?,
         FsOp::Remove => remove(req, path).map_err(fail)?,
@@ -254,7 +266,12 @@ fn one_shot(ctx: Ctx<'_>, op: FsOp) -> OpResult<FsDone> {
                 .ok_or_else(|| invalid("symlink needs `target`"))?;
             std::os::unix::fs::symlink(target, path).map_err(fail)?;
         }
-        _ => return Err(invalid(format!("{} is not a one-shot operation", op.as_str()))),
+        _ => {
+            return Err(invalid(format!(
+                "{} is not a one-shot operation",
+                op.as_str()
+            )))
+        }
     }
     Ok(done)
 }
@@ -290,7 +307,10 @@ fn cstring(p: &Path) -> OpResult<CString> {
 }
 
 fn rename(req: &FsRequest, from: &Path, home: &Path) -> OpResult<()> {
-    let to = req.to.as_deref().ok_or_else(|| invalid("rename needs `to`"))?;
+    let to = req
+        .to
+        .as_deref()
+        .ok_or_else(|| invalid("rename needs `to`"))?;
     let to = home.join(to);
     let (a, b) = (cstring(from)?, cstring(&to)?);
     let flags = if req.replace.unwrap_or(true) {
@@ -301,7 +321,13 @@ fn rename(req: &FsRequest, from: &Path, home: &Path) -> OpResult<()> {
     // SAFETY: two NUL-terminated paths, relative to the cwd (they are
     // absolute), and flags.
     let rc = unsafe {
-        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
     };
     if rc < 0 {
         return Err(io_error(&io::Error::last_os_error(), Some(&req.path)));
@@ -421,12 +447,16 @@ fn read(mut ctx: Ctx<'_>, data: Option<File>) -> OpResult<FsDone> {
         .map_err(|e| ctx.fail(&e))?;
     let meta = file.metadata().map_err(|e| ctx.fail(&e))?;
     if meta.is_dir() {
-        return Err(io_error(&io::Error::from_raw_os_error(libc::EISDIR), Some(&ctx.req.path)));
+        return Err(io_error(
+            &io::Error::from_raw_os_error(libc::EISDIR),
+            Some(&ctx.req.path),
+        ));
     }
     ctx.opened(Some(stat_of(&meta, None)))?;
     let offset = ctx.req.offset.unwrap_or(0);
     if offset > 0 {
-        file.seek(SeekFrom::Start(offset)).map_err(|e| ctx.fail(&e))?;
+        file.seek(SeekFrom::Start(offset))
+            .map_err(|e| ctx.fail(&e))?;
     }
     super::super::sys::grow_pipe(out.as_raw_fd(), DATA_PIPE_SIZE);
     let limit = ctx.req.length.unwrap_or(u64::MAX);
@@ -599,7 +629,13 @@ fn commit(
     let (a, b) = (cstring(temp)?, cstring(path)?);
     // SAFETY: two NUL-terminated absolute paths and flags.
     let rc = unsafe {
-        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
     };
     let result = if rc < 0 {
         Err(fail(io::Error::last_os_error()))
@@ -636,7 +672,10 @@ fn entry_of(dir: &Path, e: &fs::DirEntry, with_stat: bool) -> io::Result<FsEntry
     let raw = e.file_name();
     let (name, name_bin) = match raw.to_str() {
         Some(s) => (s.to_owned(), None),
-        None => (raw.to_string_lossy().into_owned(), Some(raw.clone().into_vec())),
+        None => (
+            raw.to_string_lossy().into_owned(),
+            Some(raw.clone().into_vec()),
+        ),
     };
     let ft = e.file_type()?;
     let stat = if with_stat {
@@ -697,10 +736,16 @@ pub(crate) fn safe_relative(name: &Path) -> Result<PathBuf, String> {
             Component::Normal(p) => out.push(p),
             Component::CurDir => {}
             Component::RootDir | Component::Prefix(_) => {
-                return Err(format!("{:?} is an absolute name", name.display().to_string()))
+                return Err(format!(
+                    "{:?} is an absolute name",
+                    name.display().to_string()
+                ))
             }
             Component::ParentDir => {
-                return Err(format!("{:?} has a `..` component", name.display().to_string()))
+                return Err(format!(
+                    "{:?} has a `..` component",
+                    name.display().to_string()
+                ))
             }
         }
     }

@@ -28,7 +28,12 @@ impl Core {
                 let frames = core.links[lk].frames();
                 core.fs[key]
                     .end_write(frames, &core.registry)
-                    .map_err(|_| (crate::messages::ErrorKind::StdinClosed, "FS_END was sent already, or the operation takes no data".to_owned()))?;
+                    .map_err(|_| {
+                        (
+                            crate::messages::ErrorKind::StdinClosed,
+                            "FS_END was sent already, or the operation takes no data".to_owned(),
+                        )
+                    })?;
                 core.service_fs(key);
                 Ok(())
             }),
