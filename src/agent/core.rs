@@ -41,6 +41,9 @@ pub(crate) const DEFAULT_GRACE: Duration = Duration::from_millis(1000);
 /// and the host do.
 pub(crate) const SHUTDOWN_DRAIN: Duration = Duration::from_millis(1000);
 
+/// How many finished sessions are kept for LIST and ATTACH.
+pub(crate) const KEPT_RECORDS: usize = 256;
+
 /// How long the agent waits, on its way out, for hosts to take what is
 /// queued for them.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
@@ -96,6 +99,8 @@ pub(crate) struct Core {
     /// Children being waited for, by pid (only when reaping: everything
     /// else is keyed by id).
     pub(crate) by_pid: HashMap<libc::pid_t, Child>,
+    /// Finished sessions kept as records, oldest first.
+    pub(crate) finished: VecDeque<usize>,
     /// Sessions that yielded their turn with nothing to wait for (they
     /// drop their output: no link's draining will resume them): serviced
     /// again next turn.
@@ -142,6 +147,7 @@ impl Core {
             by_pid: HashMap::new(),
             unwatched: HashMap::new(),
             yielded: VecDeque::new(),
+            finished: VecDeque::new(),
             timers: Timers::default(),
             config,
             shutdown: None,
@@ -203,10 +209,16 @@ impl Core {
     /// before the loop next reaps, so its exit cannot be missed.
     pub(crate) fn add_session(&mut self, key: usize, session: Session) {
         let pid = session.pid();
-        self.ids
-            .insert((session.link(), session.id()), Owned::Session(key));
+        if let Some(o) = session.owner() {
+            self.ids.insert((o.link, o.id), Owned::Session(key));
+        }
         self.by_pid.insert(pid, Child::Session(key));
         self.sessions.insert(session);
+    }
+
+    /// Sessions not yet finished (finished ones are kept as records).
+    pub(crate) fn live_sessions(&self) -> usize {
+        self.sessions.len() - self.finished.len()
     }
 
     /// A child that runs but cannot be watched: stopped without waiting (a
@@ -240,7 +252,7 @@ impl Core {
             StartReport::Pending if !reaped => return true,
             StartReport::Pending | StartReport::Running => {}
             StartReport::Failed(err) => {
-                let (lk, id, pid) = (s.link(), s.id(), s.pid());
+                let (owner, pid) = (s.owner(), s.pid());
                 if !reaped {
                     // It is on its way out with status 127.
                     sys::wait_for(pid);
@@ -249,21 +261,31 @@ impl Core {
                 }
                 let mut s = self.sessions.remove(key);
                 s.close(&self.registry);
-                self.ids.remove(&(lk, id));
-                self.exec_failed(lk, id, err);
+                if let Some(o) = owner {
+                    self.ids.remove(&(o.link, o.id));
+                    self.exec_failed(o.link, o.id, err);
+                }
                 self.after_session_gone();
                 return false;
             }
         }
-        s.started(&self.registry);
-        let (lk, id, pid) = (s.link(), s.id(), s.pid());
-        tracing::debug!(id, pid, "STARTED");
+        let now = Instant::now();
+        let detach = s.started(&self.registry, key, now, &mut self.timers);
+        let (owner, pid) = (s.owner(), s.pid());
+        tracing::debug!(?owner, pid, "STARTED");
         let started = messages::Started {
             pid: pid as u32,
-            session: None,
+            session: Some(s.seq()),
         };
-        if let Some(link) = self.links.get_mut(lk) {
-            push_map(link.frames(), Kind::Started, id, &started);
+        if let Some(o) = owner {
+            if let Some(link) = self.links.get_mut(o.link) {
+                push_map(link.frames(), Kind::Started, o.id, &started);
+            }
+            if detach {
+                // STARTED was the id's last frame.
+                self.ids.remove(&(o.link, o.id));
+                self.sessions[key].detach();
+            }
         }
         self.service(key);
         true
@@ -275,35 +297,67 @@ impl Core {
         let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
-        let Some(link) = self.links.get_mut(s.link()) else {
-            return;
-        };
-        let stop = s.service(&mut link.output(), &self.registry, &mut self.timers);
+        let mut link = s.owner().and_then(|o| self.links.get_mut(o.link));
+        let mut out = link.as_mut().map(|l| l.output());
+        let stop = s.service(out.as_mut(), &self.registry, &mut self.timers);
+        drop(out);
         if stop.stalls() {
-            if s.is_discarding() {
-                // Whatever list it may be on: the link's will not resume it.
+            if s.is_discarding() || link.is_none() {
+                // Whatever list it may be on: no link's draining resumes
+                // it.
                 s.mark_stalled();
                 self.yielded.push_back(key);
             } else if s.mark_stalled() {
-                link.stall(Owned::Session(key));
+                if let Some(link) = link {
+                    link.stall(Owned::Session(key));
+                }
             }
         }
-        if s.is_finished() {
+        if self.sessions[key].is_done() {
             self.finish(key);
         }
     }
 
-    /// Sends EXITED and frees the session and its id.
+    /// A done session: EXITED to the host that has it (its id is then
+    /// free), and the session is kept as a finished record.
     fn finish(&mut self, key: usize) {
-        let mut s = self.sessions.remove(key);
-        self.ids.remove(&(s.link(), s.id()));
-        if let Some(exit) = s.finish(&self.registry) {
-            tracing::debug!(id = s.id(), status = exit.status, "EXITED");
-            if let Some(link) = self.links.get_mut(s.link()) {
-                push_map(link.frames(), Kind::Exited, s.id(), &exit);
+        let was_live = !self.sessions[key].is_finished();
+        let s = &mut self.sessions[key];
+        let Some((exit, owner)) = s.finish(&self.registry, &mut self.timers) else {
+            return;
+        };
+        if let Some(o) = owner {
+            tracing::debug!(id = o.id, status = exit.status, "EXITED");
+            self.ids.remove(&(o.link, o.id));
+            if let Some(link) = self.links.get_mut(o.link) {
+                push_map(link.frames(), Kind::Exited, o.id, &exit);
             }
         }
+        if was_live {
+            self.finished.push_back(key);
+            self.evict_records();
+        }
         self.after_session_gone();
+    }
+
+    /// Keeps at most [`KEPT_RECORDS`] finished sessions: the oldest whose
+    /// exit a host has seen go first, then the oldest unseen.
+    fn evict_records(&mut self) {
+        while self.finished.len() > KEPT_RECORDS {
+            let pos = self
+                .finished
+                .iter()
+                .position(|&k| self.sessions[k].exit_seen() && self.sessions[k].owner().is_none())
+                .or_else(|| {
+                    self.finished
+                        .iter()
+                        .position(|&k| self.sessions[k].owner().is_none())
+                });
+            let Some(pos) = pos else { return };
+            if let Some(key) = self.finished.remove(pos) {
+                self.sessions.remove(key);
+            }
+        }
     }
 
     /// A session is gone: a shutdown may now be complete.
@@ -372,6 +426,17 @@ impl Core {
                     self.service(key);
                 }
                 Timer::Connect { key, seq } => self.connect_timed_out(key, seq),
+                Timer::Deadline { key, seq } => {
+                    if let Some(s) = self.sessions.get_mut(key).filter(|s| s.seq() == seq) {
+                        tracing::debug!(session = seq, "deadline passed");
+                        s.deadline_passed(key, now, &mut self.timers);
+                    }
+                }
+                Timer::DeadlineKill { key, seq } => {
+                    if let Some(s) = self.sessions.get_mut(key).filter(|s| s.seq() == seq) {
+                        s.deadline_kill();
+                    }
+                }
             }
         }
     }
@@ -626,7 +691,7 @@ impl Core {
             return;
         }
         tracing::info!("transport closed: killing every session");
-        for (_, s) in &self.sessions {
+        for (_, s) in self.sessions.iter().filter(|(_, s)| !s.is_finished()) {
             s.signal_group(libc::SIGKILL);
         }
         kill_and_reap_all(Duration::from_secs(2));
@@ -669,7 +734,7 @@ impl Core {
 
     /// No session, file operation or connection is left.
     fn is_idle(&self) -> bool {
-        self.sessions.is_empty() && self.fs.is_empty() && self.net.is_empty()
+        self.live_sessions() == 0 && self.fs.is_empty() && self.net.is_empty()
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {
@@ -683,8 +748,8 @@ impl Core {
         if self.shutdown.is_some() {
             return;
         }
-        tracing::info!(?grace, sessions = self.sessions.len(), "shutting down");
-        for (_, s) in &mut self.sessions {
+        tracing::info!(?grace, sessions = self.live_sessions(), "shutting down");
+        for (_, s) in self.sessions.iter_mut().filter(|(_, s)| !s.is_finished()) {
             if s.is_starting() {
                 // As for a host's SIGNAL: after STARTED, or not at all.
                 s.signal(libc::SIGTERM, true);
@@ -719,7 +784,12 @@ impl Core {
             }
             ShutdownPhase::Drain | ShutdownPhase::Dropping => sd.phase = ShutdownPhase::Dropping,
         }
-        let keys: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
+        let keys: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| !s.is_finished())
+            .map(|(k, _)| k)
+            .collect();
         for key in keys {
             let s = &mut self.sessions[key];
             if phase == ShutdownPhase::Grace {

@@ -11,7 +11,7 @@ use crate::codec::{self, Frame};
 use crate::messages::{self, ErrorKind, Exec, ExecFailedKind, Feature, Kind, Message};
 
 use super::core::{Core, Owned};
-use super::session::{Session, SessionSpec};
+use super::session::{Info, Owner, Session, SessionSpec};
 use super::spawn::{self, SpawnError};
 use super::stream::InflowError;
 
@@ -138,11 +138,17 @@ impl Core {
         };
         let pid = child.pid;
         let spec = SessionSpec {
-            id,
-            link: lk,
+            owner: Owner { link: lk, id },
             seq: self.take_seq(),
             output_window: req.output_window,
             linger_ms: req.linger_ms,
+            replay_bytes: req.replay_bytes.unwrap_or(self.config.replay_bytes),
+            info: session_info(req),
+            timeout: req
+                .timeout_ms
+                .filter(|&t| t > 0)
+                .map(|t| (t, req.kill_grace_ms.unwrap_or(DEFAULT_KILL_GRACE_MS))),
+            detach: req.detach,
         };
         let key = self.sessions.vacant_key();
         match Session::new(spec, child, key, &self.registry) {
@@ -180,14 +186,34 @@ impl Core {
             let msg = "the agent is shutting down";
             return Err(fail(ExecFailedKind::Other, msg.to_owned()));
         }
-        if self.sessions.len() >= self.config.max_sessions {
+        if self.live_sessions() >= self.config.max_sessions {
             let msg = format!(
                 "{} sessions are running, the agent's maximum",
-                self.sessions.len()
+                self.live_sessions()
             );
             return Err(fail(ExecFailedKind::Resource, msg));
         }
         Ok(())
+    }
+}
+
+/// Between a deadline's SIGTERM and its SIGKILL, unless EXEC says.
+const DEFAULT_KILL_GRACE_MS: u32 = 1000;
+
+/// How many arguments, and how many bytes of each, LIST shows.
+const LISTED_ARGS: usize = 16;
+
+/// What LIST will say of a session EXEC starts.
+fn session_info(req: &Exec) -> Info {
+    let clipped = |s: &String| messages::clip(s).into_owned();
+    Info {
+        tag: req.tag.clone(),
+        cmd: clipped(&req.cmd),
+        args: req.args.iter().take(LISTED_ARGS).map(clipped).collect(),
+        user: req.user.as_ref().map(clipped),
+        started_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
     }
 }
 

@@ -36,6 +36,9 @@ pub struct Config {
     pub stdin_window: u32,
     pub pid1: bool,
     pub defaults: SpawnDefaults,
+    /// The default of EXEC's `replay_bytes`: bytes of each output stream
+    /// kept for a later ATTACH. 0 where no other host could ever attach.
+    pub replay_bytes: u32,
 }
 
 impl Default for Config {
@@ -45,6 +48,7 @@ impl Default for Config {
             stdin_window: 256 * 1024,
             pid1: false,
             defaults: SpawnDefaults::from_agent_env(),
+            replay_bytes: 0,
         }
     }
 }

@@ -52,6 +52,10 @@ pub use transport::{Transport, TransportKind};
 
 use std::path::PathBuf;
 
+/// The default of EXEC's `replay_bytes` where sessions can be attached by
+/// another host (a device port, a listening transport).
+pub const DEFAULT_REPLAY_BYTES: u32 = 64 * 1024;
+
 /// Where the agent finds its host.
 #[derive(Debug, Clone)]
 pub enum Mode {
@@ -92,6 +96,13 @@ pub fn serve(
     opts: &Options,
     env: Vec<(String, String)>,
 ) -> Result<Exit, LoopError> {
+    // Sessions keep a replay where another host may later attach them: on
+    // a device port (hosts come and go).
+    let replay_bytes = if transport.kind() == TransportKind::Device {
+        DEFAULT_REPLAY_BYTES
+    } else {
+        0
+    };
     let config = Config {
         max_sessions: opts.max_sessions,
         stdin_window: opts.stdin_window,
@@ -100,6 +111,7 @@ pub fn serve(
             env,
             child_nofile: process::raise_fd_limit(),
         },
+        replay_bytes,
     };
     let mut event_loop = EventLoop::new(config, transport)?;
     Ok(event_loop.run())

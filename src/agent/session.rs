@@ -15,8 +15,16 @@
 //!   final pass (read until it would block, at most
 //!   [`FINAL_READ_LIMIT`](super::stream::FINAL_READ_LIMIT) more), then
 //!   counts as ended.
-//! - **finished**: reaped and every stream ended: the loop sends EXITED,
-//!   closes what is left and frees the id.
+//! - **finished**: reaped and every stream ended (and any replay sent):
+//!   EXITED goes to the host that has it, the fds are closed and the id is
+//!   free. The finished session is kept as a record (its exit and replay
+//!   rings) for LIST and a later ATTACH, a bounded number of them.
+//!
+//! Orthogonal to its state, a session has an **owner**, the (link, id) of
+//! the host connection that started or last attached it, or none: it is
+//! **detached** (its host went away from a listening transport, or it was
+//! started detached). A detached session sends no frames; its output goes
+//! to its replay rings only, so it never blocks.
 //!
 //! The streams themselves are [`Outflow`]s (stdout, stderr) sharing one
 //! [`Window`], and an [`Inflow`] (stdin). The session never writes to a
@@ -33,8 +41,8 @@ use crate::messages::{Exited, Kind};
 
 use super::spawn::{Child, ChildStdio, StartStatus};
 use super::stream::{
-    Acks, Close, Flushed, Inflow, InflowError, LinkOut, Outflow, PayloadSource, Pumped, Sink,
-    Window,
+    Acks, Close, Flushed, Inflow, InflowError, LinkOut, Outflow, PayloadSource, Pumped,
+    ReplayStart, Sink, Window,
 };
 use super::sys::send_signal;
 use super::timers::{Timer, TimerKey, Timers};
@@ -63,6 +71,8 @@ enum State {
     },
     Finished {
         exit: Exited,
+        /// A host has received its EXITED.
+        seen: bool,
     },
 }
 
@@ -100,24 +110,60 @@ enum Fds {
     },
 }
 
-/// What the loop needs to know to make a session.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SessionSpec {
-    /// The host's id for it.
-    pub(crate) id: u32,
-    /// The link that started it.
+/// The host connection a session belongs to, and its id there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Owner {
     pub(crate) link: usize,
+    pub(crate) id: u32,
+}
+
+/// What LIST says of a session besides its state.
+#[derive(Debug, Clone)]
+pub(crate) struct Info {
+    pub(crate) tag: Option<String>,
+    pub(crate) cmd: String,
+    pub(crate) args: Vec<String>,
+    pub(crate) user: Option<String>,
+    pub(crate) started_ms: u64,
+}
+
+/// What the loop needs to know to make a session.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionSpec {
+    pub(crate) owner: Owner,
     /// The agent-wide number of the session (never reused).
     pub(crate) seq: u64,
     pub(crate) output_window: u32,
     pub(crate) linger_ms: u32,
+    /// Bytes of each output stream kept for replay.
+    pub(crate) replay_bytes: u32,
+    pub(crate) info: Info,
+    /// `timeout_ms` and `kill_grace_ms`, set at STARTED.
+    pub(crate) timeout: Option<(u32, u32)>,
+    /// Detached once STARTED has gone out.
+    pub(crate) detach: bool,
+}
+
+/// A session's deadline (`timeout_ms`): SIGTERM to its tree when it
+/// passes, SIGKILL `kill_grace` later.
+#[derive(Debug, Default)]
+struct Deadline {
+    /// `timeout_ms` and `kill_grace_ms`, until STARTED sets the timer.
+    pending: Option<(u32, u32)>,
+    /// Detach at STARTED (EXEC's `detach`).
+    detach: bool,
+    timer: Option<TimerKey>,
+    kill_grace_ms: u32,
+    /// The deadline passed: EXITED says `timed_out`.
+    passed: bool,
 }
 
 #[derive(Debug)]
 pub(crate) struct Session {
-    id: u32,
-    link: usize,
+    owner: Option<Owner>,
     seq: u64,
+    info: Info,
+    deadline: Deadline,
     pid: libc::pid_t,
     state: State,
     fds: Fds,
@@ -185,25 +231,34 @@ impl Session {
         };
         let tty = matches!(fds, Fds::Pty { .. });
         let (stdout, stderr) = (Kind::Stdout as u8, Kind::Stderr as u8);
+        let mut out = if tty {
+            // A terminal has no separate stderr.
+            [Outflow::new(stdout, false, true), Outflow::none(stderr)]
+        } else {
+            [
+                Outflow::new(stdout, true, false),
+                Outflow::new(stderr, true, false),
+            ]
+        };
+        for o in &mut out {
+            o.keep(spec.replay_bytes);
+        }
         Ok(Session {
-            id: spec.id,
-            link: spec.link,
+            owner: Some(spec.owner),
             seq: spec.seq,
+            info: spec.info,
+            deadline: Deadline {
+                pending: spec.timeout,
+                detach: spec.detach,
+                ..Deadline::default()
+            },
             pid,
             state: State::Starting {
                 status,
                 held: Vec::new(),
             },
             fds,
-            out: if tty {
-                // A terminal has no separate stderr.
-                [Outflow::new(stdout, false, true), Outflow::none(stderr)]
-            } else {
-                [
-                    Outflow::new(stdout, true, false),
-                    Outflow::new(stderr, true, false),
-                ]
-            },
+            out,
             stdin: Inflow::new(if tty { Close::TerminalEof } else { Close::Fd }, has_stdin),
             window: Window::new(spec.output_window),
             linger_ms: spec.linger_ms,
@@ -212,12 +267,74 @@ impl Session {
         })
     }
 
-    pub(crate) fn id(&self) -> u32 {
-        self.id
+    /// The host connection that has it, with its id there.
+    pub(crate) fn owner(&self) -> Option<Owner> {
+        self.owner
     }
 
-    pub(crate) fn link(&self) -> usize {
-        self.link
+    /// Detaches it: no host has it any more; its output goes to its rings.
+    pub(crate) fn detach(&mut self) {
+        self.owner = None;
+        self.stdin.rebase();
+    }
+
+    /// A new host has it from now on, with `output_window`: its streams
+    /// replay from `from` (stdout, stderr) or only their `tail`.
+    pub(crate) fn attach(
+        &mut self,
+        owner: Owner,
+        output_window: u32,
+        from: [Option<u64>; 2],
+        tail: Option<u64>,
+    ) -> [ReplayStart; 2] {
+        self.owner = Some(owner);
+        self.stdin.rebase();
+        self.window = Window::new(output_window);
+        let starts = [
+            self.out[0].replay_from(from[0], tail),
+            self.out[1].replay_from(from[1], tail),
+        ];
+        for o in &mut self.out {
+            o.recheck();
+        }
+        starts
+    }
+
+    pub(crate) fn info(&self) -> &Info {
+        &self.info
+    }
+
+    /// Bytes each stream has produced.
+    pub(crate) fn totals(&self) -> [u64; 2] {
+        [self.out[0].total(), self.out[1].total()]
+    }
+
+    /// `starting`, `running`, `lingering` or `exited`, as LIST says it.
+    pub(crate) fn state_name(&self) -> &'static str {
+        match self.state {
+            State::Starting { .. } => "starting",
+            State::Running => "running",
+            State::Lingering { .. } => "lingering",
+            State::Finished { .. } => "exited",
+        }
+    }
+
+    /// How it ended, once it has.
+    pub(crate) fn exit(&self) -> Option<Exited> {
+        match &self.state {
+            State::Lingering { exit, .. } | State::Finished { exit, .. } => Some(*exit),
+            _ => None,
+        }
+    }
+
+    /// Whether a host has received its EXITED.
+    pub(crate) fn exit_seen(&self) -> bool {
+        matches!(self.state, State::Finished { seen: true, .. })
+    }
+
+    /// Whether the host may still send STDIN.
+    pub(crate) fn stdin_open(&self) -> bool {
+        !self.is_finished() && self.stdin.is_open()
     }
 
     pub(crate) fn seq(&self) -> u64 {
@@ -278,17 +395,28 @@ impl Session {
         }
     }
 
-    /// The child exec'd: the session runs. Deregisters the status pipe and
-    /// delivers the SIGNALs held until now.
-    pub(crate) fn started(&mut self, registry: &Registry) {
+    /// The child exec'd: the session runs. Deregisters the status pipe,
+    /// delivers the SIGNALs held until now and sets the deadline. Returns
+    /// whether it is to be detached now (EXEC's `detach`).
+    pub(crate) fn started(
+        &mut self,
+        registry: &Registry,
+        key: usize,
+        now: Instant,
+        timers: &mut Timers,
+    ) -> bool {
         let State::Starting { status, held } = std::mem::replace(&mut self.state, State::Running)
         else {
-            return;
+            return false;
         };
         deregister(registry, status.fd());
         for (signal, group) in held {
             self.deliver(signal, group);
         }
+        if let Some((timeout, grace)) = self.deadline.pending.take() {
+            self.set_deadline(timeout, grace, key, now, timers);
+        }
+        self.deadline.detach
     }
 
     /// A host's SIGNAL: held while starting (see [`hold_signal`]), else
@@ -361,9 +489,43 @@ impl Session {
 
     fn acks<'a>(&self, link: Option<&'a mut Vec<u8>>) -> Acks<'a> {
         Acks {
-            out: link,
+            out: link.filter(|_| self.owner.is_some()),
             kind: Kind::StdinAck as u8,
-            id: self.id,
+            id: self.owner.map_or(0, |o| o.id),
+        }
+    }
+
+    /// Sets its deadline: `timeout_ms` from now.
+    pub(crate) fn set_deadline(
+        &mut self,
+        timeout_ms: u32,
+        kill_grace_ms: u32,
+        key: usize,
+        now: Instant,
+        timers: &mut Timers,
+    ) {
+        let at = now + Duration::from_millis(u64::from(timeout_ms));
+        self.deadline.timer = Some(timers.add(at, Timer::Deadline { key, seq: self.seq }));
+        self.deadline.kill_grace_ms = kill_grace_ms;
+    }
+
+    /// Its deadline passed: SIGTERM to its tree now, SIGKILL after the
+    /// grace (a second timer).
+    pub(crate) fn deadline_passed(&mut self, key: usize, now: Instant, timers: &mut Timers) {
+        if self.is_reaped() && self.is_finished() {
+            return;
+        }
+        self.deadline.passed = true;
+        self.signal_group(libc::SIGTERM);
+        let at = now + Duration::from_millis(u64::from(self.deadline.kill_grace_ms));
+        self.deadline.timer = Some(timers.add(at, Timer::DeadlineKill { key, seq: self.seq }));
+    }
+
+    /// The grace after the deadline is over: SIGKILL to its tree.
+    pub(crate) fn deadline_kill(&mut self) {
+        self.deadline.timer = None;
+        if !self.is_finished() {
+            self.signal_group(libc::SIGKILL);
         }
     }
 
@@ -461,7 +623,7 @@ impl Session {
     /// session does nothing (STARTED comes first).
     pub(crate) fn service(
         &mut self,
-        link: &mut LinkOut<'_>,
+        mut link: Option<&mut LinkOut<'_>>,
         registry: &Registry,
         timers: &mut Timers,
     ) -> ReadStop {
@@ -469,45 +631,52 @@ impl Session {
             return ReadStop::Idle;
         }
         if let Some(fd) = self.in_fd() {
-            let mut acks = self.acks(Some(link.frames()));
+            let frames = link.as_deref_mut().map(LinkOut::frames);
+            let mut acks = self.acks(frames);
             let flushed = self.stdin.flush(fd, &mut acks);
             self.after_input(flushed, registry);
         }
-        let stop = if self.wants_read() {
-            self.read_output(link, registry)
-        } else {
-            ReadStop::Idle
-        };
+        let stop = self.read_output(link, registry);
         if let State::Lingering { exit, timer } = self.state {
             if self.out.iter().all(Outflow::is_ended) {
                 if let Some(t) = timer {
                     // Every stream ended before the linger time ran out.
                     timers.cancel(t);
                 }
-                self.state = State::Finished { exit };
+                self.state = State::Lingering { exit, timer: None };
             }
         }
         stop
     }
 
+    /// Reaped, every stream at its end and any replay sent: what is left is
+    /// to send EXITED (if a host has it) and keep the record.
+    pub(crate) fn is_done(&self) -> bool {
+        matches!(self.state, State::Lingering { timer: None, .. } | State::Finished { .. })
+            && self.out.iter().all(Outflow::is_done)
+            && self.out.iter().all(Outflow::is_ended)
+    }
+
     /// Reads output while there is something to read, window left, room in
     /// the link's queue and budget in this turn.
-    fn read_output(&mut self, link: &mut LinkOut<'_>, registry: &Registry) -> ReadStop {
+    fn read_output(&mut self, mut link: Option<&mut LinkOut<'_>>, registry: &Registry) -> ReadStop {
         let mut budget = READ_TURN;
         for i in 0..2 {
-            if !self.out[i].wants_read() {
+            if self.out[i].is_done() || (!self.out[i].wants_read() && link.is_none()) {
                 continue;
             }
-            let Some(fd) = self.out_fd(i) else {
+            // An ended stream may still owe a replay: it reads no fd then.
+            let fd = self.out_fd(i).unwrap_or(-1);
+            if fd < 0 && !self.out[i].is_ended() {
                 self.end_stream(i, registry);
-                continue;
+            }
+            let mut sink = match (&mut link, self.discard) {
+                (_, true) => Sink::Discard,
+                (Some(link), false) => Sink::Queue(&mut **link),
+                (None, false) => Sink::Detached,
             };
-            let mut sink = if self.discard {
-                Sink::Discard
-            } else {
-                Sink::Queue(&mut *link)
-            };
-            match self.out[i].pump(fd, self.id, &mut sink, &mut self.window, &mut budget) {
+            let id = self.owner.map_or(0, |o| o.id);
+            match self.out[i].pump(fd, id, &mut sink, &mut self.window, &mut budget) {
                 Pumped::Drained => {}
                 Pumped::Ended => self.end_stream(i, registry),
                 Pumped::Window => return ReadStop::Window,
@@ -578,19 +747,31 @@ impl Session {
         }
     }
 
-    /// Takes a finished session apart: lets go of every fd and returns its
-    /// EXITED (with the output it dropped, if any). `None` when it is not
-    /// finished.
-    pub(crate) fn finish(&mut self, registry: &Registry) -> Option<Exited> {
-        let State::Finished { mut exit } = self.state else {
-            return None;
+    /// Makes a done session (see [`Session::is_done`]) finished: lets go of
+    /// every fd and of its deadline, and returns its EXITED (with the
+    /// output it dropped, whether its deadline ended it), and whether a
+    /// host is there to get it (it is then seen, and the host's id free).
+    pub(crate) fn finish(&mut self, registry: &Registry, timers: &mut Timers) -> Option<(Exited, Option<Owner>)> {
+        let mut exit = match self.state {
+            State::Lingering { exit, timer: None } => exit,
+            State::Finished { exit, seen: false } if self.owner.is_some() => exit,
+            _ => return None,
         };
         let dropped: u64 = self.out.iter().map(Outflow::dropped).sum();
         if dropped > 0 {
             exit.output_dropped = Some(dropped);
         }
+        exit.timed_out |= self.deadline.passed;
+        if let Some(t) = self.deadline.timer.take() {
+            timers.cancel(t);
+        }
         self.close(registry);
-        Some(exit)
+        let owner = self.owner.take();
+        self.state = State::Finished {
+            exit,
+            seen: owner.is_some(),
+        };
+        Some((exit, owner))
     }
 
     /// Lets go of every fd.

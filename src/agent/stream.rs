@@ -100,6 +100,9 @@ pub(crate) enum Sink<'a, 'b> {
     /// Read and dropped, counted in [`Outflow::dropped`]: output the host
     /// will not get (a shutdown past its grace, with the window used up).
     Discard,
+    /// No host has the stream (a detached session): read into its replay
+    /// ring only (older bytes go as newer come), so it never blocks.
+    Detached,
 }
 
 /// Why [`Outflow::pump`] stopped.
@@ -153,6 +156,46 @@ pub(crate) struct Outflow {
     /// The errno of the read that ended the stream, when one did (not
     /// EIO, a PTY master's end of file).
     failed: Option<i32>,
+    /// Bytes the stream has produced so far (read from its fd): the
+    /// offset of its next byte.
+    total: u64,
+    /// Its last bytes, kept for a later reader (`replay_bytes`).
+    ring: Option<Ring>,
+    /// Replaying: the bytes from this offset on are sent from the ring
+    /// before the fd is read again.
+    cursor: Option<u64>,
+}
+
+/// The last `cap` bytes of a stream.
+#[derive(Debug)]
+pub(crate) struct Ring {
+    buf: std::collections::VecDeque<u8>,
+    cap: usize,
+}
+
+impl Ring {
+    pub(crate) fn new(cap: usize) -> Ring {
+        Ring {
+            buf: std::collections::VecDeque::new(),
+            cap,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let bytes = &bytes[bytes.len().saturating_sub(self.cap)..];
+        let over = (self.buf.len() + bytes.len()).saturating_sub(self.cap);
+        self.buf.drain(..over);
+        self.buf.extend(bytes);
+    }
+}
+
+/// Where a replay of a stream starts: see [`Outflow::replay_from`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReplayStart {
+    /// The offset of the first byte that will be sent.
+    pub(crate) from: u64,
+    /// Bytes asked for that are no longer kept.
+    pub(crate) lost: u64,
 }
 
 impl Outflow {
@@ -169,7 +212,77 @@ impl Outflow {
             final_left: None,
             dropped: 0,
             failed: None,
+            total: 0,
+            ring: None,
+            cursor: None,
         }
+    }
+
+    /// Keeps the last `cap` bytes for replay (0: none). A stream that keeps
+    /// bytes is read, never spliced: the ring needs them in memory.
+    pub(crate) fn keep(&mut self, cap: u32) {
+        self.ring = (cap > 0).then(|| Ring::new(cap as usize));
+    }
+
+    /// The offset of the stream's next byte: how much it has produced.
+    pub(crate) fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Sets up a replay for a new reader: from `from` (default: the oldest
+    /// byte kept), or only the last `tail` bytes. What is asked for and no
+    /// longer kept is counted as lost.
+    pub(crate) fn replay_from(&mut self, from: Option<u64>, tail: Option<u64>) -> ReplayStart {
+        let kept = self.ring.as_ref().map_or(0, |r| r.buf.len() as u64);
+        let oldest = self.total - kept;
+        let mut start = from.unwrap_or(oldest);
+        if let Some(t) = tail {
+            start = start.max(self.total.saturating_sub(t));
+        }
+        let start = start.min(self.total);
+        let lost = oldest.saturating_sub(start);
+        let from = start.max(oldest);
+        self.cursor = (from < self.total).then_some(from);
+        ReplayStart { from, lost }
+    }
+
+    /// Nothing is left to send: the fd has ended and no replay is pending.
+    pub(crate) fn is_done(&self) -> bool {
+        self.ended && self.cursor.is_none()
+    }
+
+    /// Sends what a replay still owes from the ring, within the window and
+    /// the link's high-water mark. `None` when it is done.
+    fn replay(&mut self, id: u32, link: &mut LinkOut<'_>, window: &mut Window) -> Option<Pumped> {
+        let cursor = self.cursor?;
+        let Some(ring) = &self.ring else {
+            self.cursor = None;
+            return None;
+        };
+        let oldest = self.total - ring.buf.len() as u64;
+        let mut at = cursor.max(oldest);
+        while at < self.total {
+            if link.queue.pending() >= link.high_water {
+                self.cursor = Some(at);
+                return Some(Pumped::Backpressure);
+            }
+            if window.is_closed() {
+                self.cursor = Some(at);
+                return Some(Pumped::Window);
+            }
+            let n = ((self.total - at) as usize)
+                .min(MAX_OUTPUT_PAYLOAD)
+                .min(window.room());
+            let skip = (at - oldest) as usize;
+            let bytes: Vec<u8> = ring.buf.range(skip..skip + n).copied().collect();
+            if let Err(e) = codec::append_raw(link.frames(), self.kind, id, &bytes) {
+                tracing::error!(error = %e, "a replay frame could not be encoded");
+            }
+            window.take(n);
+            at += n as u64;
+        }
+        self.cursor = None;
+        None
     }
 
     /// A stream that has no fd at all (a terminal session's stderr).
@@ -236,12 +349,18 @@ impl Outflow {
         window: &mut Window,
         budget: &mut usize,
     ) -> Pumped {
+        if let Sink::Queue(link) = sink {
+            if let Some(stop) = self.replay(id, link, window) {
+                return stop;
+            }
+        }
         while self.wants_read() {
             if *budget == 0 {
                 return Pumped::Yield;
             }
             let read = match sink {
                 Sink::Discard => self.discard_some(fd),
+                Sink::Detached => self.keep_some(fd),
                 Sink::Queue(link) => {
                     if link.queue.pending() >= link.high_water {
                         return Pumped::Backpressure;
@@ -263,8 +382,10 @@ impl Outflow {
                 }
                 Ok(n) => {
                     *budget = budget.saturating_sub(n);
+                    self.total += n as u64;
                     match sink {
                         Sink::Discard => self.dropped += n as u64,
+                        Sink::Detached => {}
                         Sink::Queue(_) => window.take(n),
                     }
                     if let Some(left) = &mut self.final_left {
@@ -336,7 +457,7 @@ impl Outflow {
         link: &mut LinkOut<'_>,
         max: usize,
     ) -> Option<io::Result<usize>> {
-        let spliced = if link.splice && self.spliceable {
+        let spliced = if link.splice && self.spliceable && self.ring.is_none() {
             link.queue.splice_frame(self.kind, id, fd, max, link.direct)
         } else {
             Splice::No
@@ -350,15 +471,29 @@ impl Outflow {
                 }
                 Some(Ok(n))
             }
-            Splice::No => Some(read_frame(
-                link.queue.buf(),
-                self.kind,
-                id,
-                fd,
-                max,
-                self.fill,
-            )),
+            Splice::No => {
+                let buf = link.queue.buf();
+                let read = read_frame(buf, self.kind, id, fd, max, self.fill);
+                if let (Ok(n), Some(ring)) = (&read, &mut self.ring) {
+                    ring.push(&buf[buf.len() - n..]);
+                }
+                Some(read)
+            }
         }
+    }
+
+    /// Reads one chunk into the ring only (a detached stream).
+    fn keep_some(&mut self, fd: RawFd) -> io::Result<usize> {
+        let mut scratch = [0u8; 16 * 1024];
+        // SAFETY: reading into a local buffer of the given length.
+        let n = unsafe { libc::read(fd, scratch.as_mut_ptr().cast(), scratch.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if let Some(ring) = &mut self.ring {
+            ring.push(&scratch[..n as usize]);
+        }
+        Ok(n as usize)
     }
 
     /// Reads and drops one chunk.
@@ -514,6 +649,9 @@ pub(crate) struct Inflow {
     /// splice(2) from the transport into this fd failed (not EAGAIN):
     /// streamed payloads go through the queue.
     splice_failed: bool,
+    /// Bytes a previous host sent whose acknowledgements nobody gets (see
+    /// [`Inflow::rebase`]).
+    silent: u64,
 }
 
 impl Inflow {
@@ -534,7 +672,21 @@ impl Inflow {
             eof_owed: 0,
             pipe_grown: false,
             splice_failed: false,
+            silent: 0,
         }
+    }
+
+    /// A new host takes the stream over: it has sent nothing yet, so its
+    /// window starts empty. What the previous host sent is still written,
+    /// but its acknowledgements are swallowed, not misattributed.
+    pub(crate) fn rebase(&mut self) {
+        self.silent += self.unacked;
+        self.unacked = 0;
+    }
+
+    /// Whether the host may still send (not closed, reader not gone).
+    pub(crate) fn is_open(&self) -> bool {
+        !self.host_closed && !self.gone
     }
 
     /// An edge: the fd takes bytes again.
@@ -818,6 +970,9 @@ impl Inflow {
     }
 
     fn send_acks(&mut self, acks: &mut Acks<'_>) {
+        let quiet = self.ack_due.min(self.silent);
+        self.ack_due -= quiet;
+        self.silent -= quiet;
         while self.ack_due > 0 {
             let bytes = self.ack_due.min(u64::from(u32::MAX)) as u32;
             if let Some(out) = acks.out.as_deref_mut() {

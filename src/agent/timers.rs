@@ -18,6 +18,10 @@ pub(crate) enum Timer {
     Linger { key: usize, seq: u64 },
     /// Connection `key` did not connect within its `timeout_ms`.
     Connect { key: usize, seq: u64 },
+    /// Session `key`'s `timeout_ms` has passed: SIGTERM to its tree.
+    Deadline { key: usize, seq: u64 },
+    /// Session `key`'s `kill_grace_ms` after its deadline: SIGKILL.
+    DeadlineKill { key: usize, seq: u64 },
 }
 
 /// A deadline in the set, for cancelling it.

@@ -1,0 +1,69 @@
+"""agentd: the Python SDK of agentd, the guest agent of a microVM (protocol v1).
+
+Run programs in a guest over one byte stream, shaped like :mod:`subprocess`::
+
+    import agentd
+
+    with agentd.Client.spawn("target/release/agentd") as client:
+        out = client.run(["uname", "-a"], check=True, timeout=10)
+        print(out.stdout.decode())
+
+- :class:`Client` (sync, threads) and :class:`agentd.aio.AsyncClient` (asyncio)
+  have the same operations: ``run``, ``popen``, ``ping``, ``shutdown``.
+- :mod:`agentd.transport` opens the byte stream: a spawned ``agentd --stdio``,
+  a Unix socket, a device or FIFO pair, hybrid vsock, AF_VSOCK.
+- :mod:`agentd.messages` and :mod:`agentd.codec` are the protocol itself:
+  typed messages of every kind and the frame decoder, usable on their own.
+"""
+
+from ._core import DEVNULL, PIPE, STDOUT
+from ._options import DEFAULT_OUTPUT_WINDOW, CompletedProcess, OutputChunk
+from .client import Client, OutputStream, Process, StdinStream
+from .errors import (
+    AgentdError,
+    CalledProcessError,
+    ConnectError,
+    EncodeError,
+    ExecFailed,
+    FeatureNotServed,
+    HandshakeError,
+    ProtocolError,
+    ProtocolVersionError,
+    SessionEnded,
+    TimeoutExpired,
+    TransportClosed,
+)
+from .protocol import RLIM_INFINITY, ErrorKind, ExecFailedKind, Feature, Kind
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Process",
+    "StdinStream",
+    "OutputStream",
+    "CompletedProcess",
+    "OutputChunk",
+    "PIPE",
+    "DEVNULL",
+    "STDOUT",
+    "DEFAULT_OUTPUT_WINDOW",
+    "RLIM_INFINITY",
+    "Kind",
+    "Feature",
+    "ErrorKind",
+    "ExecFailedKind",
+    "AgentdError",
+    "ConnectError",
+    "HandshakeError",
+    "TransportClosed",
+    "ProtocolError",
+    "ProtocolVersionError",
+    "EncodeError",
+    "ExecFailed",
+    "SessionEnded",
+    "FeatureNotServed",
+    "TimeoutExpired",
+    "CalledProcessError",
+    "__version__",
+]
