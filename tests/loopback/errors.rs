@@ -6,7 +6,13 @@ use std::time::Duration;
 use agentd::codec::MAX_PAYLOAD;
 use agentd::messages::{Kind, Message};
 
-use crate::harness::*;
+use crate::support::agent::*;
+use crate::support::checker::*;
+use crate::support::host::*;
+use crate::support::msgpack::mp::{raw_map, str as s};
+use crate::support::msgpack::*;
+use crate::support::util::*;
+use crate::support::wire::*;
 
 /// A `cat` session that must come through everything untouched: returns
 /// its id after checking it echoes.
@@ -591,20 +597,6 @@ fn stdin_closed_even_before_the_close_is_carried_out() {
     assert_eq!(out.stdout_str().trim(), "100000");
 }
 
-/// A small deterministic generator for the garbage test.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[test]
 fn garbage_never_stops_the_agent_or_disturbs_a_session() {
     let mut agent = Agent::start();
@@ -681,21 +673,6 @@ fn garbage_never_stops_the_agent_or_disturbs_a_session() {
         "one reply per garbage frame"
     );
     agent.assert_no_errors();
-}
-
-/// A map with the given raw entries (each key and value already encoded).
-fn raw_map(entries: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
-    assert!(entries.len() < 16);
-    let mut p = vec![0x80 | entries.len() as u8];
-    for (k, v) in entries {
-        p.extend_from_slice(k);
-        p.extend_from_slice(v);
-    }
-    p
-}
-
-fn s(v: &str) -> Vec<u8> {
-    Value::str(v).encode()
 }
 
 /// `depth` nested arrays around an integer.
