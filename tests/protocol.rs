@@ -1,10 +1,10 @@
 //! Typed messages against protocol v1 (`/docs/PROTOCOL.md`): round trips,
 //! defaults, unknown keys, integer widths, wrong types, raw payload limits,
 //! unknown kinds and directions. MessagePack payloads are built by hand
-//! (tests/common) so that the bytes under test are the bytes a host in any
+//! (tests/support/msgpack.rs) so that the bytes under test are the bytes a host in any
 //! language might send.
 
-mod common;
+mod support;
 
 use agentd::codec::{self, Decoded, FrameError, OwnedFrame, MAX_PAYLOAD, MAX_PING_PAYLOAD};
 use agentd::messages::{
@@ -12,7 +12,8 @@ use agentd::messages::{
     Exited, Kind, Message, ProtocolError, Ready, Resize, Rlimit, RlimitResource, Shutdown, Signal,
     Started, MAX_DEPTH, PROTOCOL_VERSION,
 };
-use common::{decode, frame, full_exec, mp, single_frame};
+use support::msgpack::mp;
+use support::wire::{decode, frame, full_exec, single_frame};
 
 // ---------------------------------------------------------------------------
 // The kind table of the contract, copied by hand.
