@@ -8,15 +8,25 @@
 //! machine is shared and noisy: numbers are judged over repeated runs
 //! (`benches/run.sh` runs this three times and keeps the median), never by
 //! an assertion.
+//!
+//! The host is the test support's [`Conn`] with blocking reads and writes
+//! (no timeouts: no system call of its own beside the reads and writes),
+//! checking every frame the agent sends against the contract.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use agentd::codec::{self, Decoder};
+use agentd::codec;
 use agentd::messages::{Ack, Exec, Kind, Message, Ready, Shutdown};
+use support::checker::Checker;
+use support::host::{AgentProcess, Conn, Env, Filled, Opts};
+use support::proc::{clock_ticks_per_second, cpu_ticks_with_children, status_number};
 
 /// The one variable of the agent's environment, so of its sessions'.
 const SESSION_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -30,24 +40,13 @@ fn native_env() -> [std::ffi::CString; 1] {
 static AGENTD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn agentd_path() -> &'static str {
-    AGENTD.get_or_init(|| env!("CARGO_BIN_EXE_agentd").to_owned())
-}
-
-/// The agent process, killed when dropped.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    AGENTD.get_or_init(|| support::AGENTD.to_owned())
 }
 
 struct Host {
-    child: KillOnDrop,
-    stdin: ChildStdin,
-    stdout: ChildStdout,
-    dec: Decoder,
+    /// Killed, with every session, when dropped.
+    process: AgentProcess,
+    conn: Conn,
     ready: Ready,
     out: Vec<u8>,
 }
@@ -57,59 +56,47 @@ impl Host {
         // The environment the agent's sessions inherit, and the one the
         // native baselines exec with: not cargo's (its LD_LIBRARY_PATH sends
         // the dynamic loader of every child through a dozen directories).
-        let mut child = Command::new(agentd_path())
-            .env_clear()
-            .env("PATH", SESSION_PATH)
-            .arg("--stdio")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start agentd");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = child.stdout.take().expect("stdout");
+        let opts = Opts {
+            env: Env::Only(vec![("PATH".into(), SESSION_PATH.into())]),
+            program: Some(agentd_path().into()),
+            ..Opts::plain(args)
+        };
+        let (process, to_agent, from_agent) = AgentProcess::spawn_stdio(&opts);
+        // No write timeout: the fd stays blocking.
+        let writer = support::host::Host::new(to_agent, None);
+        let checker = Checker::new(Some(process.ready_pid()));
         let mut host = Host {
-            child: KillOnDrop(child),
-            stdin,
-            stdout,
-            dec: Decoder::new(),
+            process,
+            conn: Conn::with(from_agent, writer, checker),
             ready: Ready::default(),
             out: Vec::new(),
         };
         host.recv(|kind, _, _| kind == Kind::Ready as u8);
+        host.ready = host.conn.ready.clone().expect("READY was read");
         host
     }
 
     fn pid(&self) -> u32 {
-        self.child.0.id()
+        self.process.host_pid as u32
     }
 
     fn send(&mut self, msg: &Message, id: u32) {
         self.out.clear();
         msg.encode(id, &mut self.out)
             .expect("the test's frames fit");
-        self.stdin.write_all(&self.out).expect("write to agent");
+        self.conn.send_raw(&self.out);
     }
 
     /// Calls `f` on frames until it returns true.
     fn recv(&mut self, mut f: impl FnMut(u8, u32, &[u8]) -> bool) -> &mut Self {
         loop {
-            while let Some(item) = self.dec.next_frame() {
-                let frame = item.expect("framing error from agent");
-                if frame.kind == Kind::Ready as u8 {
-                    if let Ok(Message::Ready(r)) = Message::decode(frame) {
-                        self.ready = r;
-                    }
-                }
+            while let Some(frame) = self.conn.next_buffered() {
                 if f(frame.kind, frame.id, frame.payload) {
                     return self;
                 }
             }
-            let n = self
-                .dec
-                .read_from(&mut self.stdout)
-                .expect("read from agent");
-            assert!(n > 0, "agent closed its stdout");
+            let filled = self.conn.fill(None, None);
+            assert!(filled != Filled::Eof, "agent closed its stdout");
         }
     }
 
@@ -424,19 +411,12 @@ fn report_cpu(what: &str, pid: u32, secs: f64, host_cpu: f64) {
     if std::env::var_os("AGENTD_BENCH_CPU").is_none() {
         return;
     }
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let Some((user, system, children)) = cpu_ticks_with_children(pid as i32) else {
         return;
     };
-    // Fields after the command name (which ends at the last ')').
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let (user, system) = (f[11] as f64 / hz, f[12] as f64 / hz);
-    let children = (f[13] + f[14]) as f64 / hz;
+    let hz = clock_ticks_per_second() as f64;
+    let (user, system) = (user as f64 / hz, system as f64 / hz);
+    let children = children as f64 / hz;
     eprintln!(
         "{what}: {secs:.2} s wall, agent CPU {user:.2} s user + {system:.2} s system, \
          session's program {children:.2} s, host {host_cpu:.2} s, all {:.2} s",
@@ -448,24 +428,20 @@ fn bench_stdin(bytes: u64) -> f64 {
     let host = Host::start(&[]);
     let window = u64::from(host.ready.stdin_window);
     let Host {
-        child,
-        mut stdin,
-        mut stdout,
-        mut dec,
-        ..
+        process, mut conn, ..
     } = host;
+    let stdin = conn.host.clone();
     let mut exec = Exec::new("sh");
     exec.args = vec!["-c".into(), "cat > /dev/null".into()];
     let mut buf = Vec::new();
     Message::Exec(Box::new(exec))
         .encode(1, &mut buf)
         .expect("the test's frames fit");
-    stdin.write_all(&buf).expect("write");
+    stdin.send_raw(&buf);
     let credit = Arc::new((Mutex::new(window), Condvar::new()));
     let reader_credit = credit.clone();
     let reader = std::thread::spawn(move || loop {
-        while let Some(item) = dec.next_frame() {
-            let f = item.expect("frame");
+        while let Some(f) = conn.next_buffered() {
             if f.kind == Kind::StdinAck as u8 {
                 let Ok(Message::StdinAck(Ack { bytes })) = Message::decode(f) else {
                     panic!()
@@ -478,7 +454,7 @@ fn bench_stdin(bytes: u64) -> f64 {
                 return;
             }
         }
-        if dec.read_from(&mut stdout).expect("read") == 0 {
+        if conn.fill(None, None) == Filled::Eof {
             return;
         }
     });
@@ -499,17 +475,17 @@ fn bench_stdin(bytes: u64) -> f64 {
         buf.clear();
         codec::append_raw(&mut buf, Kind::Stdin as u8, 1, &chunk[..n as usize])
             .expect("the test's frames fit");
-        stdin.write_all(&buf).expect("write");
+        stdin.send_raw(&buf);
         sent += n;
     }
     buf.clear();
     codec::append_raw(&mut buf, Kind::StdinClose as u8, 1, &[]).expect("the test's frames fit");
-    stdin.write_all(&buf).expect("write");
+    stdin.send_raw(&buf);
     reader.join().expect("reader");
     let secs = t.elapsed().as_secs_f64();
-    report_cpu("stdin", child.0.id(), secs, own_cpu() - host_cpu);
+    report_cpu("stdin", process.host_pid as u32, secs, own_cpu() - host_cpu);
     drop(stdin);
-    drop(child);
+    drop(process);
     bytes as f64 / secs
 }
 
@@ -611,12 +587,7 @@ fn bench_exec_rate(total: usize, in_flight: usize) -> (f64, f64) {
 }
 
 fn status_field(pid: u32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    status_number(pid as i32, field).unwrap_or(0)
 }
 
 fn kib(v: u64) -> String {
@@ -627,10 +598,10 @@ fn bench_memory(sessions: usize, flood_secs: u64) -> (u64, u64, u64, u64) {
     let mut host = Host::start(&["--max-sessions", &(sessions + 8).to_string()]);
     let pid = host.pid();
     std::thread::sleep(Duration::from_millis(200));
-    let idle = status_field(pid, "VmRSS:");
-    let before = status_field(pid, "voluntary_ctxt_switches:");
+    let idle = status_field(pid, "VmRSS");
+    let before = status_field(pid, "voluntary_ctxt_switches");
     std::thread::sleep(Duration::from_secs(if flood_secs >= 5 { 10 } else { 2 }));
-    let wakeups = status_field(pid, "voluntary_ctxt_switches:") - before;
+    let wakeups = status_field(pid, "voluntary_ctxt_switches") - before;
     for i in 0..sessions {
         let mut e = Exec::new("sleep");
         e.args = vec!["1000".into()];
@@ -639,7 +610,7 @@ fn bench_memory(sessions: usize, flood_secs: u64) -> (u64, u64, u64, u64) {
         host.recv(|kind, _, _| kind == Kind::Started as u8);
     }
     std::thread::sleep(Duration::from_millis(200));
-    let many = status_field(pid, "VmRSS:");
+    let many = status_field(pid, "VmRSS");
     host.shutdown();
 
     // One session floods while the host reads nothing.
@@ -650,7 +621,7 @@ fn bench_memory(sessions: usize, flood_secs: u64) -> (u64, u64, u64, u64) {
     e.stdin = false;
     host.exec(1, e);
     std::thread::sleep(Duration::from_secs(flood_secs));
-    let flood = status_field(pid, "VmRSS:");
+    let flood = status_field(pid, "VmRSS");
     host.shutdown();
     (idle, wakeups, many, flood)
 }

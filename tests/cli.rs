@@ -1,8 +1,10 @@
 //! Tests of `agentctl`, running the real binaries: agentctl starts the
 //! `agentd` next to it (the embedded default) unless a test says otherwise.
 
+mod support;
+
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -14,9 +16,11 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::termios::{self, LocalFlags, Termios};
+use support::host::{AgentProcess, Opts};
+use support::util::{cloexec_pty, mkfifo, pseudo_random, set_winsize, TempDir};
+use support::AGENTD;
 
 const AGENTCTL: &str = env!("CARGO_BIN_EXE_agentctl");
-const AGENTD: &str = env!("CARGO_BIN_EXE_agentd");
 
 fn agentctl(args: &[&str]) -> Command {
     let mut cmd = Command::new(AGENTCTL);
@@ -34,30 +38,6 @@ fn run(args: &[&str]) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// A scratch directory removed at the end of the test.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("agentctl-test-{}-{tag}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -100,7 +80,7 @@ fn exit_codes() {
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
 
     let dir = TempDir::new("noexec");
-    let file = dir.path("not-executable");
+    let file = dir.join("not-executable");
     std::fs::write(&file, "#!/bin/sh\necho hi\n").unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (c, err) = code(&["exec", file.to_str().unwrap()]);
@@ -149,9 +129,9 @@ fn transport_failures_exit_125() {
 /// that runs with `dir` holding the frames the test wrote there.
 fn fake_agent(dir: &TempDir, script: &str, files: &[(&str, &[u8])]) -> String {
     for (name, bytes) in files {
-        std::fs::write(dir.path(name), bytes).unwrap();
+        std::fs::write(dir.join(name), bytes).unwrap();
     }
-    let path = dir.path("fake-agent.sh");
+    let path = dir.join("fake-agent.sh");
     std::fs::write(&path, script.replace("$DIR", dir.0.to_str().unwrap())).unwrap();
     format!("sh {}", path.display())
 }
@@ -244,18 +224,6 @@ fn agent_dying_mid_session_exits_125() {
 // ---------------------------------------------------------------------------
 // stdin.
 
-fn payload(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x9e37_79b9;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// Runs agentctl with `input` on its stdin (written from a thread).
 fn run_with_input(args: &[&str], input: Vec<u8>) -> Output {
     let mut child = agentctl(args)
@@ -276,7 +244,7 @@ fn run_with_input(args: &[&str], input: Vec<u8>) -> Output {
 
 #[test]
 fn interactive_stdin_20_mb_round_trip() {
-    let data = payload(20 << 20);
+    let data = pseudo_random(20 << 20, 0x9e37_79b9);
     let out = run_with_input(&["exec", "-i", "cat"], data.clone());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(out.stdout.len(), data.len());
@@ -470,7 +438,7 @@ fn shutdown_embedded() {
 fn built_in_agent_when_no_agentd_sits_next_to_agentctl() {
     // What `cargo run --bin agentctl` gives: agentctl built alone.
     let dir = TempDir::new("alone");
-    let alone = dir.path("agentctl");
+    let alone = dir.join("agentctl");
     std::fs::copy(AGENTCTL, &alone).unwrap();
     let out = Command::new(&alone)
         .args(["exec", "sh", "-c", "tr '\\0' ' ' < /proc/$PPID/cmdline"])
@@ -510,7 +478,7 @@ fn explicit_agent_command() {
 struct Bridge {
     _dir: TempDir,
     ctl: PathBuf,
-    agent: Child,
+    agent: AgentProcess,
 }
 
 /// Reads whole frames from `from` and hands each one, encoded, to `each`
@@ -533,16 +501,11 @@ fn relay_frames(mut from: UnixStream, mut each: impl FnMut(&[u8]) -> bool) {
 impl Bridge {
     fn start() -> Bridge {
         let dir = TempDir::new("bridge");
-        let agent_path = dir.path("agent.sock");
-        let ctl = dir.path("ctl.sock");
+        let agent_path = dir.join("agent.sock");
+        let ctl = dir.join("ctl.sock");
         let agent_listener = UnixListener::bind(&agent_path).unwrap();
         let ctl_listener = UnixListener::bind(&ctl).unwrap();
-        let agent = Command::new(AGENTD)
-            .arg("--port")
-            .arg(&agent_path)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+        let agent = AgentProcess::spawn_port(&Opts::plain(&[]), &agent_path);
         let (mut from_agent, _) = agent_listener.accept().unwrap();
         let to_agent = Arc::new(Mutex::new(from_agent.try_clone().unwrap()));
         // The READY frame, read whole.
@@ -603,24 +566,6 @@ impl Bridge {
     }
 }
 
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.agent.kill();
-        let _ = self.agent.wait();
-    }
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Some(s) = child.try_wait().unwrap() {
-            return Some(s);
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    None
-}
-
 #[test]
 fn connect_unix_socket_and_shutdown() {
     let mut bridge = Bridge::start();
@@ -640,7 +585,7 @@ fn connect_unix_socket_and_shutdown() {
     let out = run(&["--connect", &target, "shutdown", "--grace", "100"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     // Not PID 1: the agent exits with status 0 after SHUTDOWN_DONE.
-    let status = wait_exit(&mut bridge.agent, Duration::from_secs(10)).expect("agentd exits");
+    let status = bridge.agent.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
 }
 
@@ -671,22 +616,22 @@ fn shutdown_ends_a_live_session_of_another_agentctl() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     // sleep ends by the SIGTERM of the shutdown: 128 + 15, well before
     // its 100 s and before the grace period's SIGKILL would make it 137.
-    let status = wait_exit(&mut exec, Duration::from_secs(10));
+    let status = support::proc::wait_child(&mut exec, Duration::from_secs(10));
     let _ = exec.kill();
     let mut err = String::new();
     let _ = exec.stderr.take().unwrap().read_to_string(&mut err);
     assert_eq!(status.and_then(|s| s.code()), Some(143), "{status:?} {err}");
-    let status = wait_exit(&mut bridge.agent, Duration::from_secs(10)).expect("agentd exits");
+    let status = bridge.agent.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
 }
 
 #[test]
 fn port_fifo_pair() {
     let dir = TempDir::new("fifo");
-    let base = dir.path("port");
-    let (pin, pout) = (dir.path("port.in"), dir.path("port.out"));
+    let base = dir.join("port");
+    let (pin, pout) = (dir.join("port.in"), dir.join("port.out"));
     for p in [&pin, &pout] {
-        nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        mkfifo(p);
     }
     let open = |p: &Path| {
         std::fs::OpenOptions::new()
@@ -722,17 +667,9 @@ fn port_fifo_pair() {
 /// frames are mangled (CR to NL, ^C to a signal, echo back to the agent).
 #[test]
 fn port_pty_is_put_in_raw_mode() {
-    let pty = nix::pty::openpty(None, None).unwrap();
-    for fd in [&pty.master, &pty.slave] {
-        nix::fcntl::fcntl(
-            fd,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )
-        .unwrap();
-    }
-    let slave = std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).unwrap();
+    let (master, slave_fd, slave) = cloexec_pty();
     assert!(slave.starts_with("/dev/pts"), "{}", slave.display());
-    let cooked = termios::tcgetattr(pty.slave.as_fd()).unwrap();
+    let cooked = termios::tcgetattr(slave_fd.as_fd()).unwrap();
     assert!(cooked
         .local_flags
         .contains(LocalFlags::ICANON | LocalFlags::ECHO));
@@ -749,7 +686,7 @@ fn port_pty_is_put_in_raw_mode() {
     // guest that has been up for a while would have its READY waiting.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let t = termios::tcgetattr(pty.slave.as_fd()).unwrap();
+        let t = termios::tcgetattr(slave_fd.as_fd()).unwrap();
         let cooked_local = LocalFlags::ICANON | LocalFlags::ECHO | LocalFlags::ISIG;
         let cooked_input = termios::InputFlags::ICRNL | termios::InputFlags::IXON;
         if !t.local_flags.intersects(cooked_local)
@@ -772,8 +709,8 @@ fn port_pty_is_put_in_raw_mode() {
     }
     let mut agent = Command::new(AGENTD)
         .arg("--stdio")
-        .stdin(Stdio::from(pty.master.try_clone().unwrap()))
-        .stdout(Stdio::from(pty.master.try_clone().unwrap()))
+        .stdin(Stdio::from(master.try_clone().unwrap()))
+        .stdout(Stdio::from(master.try_clone().unwrap()))
         .spawn()
         .unwrap();
     let mut stdin = ctl.stdin.take().unwrap();
@@ -793,8 +730,8 @@ fn port_pty_is_put_in_raw_mode() {
 #[test]
 fn single_fifo_port_is_refused() {
     let dir = TempDir::new("fifo1");
-    let p = dir.path("one");
-    nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let p = dir.join("one");
+    mkfifo(&p);
     let out = run(&["--port", p.to_str().unwrap(), "ping"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("FIFO"), "{}", text(&out.stderr));
@@ -811,31 +748,16 @@ struct Pty {
     seen: Vec<u8>,
 }
 
-fn winsize(rows: u16, cols: u16) -> nix::pty::Winsize {
-    nix::pty::Winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    }
-}
-
 impl Pty {
     fn open(rows: u16, cols: u16) -> Pty {
-        let p = nix::pty::openpty(Some(&winsize(rows, cols)), None).unwrap();
-        // openpty's descriptors are inheritable: a master leaked into
-        // agentctl (and on into agentd) would keep the terminal open, with
-        // nobody reading it, after the test is gone.
-        for fd in [&p.master, &p.slave] {
-            nix::fcntl::fcntl(
-                fd,
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            )
-            .unwrap();
-        }
+        // Close-on-exec from the start: a master leaked into agentctl (and
+        // on into agentd) would keep the terminal open, with nobody
+        // reading it, after the test is gone.
+        let (master, slave, _) = cloexec_pty();
+        set_winsize(&master, rows, cols);
         Pty {
-            master: p.master,
-            slave: p.slave,
+            master,
+            slave,
             seen: Vec::new(),
         }
     }
@@ -866,10 +788,7 @@ impl Pty {
     }
 
     fn resize(&self, rows: u16, cols: u16) {
-        let ws = winsize(rows, cols);
-        // SAFETY: TIOCSWINSZ reads one struct winsize from the pointer.
-        let r = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
-        assert_eq!(r, 0);
+        set_winsize(&self.master, rows, cols);
     }
 
     fn write(&self, bytes: &[u8]) {

@@ -5,6 +5,8 @@
 //! fake checks every frame the client sends against the contract. The
 //! second part runs the real `agentd --stdio`.
 
+mod support;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -18,6 +20,8 @@ use agentd::codec::{Decoder, OwnedFrame};
 use agentd::messages::{
     Ack, ErrorKind, ErrorMsg, Exec, ExecFailed, Exited, Kind, Message, Ready, Started,
 };
+use support::proc::alive;
+use support::AGENTD;
 
 // ---------------------------------------------------------------------------
 // A fake agent.
@@ -951,8 +955,6 @@ fn output_path_allocates_nothing_per_frame() {
 // ---------------------------------------------------------------------------
 // Against the real agent (`agentd --stdio`).
 
-const AGENTD: &str = env!("CARGO_BIN_EXE_agentd");
-
 fn agent() -> Client {
     Client::spawn_agent(AGENTD).expect("agentd --stdio starts")
 }
@@ -1069,16 +1071,6 @@ fn real_stdin_window_respected_with_a_large_payload() {
     assert!(client.take_errors().is_empty());
 }
 
-fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state is the field after the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
 #[test]
 fn real_output_window_holds_the_writer_until_consumed() {
     const TOTAL: usize = 3_000_000;
@@ -1092,7 +1084,7 @@ fn real_output_window_holds_the_writer_until_consumed() {
         .unwrap();
     let pid = s.pid();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while process_alive(pid) {
+    while alive(pid as i32) {
         assert!(
             Instant::now() < deadline,
             "unwindowed writer never finished"
@@ -1105,7 +1097,7 @@ fn real_output_window_holds_the_writer_until_consumed() {
     cmd.args(["-c", &script]).output_window(64 * 1024);
     let mut s = client.exec(&cmd).unwrap();
     thread::sleep(Duration::from_millis(500));
-    assert!(process_alive(s.pid()), "writer finished without acks");
+    assert!(alive(s.pid() as i32), "writer finished without acks");
     // Consuming sends OUTPUT_ACKs, and everything arrives.
     let mut total = 0;
     for ev in s.events() {
@@ -1225,7 +1217,7 @@ fn real_dropping_the_client_ends_the_agent() {
     drop(client);
     // End of file on stdio kills every session's process group.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while process_alive(pid) {
+    while alive(pid as i32) {
         assert!(Instant::now() < deadline, "session outlived the connection");
         thread::sleep(Duration::from_millis(20));
     }

@@ -7,21 +7,17 @@
 //! that reaps any child of the process and checks the process's fd count,
 //! so no other test may run beside it.
 
-use std::path::Path;
+mod support;
+
 use std::time::Instant;
 
 use agentd::fuzzing::dispatch::{self, Summary};
+use support::util::corpus_files;
 
 /// One test only (see above): the seeds, and the vetting.
 #[test]
 fn agent_dispatch_corpus() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/agent_dispatch");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
+    let files = corpus_files("agent_dispatch");
     assert!(files.len() >= 20, "only {} seeds", files.len());
     harmful_exec_is_skipped();
     let mut total = Summary::default();

@@ -3,23 +3,21 @@
 //! exercises every seed, and any crash input saved into a corpus stays a
 //! regression test.
 
-use std::path::{Path, PathBuf};
+mod support;
 
+use std::path::PathBuf;
+
+use support::util::corpus_files;
+
+/// The seeds of `target`, sorted by name, with their bytes.
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
-        .join(target);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
+    corpus_files(target)
+        .into_iter()
         .map(|p| {
-            let data = std::fs::read(&p).unwrap();
+            let data = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             (p, data)
         })
-        .collect();
-    files.sort();
-    files
+        .collect()
 }
 
 fn replay(target: &str, body: fn(&[u8])) -> usize {

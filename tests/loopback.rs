@@ -1,5 +1,5 @@
 //! Loopback integration tests: `agentd --stdio` driven through protocol v1
-//! exactly as `/work/shared/protocol-v1.md` (the contract) describes it.
+//! exactly as docs/PROTOCOL.md describes it.
 //!
 //! One test binary (link time matters on a shared machine), split into
 //! modules by topic:
@@ -22,8 +22,9 @@
 //! where no pid namespace can be made: `unshare --pid --fork
 //! --mount-proc`, or `-Urpf --mount-proc` when not root).
 
-#[path = "loopback/harness/mod.rs"]
-mod harness;
+mod support;
+#[path = "support/self_tests.rs"]
+mod support_self_tests;
 
 /// Defines each `fn name(opts: Opts) { .. }` as a module `name` with two
 /// tests: `stdio` (the agent as an ordinary process) and `pidns` (the agent
@@ -37,22 +38,22 @@ macro_rules! both {
                 #[allow(unused_imports)]
                 use super::*;
 
-                fn body($opts: $crate::harness::Opts) $body
+                fn body($opts: $crate::support::host::Opts) $body
 
                 #[test]
                 $(#[ignore = $reason])?
                 fn stdio() {
-                    body($crate::harness::Opts::default())
+                    body($crate::support::host::Opts::default())
                 }
 
                 #[test]
                 $(#[ignore = $reason])?
                 fn pidns() {
-                    if !$crate::harness::pidns_available() {
+                    if !$crate::support::host::pidns_available() {
                         eprintln!("skipped: no pid namespace here (unshare --pid --fork --mount-proc, or -Urpf --mount-proc when not root)");
                         return;
                     }
-                    body($crate::harness::Opts::default().pidns(true))
+                    body($crate::support::host::Opts::default().pidns(true))
                 }
             }
         )*

@@ -2,11 +2,14 @@
 //! never buffered. A 100 MiB frame streamed in 1 MiB chunks keeps the
 //! decoder under 2 MiB; a 4 GiB length costs nothing at all.
 
+mod support;
+
 use std::io::{self, Read};
 
 use agentd::codec::{
     self, Decoder, Frame, FrameError, HEADER_LEN, LEN_OVERHEAD, MAX_PAYLOAD, READ_CHUNK,
 };
+use support::wire::raw_frame;
 
 const MIB: usize = 1 << 20;
 
@@ -24,9 +27,7 @@ struct Stream {
 
 impl Stream {
     fn new(len: u32, kind: u8, id: u32, tail: Vec<u8>, chunk: usize) -> Stream {
-        let mut head = len.to_be_bytes().to_vec();
-        head.push(kind);
-        head.extend_from_slice(&id.to_be_bytes());
+        let head = raw_frame(len, kind, id, &[]);
         let mut pattern = Vec::new();
         while pattern.len() < 4096 {
             codec::append_raw(&mut pattern, 0x30, 1, b"not a frame")

@@ -1,18 +1,23 @@
 //! Typed messages against protocol v1 (`/docs/PROTOCOL.md`): round trips,
 //! defaults, unknown keys, integer widths, wrong types, raw payload limits,
 //! unknown kinds and directions. MessagePack payloads are built by hand
-//! (tests/common) so that the bytes under test are the bytes a host in any
+//! (tests/support/msgpack.rs) so that the bytes under test are the bytes a host in any
 //! language might send.
 
-mod common;
+mod support;
 
 use agentd::codec::{self, Decoded, FrameError, OwnedFrame, MAX_PAYLOAD, MAX_PING_PAYLOAD};
 use agentd::messages::{
-    check_map, Ack, Direction, Encoding, ErrorKind, ErrorMsg, Exec, ExecFailed, ExecFailedKind,
-    Exited, Kind, Message, ProtocolError, Ready, Resize, Rlimit, RlimitResource, Shutdown, Signal,
-    Started, MAX_DEPTH, PROTOCOL_VERSION,
+    check_map, Ack, Attach, AttachFailed, AttachFailedKind, Attached, Clock, ClockMsg, ClockSet,
+    ClockSetDone, Detached, Direction, Encoding, EntropyDone, ErrorKind, ErrorMsg, Exec,
+    ExecFailed, ExecFailedKind, Exited, FsDone, FsEntries, FsEntry, FsError, FsErrorKind, FsEvent,
+    FsEvents, FsMsg, FsOp, FsOpened, FsRequest, FsStat, Kind, List, Message, NetClose, NetClosed,
+    NetConnect, NetConnected, NetErrorKind, NetFailed, NetMsg, ProtocolError, Ready, Resize,
+    Rlimit, RlimitResource, SessionInfo, Sessions, SessionsMsg, Shutdown, Signal, Started,
+    MAX_DEPTH, PROTOCOL_VERSION,
 };
-use common::{decode, frame, full_exec, mp, single_frame};
+use support::msgpack::mp;
+use support::wire::{decode, frame, full_exec, single_frame};
 
 // ---------------------------------------------------------------------------
 // The kind table of the contract, copied by hand.
@@ -40,6 +45,43 @@ fn kind_table_matches_the_contract() {
         (0x30, "STDOUT", A2H, Raw),
         (0x31, "STDERR", A2H, Raw),
         (0x32, "EXITED", A2H, Map),
+        // Extensions (docs/PROTOCOL.md, "Extensions and versions").
+        (0x40, "FS_REQUEST", H2A, Map),
+        (0x41, "FS_OPENED", A2H, Map),
+        (0x42, "FS_DATA", A2H, Raw),
+        (0x43, "FS_DATA_ACK", H2A, Map),
+        (0x44, "FS_WRITE", H2A, Raw),
+        (0x45, "FS_WRITE_ACK", A2H, Map),
+        (0x46, "FS_END", H2A, Empty),
+        (0x47, "FS_ENTRIES", A2H, Map),
+        (0x48, "FS_EVENTS", A2H, Map),
+        (0x49, "FS_DONE", A2H, Map),
+        (0x4a, "FS_ERROR", A2H, Map),
+        (0x4b, "FS_CANCEL", H2A, Empty),
+        (0x50, "NET_CONNECT", H2A, Map),
+        (0x51, "NET_CONNECTED", A2H, Map),
+        (0x52, "NET_FAILED", A2H, Map),
+        (0x53, "NET_SEND", H2A, Raw),
+        (0x54, "NET_SEND_ACK", A2H, Map),
+        (0x55, "NET_RECV", A2H, Raw),
+        (0x56, "NET_RECV_ACK", H2A, Map),
+        (0x57, "NET_SHUTDOWN", H2A, Empty),
+        (0x58, "NET_EOF", A2H, Empty),
+        (0x59, "NET_CLOSE", H2A, Map),
+        (0x5a, "NET_CLOSED", A2H, Map),
+        (0x60, "LIST", H2A, Map),
+        (0x61, "SESSIONS", A2H, Map),
+        (0x62, "ATTACH", H2A, Map),
+        (0x63, "ATTACHED", A2H, Map),
+        (0x64, "ATTACH_FAILED", A2H, Map),
+        (0x65, "DETACH", H2A, Empty),
+        (0x66, "DETACHED", A2H, Map),
+        (0x70, "CLOCK_GET", H2A, Empty),
+        (0x71, "CLOCK", A2H, Map),
+        (0x72, "CLOCK_SET", H2A, Map),
+        (0x73, "CLOCK_SET_DONE", A2H, Map),
+        (0x74, "ENTROPY", H2A, Raw),
+        (0x75, "ENTROPY_DONE", A2H, Map),
     ];
     assert_eq!(Kind::ALL.len(), table.len());
     for (&kind, &(value, name, dir, enc)) in Kind::ALL.iter().zip(table) {
@@ -71,7 +113,34 @@ fn string_tables_match_the_contract() {
             "invalid_signal",
             "window_exceeded",
             "stdin_closed",
+            // Extensions' (docs/PROTOCOL.md, "Rules every extension
+            // follows").
+            "unsupported",
+            "not_permitted",
         ]
+    );
+    let fs: Vec<_> = FsErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+    assert_eq!(
+        fs.join(" "),
+        "not_found permission_denied exists not_a_directory is_a_directory not_empty no_space \
+         read_only invalid_request bad_user duplicate_id resource cancelled other"
+    );
+    let net: Vec<_> = NetErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+    assert_eq!(
+        net.join(" "),
+        "refused unreachable timed_out not_found permission_denied resource invalid_request \
+         bad_user duplicate_id reset other"
+    );
+    let attach: Vec<_> = AttachFailedKind::ALL.iter().map(|k| k.as_str()).collect();
+    assert_eq!(
+        attach.join(" "),
+        "not_found ambiguous duplicate_id invalid_request"
+    );
+    let ops: Vec<_> = FsOp::ALL.iter().map(|k| k.as_str()).collect();
+    assert_eq!(
+        ops.join(" "),
+        "stat lstat list read write mkdir remove rename chmod chown utimes symlink readlink \
+         realpath tar_get tar_put watch"
     );
     let failed: Vec<_> = ExecFailedKind::ALL.iter().map(|k| k.as_str()).collect();
     assert_eq!(
@@ -181,6 +250,154 @@ fn samples() -> Vec<Message<'static>> {
         Message::Stdout(b"out"),
         Message::Stderr(b"\xff\x00err"),
         Message::Exited(Exited::from_signal(9, true)),
+    ]
+    .into_iter()
+    .chain(extension_samples())
+    .collect()
+}
+
+fn stat() -> FsStat {
+    FsStat {
+        kind: "symlink".into(),
+        size: 5,
+        mode: 0o777,
+        uid: 0,
+        gid: 0,
+        mtime_ns: -1,
+        atime_ns: 1_700_000_000_000_000_000,
+        ctime_ns: 2,
+        nlink: 1,
+        ino: 77,
+        target: Some("/etc".into()),
+    }
+}
+
+/// One message of every extension kind.
+fn extension_samples() -> Vec<Message<'static>> {
+    vec![
+        Message::Fs(FsMsg::Request(Box::new(FsRequest {
+            window: Some(65536),
+            atomic: Some(true),
+            ..FsRequest::new(FsOp::Write, "/tmp/x")
+        }))),
+        Message::Fs(FsMsg::Opened(FsOpened { stat: Some(stat()) })),
+        Message::Fs(FsMsg::Data(b"file bytes")),
+        Message::Fs(FsMsg::DataAck(Ack { bytes: 10 })),
+        Message::Fs(FsMsg::Write(b"upload")),
+        Message::Fs(FsMsg::WriteAck(Ack { bytes: 6 })),
+        Message::Fs(FsMsg::End),
+        Message::Fs(FsMsg::Entries(FsEntries {
+            entries: vec![FsEntry {
+                name: char::REPLACEMENT_CHARACTER.to_string(),
+                name_bin: Some(vec![0xff]),
+                kind: "file".into(),
+                stat: None,
+            }],
+        })),
+        Message::Fs(FsMsg::Events(FsEvents {
+            events: vec![FsEvent {
+                kind: "moved_to".into(),
+                path: "a/b".into(),
+                dir: false,
+                cookie: Some(9),
+            }],
+            overflow: true,
+        })),
+        Message::Fs(FsMsg::Done(Box::new(FsDone {
+            bytes: Some(6),
+            ..FsDone::default()
+        }))),
+        Message::Fs(FsMsg::Error(FsError::new(
+            FsErrorKind::NotFound,
+            "no such file",
+            Some(2),
+            Some("/nope".into()),
+        ))),
+        Message::Fs(FsMsg::Cancel),
+        Message::Net(NetMsg::Connect(Box::new(NetConnect {
+            timeout_ms: Some(500),
+            ..NetConnect::tcp("::1", 8080)
+        }))),
+        Message::Net(NetMsg::Connected(NetConnected {
+            peer: "[::1]:8080".into(),
+            local: "[::1]:40000".into(),
+        })),
+        Message::Net(NetMsg::Failed(NetFailed::new(
+            NetErrorKind::Refused,
+            "connection refused",
+            Some(111),
+        ))),
+        Message::Net(NetMsg::Send(b"GET /")),
+        Message::Net(NetMsg::SendAck(Ack { bytes: 5 })),
+        Message::Net(NetMsg::Recv(b"HTTP/1.0 200")),
+        Message::Net(NetMsg::RecvAck(Ack { bytes: 12 })),
+        Message::Net(NetMsg::Shutdown),
+        Message::Net(NetMsg::Eof),
+        Message::Net(NetMsg::Close(NetClose { reset: true })),
+        Message::Net(NetMsg::Closed(NetClosed {
+            error: Some("reset".into()),
+            message: Some("reset by peer".into()),
+            errno: Some(104),
+        })),
+        Message::Sessions(SessionsMsg::List(List { all: true })),
+        Message::Sessions(SessionsMsg::Sessions(Sessions {
+            sessions: vec![SessionInfo {
+                session: 3,
+                tag: Some("build".into()),
+                pid: 42,
+                cmd: "make".into(),
+                args: vec!["-j2".into()],
+                user: None,
+                tty: false,
+                state: "exited".into(),
+                attached: false,
+                id: None,
+                started_ms: 1_700_000_000_000,
+                stdout_bytes: 10,
+                stderr_bytes: 0,
+                exit: Some(Exited::from_code(2)),
+            }],
+            more: false,
+        })),
+        Message::Sessions(SessionsMsg::Attach(Box::new(Attach {
+            tag: Some("build".into()),
+            tail: Some(4096),
+            ..Attach::default()
+        }))),
+        Message::Sessions(SessionsMsg::Attached(Attached {
+            session: 3,
+            pid: 42,
+            tty: false,
+            stdout_from: 0,
+            stderr_from: 0,
+            stdout_lost: 0,
+            stderr_lost: 0,
+            stdin: true,
+        })),
+        Message::Sessions(SessionsMsg::AttachFailed(AttachFailed::new(
+            AttachFailedKind::NotFound,
+            "no session 9",
+        ))),
+        Message::Sessions(SessionsMsg::Detach),
+        Message::Sessions(SessionsMsg::Detached(Detached {
+            session: 3,
+            reason: "detach".into(),
+        })),
+        Message::Clock(ClockMsg::Get),
+        Message::Clock(ClockMsg::Clock(Clock {
+            realtime_ns: 1_700_000_000_123_456_789,
+            boottime_ns: 5_000_000,
+            restores: 1,
+        })),
+        Message::Clock(ClockMsg::Set(ClockSet {
+            realtime_ns: 1_700_000_001_000_000_000,
+        })),
+        Message::Clock(ClockMsg::SetDone(ClockSetDone {
+            old_ns: 1,
+            new_ns: 2,
+        })),
+        Message::Clock(ClockMsg::Entropy(b"random bytes")),
+        Message::Clock(ClockMsg::EntropyDone(EntropyDone { bytes: 12 })),
     ]
 }
 
@@ -483,6 +700,69 @@ fn required_keys() -> Vec<(Kind, Entries)> {
         (Kind::Signal, vec![("signal", mp::fix(9))]),
         (Kind::OutputAck, vec![("bytes", mp::fix(1))]),
         (Kind::Exited, vec![("status", mp::fix(0))]),
+        (
+            Kind::FsRequest,
+            vec![("op", mp::str("stat")), ("path", mp::str("/"))],
+        ),
+        (Kind::FsOpened, vec![]),
+        (Kind::FsDataAck, vec![("bytes", mp::fix(1))]),
+        (Kind::FsWriteAck, vec![("bytes", mp::fix(1))]),
+        (Kind::FsEntries, vec![("entries", mp::arr(&[]))]),
+        (Kind::FsEvents, vec![("events", mp::arr(&[]))]),
+        (Kind::FsDone, vec![]),
+        (
+            Kind::FsError,
+            vec![("kind", mp::str("other")), ("message", mp::str("m"))],
+        ),
+        (Kind::NetConnect, vec![]),
+        (
+            Kind::NetConnected,
+            vec![("peer", mp::str("a")), ("local", mp::str("b"))],
+        ),
+        (
+            Kind::NetFailed,
+            vec![("kind", mp::str("refused")), ("message", mp::str("m"))],
+        ),
+        (Kind::NetSendAck, vec![("bytes", mp::fix(1))]),
+        (Kind::NetRecvAck, vec![("bytes", mp::fix(1))]),
+        (Kind::NetClose, vec![]),
+        (Kind::NetClosed, vec![]),
+        (Kind::List, vec![]),
+        (Kind::Sessions, vec![("sessions", mp::arr(&[]))]),
+        (Kind::Attach, vec![]),
+        (
+            Kind::Attached,
+            vec![
+                ("session", mp::fix(1)),
+                ("pid", mp::fix(2)),
+                ("stdout_from", mp::fix(0)),
+                ("stderr_from", mp::fix(0)),
+                ("stdout_lost", mp::fix(0)),
+                ("stderr_lost", mp::fix(0)),
+            ],
+        ),
+        (
+            Kind::AttachFailed,
+            vec![("kind", mp::str("not_found")), ("message", mp::str("m"))],
+        ),
+        (
+            Kind::Detached,
+            vec![("session", mp::fix(1)), ("reason", mp::str("detach"))],
+        ),
+        (
+            Kind::Clock,
+            vec![
+                ("realtime_ns", mp::fix(1)),
+                ("boottime_ns", mp::fix(2)),
+                ("restores", mp::fix(0)),
+            ],
+        ),
+        (Kind::ClockSet, vec![("realtime_ns", mp::fix(1))]),
+        (
+            Kind::ClockSetDone,
+            vec![("old_ns", mp::fix(1)), ("new_ns", mp::fix(2))],
+        ),
+        (Kind::EntropyDone, vec![("bytes", mp::fix(1))]),
     ]
 }
 

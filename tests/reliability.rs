@@ -6,13 +6,16 @@
 //! Run with `cargo test --profile ci --test reliability`. Timings and
 //! measurements are printed (`-- --nocapture`).
 
-mod rel_common;
+mod support;
 
-use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use agentd::messages::{ExecFailedKind, Message, Shutdown};
-use rel_common::*;
+use support::host::{cmd, sh, Opts};
+use support::proc::*;
+use support::sync_agent::*;
+use support::util::seq_output;
+use support::wait_until;
 
 // ---------------------------------------------------------------------------
 // The host stops reading; the host goes away.
@@ -34,16 +37,16 @@ fn host_stops_reading_while_five_sessions_flood() {
     );
     const N: u32 = 600_000; // 4.1 MB of `seq` output per session
     let expected = seq_output(N);
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     // Warm up: one session of each shape, so "idle" is an agent that has
     // served before, not one that never allocated a session.
-    let log = a.run(&exec("seq", &["1", "1000"]));
+    let log = a.run(&cmd("seq", &["1", "1000"]));
     assert_eq!(log.stdout, seq_output(1000));
     a.ping(b"warm");
     std::thread::sleep(Duration::from_millis(100));
     let idle = a.rss_kib();
 
-    let mut flood = exec("seq", &["1", &N.to_string()]);
+    let mut flood = cmd("seq", &["1", &N.to_string()]);
     flood.stdin = false;
     let ids: Vec<u32> = (0..5).map(|_| a.exec(&flood)).collect();
     // From here on the host does not read: a send that would block fails
@@ -58,7 +61,7 @@ fn host_stops_reading_while_five_sessions_flood() {
         std::thread::sleep(Duration::from_millis(20));
         max_rss = max_rss.max(a.rss_kib());
         if !pinged && t0.elapsed() >= stall / 2 {
-            a.send(0, &Message::Ping(b"sent during the stall"));
+            a.send(&Message::Ping(b"sent during the stall"), 0);
             pinged = true;
         }
     }
@@ -119,7 +122,7 @@ fn host_stops_reading_while_five_sessions_flood() {
         assert!(log.stdout == expected, "session {id}: output differs");
         assert!(log.stderr.is_empty());
     }
-    let hwm = status_kib(a.pid, "VmHWM").unwrap();
+    let hwm = status_number(a.host_pid, "VmHWM").unwrap();
     println!("max RSS {max_rss} KiB, VmHWM {hwm} KiB, idle {idle} KiB");
     assert!(
         max_rss <= idle + 2048,
@@ -134,24 +137,26 @@ fn host_stops_reading_while_five_sessions_flood() {
 
 /// Starts the sessions of the disconnect tests: floods on pipes and on a
 /// terminal, and a session whose group holds background children.
-fn start_floods(a: &mut Agent) -> Vec<i32> {
+fn start_floods(a: &mut SyncAgent) -> Vec<i32> {
     let mut ids = Vec::new();
     for _ in 0..3 {
-        ids.push(a.exec(&exec("yes", &["flood"])));
+        ids.push(a.exec(&cmd("yes", &["flood"])));
     }
-    let mut tty = exec("yes", &["tty flood"]);
+    let mut tty = cmd("yes", &["tty flood"]);
     tty.tty = true;
     ids.push(a.exec(&tty));
     ids.push(a.exec(&sh("sleep 60 & sleep 60 & exec yes group")));
     let pids: Vec<i32> = ids.iter().map(|&id| a.wait_started(id)).collect();
     // Some output has flowed, so the agent is busy writing.
     let start = a.bytes_in;
-    a.wait_for("1 MiB of flood", TIMEOUT, |a| a.bytes_in - start > 1 << 20);
+    a.wait_for("1 MiB of flood", SYNC_TIMEOUT, |a| {
+        a.bytes_in - start > 1 << 20
+    });
     pids
 }
 
 fn assert_sessions_gone(pids: &[i32]) {
-    let gone = eventually(Duration::from_secs(5), || {
+    let gone = wait_until(Duration::from_secs(5), || {
         procs_in_sessions(pids).is_empty()
     });
     let left = procs_in_sessions(pids);
@@ -166,7 +171,7 @@ fn assert_sessions_gone(pids: &[i32]) {
 /// process of any session is left (not even a zombie).
 #[test]
 fn host_disconnects_mid_flood() {
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     let pids = start_floods(&mut a);
     a.close_read();
     a.close_write();
@@ -179,7 +184,7 @@ fn host_disconnects_mid_flood() {
 /// agent's next write fails with EPIPE, which ends it like end of file.
 #[test]
 fn host_closes_read_side_mid_flood_epipe() {
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     let pids = start_floods(&mut a);
     a.close_read();
     let status = a.wait_exit(Duration::from_secs(10));
@@ -192,7 +197,7 @@ fn host_closes_read_side_mid_flood_epipe() {
 /// the stream at a frame boundary.
 #[test]
 fn host_closes_write_side_mid_flood_eof() {
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     let pids = start_floods(&mut a);
     a.close_write();
     a.read_to_eof(Duration::from_secs(10));
@@ -203,15 +208,6 @@ fn host_closes_write_side_mid_flood_eof() {
 
 // ---------------------------------------------------------------------------
 // Children that misbehave.
-
-/// Agent CPU time (user + system) in clock ticks.
-fn cpu_ticks(pid: i32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &text[text.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
 
 /// A child closes its stdout first thing and keeps running: the session
 /// goes on (stderr flows, PING is answered), the agent does not spin on
@@ -225,26 +221,26 @@ fn cpu_ticks(pid: i32) -> u64 {
 /// of `Session::read_output` that makes it yield.)
 #[test]
 fn a_flood_does_not_hold_the_loop() {
-    let mut a = Agent::start(&[]);
-    let mut flood = exec("cat", &["/dev/zero"]);
+    let mut a = SyncAgent::start(&[]);
+    let mut flood = cmd("cat", &["/dev/zero"]);
     flood.stdin = false;
     let id = a.exec(&flood);
     a.count_only.insert(id);
     a.wait_started(id);
     let t_start = Instant::now();
-    a.wait_for("256 MiB of the flood", TIMEOUT, |a| {
+    a.wait_for("256 MiB of the flood", SYNC_TIMEOUT, |a| {
         a.logs.get(&id).is_some_and(|l| l.output_bytes >= 256 << 20)
     });
     let t_first = t_start.elapsed();
     let before = a.logs[&id].output_bytes;
     let t0 = Instant::now();
     let rtts: Vec<Duration> = (0..10u8).map(|i| a.ping(&[i])).collect();
-    let log = a.run(&exec("echo", &["served"]));
+    let log = a.run(&cmd("echo", &["served"]));
     assert_eq!(log.stdout, b"served\n");
     let during = a.logs[&id].output_bytes;
     let t_pings = t0.elapsed();
     // And the flood itself goes on.
-    a.wait_for("256 MiB more of the flood", TIMEOUT, |a| {
+    a.wait_for("256 MiB more of the flood", SYNC_TIMEOUT, |a| {
         a.logs[&id].output_bytes >= during + (256 << 20)
     });
     eprintln!(
@@ -260,18 +256,20 @@ fn a_flood_does_not_hold_the_loop() {
 
 #[test]
 fn child_closes_stdout_early_and_keeps_running() {
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     let t = Instant::now();
     let id = a.exec(&sh(
         "exec >&-; echo closed >&2; sleep 1; echo still running >&2; exit 7",
     ));
     a.close_stdin(id);
-    a.wait_for("stderr", TIMEOUT, |a| a.logs[&id].stderr == b"closed\n");
-    let ticks = cpu_ticks(a.pid);
+    a.wait_for("stderr", SYNC_TIMEOUT, |a| {
+        a.logs[&id].stderr == b"closed\n"
+    });
+    let ticks = cpu_ticks(a.host_pid);
     a.ping(b"alive");
     let log = a.wait_done(id);
     let elapsed = t.elapsed();
-    let spent = cpu_ticks(a.pid) - ticks;
+    let spent = cpu_ticks(a.host_pid) - ticks;
     assert_eq!(log.code(), Some(7));
     assert!(log.stdout.is_empty());
     assert_eq!(log.stderr, b"closed\nstill running\n");
@@ -291,25 +289,25 @@ fn child_closes_stdout_early_and_keeps_running() {
 /// ends (not before, and not much after), then SHUTDOWN_DONE, exit 0.
 #[test]
 fn shutdown_kills_a_child_that_ignores_sigterm() {
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     let stubborn = a.exec(&sh("trap '' TERM; echo ready; exec sleep 60"));
-    let polite = a.exec(&exec("sleep", &["60"]));
+    let polite = a.exec(&cmd("sleep", &["60"]));
     let pids = vec![a.wait_started(stubborn), a.wait_started(polite)];
-    a.wait_for("the trap", TIMEOUT, |a| {
+    a.wait_for("the trap", SYNC_TIMEOUT, |a| {
         a.logs[&stubborn].stdout == b"ready\n"
     });
     let grace = Duration::from_millis(600);
     let t = Instant::now();
-    a.send(0, &Message::Shutdown(Shutdown { grace_ms: 600 }));
-    a.wait_for("EXITED of the polite session", TIMEOUT, |a| {
+    a.send(&Message::Shutdown(Shutdown { grace_ms: 600 }), 0);
+    a.wait_for("EXITED of the polite session", SYNC_TIMEOUT, |a| {
         a.logs[&polite].done()
     });
     let polite_time = t.elapsed();
-    a.wait_for("EXITED of the stubborn session", TIMEOUT, |a| {
+    a.wait_for("EXITED of the stubborn session", SYNC_TIMEOUT, |a| {
         a.logs[&stubborn].done()
     });
     let stubborn_time = t.elapsed();
-    a.wait_for("SHUTDOWN_DONE", TIMEOUT, |a| a.shutdown_done);
+    a.wait_for("SHUTDOWN_DONE", SYNC_TIMEOUT, |a| a.shutdown_done);
     println!("SIGTERM'd after {polite_time:?}, SIGKILL'd after {stubborn_time:?}");
     assert_eq!(a.logs[&polite].signal(), Some(libc::SIGTERM));
     assert_eq!(a.logs[&stubborn].signal(), Some(libc::SIGKILL));
@@ -332,7 +330,7 @@ fn shutdown_kills_a_child_that_ignores_sigterm() {
 /// end of file on the transport kills it with everything else.
 #[test]
 fn child_that_setsids_away_is_reaped() {
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     // util-linux setsid calls setsid(2) itself when it is not a group
     // leader (a background job of a shell without job control is not), so
     // $! is the escapee's pid.
@@ -342,17 +340,17 @@ fn child_that_setsids_away_is_reaped() {
     let escapee: i32 = log.stdout_str().trim().parse().expect("pid");
     // The shell printed $! right after fork: give the child time to reach
     // setsid(2).
-    let escaped = eventually(Duration::from_secs(5), || {
+    let escaped = wait_until(Duration::from_secs(5), || {
         proc_stat(escapee).is_some_and(|p| p.sid == escapee)
     });
     let p = proc_stat(escapee).expect("the escapee runs after EXITED");
     assert!(escaped, "it has no session of its own: {p:?}");
     assert_ne!(p.pgrp, session);
-    assert_eq!(p.ppid, a.pid, "the agent adopted it");
+    assert_eq!(p.ppid, a.host_pid, "the agent adopted it");
     // It exits after a second; the agent reaps it (no zombie).
-    let reaped = eventually(Duration::from_secs(5), || proc_stat(escapee).is_none());
+    let reaped = wait_until(Duration::from_secs(5), || proc_stat(escapee).is_none());
     assert!(reaped, "escapee {escapee}: {:?}", proc_stat(escapee));
-    assert!(zombie_children(a.pid).is_empty());
+    assert!(zombie_children(a.host_pid).is_empty());
 
     // One that keeps the session's stdout: EXITED waits linger_ms for it,
     // not longer; its later write hits a closed pipe and it dies; reaped.
@@ -365,7 +363,7 @@ fn child_that_setsids_away_is_reaped() {
     let escapee: i32 = log.stdout_str().trim().parse().expect("pid");
     assert!(took < Duration::from_millis(450), "EXITED took {took:?}");
     assert!(!log.stdout_str().contains("late"));
-    let reaped = eventually(Duration::from_secs(5), || proc_stat(escapee).is_none());
+    let reaped = wait_until(Duration::from_secs(5), || proc_stat(escapee).is_none());
     assert!(reaped, "escapee {escapee}: {:?}", proc_stat(escapee));
 
     // End of file on the transport kills escapees too.
@@ -375,7 +373,7 @@ fn child_that_setsids_away_is_reaped() {
     a.close_write();
     a.read_to_eof(Duration::from_secs(10));
     assert_eq!(a.wait_exit(Duration::from_secs(10)).code(), Some(0));
-    let gone = eventually(Duration::from_secs(5), || proc_stat(escapee).is_none());
+    let gone = wait_until(Duration::from_secs(5), || proc_stat(escapee).is_none());
     if !gone {
         kill(escapee, libc::SIGKILL);
     }
@@ -389,21 +387,21 @@ fn child_that_setsids_away_is_reaped() {
 /// every child of the agent. (As PID 1 the power-off ends it.)
 #[test]
 fn shutdown_leaves_an_adopted_escapee_running_in_stdio_mode() {
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     let log = a.run(&sh("setsid sleep 30 </dev/null >/dev/null 2>&1 & echo $!"));
     let escapee: i32 = log.stdout_str().trim().parse().expect("pid");
-    let adopted = eventually(Duration::from_secs(5), || {
-        proc_stat(escapee).is_some_and(|p| p.sid == escapee && p.ppid == a.pid)
+    let adopted = wait_until(Duration::from_secs(5), || {
+        proc_stat(escapee).is_some_and(|p| p.sid == escapee && p.ppid == a.host_pid)
     });
     assert!(adopted, "{:?}", proc_stat(escapee));
-    a.send(0, &Message::Shutdown(Shutdown { grace_ms: 100 }));
+    a.send(&Message::Shutdown(Shutdown { grace_ms: 100 }), 0);
     a.read_to_eof(Duration::from_secs(10));
     assert!(a.shutdown_done);
     assert_eq!(a.wait_exit(Duration::from_secs(10)).code(), Some(0));
     let p = proc_stat(escapee);
     kill(escapee, libc::SIGKILL);
     let p = p.expect("the escapee outlives a SHUTDOWN");
-    assert_ne!(p.ppid, a.pid);
+    assert_ne!(p.ppid, a.host_pid);
     assert_ne!(p.state, 'Z');
 }
 
@@ -471,7 +469,7 @@ fn fork_bomb_with_nproc_limit_does_not_stop_the_agent() {
     const LIMIT: usize = 30;
     const LOW: usize = 10;
     const ROUNDS: usize = 20;
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     let mut bomb = sh("exec awk 'BEGIN { while (1) system(\"b() { b | b & sleep 1; }; b\") }'");
     bomb.user = Some("nobody".into());
     bomb.rlimits = vec![agentd::messages::Rlimit {
@@ -483,12 +481,14 @@ fn fork_bomb_with_nproc_limit_does_not_stop_the_agent() {
     let id = a.exec(&bomb);
     let pid = a.wait_started(id);
     // dash says "Cannot fork", busybox "can't fork".
-    let failures = |a: &Agent| {
+    let failures = |a: &SyncAgent| {
         String::from_utf8_lossy(&a.logs[&id].stderr)
             .matches(" fork")
             .count()
     };
-    a.wait_for("the bomb to hit its limit", TIMEOUT, |a| failures(a) > 0);
+    a.wait_for("the bomb to hit its limit", SYNC_TIMEOUT, |a| {
+        failures(a) > 0
+    });
 
     let before = census_at_limit(pid, LOW, LIMIT);
     let failures_before = failures(&a);
@@ -497,17 +497,17 @@ fn fork_bomb_with_nproc_limit_does_not_stop_the_agent() {
     let mut worst = Duration::ZERO;
     while rounds < ROUNDS || failures(&a) == failures_before {
         assert!(
-            t.elapsed() < TIMEOUT,
+            t.elapsed() < SYNC_TIMEOUT,
             "no new fork failure in {rounds} rounds; the bomb: {:?}",
             a.logs[&id].exited
         );
         let s = Instant::now();
         let line = format!("round {rounds}\n");
-        let cat = a.exec_with_stdin(&exec("cat", &[]), line.as_bytes());
+        let cat = a.exec_with_stdin(&cmd("cat", &[]), line.as_bytes());
         let log = a.wait_done(cat);
         assert_eq!(log.code(), Some(0), "{log:?}");
         assert_eq!(log.stdout, line.as_bytes());
-        let mut tty = exec("/bin/echo", &["tty"]);
+        let mut tty = cmd("/bin/echo", &["tty"]);
         tty.tty = true;
         let log = a.run(&tty);
         assert_eq!(log.code(), Some(0), "{log:?}");
@@ -532,7 +532,7 @@ fn fork_bomb_with_nproc_limit_does_not_stop_the_agent() {
     a.signal(id, libc::SIGKILL);
     let log = a.wait_done(id);
     assert_eq!(log.signal(), Some(libc::SIGKILL));
-    let gone = eventually(Duration::from_secs(10), || {
+    let gone = wait_until(Duration::from_secs(10), || {
         procs_in_sessions(&[pid]).is_empty()
     });
     let left = procs_in_sessions(&[pid]);
@@ -540,8 +540,10 @@ fn fork_bomb_with_nproc_limit_does_not_stop_the_agent() {
         kill_sessions(&[pid]);
     }
     assert!(gone, "left after a group SIGKILL: {left:?}");
-    let clean = eventually(Duration::from_secs(5), || zombie_children(a.pid).is_empty());
-    assert!(clean, "zombies: {:?}", zombie_children(a.pid));
+    let clean = wait_until(Duration::from_secs(5), || {
+        zombie_children(a.host_pid).is_empty()
+    });
+    assert!(clean, "zombies: {:?}", zombie_children(a.host_pid));
 }
 
 /// A bounded bomb without limits: a binary tree of shells of depth 7 (255
@@ -562,7 +564,7 @@ fn bounded_fork_bomb_without_limits() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir).expect("a directory for the markers");
     let d = dir.display();
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     let mut e = sh(&format!(
         "b() {{ : > {d}/$1; if [ ${{#1}} -lt 8 ]; then b ${{1}}0 & b ${{1}}1 & fi; \
          sleep 1; : > {d}/$1.done; }}; b x"
@@ -591,7 +593,7 @@ fn bounded_fork_bomb_without_limits() {
         if a.logs[&id].done() && procs_in_sessions(&[pid]).is_empty() {
             break;
         }
-        if t.elapsed() > TIMEOUT {
+        if t.elapsed() > SYNC_TIMEOUT {
             kill_sessions(&[pid]);
             panic!("the bomb's processes outlive it ({max_live} at most)");
         }
@@ -621,7 +623,7 @@ fn bounded_fork_bomb_without_limits() {
     );
     assert_eq!(started, SHELLS, "not every shell ran");
     assert_eq!(ended, SHELLS, "not every shell ran to its end");
-    assert!(zombie_children(a.pid).is_empty());
+    assert!(zombie_children(a.host_pid).is_empty());
 }
 
 // ---------------------------------------------------------------------------
@@ -632,14 +634,14 @@ fn bounded_fork_bomb_without_limits() {
 /// found missing by execve, one by chdir), 2 exit codes, 1 death by
 /// signal with output on both streams, 1 whose background child is
 /// orphaned and adopted, 2 with stdin /dev/null) and checks its outcome.
-fn mixed_session(a: &mut Agent, i: usize) {
+fn mixed_session(a: &mut SyncAgent, i: usize) {
     match i % 20 {
         0..=7 => {
-            let log = a.run(&exec("/bin/true", &[]));
+            let log = a.run(&cmd("/bin/true", &[]));
             assert_eq!(log.code(), Some(0));
         }
         8 | 9 => {
-            let id = a.exec(&exec("cat", &[]));
+            let id = a.exec(&cmd("cat", &[]));
             a.stdin(id, b"piped\n");
             a.close_stdin(id);
             let log = a.wait_done(id);
@@ -647,26 +649,26 @@ fn mixed_session(a: &mut Agent, i: usize) {
             assert_eq!(log.acked, 6);
         }
         10 | 11 => {
-            let mut e = exec("/bin/echo", &["tty"]);
+            let mut e = cmd("/bin/echo", &["tty"]);
             e.tty = true;
             let log = a.run(&e);
             assert_eq!(log.stdout, b"tty\r\n");
             assert_eq!(log.code(), Some(0));
         }
         12 => {
-            let log = a.run(&exec("/nonexistent/program", &[]));
+            let log = a.run(&cmd("/nonexistent/program", &[]));
             let f = log.failed.expect("EXEC_FAILED");
             assert_eq!(f.failed_kind(), Some(ExecFailedKind::NotFound));
         }
         13 => {
-            let mut e = exec("/bin/true", &[]);
+            let mut e = cmd("/bin/true", &[]);
             e.cwd = Some("/nonexistent-dir".into());
             let log = a.run(&e);
             let f = log.failed.expect("EXEC_FAILED");
             assert_eq!(f.failed_kind(), Some(ExecFailedKind::BadCwd));
         }
         14 | 15 => {
-            let log = a.run(&exec("/bin/false", &[]));
+            let log = a.run(&cmd("/bin/false", &[]));
             assert_eq!(log.code(), Some(1));
         }
         16 => {
@@ -683,7 +685,7 @@ fn mixed_session(a: &mut Agent, i: usize) {
             assert_eq!(log.code(), Some(0));
         }
         _ => {
-            let mut e = exec("/bin/echo", &["no stdin"]);
+            let mut e = cmd("/bin/echo", &["no stdin"]);
             e.stdin = false;
             let log = a.run(&e);
             assert_eq!(log.stdout, b"no stdin\n");
@@ -702,13 +704,13 @@ fn ten_thousand_sequential_sessions_leak_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000);
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     // Warm-up: every shape once, so first-use allocations are in the base.
     for i in 0..200 {
         mixed_session(&mut a, i);
     }
-    assert!(eventually(Duration::from_secs(2), || zombie_children(
-        a.pid
+    assert!(wait_until(Duration::from_secs(2), || zombie_children(
+        a.host_pid
     )
     .is_empty()));
     let fds = a.fd_count();
@@ -724,14 +726,16 @@ fn ten_thousand_sequential_sessions_leak_nothing() {
     }
     let elapsed = t.elapsed();
     a.ping(b"end");
-    let clean = eventually(Duration::from_secs(2), || zombie_children(a.pid).is_empty());
+    let clean = wait_until(Duration::from_secs(2), || {
+        zombie_children(a.host_pid).is_empty()
+    });
     let fds_end = a.fd_count();
     let rss_end = a.rss_kib();
     println!(
         "{total} sessions in {elapsed:.1?} ({:.0}/s); fds {fds} -> {fds_end}; RSS {rss} -> {rss_end} KiB (max {max_rss})",
         total as f64 / elapsed.as_secs_f64()
     );
-    assert!(clean, "zombies: {:?}", zombie_children(a.pid));
+    assert!(clean, "zombies: {:?}", zombie_children(a.host_pid));
     assert_eq!(fds_end, fds, "the agent's fd count changed");
     assert!(rss_end <= rss + 256, "RSS grew from {rss} to {rss_end} KiB");
 }
@@ -741,17 +745,17 @@ fn ten_thousand_sequential_sessions_leak_nothing() {
 #[test]
 fn thousand_concurrent_sessions() {
     const N: usize = 1000;
-    let mut cmd = std::process::Command::new(AGENTD);
-    cmd.args(["--stdio", "--max-sessions", "1100"]);
-    raise_nofile(&mut cmd, 8192);
-    let mut a = Agent::start_cmd(cmd);
+    let mut a = SyncAgent::start_with(Opts {
+        nofile: Some(8192),
+        ..Opts::plain(&["--max-sessions", "1100"])
+    });
     let t = Instant::now();
-    let ids: Vec<u32> = (0..N).map(|_| a.exec(&exec("cat", &[]))).collect();
+    let ids: Vec<u32> = (0..N).map(|_| a.exec(&cmd("cat", &[]))).collect();
     for &id in &ids {
         a.wait_started(id);
     }
     let started = t.elapsed();
-    let live = children_of(a.pid).len();
+    let live = children_of(a.host_pid).len();
     assert!(live >= N, "only {live} children alive at once");
     for &id in &ids {
         a.stdin(id, format!("session {id}\n").as_bytes());
@@ -766,27 +770,10 @@ fn thousand_concurrent_sessions() {
         "{N} concurrent sessions: started in {started:?}, done in {:?}",
         t.elapsed()
     );
-    assert!(eventually(Duration::from_secs(2), || zombie_children(
-        a.pid
+    assert!(wait_until(Duration::from_secs(2), || zombie_children(
+        a.host_pid
     )
     .is_empty()));
-}
-
-/// Runs the agent with RLIMIT_NOFILE at `n` (soft and hard).
-fn raise_nofile(cmd: &mut std::process::Command, n: u64) {
-    // SAFETY: setrlimit is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            let lim = libc::rlimit {
-                rlim_cur: n,
-                rlim_max: n,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 /// Out of descriptors (RLIMIT_NOFILE 48): EXECs beyond what fits fail with
@@ -794,13 +781,13 @@ fn raise_nofile(cmd: &mut std::process::Command, n: u64) {
 /// end new sessions start again; the fd count returns to where it was.
 #[test]
 fn out_of_descriptors_is_exec_failed_resource() {
-    let mut cmd = std::process::Command::new(AGENTD);
-    cmd.arg("--stdio");
-    raise_nofile(&mut cmd, 48);
-    let mut a = Agent::start_cmd(cmd);
+    let mut a = SyncAgent::start_with(Opts {
+        nofile: Some(48),
+        ..Opts::plain(&[])
+    });
     let fds = a.fd_count();
-    let ids: Vec<u32> = (0..20).map(|_| a.exec(&exec("cat", &[]))).collect();
-    a.wait_for("every EXEC answered", TIMEOUT, |a| {
+    let ids: Vec<u32> = (0..20).map(|_| a.exec(&cmd("cat", &[]))).collect();
+    a.wait_for("every EXEC answered", SYNC_TIMEOUT, |a| {
         ids.iter()
             .all(|id| a.logs[id].pid.is_some() || a.logs[id].failed.is_some())
     });
@@ -819,7 +806,7 @@ fn out_of_descriptors_is_exec_failed_resource() {
         let log = a.wait_done(id);
         assert_eq!(log.stdout, b"x");
     }
-    let log = a.run(&exec("echo", &["again"]));
+    let log = a.run(&cmd("echo", &["again"]));
     assert_eq!(log.stdout, b"again\n");
     assert_eq!(a.fd_count(), fds);
 }
@@ -831,7 +818,7 @@ fn out_of_descriptors_is_exec_failed_resource() {
 /// acknowledged (written or discarded), no ERROR, the session ends normally.
 #[test]
 fn child_closes_stdin_while_host_sends() {
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
     let id = a.exec(&sh(
         "head -c 10 >/dev/null; exec 0<&-; sleep 0.2; echo done",
@@ -866,10 +853,10 @@ fn child_closes_stdin_while_host_sends() {
 /// a terminal, whose input queue fills much sooner.
 #[test]
 fn child_not_reading_stdin_stalls_only_its_session() {
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     let window = a.ready.stdin_window as usize;
     for tty in [false, true] {
-        let mut e = exec("sleep", &["1"]);
+        let mut e = cmd("sleep", &["1"]);
         e.tty = tty;
         let stuck = a.exec(&e);
         a.wait_started(stuck);
@@ -883,7 +870,7 @@ fn child_not_reading_stdin_stalls_only_its_session() {
             "tty {tty}: everything was written ({acked})"
         );
         // Meanwhile, another session works and PING is answered.
-        let other = a.exec(&exec("cat", &[]));
+        let other = a.exec(&cmd("cat", &[]));
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
         let t = Instant::now();
         a.write_stdin_all(other, &data);
@@ -909,23 +896,23 @@ fn child_not_reading_stdin_stalls_only_its_session() {
 fn slow_host_reader_transport_eagain() {
     const N: u32 = 150_000;
     let expected = seq_output(N);
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     a.read_chunk = Some(4096);
-    let mut e = exec("seq", &["1", &N.to_string()]);
+    let mut e = cmd("seq", &["1", &N.to_string()]);
     e.stdin = false;
     let ids: Vec<u32> = (0..3).map(|_| a.exec(&e)).collect();
     let mut pings = 0;
     let t = Instant::now();
     while !ids.iter().all(|id| a.logs[id].done()) {
-        assert!(t.elapsed() < TIMEOUT);
+        assert!(t.elapsed() < SYNC_TIMEOUT);
         std::thread::sleep(Duration::from_millis(1));
         a.pump(Duration::from_millis(10));
         if a.bytes_in > (pings + 1) * (1 << 20) {
-            a.send(0, &Message::Ping(b"slow"));
+            a.send(&Message::Ping(b"slow"), 0);
             pings += 1;
         }
     }
-    a.wait_for("PONGs", TIMEOUT, |a| a.pongs.len() as u64 == pings);
+    a.wait_for("PONGs", SYNC_TIMEOUT, |a| a.pongs.len() as u64 == pings);
     println!(
         "slow reader: {} bytes in {:?}, {pings} PINGs",
         a.bytes_in,
@@ -945,8 +932,8 @@ fn slow_host_reader_transport_eagain() {
 /// everything exits, nothing is left unreaped.
 #[test]
 fn signal_storms_during_transfers() {
-    let mut a = Agent::start(&[]);
-    let agent = a.pid;
+    let mut a = SyncAgent::start(&[]);
+    let agent = a.host_pid;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let storm = {
         let stop = stop.clone();
@@ -969,20 +956,22 @@ fn signal_storms_during_transfers() {
     let data: Vec<u8> = (0..2u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
         .collect();
-    let cat = a.exec(&exec("cat", &[]));
+    let cat = a.exec(&cmd("cat", &[]));
     let mut short = Vec::new();
     let mut sent = 0;
     for (i, chunk) in data.chunks(16 * 1024).enumerate() {
         let need = (sent + chunk.len()) as u64;
         let window = u64::from(a.ready.stdin_window);
-        a.wait_for("window", TIMEOUT, |a| need - a.logs[&cat].acked <= window);
+        a.wait_for("window", SYNC_TIMEOUT, |a| {
+            need - a.logs[&cat].acked <= window
+        });
         a.stdin(cat, chunk);
         sent += chunk.len();
         if short.len() < 300 {
             let e = if i % 3 == 0 {
                 sh("true & true & exit 3")
             } else {
-                exec("/bin/true", &[])
+                cmd("/bin/true", &[])
             };
             short.push((a.exec(&e), i % 3 == 0));
         }
@@ -1003,8 +992,8 @@ fn signal_storms_during_transfers() {
     assert_eq!(log.stdout.len(), data.len());
     assert!(log.stdout == data, "cat's output differs from its input");
     a.ping(b"after the storm");
-    assert!(eventually(Duration::from_secs(2), || zombie_children(
-        a.pid
+    assert!(wait_until(Duration::from_secs(2), || zombie_children(
+        a.host_pid
     )
     .is_empty()));
 }
@@ -1054,36 +1043,36 @@ const SOAK_FLOOD: u32 = 20_000;
 /// enough to stream from the transport into the child's pipe).
 const SOAK_STDIN_FRAME: usize = 100_000;
 
-fn soak_start(a: &mut Agent, kind: SoakKind) -> u32 {
+fn soak_start(a: &mut SyncAgent, kind: SoakKind) -> u32 {
     let id = match kind {
-        SoakKind::True => a.exec(&exec("/bin/true", &[])),
-        SoakKind::False => a.exec(&exec("/bin/false", &[])),
+        SoakKind::True => a.exec(&cmd("/bin/true", &[])),
+        SoakKind::False => a.exec(&cmd("/bin/false", &[])),
         SoakKind::Cat => {
-            let id = a.exec(&exec("cat", &[]));
+            let id = a.exec(&cmd("cat", &[]));
             a.stdin(id, format!("line {id}\n").as_bytes());
             id
         }
         SoakKind::Tty => {
-            let mut e = exec("/bin/echo", &["tty"]);
+            let mut e = cmd("/bin/echo", &["tty"]);
             e.tty = true;
             a.exec(&e)
         }
-        SoakKind::NotFound => a.exec(&exec("/nonexistent/program", &[])),
+        SoakKind::NotFound => a.exec(&cmd("/nonexistent/program", &[])),
         SoakKind::BadCwd => {
-            let mut e = exec("/bin/true", &[]);
+            let mut e = cmd("/bin/true", &[]);
             e.cwd = Some("/nonexistent-dir".into());
             a.exec(&e)
         }
         SoakKind::Orphan => a.exec(&sh("/bin/true & /bin/true & exit 0")),
         SoakKind::Escapee => a.exec(&sh("setsid sleep 0.2 </dev/null >/dev/null 2>&1 & exit 0")),
-        SoakKind::Killed => a.exec(&exec("sleep", &["30"])),
+        SoakKind::Killed => a.exec(&cmd("sleep", &["30"])),
         SoakKind::Flood => {
-            let mut e = exec("seq", &["1", &SOAK_FLOOD.to_string()]);
+            let mut e = cmd("seq", &["1", &SOAK_FLOOD.to_string()]);
             e.stdin = false;
             a.exec(&e)
         }
         SoakKind::BigStdin => {
-            let id = a.exec(&exec("wc", &["-c"]));
+            let id = a.exec(&cmd("wc", &["-c"]));
             // STDIN for a session still starting is queued, not streamed.
             a.wait_started(id);
             let data = vec![b's'; SOAK_STDIN_FRAME];
@@ -1145,7 +1134,7 @@ fn soak() {
         .unwrap_or(60);
     const IN_FLIGHT: usize = 8;
     let flood = seq_output(SOAK_FLOOD);
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
     let mut next_report = start + Duration::from_secs(10);
@@ -1167,7 +1156,7 @@ fn soak() {
             a.ping(b"soak");
             let fds = a.fd_count();
             let rss = a.rss_kib();
-            let zombies = zombie_children(a.pid);
+            let zombies = zombie_children(a.host_pid);
             let rate = (done - done_at_report) as f64 / last_report.elapsed().as_secs_f64();
             println!(
                 "soak {:>5}s: {done} sessions ({rate:.0}/s), agent fds {fds}, RSS {rss} KiB, zombies {}",
@@ -1212,8 +1201,14 @@ fn soak() {
         }
     }
     assert!(done > 0);
-    let clean = eventually(Duration::from_secs(2), || zombie_children(a.pid).is_empty());
-    assert!(clean, "zombies at the end: {:?}", zombie_children(a.pid));
+    let clean = wait_until(Duration::from_secs(2), || {
+        zombie_children(a.host_pid).is_empty()
+    });
+    assert!(
+        clean,
+        "zombies at the end: {:?}",
+        zombie_children(a.host_pid)
+    );
     a.close_write();
     a.read_to_eof(Duration::from_secs(10));
     assert_eq!(a.wait_exit(Duration::from_secs(10)).code(), Some(0));

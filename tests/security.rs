@@ -6,14 +6,17 @@
 //! The identity tests need root (CI runs as root); as another user they
 //! say so and pass without checking.
 
-mod rel_common;
+mod support;
 
-use std::os::unix::process::CommandExt;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use agentd::messages::{Exec, Exited, Kind, Message};
-use rel_common::*;
+use agentd::messages::{Exited, Kind, Message};
+use support::host::{cmd, sh, tty, Opts, Stderr};
+use support::proc::{field_of, open_fds};
+use support::sync_agent::*;
+use support::util::{db_groups, passwd_entry};
+use support::wait_until;
 
 fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
@@ -29,18 +32,13 @@ macro_rules! require_root {
     };
 }
 
-fn tty(mut e: Exec) -> Exec {
-    e.tty = true;
-    e
-}
-
 /// Waits until `pid` runs `comm` and sits in its sleep system call, then
 /// lists its fds. Waiting for the sleep, not just the exec, matters: right
 /// after execve the dynamic loader and locale setup still hold fd 3 for a
 /// moment (a library or a locale file being mapped).
 fn fds_after_exec(pid: i32, comm: &str) -> Vec<i32> {
     let sleeping = [libc::SYS_clock_nanosleep, libc::SYS_nanosleep].map(|nr| nr.to_string());
-    let ok = eventually(Duration::from_secs(5), || {
+    let ok = wait_until(Duration::from_secs(5), || {
         let comm_ok =
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm);
         let in_sleep = std::fs::read_to_string(format!("/proc/{pid}/syscall")).is_ok_and(|s| {
@@ -51,49 +49,28 @@ fn fds_after_exec(pid: i32, comm: &str) -> Vec<i32> {
         comm_ok && in_sleep
     });
     assert!(ok, "{pid} never sat in the sleep of {comm}");
-    fds_of(pid)
+    open_fds(pid)
 }
 
-/// An agent that inherited an fd without close-on-exec (fd 9, /dev/null)
-/// and some ignored and blocked signals from whoever started it.
-fn agent_with_inheritance() -> Agent {
-    let mut cmd = std::process::Command::new(AGENTD);
-    cmd.arg("--stdio");
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-            if fd < 0 || libc::dup2(fd, 9) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            for sig in [libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR2] {
-                libc::signal(sig, libc::SIG_IGN);
-            }
-            // Signals 32 and 33, which glibc reserves and its sigaction
-            // refuses, ignored with the system call itself (the kernel's
-            // struct sigaction starts with the handler on these
-            // architectures).
-            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-            for sig in [32, 33] {
-                let ign: [u64; 4] = [libc::SIG_IGN as u64, 0, 0, 0];
-                libc::syscall(
-                    libc::SYS_rt_sigaction,
-                    sig,
-                    ign.as_ptr(),
-                    std::ptr::null_mut::<u64>(),
-                    8usize,
-                );
-            }
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGUSR1);
-            libc::sigaddset(&mut set, libc::SIGALRM);
-            libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            Ok(())
-        });
-    }
-    let a = Agent::start_cmd(cmd);
-    assert!(fds_of(a.pid).contains(&9), "the agent did not inherit fd 9");
+/// An agent that inherited an fd without close-on-exec (fd 9, a copy of
+/// its stderr) and some ignored and blocked signals from whoever started
+/// it.
+fn agent_with_inheritance() -> SyncAgent {
+    let mut ignore = vec![libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR2];
+    // Signals 32 and 33, which glibc reserves and its sigaction refuses,
+    // are ignored with the system call itself.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    ignore.extend([32, 33]);
+    let a = SyncAgent::start_with(Opts {
+        ignore_signals: ignore,
+        block_signals: vec![libc::SIGUSR1, libc::SIGALRM],
+        leak_fd: true,
+        ..Opts::plain(&[])
+    });
+    assert!(
+        open_fds(a.host_pid).contains(&9),
+        "the agent did not inherit fd 9"
+    );
     a
 }
 
@@ -105,20 +82,20 @@ fn agent_with_inheritance() -> Agent {
 fn child_has_exactly_fds_0_1_2() {
     let mut a = agent_with_inheritance();
     // Other sessions' fds exist in the agent meanwhile.
-    let others = [a.exec(&exec("cat", &[])), a.exec(&tty(exec("cat", &[])))];
+    let others = [a.exec(&cmd("cat", &[])), a.exec(&tty(cmd("cat", &[])))];
     for &id in &others {
         a.wait_started(id);
     }
     let mut variants = vec![
-        ("pipes", exec("sleep", &["30"])),
-        ("tty", tty(exec("sleep", &["30"]))),
+        ("pipes", cmd("sleep", &["30"])),
+        ("tty", tty(cmd("sleep", &["30"]))),
     ];
-    let mut no_stdin = exec("sleep", &["30"]);
+    let mut no_stdin = cmd("sleep", &["30"]);
     no_stdin.stdin = false;
     variants.push(("pipes, stdin /dev/null", no_stdin.clone()));
     variants.push(("tty, stdin /dev/null", tty(no_stdin)));
     if is_root() {
-        let mut other_user = exec("sleep", &["30"]);
+        let mut other_user = cmd("sleep", &["30"]);
         other_user.user = Some("nobody".into());
         variants.push(("as nobody", tty(other_user)));
     }
@@ -148,7 +125,7 @@ fn child_has_exactly_fds_0_1_2() {
 #[test]
 fn child_has_empty_mask_and_default_dispositions() {
     let mut a = agent_with_inheritance();
-    let agent_status = std::fs::read_to_string(format!("/proc/{}/status", a.pid)).unwrap();
+    let agent_status = std::fs::read_to_string(format!("/proc/{}/status", a.host_pid)).unwrap();
     let mask = |s: &str, f| u64::from_str_radix(field_of(s, f).unwrap(), 16).unwrap();
     let bit = |sig: i32| 1u64 << (sig - 1);
     // The test means something only if the agent's own state is not clean.
@@ -158,10 +135,10 @@ fn child_has_empty_mask_and_default_dispositions() {
     assert_ne!(mask(&agent_status, "SigIgn") & bit(libc::SIGHUP), 0);
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     assert_ne!(mask(&agent_status, "SigIgn") & (bit(32) | bit(33)), 0);
-    let mut variants = vec![exec("cat", &["/proc/self/status"])];
-    variants.push(tty(exec("cat", &["/proc/self/status"])));
+    let mut variants = vec![cmd("cat", &["/proc/self/status"])];
+    variants.push(tty(cmd("cat", &["/proc/self/status"])));
     if is_root() {
-        let mut e = exec("cat", &["/proc/self/status"]);
+        let mut e = cmd("cat", &["/proc/self/status"]);
         e.user = Some("nobody".into());
         variants.push(e);
     }
@@ -228,23 +205,8 @@ fn test_user() -> &'static str {
 /// (uid, gid, supplementary groups) of `user` read straight from the
 /// databases: the primary group plus every group that lists the user.
 fn expected_identity(user: &str) -> (u32, u32, Vec<u32>) {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
-    let f: Vec<&str> = passwd
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f[0] == user)
-        .unwrap_or_else(|| panic!("no {user} in /etc/passwd"));
-    let (uid, gid) = (f[2].parse().unwrap(), f[3].parse().unwrap());
-    let mut groups = vec![gid];
-    for line in std::fs::read_to_string("/etc/group").unwrap().lines() {
-        let f: Vec<&str> = line.split(':').collect();
-        if f.len() >= 4 && f[3].split(',').any(|m| m == user) {
-            groups.push(f[2].parse().unwrap());
-        }
-    }
-    groups.sort_unstable();
-    groups.dedup();
-    (uid, gid, groups)
+    let (uid, gid) = passwd_entry(user).unwrap_or_else(|| panic!("no {user} in /etc/passwd"));
+    (uid, gid, db_groups(user, gid).into_iter().collect())
 }
 
 /// What a child's /proc/self/status says: (real, effective, saved, fs)
@@ -272,11 +234,11 @@ fn identity_of(status: &str) -> ([u32; 4], [u32; 4], Vec<u32>) {
 #[test]
 fn user_drops_to_uid_gid_and_exactly_its_groups() {
     require_root!();
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     for user in [test_user(), "nobody"] {
         let (uid, gid, groups) = expected_identity(user);
         for tty_session in [false, true] {
-            let mut e = exec("cat", &["/proc/self/status"]);
+            let mut e = cmd("cat", &["/proc/self/status"]);
             e.user = Some(user.into());
             e.tty = tty_session;
             let log = a.run(&e);
@@ -297,7 +259,7 @@ fn user_drops_to_uid_gid_and_exactly_its_groups() {
     // uid:gid with a uid that has a passwd entry gets that entry's groups
     // too; the explicit gid wins as the primary.
     let log = a.run(&{
-        let mut e = exec("cat", &["/proc/self/status"]);
+        let mut e = cmd("cat", &["/proc/self/status"]);
         e.user = Some("65534:65534".into());
         e
     });
@@ -312,9 +274,9 @@ fn user_drops_to_uid_gid_and_exactly_its_groups() {
 #[test]
 fn unprivileged_session_cannot_open_another_sessions_pty() {
     require_root!();
-    let mut a = Agent::start(&[]);
-    let mut owners = vec![(None, tty(exec("sleep", &["30"])))];
-    let mut as_user = tty(exec("sleep", &["30"]));
+    let mut a = SyncAgent::start(&[]);
+    let mut owners = vec![(None, tty(cmd("sleep", &["30"])))];
+    let mut as_user = tty(cmd("sleep", &["30"]));
     as_user.user = Some("nobody".into());
     owners.push((Some("nobody"), as_user));
     for (owner, e) in owners {
@@ -329,7 +291,7 @@ fn unprivileged_session_cannot_open_another_sessions_pty() {
             "echo intruder > \"$0\"",
             "exec 3<>\"$0\" && echo OPENED",
         ] {
-            let mut e = exec("sh", &["-c", script, &pts]);
+            let mut e = cmd("sh", &["-c", script, &pts]);
             e.user = Some("nobody".into());
             e.stdin = false;
             let log = a.run(&e);
@@ -357,7 +319,7 @@ fn unprivileged_session_cannot_open_another_sessions_pty() {
 /// only then), for root and for another user.
 #[test]
 fn no_new_privs_sets_the_flag() {
-    let mut a = Agent::start(&[]);
+    let mut a = SyncAgent::start(&[]);
     let users: &[Option<&str>] = if is_root() {
         &[None, Some("nobody")]
     } else {
@@ -365,7 +327,7 @@ fn no_new_privs_sets_the_flag() {
     };
     for &user in users {
         for nnp in [false, true] {
-            let mut e = exec("cat", &["/proc/self/status"]);
+            let mut e = cmd("cat", &["/proc/self/status"]);
             e.no_new_privs = nnp;
             e.user = user.map(Into::into);
             let log = a.run(&e);
@@ -426,11 +388,11 @@ fn forged_frames(victim: u32) -> Vec<u8> {
 #[test]
 fn child_output_cannot_forge_frames_for_other_sessions() {
     let log_path = std::env::temp_dir().join(format!("agentd-security-{}.log", std::process::id()));
-    let mut cmd = std::process::Command::new(AGENTD);
-    cmd.args(["--stdio", "--log-level", "trace"]);
-    cmd.stderr(std::fs::File::create(&log_path).unwrap());
-    let mut a = Agent::start_cmd(cmd);
-    let victim = a.exec(&exec("cat", &[]));
+    let mut a = SyncAgent::start_with(Opts {
+        stderr: Stderr::File(log_path.clone()),
+        ..Opts::plain(&["--log-level", "trace"])
+    });
+    let victim = a.exec(&cmd("cat", &[]));
     a.wait_started(victim);
     let forged = forged_frames(victim);
     let mut big = Vec::new();
@@ -438,9 +400,9 @@ fn child_output_cannot_forge_frames_for_other_sessions() {
         big.extend_from_slice(&forged);
     }
     for (what, e, payload) in [
-        ("stdout", exec("cat", &[]), &forged),
+        ("stdout", cmd("cat", &[]), &forged),
         ("stderr", sh("cat >&2"), &forged),
-        ("stdout, 300 KiB", exec("cat", &[]), &big),
+        ("stdout, 300 KiB", cmd("cat", &[]), &big),
     ] {
         let id = a.exec(&e);
         a.write_stdin_all(id, payload);
@@ -463,7 +425,7 @@ fn child_output_cannot_forge_frames_for_other_sessions() {
     // the victim still cannot appear).
     let file = std::env::temp_dir().join(format!("agentd-forged-{}", std::process::id()));
     std::fs::write(&file, &forged).unwrap();
-    let log = a.run(&tty(exec("cat", &[file.to_str().unwrap()])));
+    let log = a.run(&tty(cmd("cat", &[file.to_str().unwrap()])));
     let _ = std::fs::remove_file(&file);
     assert_eq!(log.code(), Some(0), "tty: {log:?}");
     assert!(log.stdout.len() >= forged.len(), "tty: {log:?}");
@@ -500,10 +462,10 @@ fn child_output_cannot_forge_frames_for_other_sessions() {
 #[test]
 fn unprivileged_session_cannot_reach_the_agents_fds() {
     require_root!();
-    let mut a = Agent::start(&[]);
-    let fds: Vec<String> = fds_of(a.pid)
+    let mut a = SyncAgent::start(&[]);
+    let fds: Vec<String> = open_fds(a.host_pid)
         .into_iter()
-        .map(|fd| format!("/proc/{}/fd/{fd}", a.pid))
+        .map(|fd| format!("/proc/{}/fd/{fd}", a.host_pid))
         .collect();
     assert!(fds.len() >= 6);
     let script = "ls \"/proc/$AGENT/fd\" && echo LISTED; \
@@ -511,8 +473,8 @@ fn unprivileged_session_cannot_reach_the_agents_fds() {
                   (head -c 1 \"$f\" </dev/null >/dev/null) 2>/dev/null && echo READ $f; done; true";
     let mut args = vec!["-c", script, "sh"];
     args.extend(fds.iter().map(String::as_str));
-    let mut e = exec("sh", &args);
-    e.env = vec![format!("AGENT={}", a.pid)];
+    let mut e = cmd("sh", &args);
+    e.env = vec![format!("AGENT={}", a.host_pid)];
     e.user = Some("nobody".into());
     e.stdin = false;
     let log = a.run(&e);
@@ -524,11 +486,11 @@ fn unprivileged_session_cannot_reach_the_agents_fds() {
     );
     assert!(log.stderr_contains("Permission denied"), "{log:?}");
     // The same script as root does reach them (the test can fail).
-    let mut e = exec(
+    let mut e = cmd(
         "sh",
         &["-c", "ls \"/proc/$AGENT/fd\" >/dev/null && echo LISTED"],
     );
-    e.env = vec![format!("AGENT={}", a.pid)];
+    e.env = vec![format!("AGENT={}", a.host_pid)];
     assert_eq!(a.run(&e).stdout_str(), "LISTED\n");
     a.ping(b"alive");
 }

@@ -4,7 +4,7 @@
 //! keys left out) decodes to the message with every default written out
 //! here as a literal, and re-encodes to the full form.
 
-mod common;
+mod support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -117,7 +117,7 @@ fn expected() -> Vec<(&'static str, u32, Message<'static>)> {
         (
             "exec-full",
             0x0102_0304,
-            Message::Exec(Box::new(common::full_exec())),
+            Message::Exec(Box::new(support::wire::full_exec())),
         ),
         (
             "started",
@@ -273,7 +273,7 @@ fn load(name: &str) -> (Vec<u8>, OwnedFrame) {
     let path = dir().join(format!("{name}.hex"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
     let bytes = parse_hex(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let frame = common::single_frame(&bytes);
+    let frame = support::wire::single_frame(&bytes);
     (bytes, frame)
 }
 

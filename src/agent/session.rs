@@ -652,8 +652,10 @@ impl Session {
     /// Reaped, every stream at its end and any replay sent: what is left is
     /// to send EXITED (if a host has it) and keep the record.
     pub(crate) fn is_done(&self) -> bool {
-        matches!(self.state, State::Lingering { timer: None, .. } | State::Finished { .. })
-            && self.out.iter().all(Outflow::is_done)
+        matches!(
+            self.state,
+            State::Lingering { timer: None, .. } | State::Finished { .. }
+        ) && self.out.iter().all(Outflow::is_done)
             && self.out.iter().all(Outflow::is_ended)
     }
 
@@ -751,7 +753,11 @@ impl Session {
     /// every fd and of its deadline, and returns its EXITED (with the
     /// output it dropped, whether its deadline ended it), and whether a
     /// host is there to get it (it is then seen, and the host's id free).
-    pub(crate) fn finish(&mut self, registry: &Registry, timers: &mut Timers) -> Option<(Exited, Option<Owner>)> {
+    pub(crate) fn finish(
+        &mut self,
+        registry: &Registry,
+        timers: &mut Timers,
+    ) -> Option<(Exited, Option<Owner>)> {
         let mut exit = match self.state {
             State::Lingering { exit, timer: None } => exit,
             State::Finished { exit, seen: false } if self.owner.is_some() => exit,

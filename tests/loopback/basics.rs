@@ -6,7 +6,13 @@ use std::time::Duration;
 
 use agentd::messages::{Message, Rlimit};
 
-use crate::harness::*;
+use crate::support::agent::*;
+use crate::support::checker::*;
+use crate::support::host::*;
+use crate::support::msgpack::*;
+use crate::support::proc::*;
+use crate::support::util::*;
+use crate::support::*;
 
 both! {
     /// READY comes first with every key of the contract (the checker
@@ -181,30 +187,6 @@ fn cwd_sets_the_working_directory() {
     let mut e = cmd("pwd", &[]);
     e.cwd = Some("/".into());
     assert_eq!(agent.run(e).stdout_str(), "/\n");
-}
-
-/// The groups the contract gives `user`: its primary group and every group
-/// of the guest's group database that lists it.
-fn db_groups(name: &str, primary: u32) -> BTreeSet<u32> {
-    let mut set = BTreeSet::from([primary]);
-    for line in std::fs::read_to_string("/etc/group").unwrap().lines() {
-        let f: Vec<&str> = line.split(':').collect();
-        if f.len() >= 4 && f[3].split(',').any(|m| m == name) {
-            if let Ok(g) = f[2].parse() {
-                set.insert(g);
-            }
-        }
-    }
-    set
-}
-
-fn passwd_entry(name: &str) -> Option<(u32, u32)> {
-    std::fs::read_to_string("/etc/passwd")
-        .unwrap()
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f.len() >= 4 && f[0] == name)
-        .map(|f| (f[2].parse().unwrap(), f[3].parse().unwrap()))
 }
 
 fn ids_of(agent: &mut Agent, user: &str) -> (u32, u32, BTreeSet<u32>) {
@@ -412,21 +394,21 @@ fn exec_map_with_any_integer_width_and_unknown_keys() {
     let mut agent = Agent::start();
     let id = 4242;
     let mut p = vec![0x86];
-    msgpack::fixstr(&mut p, "cmd");
-    msgpack::fixstr(&mut p, "sh");
-    msgpack::fixstr(&mut p, "args");
+    p.extend(mp::str("cmd"));
+    p.extend(mp::str("sh"));
+    p.extend(mp::str("args"));
     Value::Array(vec![
         Value::str("-c"),
         Value::str("stty size 2>&1; echo ok"),
     ])
     .encode_into(&mut p);
-    msgpack::fixstr(&mut p, "linger_ms");
-    p.extend(msgpack::uint64(100));
-    msgpack::fixstr(&mut p, "output_window");
-    p.extend(msgpack::uint32(0));
-    msgpack::fixstr(&mut p, "stdin");
+    p.extend(mp::str("linger_ms"));
+    p.extend(mp::u64(100));
+    p.extend(mp::str("output_window"));
+    p.extend(mp::u32(0));
+    p.extend(mp::str("stdin"));
     p.push(0xc2);
-    msgpack::fixstr(&mut p, "x-future-key");
+    p.extend(mp::str("x-future-key"));
     Value::map([("nested", Value::Array(vec![Value::Nil, Value::Float(1.5)]))]).encode_into(&mut p);
     agent.send_exec_payload(id, &p);
     agent
@@ -439,13 +421,13 @@ fn exec_map_with_any_integer_width_and_unknown_keys() {
     // SIGNAL with an int64 signal number and OUTPUT_ACK with a uint64.
     agent.exec(id, &cmd("sleep", &["100"]));
     let mut p = vec![0x82];
-    msgpack::fixstr(&mut p, "signal");
-    p.extend(msgpack::int64(9));
-    msgpack::fixstr(&mut p, "group");
+    p.extend(mp::str("signal"));
+    p.extend(mp::i64(9));
+    p.extend(mp::str("group"));
     p.push(0xc3);
     let mut ack = vec![0x81];
-    msgpack::fixstr(&mut ack, "bytes");
-    ack.extend(msgpack::uint64(10));
+    ack.extend(mp::str("bytes"));
+    ack.extend(mp::u64(10));
     agent.send_frame(OUTPUT_ACK, id, &ack);
     agent.send_frame(SIGNAL, id, &p);
     let out = agent.collect(id);
@@ -533,8 +515,7 @@ fn frames_split_at_every_byte_and_coalesced() {
     let mut e = cmd("cat", &[]);
     e.linger_ms = 100;
     let exec = Message::Exec(Box::new(e)).to_bytes(id);
-    // EXEC one byte per write (tracked by hand for the checker).
-    agent.note_exec(id);
+    // EXEC one byte per write.
     for b in &exec {
         agent.send_raw(std::slice::from_ref(b));
         std::thread::sleep(Duration::from_micros(200));
@@ -547,7 +528,6 @@ fn frames_split_at_every_byte_and_coalesced() {
     for b in &stdin {
         agent.send_raw(std::slice::from_ref(b));
     }
-    agent.note_stdin(id, 6);
     // 1000 PINGs and the STDIN_CLOSE in one write.
     let mut many = Vec::new();
     for i in 0..1000u32 {
@@ -583,7 +563,7 @@ fn stopped_is_not_exited() {
     // (state D); some process of the group is stopped (T).
     assert!(
         wait_until(Duration::from_secs(5), || agent.descendants().iter().any(
-            |&p| proc_status_field(p, "State").is_some_and(|s| s.starts_with('T'))
+            |&p| status_field(p, "State").is_some_and(|s| s.starts_with('T'))
         )),
         "nothing of the session stopped"
     );

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use agentd::messages::{Exec, Rlimit};
 
-use crate::harness::*;
+use crate::support::agent::*;
+use crate::support::host::*;
+use crate::support::util::*;
 
 /// A script at `path` that creates `marker` if it ever runs.
 fn marker_script(path: &Path, marker: &Path, mode: u32) {

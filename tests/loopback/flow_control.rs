@@ -2,52 +2,27 @@
 //! STDIN_ACK, the output window and OUTPUT_ACK, and a host that stops
 //! reading.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agentd::messages::Message;
 
-use crate::harness::*;
-
-fn host_sha256(data: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let data = data.to_vec();
-    let writer = std::thread::spawn(move || stdin.write_all(&data).unwrap());
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Sends `data` to session `id` and closes its stdin, never having more
-/// than the window outstanding, and returns the session's output.
-fn pipe_through(agent: &mut Agent, id: u32, data: &[u8], chunk: usize) -> Output {
-    let mut first = agent.feed_stdin(id, data, chunk);
-    agent.send_stdin_close(id);
-    let rest = agent.collect(id);
-    first.stdout.extend_from_slice(&rest.stdout);
-    first.stderr.extend_from_slice(&rest.stderr);
-    first.acked += rest.acked;
-    first.exit = rest.exit;
-    first.exited_map = rest.exited_map;
-    first
-}
+use crate::support::agent::*;
+use crate::support::checker::*;
+use crate::support::host::*;
+use crate::support::proc::*;
+use crate::support::util::*;
+use crate::support::*;
 
 both! {
     /// 8 MiB through `sha256sum`, within READY's stdin_window: the hash
     /// matches, every byte is acknowledged, no window_exceeded.
     fn stdin_8_mib_within_the_window(opts: Opts) {
         let data = pseudo_random(8 << 20, 8);
-        let expect = host_sha256(&data);
+        let expect = sha256sum(&data);
         let mut agent = Agent::start_with(opts);
         let id = agent.new_id();
         agent.exec(id, &cmd("sha256sum", &[]));
-        let out = pipe_through(&mut agent, id, &data, 60_000);
+        let out = agent.pipe_stdin(id, &data, 60_000);
         out.assert_success();
         assert_eq!(out.stdout_str(), expect);
         assert_eq!(out.acked, data.len() as u64, "STDIN_ACK total");
@@ -64,7 +39,7 @@ fn stdin_round_trip_with_a_small_window() {
     assert_eq!(agent.stdin_window(), 65536);
     let id = agent.new_id();
     agent.exec(id, &cmd("cat", &[]));
-    let out = pipe_through(&mut agent, id, &data, 65536);
+    let out = agent.pipe_stdin(id, &data, 65536);
     out.assert_success();
     assert_eq!(out.stdout.len(), data.len());
     assert!(out.stdout == data, "cat returned different bytes");
@@ -114,7 +89,7 @@ fn a_child_that_never_reads_stalls_only_its_own_session() {
     let t0 = Instant::now();
     let id = agent.new_id();
     agent.exec(id, &cmd("cat", &[]));
-    let out = pipe_through(&mut agent, id, &data, 64 * 1024);
+    let out = agent.pipe_stdin(id, &data, 64 * 1024);
     out.assert_success();
     assert!(out.stdout == data);
     assert!(t0.elapsed() < Duration::from_secs(10));
@@ -190,7 +165,7 @@ fn output_window_stalls_and_resumes() {
         more.map(|f| (f.kind, f.payload.len()))
     );
     // The child is blocked in write(), not finished.
-    let state = proc_status_field(pid as i32, "State").unwrap_or_default();
+    let state = status_field(pid as i32, "State").unwrap_or_default();
     assert!(
         state.starts_with('S'),
         "cat is {state:?}, expected blocked (S)"
@@ -370,7 +345,7 @@ fn a_host_that_stops_reading_does_not_grow_the_agents_memory() {
     // The flooders are blocked in write(), not running.
     for pid in [zero_pid, yes_pid, tty_pid] {
         let pid = agent.host_pid_of(pid).expect("flooder");
-        let state = proc_status_field(pid, "State").unwrap_or_default();
+        let state = status_field(pid, "State").unwrap_or_default();
         assert!(
             state.starts_with('S'),
             "flooder {pid} is {state:?}, expected blocked (S)"
@@ -433,8 +408,7 @@ fn replies_to_a_host_that_does_not_read_stay_under_the_cap() {
     let zeros = 1usize << 20;
     let sender = std::thread::spawn(move || {
         let mut input = Vec::with_capacity(9 + big + zeros);
-        agentd::codec::append_raw(&mut input, 0x7f, 0, &vec![1u8; big])
-            .expect("the test's frames fit");
+        agentd::codec::append_raw(&mut input, 0x7f, 0, &vec![1u8; big]);
         input.resize(input.len() + zeros, 0);
         host.try_send_raw(&input, Duration::from_secs(60)).unwrap();
     });
@@ -477,7 +451,7 @@ fn an_idle_agent_does_not_wake_up() {
     agent.ping();
     std::thread::sleep(Duration::from_millis(100));
     let switches = |pid| {
-        proc_status_field(pid, "voluntary_ctxt_switches")
+        status_field(pid, "voluntary_ctxt_switches")
             .unwrap()
             .parse::<u64>()
             .unwrap()
@@ -723,8 +697,7 @@ fn streamed_stdin_arriving_in_pieces_is_exact() {
     agent.exec(id, &cmd("cat", &[]));
     let data = pseudo_random(200_000, 50);
     let mut frame = Vec::new();
-    agentd::codec::append_raw(&mut frame, STDIN, id, &data).expect("the test's frames fit");
-    agent.note_stdin(id, data.len() as u64);
+    agentd::codec::append_raw(&mut frame, STDIN, id, &data);
     for piece in [
         &frame[..20],
         &frame[20..70_000],
@@ -749,7 +722,6 @@ fn streamed_stdin_arriving_in_pieces_is_exact() {
         agent.send_raw(&frame[..9]);
         std::thread::sleep(Duration::from_millis(30));
         agent.send_raw(&frame[9..]);
-        agent.note_stdin(id, data.len() as u64);
         wait_acked(&mut agent, k * data.len() as u64);
     }
     agent.ping();
@@ -776,8 +748,7 @@ fn a_session_that_ends_while_its_stdin_streams() {
     let mut data = b"first line\n".to_vec();
     data.extend(pseudo_random(250_000, 51));
     let mut frame = Vec::new();
-    agentd::codec::append_raw(&mut frame, STDIN, id, &data).expect("the test's frames fit");
-    agent.note_stdin(id, data.len() as u64);
+    agentd::codec::append_raw(&mut frame, STDIN, id, &data);
     // Header and 100 KB: the child reads its line and exits.
     agent.send_raw(&frame[..100_000]);
     let out = agent.collect(id);
@@ -804,8 +775,7 @@ fn a_session_that_ends_while_its_stdin_streams() {
     );
     let data = pseudo_random(250_000, 52);
     let mut frame = Vec::new();
-    agentd::codec::append_raw(&mut frame, STDIN, id, &data).expect("the test's frames fit");
-    agent.note_stdin(id, data.len() as u64);
+    agentd::codec::append_raw(&mut frame, STDIN, id, &data);
     agent.send_raw(&frame[..30_000]);
     agent.recv_where(|f| f.id == id && f.kind == STDOUT, "closed");
     agent.send_raw(&frame[30_000..]);

@@ -8,15 +8,12 @@ use std::time::{Duration, Instant};
 
 use agentd::messages::Exec;
 
-use crate::harness::*;
-
-/// Expected output of `seq 1 n`.
-fn seq_output(n: u32) -> Vec<u8> {
-    (1..=n)
-        .map(|i| format!("{i}\n"))
-        .collect::<String>()
-        .into_bytes()
-}
+use crate::support::agent::*;
+use crate::support::checker::*;
+use crate::support::host::*;
+use crate::support::proc::*;
+use crate::support::util::*;
+use crate::support::*;
 
 /// Length of `base64` output (76-column lines) for `n` input bytes.
 fn base64_len(n: usize) -> usize {
@@ -130,7 +127,7 @@ both! {
             "the orphaned sleeps were not adopted by the agent"
         );
         for p in &adopted {
-            assert_eq!(proc_status_field(*p, "PPid"), Some(agent.host_pid.to_string()));
+            assert_eq!(status_field(*p, "PPid"), Some(agent.host_pid.to_string()));
         }
         // A burst of short-lived orphans, and a session that exits while
         // its orphans exit.
@@ -278,7 +275,7 @@ both! {
             ..opts
         };
         let mut agent = Agent::start_with(opts);
-        let agent_ign = proc_status_field(agent.host_pid, "SigIgn").unwrap();
+        let agent_ign = status_field(agent.host_pid, "SigIgn").unwrap();
         for tty in [false, true] {
             let st = child_signal_state(&mut agent, tty);
             assert_eq!(
@@ -366,7 +363,7 @@ fn child_dispositions_default_even_when_the_agent_inherited_ignored_signals() {
         ..Opts::default()
     };
     let mut agent = Agent::start_with(opts);
-    let agent_ign = proc_status_field(agent.host_pid, "SigIgn").unwrap();
+    let agent_ign = status_field(agent.host_pid, "SigIgn").unwrap();
     for tty in [false, true] {
         let st = child_signal_state(&mut agent, tty);
         assert_eq!(
@@ -726,7 +723,7 @@ fn failing_epoll_wait_is_logged_and_backed_off() {
     let agent = Agent::start_with(opts);
     std::thread::sleep(Duration::from_millis(200));
     let switches = |pid| {
-        proc_status_field(pid, "voluntary_ctxt_switches")
+        status_field(pid, "voluntary_ctxt_switches")
             .and_then(|v| v.parse::<u64>().ok())
             .expect("voluntary_ctxt_switches")
     };

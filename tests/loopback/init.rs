@@ -24,7 +24,11 @@ use std::time::Duration;
 
 use agentd::agent::init::{DEFAULT_PATH, TEST_CMDLINE_ENV};
 
-use crate::harness::*;
+use crate::support::agent::*;
+use crate::support::checker::*;
+use crate::support::host::*;
+use crate::support::msgpack::*;
+use crate::support::*;
 
 /// Sends `sig` to the agent while a session runs: the agent shuts down as
 /// for SHUTDOWN with the default grace (the session gets SIGTERM),

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use agentd::codec::MAX_PAYLOAD;
 use agentd::messages::{Exec, Message, Rlimit, MAX_MESSAGE};
 
-use crate::harness::*;
+use crate::support::agent::*;
+use crate::support::checker::*;
+use crate::support::host::*;
+use crate::support::msgpack::*;
 
 /// An EXEC whose payload is exactly `MAX_PAYLOAD` bytes, one string of it
 /// (set by `fill`) as long as that allows.

@@ -7,7 +7,11 @@ use std::time::Duration;
 
 use agentd::messages::{Exec, Message};
 
-use crate::harness::*;
+use crate::support::agent::*;
+use crate::support::checker::*;
+use crate::support::host::*;
+use crate::support::proc::*;
+use crate::support::*;
 
 /// Encodes `msgs` as one byte string (one write).
 fn batch(msgs: &[(Message<'_>, u32)]) -> Vec<u8> {
@@ -32,10 +36,6 @@ fn exec_stdin_and_close_in_one_write() {
         msgs.push((exec_msg(cmd("cat", &[])), id));
         msgs.push((Message::Stdin(lines[id as usize - 1].as_bytes()), id));
         msgs.push((Message::StdinClose, id));
-    }
-    for id in 1..=n {
-        agent.note_exec(id);
-        agent.note_stdin(id, lines[id as usize - 1].len() as u64);
     }
     agent.send_raw(&batch(&msgs));
     for id in 1..=n {
@@ -64,8 +64,6 @@ fn exec_resize_in_one_write_on_a_tty() {
         ),
         (Message::Stdin(b"\n"), id),
     ]);
-    agent.note_exec(id);
-    agent.note_stdin(id, 1);
     agent.send_raw(&bytes);
     agent.exec_reply(id).unwrap();
     let out = agent.collect(id);
@@ -98,8 +96,6 @@ fn frames_after_an_exec_that_fails() {
                 id,
             ),
         ]);
-        agent.note_exec(id);
-        agent.note_stdin(id, 4);
         agent.send_raw(&bytes);
     }
     for id in 1..=20u32 {
@@ -148,7 +144,6 @@ fn a_signal_right_behind_exec_does_not_change_its_reply() {
                 id,
             ),
         ]);
-        agent.note_exec(id);
         agent.send_raw(&bytes);
         match agent.exec_reply(id) {
             Err(f) => assert_eq!(f.kind, "bad_cwd"),
@@ -189,7 +184,6 @@ fn exec_and_kill_in_one_write() {
                 id,
             ),
         ]);
-        agent.note_exec(id);
         agent.send_raw(&bytes);
     }
     for id in 1..=20u32 {
@@ -222,7 +216,6 @@ fn exec_stop_and_continue_in_one_write() {
             })
         };
         let bytes = batch(&[(exec_msg(e), id), (sig(19), id), (sig(18), id)]);
-        agent.note_exec(id);
         agent.send_raw(&bytes);
     }
     for id in 1..=10u32 {
@@ -245,7 +238,6 @@ fn exec_and_shutdown_in_one_write() {
     let mut msgs = Vec::new();
     for id in 1..=5u32 {
         msgs.push((exec_msg(cmd("sleep", &["100"])), id));
-        agent.note_exec(id);
     }
     msgs.push((
         Message::Shutdown(agentd::messages::Shutdown { grace_ms: 300 }),
@@ -272,7 +264,6 @@ fn exec_then_eof_at_once() {
         let mut e = sh("trap '' TERM HUP; sleep 100");
         e.tty = id % 2 == 0;
         msgs.push((exec_msg(e), id));
-        agent.note_exec(id);
     }
     agent.send_raw(&batch(&msgs));
     agent.close();
@@ -296,7 +287,6 @@ fn concurrent_starts_leak_no_fds() {
             e.args[1] = "ls -1 /proc/$$/fd".into();
         }
         msgs.push((exec_msg(e), id));
-        agent.note_exec(id);
     }
     agent.send_raw(&batch(&msgs));
     for id in 1..=30u32 {

@@ -3,14 +3,10 @@
 
 use std::time::Duration;
 
-use agentd::messages::Exec;
-
-use crate::harness::*;
-
-fn tty(mut e: Exec) -> Exec {
-    e.tty = true;
-    e
-}
+use crate::support::agent::*;
+use crate::support::checker::*;
+use crate::support::host::*;
+use crate::support::util::*;
 
 /// Reads a tty session's STDOUT until `pred` holds for the text so far.
 #[track_caller]

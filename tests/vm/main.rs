@@ -7,21 +7,29 @@
 //! test is `#[ignore]`d so that a plain `cargo test` skips them. They run in
 //! name order; the last one shuts the VM down.
 //!
-//! The host side is a small synchronous client written directly on
-//! `agentd::codec` and `agentd::messages`, so the suite depends on nothing
-//! but the contract (`shared/protocol-v1.md`).
+//! The host side is a small synchronous client on the test support's
+//! [`Conn`] (frames in and out on `agentd::codec` and `agentd::messages`,
+//! every frame from the agent checked by the contract checker), so the
+//! suite depends on nothing but the contract (docs/PROTOCOL.md). The
+//! checker's state lives from one connection to the next, as the agent's
+//! sessions do.
+
+#[path = "../support/mod.rs"]
+mod support;
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use agentd::codec::Decoder;
 use agentd::messages::{Ack, ErrorMsg, Exec, ExecFailed, Exited, Message, Ready, Resize, Shutdown};
+use support::checker::{Checker, Sent};
+use support::host::{sh, Conn};
+use support::proc::{fields_after_comm, number_of};
+use support::util::{sha256_hex, Rng};
 
 /// Gap kept between one connection's close and the next connect. A host that
 /// reconnects within about a millisecond of the previous host's close can be
@@ -86,18 +94,32 @@ impl Output {
     }
 }
 
+/// The checker's state and what the hosts sent, carried from one
+/// connection to the next: the agent's sessions outlive a host.
+static CONTRACT: Mutex<Option<(Checker, Arc<Mutex<Sent>>)>> = Mutex::new(None);
+
 /// A host connected to the agent's port.
 struct Host {
+    conn: Conn,
+    /// Another handle on the socket, to shut it down on drop.
     stream: UnixStream,
-    dec: Decoder,
     ready: Ready,
     queues: HashMap<u32, VecDeque<Ev>>,
-    eof: bool,
+}
+
+impl std::ops::Deref for Host {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.conn
+    }
 }
 
 impl Drop for Host {
     fn drop(&mut self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let checker = self.conn.take_checker();
+        let sent = self.conn.host.sent().clone();
+        *CONTRACT.lock().expect("the contract state") = Some((checker, sent));
         *LAST_CLOSE.lock().unwrap() = Some(Instant::now());
     }
 }
@@ -124,15 +146,22 @@ impl Host {
                 Err(e) => panic!("cannot connect to {}: {e}", path.display()),
             }
         };
-        stream
-            .set_write_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
+        let clone = || stream.try_clone().expect("another handle on the socket");
+        let (mut checker, sent) = CONTRACT
+            .lock()
+            .expect("the contract state")
+            .take()
+            .unwrap_or_default();
+        checker.reconnect();
+        sent.lock().expect("what the hosts sent").reconnect();
+        // Writes wait up to 60 s for the agent to read.
+        let writer =
+            support::host::Host::with_sent(clone().into(), Some(Duration::from_secs(60)), sent);
         let mut host = Host {
+            conn: Conn::with(clone().into(), writer, checker),
             stream,
-            dec: Decoder::new(),
             ready: Ready::default(),
             queues: HashMap::new(),
-            eof: false,
         };
         let first_boot = !*BOOT_REPORTED.lock().unwrap();
         let timeout = if first_boot { BOOT_TIMEOUT } else { STEP };
@@ -151,55 +180,28 @@ impl Host {
         host
     }
 
-    fn send(&mut self, id: u32, msg: Message<'_>) {
-        let bytes = msg.to_bytes(id);
-        self.stream
-            .write_all(&bytes)
-            .unwrap_or_else(|e| panic!("sending {:?}: {e}", msg.kind()));
-    }
-
-    /// Reads frames until one is complete; `None` at end of stream.
+    /// The next frame (checked); `None` at end of stream.
     fn read_one(&mut self, deadline: Instant) -> Option<(u32, Ev)> {
-        loop {
-            if let Some(item) = self.dec.next_frame() {
-                let frame = item.unwrap_or_else(|e| panic!("bad frame from the agent: {e:?}"));
-                let id = frame.id;
-                let msg = Message::decode_from_agent(frame)
-                    .unwrap_or_else(|e| panic!("undecodable frame from the agent: {e:?}"));
-                let ev = match msg {
-                    Message::Ready(r) => Ev::Ready(r),
-                    Message::Pong(p) => Ev::Pong(p.to_vec()),
-                    Message::ShutdownDone => Ev::ShutdownDone,
-                    Message::Error(e) => Ev::Error(e),
-                    Message::Started(s) => Ev::Started(s.pid),
-                    Message::ExecFailed(f) => Ev::ExecFailed(f),
-                    Message::StdinAck(a) => Ev::StdinAck(a.bytes),
-                    Message::Stdout(b) => Ev::Stdout(b.to_vec()),
-                    Message::Stderr(b) => Ev::Stderr(b.to_vec()),
-                    Message::Exited(x) => Ev::Exited(x),
-                    other => panic!("unexpected {:?} from the agent", other.kind()),
-                };
-                return Some((id, ev));
-            }
-            if self.eof {
-                return None;
-            }
-            let now = Instant::now();
-            assert!(now < deadline, "timed out waiting for the agent");
-            self.stream
-                .set_read_timeout(Some((deadline - now).max(Duration::from_millis(1))))
-                .unwrap();
-            match self.dec.read_from(&mut self.stream) {
-                Ok(0) => self.eof = true,
-                Ok(_) => {}
-                Err(e)
-                    if e.kind() == io::ErrorKind::WouldBlock
-                        || e.kind() == io::ErrorKind::TimedOut
-                        || e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => self.eof = true,
-                Err(e) => panic!("reading from the agent: {e}"),
-            }
-        }
+        let frame = self
+            .conn
+            .next_frame(deadline.saturating_duration_since(Instant::now()))?;
+        let id = frame.id;
+        let msg = Message::decode_from_agent(frame.as_frame())
+            .unwrap_or_else(|e| panic!("undecodable frame from the agent: {e:?}"));
+        let ev = match msg {
+            Message::Ready(r) => Ev::Ready(r),
+            Message::Pong(p) => Ev::Pong(p.to_vec()),
+            Message::ShutdownDone => Ev::ShutdownDone,
+            Message::Error(e) => Ev::Error(e),
+            Message::Started(s) => Ev::Started(s.pid),
+            Message::ExecFailed(f) => Ev::ExecFailed(f),
+            Message::StdinAck(a) => Ev::StdinAck(a.bytes),
+            Message::Stdout(b) => Ev::Stdout(b.to_vec()),
+            Message::Stderr(b) => Ev::Stderr(b.to_vec()),
+            Message::Exited(x) => Ev::Exited(x),
+            other => panic!("unexpected {:?} from the agent", other.kind()),
+        };
+        Some((id, ev))
     }
 
     /// The next frame for session (or connection, 0) `id`, queueing frames
@@ -236,7 +238,7 @@ impl Host {
 
     /// Sends EXEC and waits for STARTED (returns the pid) or EXEC_FAILED.
     fn start(&mut self, id: u32, exec: Exec) -> Result<u32, ExecFailed> {
-        self.send(id, Message::Exec(Box::new(exec)));
+        self.send(&Message::Exec(Box::new(exec)), id);
         match self.expect_for(id, STEP) {
             Ev::Started(pid) => Ok(pid),
             Ev::ExecFailed(f) => Err(f),
@@ -288,11 +290,11 @@ impl Host {
                 let n = (stdin.len() - sent)
                     .min(window - (sent - acked))
                     .min(64 * 1024);
-                self.send(id, Message::Stdin(&stdin[sent..sent + n]));
+                self.send(&Message::Stdin(&stdin[sent..sent + n]), id);
                 sent += n;
             }
             if sent == stdin.len() && !closed && exec.stdin {
-                self.send(id, Message::StdinClose);
+                self.send(&Message::StdinClose, id);
                 closed = true;
             }
             match self.expect_for(id, Duration::from_secs(120)) {
@@ -310,8 +312,7 @@ impl Host {
 
     /// Runs `sh -c script` with no stdin.
     fn sh(&mut self, script: &str) -> Output {
-        let mut e = Exec::new("sh");
-        e.args = vec!["-c".into(), script.into()];
+        let mut e = sh(script);
         e.stdin = false;
         self.run(e, b"")
     }
@@ -333,46 +334,6 @@ fn report_boot(ready: &Ready) {
         .map_or("not reported".to_owned(), |ms| format!("{ms} ms"));
     let host = host_ms.map_or("unknown".to_owned(), |ms| format!("{ms} ms"));
     eprintln!("boot-to-READY: {host} from QEMU start to READY at the host; guest uptime at READY: {guest}");
-}
-
-fn sh_exec(script: &str) -> Exec {
-    let mut e = Exec::new("sh");
-    e.args = vec!["-c".into(), script.into()];
-    e
-}
-
-/// SHA-256 of `data`, by the host's `sha256sum`.
-fn sha256_hex(data: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sha256sum on the host");
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        stdout.read_to_string(&mut s).unwrap();
-        s
-    });
-    stdin.write_all(data).unwrap();
-    drop(stdin);
-    let s = reader.join().unwrap();
-    child.wait().unwrap();
-    s.split_whitespace().next().unwrap().to_owned()
-}
-
-/// Deterministic pseudo-random bytes (xorshift), for stdin payloads.
-fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        v.extend_from_slice(&seed.to_le_bytes());
-    }
-    v.truncate(len);
-    v
 }
 
 // ---------------------------------------------------------------------------
@@ -502,7 +463,7 @@ fn t03_exec_on_pipes() {
     let out = host.run(e, b"");
     assert_eq!(out.stdout_str(), "zero one bar /tmp\n");
     // `user` from the initramfs's /etc/passwd and /etc/group.
-    let mut e = sh_exec("id -u; id -g");
+    let mut e = sh("id -u; id -g");
     e.user = Some("nobody".into());
     e.stdin = false;
     let out = host.run(e, b"");
@@ -547,7 +508,7 @@ fn t05_stdin() {
     assert_eq!(out.stdout, b"hello from the host\n");
     assert_eq!(out.status(), 0);
     // 8 MiB through the stdin window, checked by the guest's sha256sum.
-    let data = pseudo_random(8 << 20, 0x5eed);
+    let data = Rng(0x5eed).bytes(8 << 20);
     let t = Instant::now();
     let out = host.run(Exec::new("sha256sum"), &data);
     let secs = t.elapsed().as_secs_f64();
@@ -574,9 +535,8 @@ fn t05_stdin() {
 #[ignore = "needs the VM: run tests/vm/run.sh"]
 fn t06_tty() {
     let mut host = Host::connect();
-    let mut e = sh_exec(
-        "tty; stty size; echo TERM=$TERM; [ -t 0 ] && [ -t 1 ] && [ -t 2 ] && echo all-tty",
-    );
+    let mut e =
+        sh("tty; stty size; echo TERM=$TERM; [ -t 0 ] && [ -t 1 ] && [ -t 2 ] && echo all-tty");
     e.tty = true;
     e.rows = 30;
     e.cols = 100;
@@ -597,13 +557,13 @@ fn t06_tty() {
     e.tty = true;
     let pid = host.start(id, e).unwrap();
     host.send(
-        id,
-        Message::Resize(Resize {
+        &Message::Resize(Resize {
             rows: 40,
             cols: 120,
         }),
+        id,
     );
-    host.send(id, Message::Stdin(b"echo $((6*7)); stty size; exit 3\n"));
+    host.send(&Message::Stdin(b"echo $((6*7)); stty size; exit 3\n"), id);
     let out = host.collect(id, pid, STEP);
     let s = out.stdout_str();
     assert!(s.contains("42"), "{s}");
@@ -618,19 +578,19 @@ fn t07_signals() {
     // SIGTERM to the process group: the shell and its sleep both go.
     let id = new_id();
     let pid = host
-        .start(id, sh_exec("sleep 100 & echo started; wait"))
+        .start(id, sh("sleep 100 & echo started; wait"))
         .unwrap();
     match host.expect_for(id, STEP) {
         Ev::Stdout(b) => assert_eq!(b, b"started\n"),
         other => panic!("{other:?}"),
     }
     host.send(
-        id,
-        Message::Signal(agentd::messages::Signal {
+        &Message::Signal(agentd::messages::Signal {
             signal: 15,
             group: true,
             tree: false,
         }),
+        id,
     );
     let out = host.collect(id, pid, STEP);
     let x = out.exited.unwrap();
@@ -640,7 +600,7 @@ fn t07_signals() {
     let pid = host
         .start(
             id,
-            sh_exec("trap 'echo got USR1; exit 5' USR1; echo ready; while :; do sleep 0.05; done"),
+            sh("trap 'echo got USR1; exit 5' USR1; echo ready; while :; do sleep 0.05; done"),
         )
         .unwrap();
     match host.expect_for(id, STEP) {
@@ -648,12 +608,12 @@ fn t07_signals() {
         other => panic!("{other:?}"),
     }
     host.send(
-        id,
-        Message::Signal(agentd::messages::Signal {
+        &Message::Signal(agentd::messages::Signal {
             signal: 10,
             group: false,
             tree: false,
         }),
+        id,
     );
     let out = host.collect(id, pid, STEP);
     assert!(out.stdout_str().contains("got USR1"), "{out:?}");
@@ -664,18 +624,18 @@ fn t07_signals() {
     e.stdin = true;
     let pid = host.start(id, e).unwrap();
     host.send(
-        id,
-        Message::Signal(agentd::messages::Signal {
+        &Message::Signal(agentd::messages::Signal {
             signal: 999,
             group: true,
             tree: false,
         }),
+        id,
     );
     match host.expect_for(id, STEP) {
         Ev::Error(e) => assert_eq!(e.kind, "invalid_signal", "{e:?}"),
         other => panic!("expected ERROR invalid_signal, got {other:?}"),
     }
-    host.send(id, Message::StdinClose);
+    host.send(&Message::StdinClose, id);
     assert_eq!(host.collect(id, pid, STEP).status(), 0);
 }
 
@@ -726,13 +686,7 @@ fn t09_orphans_are_reaped() {
         !s.contains("orphan-still-there"),
         "orphan {orphan} not reaped"
     );
-    let zombies: Vec<&str> = s
-        .lines()
-        .filter(|l| {
-            l.rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('Z'))
-        })
-        .collect();
+    let zombies = zombies(&s);
     assert!(zombies.is_empty(), "zombies in the VM: {zombies:?}");
 }
 
@@ -745,9 +699,9 @@ fn t10_hundred_concurrent_sessions() {
     let mut ids = Vec::new();
     for i in 0..n {
         let id = new_id();
-        let mut e = sh_exec(&format!("sleep 1; echo session {i}; exit {}", i % 7));
+        let mut e = sh(&format!("sleep 1; echo session {i}; exit {}", i % 7));
         e.stdin = false;
-        host.send(id, Message::Exec(Box::new(e)));
+        host.send(&Message::Exec(Box::new(e)), id);
         ids.push((id, i));
     }
     let mut pids = HashMap::new();
@@ -782,7 +736,7 @@ fn t11_host_reconnects_while_a_session_runs() {
     let mut host = Host::connect();
     let id = new_id();
     let mut e =
-        sh_exec("i=0; while [ $i -lt 40 ]; do echo line $i; i=$((i+1)); sleep 0.1; done; exit 9");
+        sh("i=0; while [ $i -lt 40 ]; do echo line $i; i=$((i+1)); sleep 0.1; done; exit 9");
     e.stdin = false;
     let pid = host.start(id, e).unwrap();
     let mut seen = Vec::new();
@@ -839,17 +793,17 @@ fn t11_host_reconnects_while_a_session_runs() {
 fn t12_a_departed_hosts_input_and_replies_do_not_reach_the_next_host() {
     for round in 0..5u32 {
         {
-            let mut a = Host::connect();
+            let a = Host::connect();
             let mut bytes = Message::Ping(b"from host A").to_bytes(0);
             bytes.extend(Message::OutputAck(Ack { bytes: 1 }).to_bytes(0x7fff_0000 + round));
             let mut partial = Message::Ping(b"0123456789").to_bytes(0);
             partial.truncate(12);
             bytes.extend(partial);
-            a.stream.write_all(&bytes).unwrap();
+            a.send_raw(&bytes);
         }
         let mut b = Host::connect();
         let payload = format!("round {round}");
-        b.send(0, Message::Ping(payload.as_bytes()));
+        b.send(&Message::Ping(payload.as_bytes()), 0);
         match b.read_one(Instant::now() + Duration::from_secs(10)) {
             Some((0, Ev::Pong(p))) if p == payload.as_bytes() => {}
             other => panic!(
@@ -868,7 +822,7 @@ fn t13_ping() {
     for i in 0..20u32 {
         let payload = i.to_be_bytes();
         let t = Instant::now();
-        host.send(0, Message::Ping(&payload));
+        host.send(&Message::Ping(&payload), 0);
         match host.expect_for(0, STEP) {
             Ev::Pong(p) => assert_eq!(p, payload),
             other => panic!("{other:?}"),
@@ -984,7 +938,7 @@ fn kill_left_running(host: &mut Host) {
             group: true,
             tree: false,
         };
-        host.send(id, Message::Signal(kill));
+        host.send(&Message::Signal(kill), id);
     }
     let mut left: std::collections::HashSet<u32> = ids.into_iter().collect();
     while !left.is_empty() {
@@ -1013,9 +967,9 @@ fn flood_pattern(host: &mut Host) -> &'static [u8] {
     if let Some(p) = PATTERN.get() {
         return p;
     }
-    let data = pseudo_random(PATTERN_LEN, 0xf100d);
+    let data = Rng(0xf100d).bytes(PATTERN_LEN);
     let out = host.run(
-        sh_exec(&format!("cat > {PATTERN_PATH} && sha256sum {PATTERN_PATH}")),
+        sh(&format!("cat > {PATTERN_PATH} && sha256sum {PATTERN_PATH}")),
         &data,
     );
     assert_eq!(out.status(), 0, "{}", String::from_utf8_lossy(&out.stderr));
@@ -1032,7 +986,7 @@ fn flood_pattern(host: &mut Host) -> &'static [u8] {
 /// `tail`, then exits with `code` (so its shell ran to the end).
 fn flood_exec(offset: usize, stderr: bool, code: i32) -> Exec {
     let redirect = if stderr { " >&2" } else { "" };
-    let mut e = sh_exec(&format!(
+    let mut e = sh(&format!(
         "tail -c +{} {PATTERN_PATH}{redirect}; exit {code}",
         offset + 1
     ));
@@ -1099,7 +1053,7 @@ fn start_all(host: &mut Host, execs: Vec<(u32, Exec)>) -> HashMap<u32, u32> {
     let ids: Vec<u32> = execs.iter().map(|(id, _)| *id).collect();
     RUNNING.lock().unwrap().extend(&ids);
     for (id, e) in execs {
-        host.send(id, Message::Exec(Box::new(e)));
+        host.send(&Message::Exec(Box::new(e)), id);
     }
     ids.into_iter()
         .map(|id| match host.expect_for(id, STEP) {
@@ -1109,13 +1063,9 @@ fn start_all(host: &mut Host, execs: Vec<(u32, Exec)>) -> HashMap<u32, u32> {
         .collect()
 }
 
-/// The number after `key` (e.g. `VmRSS:`) in `text`.
+/// The number of `key` (e.g. `VmRSS`) in a /proc/PID/status `text`.
 fn field_kib(text: &str, key: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {text:?}"))
+    number_of(text, key).unwrap_or_else(|| panic!("no {key} in {text:?}"))
 }
 
 /// Prints the `stat` line of every process in the guest.
@@ -1127,8 +1077,9 @@ fn zombies(stats: &str) -> Vec<&str> {
     stats
         .lines()
         .filter(|l| {
-            l.rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+            fields_after_comm(l)
+                .and_then(|f| f.first().map(|state| state.starts_with('Z')))
+                .unwrap_or(false)
         })
         .collect()
 }
@@ -1146,7 +1097,7 @@ fn agent_census(host: &mut Host) -> (usize, u64, Vec<String>) {
         .find_map(|l| l.strip_prefix("fds "))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no fd count in {s:?}"));
-    let rss = field_kib(&s, "VmRSS:");
+    let rss = field_kib(&s, "VmRSS");
     let z = zombies(&s).into_iter().map(str::to_owned).collect();
     (fds, rss, z)
 }
@@ -1213,7 +1164,7 @@ fn t15_host_disconnects_mid_flood_sessions_resume() {
     // READY must come first (Host::connect asserts it), and the new
     // stream must hold whole frames only (read_one panics on a bad one).
     let mut host = Host::connect();
-    host.send(0, Message::Ping(b"after the reconnect"));
+    host.send(&Message::Ping(b"after the reconnect"), 0);
     let mut after = Floods::new(&pids);
     let mut pong = false;
     while !(pong && after.all_exited()) {
@@ -1298,7 +1249,7 @@ fn t16_host_stops_reading_while_five_sessions_flood() {
     assert!(warm.stdout == pattern[PATTERN_LEN - 300_000..]);
     let out = host.sh("echo 5 > /proc/1/clear_refs && sleep 0.2 && grep VmRSS /proc/1/status");
     assert_eq!(out.status(), 0, "{out:?}");
-    let idle = field_kib(&out.stdout_str(), "VmRSS:");
+    let idle = field_kib(&out.stdout_str(), "VmRSS");
 
     let specs: Vec<(u32, usize)> = (0..5).map(|k| (new_id(), k * PATTERN_STEP)).collect();
     let pids = start_all(
@@ -1312,19 +1263,19 @@ fn t16_host_stops_reading_while_five_sessions_flood() {
     // The stall: from here the host reads nothing for 3 s (it still
     // sends). A monitor session samples the agent's RSS into a file.
     let monitor = new_id();
-    let mut m = sh_exec("while :; do grep VmRSS /proc/1/status; sleep 0.1; done > /tmp/rss.log");
+    let mut m = sh("while :; do grep VmRSS /proc/1/status; sleep 0.1; done > /tmp/rss.log");
     m.stdin = false;
-    host.send(monitor, Message::Exec(Box::new(m)));
+    host.send(&Message::Exec(Box::new(m)), monitor);
     std::thread::sleep(Duration::from_millis(1500));
-    host.send(0, Message::Ping(b"sent during the stall"));
+    host.send(&Message::Ping(b"sent during the stall"), 0);
     std::thread::sleep(Duration::from_millis(1500));
     host.send(
-        monitor,
-        Message::Signal(agentd::messages::Signal {
+        &Message::Signal(agentd::messages::Signal {
             signal: 9,
             group: true,
             tree: false,
         }),
+        monitor,
     );
     // Read again.
     let resumed = Instant::now();
@@ -1346,7 +1297,7 @@ fn t16_host_stops_reading_while_five_sessions_flood() {
                     "the PONG came only after a flood had ended: it waited behind the output"
                 );
                 // And one during the drain.
-                host.send(0, Message::Ping(b"during the drain"));
+                host.send(&Message::Ping(b"during the drain"), 0);
                 pongs = 1;
             }
             Some((0, Ev::Pong(p))) => {
@@ -1392,7 +1343,7 @@ fn t16_host_stops_reading_while_five_sessions_flood() {
         .filter_map(|l| l.strip_prefix("VmRSS:"))
         .filter_map(|v| v.split_whitespace().next()?.parse().ok())
         .collect();
-    let hwm = field_kib(&s, "VmHWM:");
+    let hwm = field_kib(&s, "VmHWM");
     let max = samples.iter().copied().max().unwrap_or(0);
     eprintln!(
         "agent RSS: idle {idle} KiB, during the stall max {max} KiB (+{} KiB, {} samples); \
@@ -1431,8 +1382,7 @@ fn t16_host_stops_reading_while_five_sessions_flood() {
 #[ignore = "needs the VM: run tests/vm/run.sh"]
 fn t17_fork_bomb_with_nproc_limit_does_not_stop_the_agent() {
     let mut host = Host::connect();
-    let mut bomb =
-        sh_exec("exec awk 'BEGIN { while (1) system(\"b() { b | b & sleep 5; }; b\") }'");
+    let mut bomb = sh("exec awk 'BEGIN { while (1) system(\"b() { b | b & sleep 5; }; b\") }'");
     bomb.user = Some("nobody".into());
     bomb.rlimits = vec![agentd::messages::Rlimit {
         resource: "nproc".into(),
@@ -1469,7 +1419,7 @@ fn t17_fork_bomb_with_nproc_limit_does_not_stop_the_agent() {
                 .expect("a count"),
         );
         let payload = format!("bomb {i}");
-        host.send(0, Message::Ping(payload.as_bytes()));
+        host.send(&Message::Ping(payload.as_bytes()), 0);
         match host.expect_for(0, STEP) {
             Ev::Pong(p) => assert_eq!(p, payload.as_bytes()),
             other => panic!("{other:?}"),
@@ -1483,12 +1433,12 @@ fn t17_fork_bomb_with_nproc_limit_does_not_stop_the_agent() {
     assert!(max <= 30, "RLIMIT_NPROC 30 did not hold: {counts:?}");
     assert!(max >= 10, "the bomb is not at its limit: {counts:?}");
     host.send(
-        id,
-        Message::Signal(agentd::messages::Signal {
+        &Message::Signal(agentd::messages::Signal {
             signal: 9,
             group: true,
             tree: false,
         }),
+        id,
     );
     let out = host.collect(id, pid, STEP);
     assert_eq!(out.exited.unwrap().signal, Some(9), "{:?}", out.exited);
@@ -1510,17 +1460,15 @@ fn t17_fork_bomb_with_nproc_limit_does_not_stop_the_agent() {
 fn t18_bounded_fork_bomb_without_limits() {
     let mut host = Host::connect();
     let id = new_id();
-    let mut e = sh_exec(
-        "exec >/dev/null 2>&1; rm -rf /tmp/bomb; mkdir /tmp/bomb; \
-         b() { : > /tmp/bomb/$1; if [ ${#1} -lt 7 ]; then b ${1}0 & b ${1}1 & fi; sleep 1; }; b x",
-    );
+    let mut e = sh("exec >/dev/null 2>&1; rm -rf /tmp/bomb; mkdir /tmp/bomb; \
+         b() { : > /tmp/bomb/$1; if [ ${#1} -lt 7 ]; then b ${1}0 & b ${1}1 & fi; sleep 1; }; b x");
     e.stdin = false;
     let pid = host.start(id, e).unwrap();
     let t = Instant::now();
     let mut pings = 0;
     while t.elapsed() < Duration::from_secs(2) {
         let payload = format!("loaded {pings}");
-        host.send(0, Message::Ping(payload.as_bytes()));
+        host.send(&Message::Ping(payload.as_bytes()), 0);
         match host.expect_for(0, STEP) {
             Ev::Pong(p) => assert_eq!(p, payload.as_bytes()),
             other => panic!("{other:?}"),
@@ -1585,8 +1533,8 @@ fn t19_thousand_concurrent_sessions() {
     // kernel gives init, so this needs the agent's raise to the hard limit.
     assert!(fds >= 3 * N, "the agent holds only {fds} fds");
     for &id in &ids {
-        host.send(id, Message::Stdin(format!("session {id}\n").as_bytes()));
-        host.send(id, Message::StdinClose);
+        host.send(&Message::Stdin(format!("session {id}\n").as_bytes()), id);
+        host.send(&Message::StdinClose, id);
     }
     for &id in &ids {
         let o = host.collect(id, pids[&id], Duration::from_secs(120));
@@ -1726,7 +1674,7 @@ fn t99_shutdown_powers_off() {
     let pid = host
         .start(
             id,
-            sh_exec("trap '' TERM; echo up; while :; do sleep 0.05; done"),
+            sh("trap '' TERM; echo up; while :; do sleep 0.05; done"),
         )
         .unwrap();
     match host.expect_for(id, STEP) {
@@ -1734,7 +1682,7 @@ fn t99_shutdown_powers_off() {
         other => panic!("{other:?}"),
     }
     let t = Instant::now();
-    host.send(0, Message::Shutdown(Shutdown { grace_ms: 500 }));
+    host.send(&Message::Shutdown(Shutdown { grace_ms: 500 }), 0);
     let out = host.collect(id, pid, STEP);
     assert_eq!(out.exited.unwrap().signal, Some(9), "{out:?}");
     match host.expect_for(0, STEP) {
@@ -1784,7 +1732,9 @@ fn second_boot_busybox_poweroff_shuts_down_gracefully() {
     // gets SIGTERM), then powers off. SIGTERM, SIGINT, SIGPWR and SIGUSR1
     // to PID 1 are tested in tests/loopback/init.rs (PID 1 of a namespace).
     let killer = new_id();
-    let kpid = host.start(killer, sh_exec("poweroff")).unwrap();
+    // The checker is told: SHUTDOWN_DONE comes with no SHUTDOWN frame.
+    host.note_shutdown();
+    let kpid = host.start(killer, sh("poweroff")).unwrap();
     let t = Instant::now();
     let mut exited = HashMap::new();
     loop {

@@ -313,6 +313,10 @@ class Core:
                 elif fid in self.foreign:
                     if kind == int(Kind.EXITED) or kind == int(Kind.EXEC_FAILED):
                         self.foreign.discard(fid)
+                elif kind == int(Kind.EXEC_FAILED) and fid == 0:
+                    # The answer to an EXEC with id 0 (which this SDK never sends itself).
+                    f: m.ExecFailed = msg  # type: ignore[assignment]
+                    self._refused(ProtocolError(f.kind, f.message, frame_kind=_K_EXEC, session_id=0, remote=True))
                 else:
                     log.debug("agentd: %s for id %d, which is not ours", info.kind.name, fid)
 
@@ -810,10 +814,11 @@ class Communicator:
         """Write chunks meant for file-like sinks (call without holding the I/O layer's lock)."""
         emit, self.emit = self.emit, []
         for fd, data in emit:
-            self.sinks[fd].write(data)  # type: ignore[attr-defined]
+            self.sinks[fd].write(data)
 
     def collected(self, fd: int) -> Optional[bytes]:
         """What was collected of ``fd`` (None when it went elsewhere)."""
-        if self.sinks[fd] is not None:
+        s = self.s
+        if self.sinks[fd] is not None or s.discard[fd] or (fd == 2 and s.merge_stderr):
             return None
         return b"".join(self.out[fd])

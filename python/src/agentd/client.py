@@ -423,7 +423,7 @@ class Client:
         """Run a command to completion, like :func:`subprocess.run`; output is captured by default.
 
         ``input`` is fed to its stdin (then closed; without it stdin is
-        /dev/null). ``stdout``/``stderr``: PIPE (captured, the default),
+        /dev/null, or with ``tty`` the terminal at end of file). ``stdout``/``stderr``: PIPE (captured, the default),
         DEVNULL, STDOUT (stderr merged), or a binary file (written as output
         arrives). ``timeout``: seconds, after which the session's process
         group gets SIGKILL and :class:`~agentd.TimeoutExpired` is raised with
@@ -435,6 +435,8 @@ class Client:
         err_mode, err_sink = _sink(stderr, "stderr")
         if tty:
             err_mode, err_sink = DEVNULL, None
+            if data is None:
+                data = b""  # the terminal is its stdin: end of file right away
         deadline = _deadline(timeout)
         try:
             proc = self._popen(
@@ -468,7 +470,7 @@ class Client:
             exited = self._wait(s.waiters, comm.step, deadline, after=comm.write_sinks)
         except _Timeout:
             assert timeout is not None
-            exited = self._kill_and_reap(s, comm)
+            self._kill_and_reap(s, comm)
             out = decode_text(comm.collected(1), text, encoding, errors)
             err = decode_text(comm.collected(2), text, encoding, errors)
             raise TimeoutExpired(proc.args, timeout, out, err) from None
@@ -736,10 +738,10 @@ class Process:
             )
         if not s.discard[1]:
             r = OutputStream(self, 1)
-            self.stdout = io.TextIOWrapper(r, encoding=encoding, errors=errors) if textual else r  # type: ignore[arg-type]
+            self.stdout = io.TextIOWrapper(r, encoding=encoding, errors=errors) if textual else r
         if not s.discard[2] and not s.merge_stderr:
             r = OutputStream(self, 2)
-            self.stderr = io.TextIOWrapper(r, encoding=encoding, errors=errors) if textual else r  # type: ignore[arg-type]
+            self.stderr = io.TextIOWrapper(r, encoding=encoding, errors=errors) if textual else r
         weakref.finalize(self, _finalize_session, weakref.ref(client), s)
 
     @property
@@ -906,7 +908,7 @@ class StdinStream(io.BufferedIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data: Any) -> int:  # type: ignore[override]
+    def write(self, data: Any) -> int:
         """Send all of ``data`` (waiting for window as needed); returns its length."""
         if self.closed:
             raise ValueError("write to closed stdin")
@@ -977,14 +979,13 @@ class OutputStream(io.BufferedIOBase):
 
     def read(self, size: Optional[int] = -1) -> bytes:
         """``size`` bytes (fewer only at the end); all of the stream when ``size`` is negative."""
+        parts: List[bytes] = []
         if size is None or size < 0:
-            parts = []
             while True:
                 b = self._read(-1)
                 if not b:
                     return b"".join(parts)
                 parts.append(b)
-        parts = []
         want = size
         while want > 0:
             b = self._read(want)
@@ -1004,7 +1005,7 @@ class OutputStream(io.BufferedIOBase):
         memoryview(b).cast("B")[: len(data)] = data
         return len(data)
 
-    def readline(self, size: Optional[int] = -1) -> bytes:  # type: ignore[override]
+    def readline(self, size: Optional[int] = -1) -> bytes:
         """One line, with its newline (the last one may lack it); ``b""`` at the end."""
         if self.closed:
             raise ValueError("read from a closed stream")

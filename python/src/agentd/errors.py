@@ -95,7 +95,7 @@ _ERROR_HINTS = {
     ErrorKind.BAD_PAYLOAD: "fix the payload (a MessagePack map with the documented keys and types)",
     ErrorKind.UNKNOWN_SESSION: "the session has already ended (or never existed)",
     ErrorKind.NOT_A_TTY: "resize only sessions started with tty=True",
-    ErrorKind.INVALID_SIGNAL: "use a Linux signal number (0 to 64)",
+    ErrorKind.INVALID_SIGNAL: "use a signal number Linux has (see `kill -l`)",
     ErrorKind.WINDOW_EXCEEDED: "wait for STDIN_ACK before sending more than READY's stdin_window",
     ErrorKind.STDIN_CLOSED: "stdin was closed already; start a new session to send more",
     ErrorKind.UNSUPPORTED: "this guest cannot do it",
@@ -134,7 +134,7 @@ class ProtocolError(AgentdError):
         if remote:
             text = f"agent answered {where} with ERROR {kind}: {message}; {hint}"
         else:
-            text = f"refused {where} from the agent ({kind}): {message}; the frame was skipped"
+            text = f"cannot decode {where} ({kind}): {message}; the frame was skipped"
         super().__init__(text)
 
 
@@ -241,7 +241,7 @@ class TimeoutExpired(AgentdError, subprocess.TimeoutExpired):
         output: Union[bytes, str, None] = None,
         stderr: Union[bytes, str, None] = None,
     ) -> None:
-        subprocess.TimeoutExpired.__init__(self, cmd, timeout, output, stderr)
+        subprocess.TimeoutExpired.__init__(self, cmd, timeout, output, stderr)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
         return (
@@ -267,7 +267,7 @@ class CalledProcessError(AgentdError, subprocess.CalledProcessError):
         signal: Optional[int] = None,
         status: Optional[int] = None,
     ) -> None:
-        subprocess.CalledProcessError.__init__(self, returncode, cmd, output, stderr)
+        subprocess.CalledProcessError.__init__(self, returncode, cmd, output, stderr)  # type: ignore[arg-type]
         self.signal = signal
         self.status = status if status is not None else returncode
 

@@ -184,17 +184,18 @@ class _Int(_Type):
     def decode(self, v: Any, where: str) -> int:
         if type(v) is not int:
             raise _bad(f"`{where}` is {_describe(v)}, not an integer ({self.name})")
-        if not self.lo <= v <= self.hi:
-            raise _bad(f"`{where}` = {v} does not fit {self.name}")
-        return v
+        i: int = v
+        if not self.lo <= i <= self.hi:
+            raise _bad(f"`{where}` = {i} does not fit {self.name}")
+        return i
 
     def encode(self, v: Any, where: str) -> int:
         if type(v) is not int and not (isinstance(v, int) and not isinstance(v, bool)):
             raise EncodeError(f"`{where}` must be an integer ({self.name}), not {type(v).__name__}")
-        v = int(v)
-        if not self.lo <= v <= self.hi:
-            raise EncodeError(f"`{where}` = {v} does not fit {self.name}")
-        return v
+        i = int(v)
+        if not self.lo <= i <= self.hi:
+            raise EncodeError(f"`{where}` = {i} does not fit {self.name}")
+        return i
 
 
 class _Bool(_Type):
@@ -388,8 +389,7 @@ class MapMessage(Message, Record):
         try:
             return cls._from_pairs(pairs, cls.KIND.name, top=True)  # type: ignore[attr-defined,no-any-return]
         except ProtocolError as e:
-            e.frame_kind = int(cls.KIND)
-            raise
+            raise _bad(e.message, int(cls.KIND)) from None
 
 
 class RawMessage(Message):
@@ -415,7 +415,10 @@ class EmptyMessage(Message):
     def decode_payload(cls: Type[M], payload: Buffer) -> M:
         if len(payload):
             pairs = _unpack_map(payload, int(cls.KIND))
-            _Empty._from_pairs(pairs, cls.KIND.name, top=True)
+            try:
+                _Empty._from_pairs(pairs, cls.KIND.name, top=True)
+            except ProtocolError as e:
+                raise _bad(e.message, int(cls.KIND)) from None
         return cls()
 
 
@@ -466,8 +469,7 @@ def _unpack_map(payload: Buffer, kind: int) -> _Pairs:
     try:
         _check_depth(obj, 1)
     except ProtocolError as e:
-        e.frame_kind = kind
-        raise
+        raise _bad(e.message, kind) from None
     return obj
 
 
@@ -500,7 +502,7 @@ def _schema(*keys: _Key, kind: Optional[Kind] = None) -> Callable[[_RecordT], _R
             expected = {Encoding.MAP: MapMessage, Encoding.RAW: RawMessage, Encoding.EMPTY: EmptyMessage}
             if not issubclass(cls, expected[KINDS[kind].encoding]):
                 raise AssertionError(f"{cls.__name__}: wrong base for {kind.name}")
-            MESSAGE_CLASSES[int(kind)] = cls  # type: ignore[assignment]
+            MESSAGE_CLASSES[int(kind)] = cls
         return cls
 
     return deco

@@ -1,8 +1,12 @@
 //! A small MessagePack reader and writer, independent of the crate's serde
 //! types, so the tests check the agent's maps the way a host written in
-//! another language would: key by key, type by type.
-
-#![allow(dead_code)]
+//! another language would (key by key, type by type), and choose every
+//! byte of what they send (integer widths, key types) instead of trusting
+//! the encoder under test.
+//!
+//! - [`Value`] and [`decode`]: one value read whatever widths it uses, and
+//!   written back in the smallest ones ([`Value::encode`]).
+//! - [`mp`]: values built byte by byte, in the width the test names.
 
 use std::fmt;
 
@@ -110,67 +114,21 @@ impl Value {
         match self {
             Value::Nil => out.push(0xc0),
             Value::Bool(b) => out.push(if *b { 0xc3 } else { 0xc2 }),
-            Value::Int(i) => encode_int(*i, out),
+            Value::Int(i) => put_int(*i, out),
             Value::Float(x) => {
                 out.push(0xcb);
                 out.extend_from_slice(&x.to_be_bytes());
             }
-            Value::Str(s) => {
-                let n = s.len();
-                if n < 32 {
-                    out.push(0xa0 | n as u8);
-                } else if n < 256 {
-                    out.push(0xd9);
-                    out.push(n as u8);
-                } else if n < 65536 {
-                    out.push(0xda);
-                    out.extend_from_slice(&(n as u16).to_be_bytes());
-                } else {
-                    out.push(0xdb);
-                    out.extend_from_slice(&(n as u32).to_be_bytes());
-                }
-                out.extend_from_slice(s.as_bytes());
-            }
-            Value::Bin(b) => {
-                let n = b.len();
-                if n < 256 {
-                    out.push(0xc4);
-                    out.push(n as u8);
-                } else if n < 65536 {
-                    out.push(0xc5);
-                    out.extend_from_slice(&(n as u16).to_be_bytes());
-                } else {
-                    out.push(0xc6);
-                    out.extend_from_slice(&(n as u32).to_be_bytes());
-                }
-                out.extend_from_slice(b);
-            }
+            Value::Str(s) => put_str(s.as_bytes(), out),
+            Value::Bin(b) => put_bin(b, out),
             Value::Array(a) => {
-                let n = a.len();
-                if n < 16 {
-                    out.push(0x90 | n as u8);
-                } else if n < 65536 {
-                    out.push(0xdc);
-                    out.extend_from_slice(&(n as u16).to_be_bytes());
-                } else {
-                    out.push(0xdd);
-                    out.extend_from_slice(&(n as u32).to_be_bytes());
-                }
+                put_len(a.len(), [0x90, 0xdc, 0xdd], out);
                 for v in a {
                     v.encode_into(out);
                 }
             }
             Value::Map(m) => {
-                let n = m.len();
-                if n < 16 {
-                    out.push(0x80 | n as u8);
-                } else if n < 65536 {
-                    out.push(0xde);
-                    out.extend_from_slice(&(n as u16).to_be_bytes());
-                } else {
-                    out.push(0xdf);
-                    out.extend_from_slice(&(n as u32).to_be_bytes());
-                }
+                put_len(m.len(), [0x80, 0xde, 0xdf], out);
                 for (k, v) in m {
                     k.encode_into(out);
                     v.encode_into(out);
@@ -186,7 +144,8 @@ impl Value {
     }
 }
 
-fn encode_int(i: i128, out: &mut Vec<u8>) {
+/// An integer in its smallest encoding.
+fn put_int(i: i128, out: &mut Vec<u8>) {
     if (0..128).contains(&i) {
         out.push(i as u8);
     } else if (-32..0).contains(&i) {
@@ -220,36 +179,234 @@ fn encode_int(i: i128, out: &mut Vec<u8>) {
     }
 }
 
-/// Integer encodings of a fixed width, for "any integer width" tests.
-pub fn uint64(v: u64) -> Vec<u8> {
-    let mut out = vec![0xcf];
-    out.extend_from_slice(&v.to_be_bytes());
-    out
+/// A `str` header in its smallest form, then the bytes.
+fn put_str(b: &[u8], out: &mut Vec<u8>) {
+    match b.len() {
+        n @ 0..=31 => out.push(0xa0 | n as u8),
+        n @ 32..=255 => out.extend_from_slice(&[0xd9, n as u8]),
+        n @ 256..=65535 => {
+            out.push(0xda);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0xdb);
+            out.extend_from_slice(&(n as u32).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(b);
 }
 
-pub fn int64(v: i64) -> Vec<u8> {
-    let mut out = vec![0xd3];
-    out.extend_from_slice(&v.to_be_bytes());
-    out
+/// A `bin` in its smallest form.
+fn put_bin(b: &[u8], out: &mut Vec<u8>) {
+    let n = b.len();
+    if n < 256 {
+        out.extend_from_slice(&[0xc4, n as u8]);
+    } else if n < 65536 {
+        out.push(0xc5);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(0xc6);
+        out.extend_from_slice(&(n as u32).to_be_bytes());
+    }
+    out.extend_from_slice(b);
 }
 
-pub fn uint32(v: u32) -> Vec<u8> {
-    let mut out = vec![0xce];
-    out.extend_from_slice(&v.to_be_bytes());
-    out
+/// An array or map header in its smallest form: `codes` are the fix
+/// prefix, the 16-bit and the 32-bit code.
+fn put_len(n: usize, codes: [u8; 3], out: &mut Vec<u8>) {
+    if n < 16 {
+        out.push(codes[0] | n as u8);
+    } else if n < 65536 {
+        out.push(codes[1]);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(codes[2]);
+        out.extend_from_slice(&(n as u32).to_be_bytes());
+    }
 }
 
-pub fn int16(v: i16) -> Vec<u8> {
-    let mut out = vec![0xd1];
-    out.extend_from_slice(&v.to_be_bytes());
-    out
-}
-
-/// Appends a fixstr.
-pub fn fixstr(out: &mut Vec<u8>, s: &str) {
-    assert!(s.len() < 32);
-    out.push(0xa0 | s.len() as u8);
-    out.extend_from_slice(s.as_bytes());
+/// MessagePack values, built byte by byte.
+pub mod mp {
+    pub fn nil() -> Vec<u8> {
+        vec![0xc0]
+    }
+    pub fn bool(b: bool) -> Vec<u8> {
+        vec![if b { 0xc3 } else { 0xc2 }]
+    }
+    /// positive fixint (0..=127)
+    pub fn fix(n: u8) -> Vec<u8> {
+        assert!(n < 0x80);
+        vec![n]
+    }
+    /// negative fixint (-32..=-1)
+    pub fn nfix(n: i8) -> Vec<u8> {
+        assert!((-32..0).contains(&n));
+        vec![n as u8]
+    }
+    pub fn u8(n: u8) -> Vec<u8> {
+        vec![0xcc, n]
+    }
+    pub fn u16(n: u16) -> Vec<u8> {
+        let mut v = vec![0xcd];
+        v.extend_from_slice(&n.to_be_bytes());
+        v
+    }
+    pub fn u32(n: u32) -> Vec<u8> {
+        let mut v = vec![0xce];
+        v.extend_from_slice(&n.to_be_bytes());
+        v
+    }
+    pub fn u64(n: u64) -> Vec<u8> {
+        let mut v = vec![0xcf];
+        v.extend_from_slice(&n.to_be_bytes());
+        v
+    }
+    pub fn i8(n: i8) -> Vec<u8> {
+        vec![0xd0, n as u8]
+    }
+    pub fn i16(n: i16) -> Vec<u8> {
+        let mut v = vec![0xd1];
+        v.extend_from_slice(&n.to_be_bytes());
+        v
+    }
+    pub fn i32(n: i32) -> Vec<u8> {
+        let mut v = vec![0xd2];
+        v.extend_from_slice(&n.to_be_bytes());
+        v
+    }
+    pub fn i64(n: i64) -> Vec<u8> {
+        let mut v = vec![0xd3];
+        v.extend_from_slice(&n.to_be_bytes());
+        v
+    }
+    pub fn f32(x: f32) -> Vec<u8> {
+        let mut v = vec![0xca];
+        v.extend_from_slice(&x.to_be_bytes());
+        v
+    }
+    pub fn f64(x: f64) -> Vec<u8> {
+        let mut v = vec![0xcb];
+        v.extend_from_slice(&x.to_be_bytes());
+        v
+    }
+    /// Every MessagePack encoding of the unsigned value `n` that fits it
+    /// (fixint, u8, u16, u32, u64 and the signed forms i8..i64).
+    pub fn uint_widths(n: u64) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        if n < 0x80 {
+            out.push(fix(n as u8));
+        }
+        if let Ok(x) = u8::try_from(n) {
+            out.push(u8(x));
+        }
+        if let Ok(x) = u16::try_from(n) {
+            out.push(u16(x));
+        }
+        if let Ok(x) = u32::try_from(n) {
+            out.push(u32(x));
+        }
+        out.push(u64(n));
+        if let Ok(x) = i8::try_from(n) {
+            out.push(i8(x));
+        }
+        if let Ok(x) = i16::try_from(n) {
+            out.push(i16(x));
+        }
+        if let Ok(x) = i32::try_from(n) {
+            out.push(i32(x));
+        }
+        if let Ok(x) = i64::try_from(n) {
+            out.push(i64(x));
+        }
+        out
+    }
+    /// Every MessagePack encoding of the negative value `n` that fits it.
+    pub fn nint_widths(n: i64) -> Vec<Vec<u8>> {
+        assert!(n < 0);
+        let mut out = Vec::new();
+        if n >= -32 {
+            out.push(nfix(n as i8));
+        }
+        if let Ok(x) = i8::try_from(n) {
+            out.push(i8(x));
+        }
+        if let Ok(x) = i16::try_from(n) {
+            out.push(i16(x));
+        }
+        if let Ok(x) = i32::try_from(n) {
+            out.push(i32(x));
+        }
+        out.push(i64(n));
+        out
+    }
+    /// A `str` in its smallest form.
+    pub fn str(s: &str) -> Vec<u8> {
+        let mut v = Vec::new();
+        super::put_str(s.as_bytes(), &mut v);
+        v
+    }
+    /// A `str` in the given width: 0 fixstr, 8, 16 or 32.
+    pub fn str_w(s: &str, width: u8) -> Vec<u8> {
+        let b = s.as_bytes();
+        let max = match width {
+            0 => 31,
+            8 => 255,
+            16 => 65535,
+            32 => u32::MAX as usize,
+            _ => panic!("no str width {width}"),
+        };
+        assert!(
+            b.len() <= max,
+            "{} bytes do not fit a str of width {width}",
+            b.len()
+        );
+        let mut v = match width {
+            0 => vec![0xa0 | b.len() as u8],
+            8 => vec![0xd9, b.len() as u8],
+            16 => [vec![0xda], (b.len() as u16).to_be_bytes().to_vec()].concat(),
+            _ => [vec![0xdb], (b.len() as u32).to_be_bytes().to_vec()].concat(),
+        };
+        v.extend_from_slice(b);
+        v
+    }
+    /// A `str 8` header followed by arbitrary (possibly invalid UTF-8)
+    /// bytes.
+    pub fn str_bytes(b: &[u8]) -> Vec<u8> {
+        let n = u8::try_from(b.len()).expect("str_bytes takes at most 255 bytes");
+        let mut v = vec![0xd9, n];
+        v.extend_from_slice(b);
+        v
+    }
+    /// A `bin` in its smallest form.
+    pub fn bin(b: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        super::put_bin(b, &mut v);
+        v
+    }
+    /// An array of already encoded items.
+    pub fn arr(items: &[Vec<u8>]) -> Vec<u8> {
+        let mut v = Vec::new();
+        super::put_len(items.len(), [0x90, 0xdc, 0xdd], &mut v);
+        for i in items {
+            v.extend_from_slice(i);
+        }
+        v
+    }
+    /// A map with raw (already encoded) keys.
+    pub fn raw_map(entries: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+        let mut v = Vec::new();
+        super::put_len(entries.len(), [0x80, 0xde, 0xdf], &mut v);
+        for (k, val) in entries {
+            v.extend_from_slice(k);
+            v.extend_from_slice(val);
+        }
+        v
+    }
+    /// A map with `str` keys.
+    pub fn map(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let raw: Vec<_> = entries.iter().map(|(k, v)| (str(k), v.clone())).collect();
+        raw_map(&raw)
+    }
 }
 
 /// Decodes exactly one value filling the whole buffer.
@@ -347,24 +504,5 @@ impl Reader<'_> {
             }
             0xe0..=0xff => Value::Int(i128::from(b as i8)),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn round_trip() {
-        let v = Value::map([
-            ("a", Value::int(-1)),
-            ("b", Value::int(300)),
-            ("c", Value::int(-40000)),
-            ("d", Value::int(u64::MAX)),
-            ("e", Value::str(&"x".repeat(40))),
-            ("f", Value::Array(vec![Value::Nil, Value::Bool(true)])),
-            ("g", Value::Bin(vec![1, 2, 3])),
-        ]);
-        assert_eq!(decode(&v.encode()).unwrap(), v);
     }
 }
