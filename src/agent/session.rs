@@ -103,6 +103,8 @@ enum Fds {
     Pty {
         master: OwnedFd,
     },
+    /// A finished session's, all closed.
+    Closed,
     Pipes {
         stdin: Option<OwnedFd>,
         stdout: Option<OwnedFd>,
@@ -171,6 +173,8 @@ pub(crate) struct Session {
     stdin: Inflow,
     window: Window,
     linger_ms: u32,
+    /// On a pseudo-terminal (kept when its fds are gone).
+    tty: bool,
     /// On its link's list of sessions to resume.
     stalled: bool,
     /// Output the host cannot get (a shutdown past its grace) is read and
@@ -262,6 +266,7 @@ impl Session {
             stdin: Inflow::new(if tty { Close::TerminalEof } else { Close::Fd }, has_stdin),
             window: Window::new(spec.output_window),
             linger_ms: spec.linger_ms,
+            tty,
             stalled: false,
             discard: false,
         })
@@ -359,14 +364,14 @@ impl Session {
     }
 
     pub(crate) fn is_tty(&self) -> bool {
-        matches!(self.fds, Fds::Pty { .. })
+        self.tty
     }
 
     /// The PTY master, for RESIZE.
     pub(crate) fn pty_fd(&self) -> Option<RawFd> {
         match &self.fds {
             Fds::Pty { master } => Some(master.as_raw_fd()),
-            Fds::Pipes { .. } => None,
+            Fds::Pipes { .. } | Fds::Closed => None,
         }
     }
 
@@ -472,6 +477,7 @@ impl Session {
             (Fds::Pty { .. }, _) => None,
             (Fds::Pipes { stdout, .. }, 0) => stdout.as_ref().map(AsRawFd::as_raw_fd),
             (Fds::Pipes { stderr, .. }, _) => stderr.as_ref().map(AsRawFd::as_raw_fd),
+            (Fds::Closed, _) => None,
         }
     }
 
@@ -484,6 +490,7 @@ impl Session {
         match &self.fds {
             Fds::Pty { master } => Some(master.as_raw_fd()),
             Fds::Pipes { stdin, .. } => stdin.as_ref().map(AsRawFd::as_raw_fd),
+            Fds::Closed => None,
         }
     }
 
@@ -780,25 +787,23 @@ impl Session {
         Some((exit, owner))
     }
 
-    /// Lets go of every fd.
+    /// Lets go of every fd (they are closed here).
     pub(crate) fn close(&mut self, registry: &Registry) {
         if let Some(status) = self.start_status() {
             deregister(registry, status.fd());
         }
-        match &mut self.fds {
+        match std::mem::replace(&mut self.fds, Fds::Closed) {
             Fds::Pty { master } => deregister(registry, master.as_raw_fd()),
             Fds::Pipes {
                 stdin,
                 stdout,
                 stderr,
             } => {
-                for fd in [stdin.take(), stdout.take(), stderr.take()]
-                    .into_iter()
-                    .flatten()
-                {
+                for fd in [stdin, stdout, stderr].into_iter().flatten() {
                     deregister(registry, fd.as_raw_fd());
                 }
             }
+            Fds::Closed => {}
         }
     }
 }
