@@ -24,13 +24,14 @@ use crate::messages::{
 use super::event_loop::{handled_signals, Config, Exit, LoopError};
 use super::fs;
 use super::link::{HostLink, Input};
+use super::listener::Listener;
 use super::net;
 use super::session::Session;
 use super::spawn::{SpawnError, StartReport, StartStatus};
 use super::sys::{self, send_signal, Reaped};
 use super::timers::{timeout_until, Timer, Timers};
 use super::token::Source;
-use super::transport::Transport;
+use super::transport::{Transport, TransportKind};
 
 /// The grace SIGTERM, SIGINT and SIGPWR give sessions.
 pub(crate) const DEFAULT_GRACE: Duration = Duration::from_millis(1000);
@@ -93,6 +94,8 @@ pub(crate) struct Core {
     pub(crate) fs: Slab<fs::Task>,
     /// Connections to guest sockets.
     pub(crate) net: Slab<net::Conn>,
+    /// Listening transports.
+    listeners: Slab<Listener>,
     /// What each host id of each link names. Ids are the host's, one space
     /// per connection, shared by sessions and every extension's streams.
     pub(crate) ids: HashMap<(usize, u32), Owned>,
@@ -122,7 +125,8 @@ impl Core {
     pub(crate) fn new(
         config: Config,
         registry: Registry,
-        transport: Transport,
+        transport: Option<Transport>,
+        listeners: Vec<Listener>,
     ) -> Result<Core, LoopError> {
         let signals = SignalFd::with_flags(
             &handled_signals(),
@@ -143,6 +147,7 @@ impl Core {
             sessions: Slab::new(),
             fs: Slab::new(),
             net: Slab::new(),
+            listeners: Slab::new(),
             ids: HashMap::new(),
             by_pid: HashMap::new(),
             unwatched: HashMap::new(),
@@ -154,8 +159,71 @@ impl Core {
             exit: None,
             next_seq: 1,
         };
-        core.add_link(transport).map_err(LoopError::Register)?;
+        if let Some(t) = transport {
+            core.add_link(t).map_err(LoopError::Register)?;
+        }
+        for l in listeners {
+            let key = core.listeners.vacant_key();
+            core.registry
+                .register(
+                    &mut SourceFd(&l.fd()),
+                    Source::Listener(key).token(),
+                    Interest::READABLE,
+                )
+                .map_err(LoopError::Register)?;
+            core.listeners.insert(l);
+        }
         Ok(core)
+    }
+
+    /// A listening socket is readable: accepts every waiting host.
+    pub(crate) fn on_listener_event(&mut self, key: usize) {
+        loop {
+            let Some(l) = self.listeners.get(key) else {
+                return;
+            };
+            match l.accept() {
+                Ok(Some(fd)) => {
+                    tracing::info!(listener = %l.addr(), "host connected");
+                    let transport = Transport::from_fd(fd, TransportKind::Accepted);
+                    if let Err(e) = self.add_link(transport) {
+                        tracing::warn!(error = %e, "cannot watch an accepted connection");
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    // EMFILE and the like: the connection stays in the
+                    // backlog; the next event tries again.
+                    tracing::warn!(error = %e, "accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The host of an accepted link is gone: the link goes, its file
+    /// operations and connections end, its sessions are detached.
+    fn remove_link(&mut self, lk: usize) {
+        self.drop_link_tasks(lk);
+        self.drop_link_conns(lk);
+        let keys: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.owner().is_some_and(|o| o.link == lk))
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            let s = &mut self.sessions[key];
+            if let Some(o) = s.owner() {
+                self.ids.remove(&(o.link, o.id));
+            }
+            s.detach();
+            // Its output now goes to its rings.
+            self.service(key);
+        }
+        let link = self.links.remove(lk);
+        link.deregister(&self.registry);
+        tracing::info!(sessions_detached = self.live_sessions(), "host went away");
     }
 
     /// Registers a host link and greets its host with READY.
@@ -298,9 +366,10 @@ impl Core {
             return;
         };
         let mut link = s.owner().and_then(|o| self.links.get_mut(o.link));
-        let mut out = link.as_mut().map(|l| l.output());
-        let stop = s.service(out.as_mut(), &self.registry, &mut self.timers);
-        drop(out);
+        let stop = {
+            let mut out = link.as_mut().map(|l| l.output());
+            s.service(out.as_mut(), &self.registry, &mut self.timers)
+        };
         if stop.stalls() {
             if s.is_discarding() || link.is_none() {
                 // Whatever list it may be on: no link's draining resumes
@@ -682,10 +751,14 @@ impl Core {
         let Some(link) = self.links.get_mut(lk) else {
             return;
         };
-        if !link.kind().eof_ends_agent() {
-            link.host_left();
-            self.drop_link_conns(lk);
-            return self.drop_link_tasks(lk);
+        match link.kind() {
+            TransportKind::Accepted => return self.remove_link(lk),
+            TransportKind::Device => {
+                link.host_left();
+                self.drop_link_conns(lk);
+                return self.drop_link_tasks(lk);
+            }
+            TransportKind::Pipes | TransportKind::Socket => {}
         }
         if self.exit.is_some() {
             return;
@@ -849,6 +922,8 @@ pub(crate) fn ready_frame(config: &Config) -> Vec<u8> {
             .iter()
             .map(|f| f.name().to_owned())
             .collect(),
+        replay_bytes: Some(config.replay_bytes),
+        cgroups: Some(false),
         ..Ready::default()
     };
     let mut out = Vec::new();

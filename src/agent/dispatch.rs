@@ -16,7 +16,7 @@ use super::spawn::{self, SpawnError};
 use super::stream::InflowError;
 
 /// The extensions this agent serves, as READY's `features` lists them.
-pub(crate) const SERVED: &[Feature] = &[Feature::Fs, Feature::Net];
+pub(crate) const SERVED: &[Feature] = &[Feature::Fs, Feature::Net, Feature::Sessions];
 
 /// What a session frame's handler refuses with: an ERROR kind and message.
 type Refusal = (ErrorKind, String);
@@ -50,6 +50,10 @@ impl Core {
             }
             Message::Exec(req) => self.exec(lk, id, &req),
             Message::Stdin(data) => self.with_session(lk, id, Kind::Stdin, |core, key| {
+                if core.sessions[key].is_finished() {
+                    let msg = "the session has exited";
+                    return Err((ErrorKind::StdinClosed, msg.to_owned()));
+                }
                 let window = core.config.stdin_window;
                 let frames = Some(core.links[lk].frames());
                 core.sessions[key]
@@ -87,6 +91,10 @@ impl Core {
                     let msg = format!("{} is not a Linux signal number (0 to 64)", sig.signal);
                     return Err((ErrorKind::InvalidSignal, msg));
                 }
+                if sig.tree {
+                    let msg = "SIGNAL tree needs per-session cgroups (cgroup v2), which this guest does not give the agent";
+                    return Err((ErrorKind::Unsupported, msg.to_owned()));
+                }
                 core.sessions[key].signal(sig.signal, sig.group);
                 Ok(())
             }),
@@ -97,6 +105,7 @@ impl Core {
             }),
             Message::Fs(m) => self.on_fs_frame(lk, id, m),
             Message::Net(m) => self.on_net_frame(lk, id, m),
+            Message::Sessions(m) => self.on_sessions_frame(lk, id, m),
             // decode_from_host lets only host → agent kinds through.
             other => self.send_error(
                 lk,

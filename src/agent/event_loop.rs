@@ -24,6 +24,7 @@ use mio::{Events, Poll};
 use nix::sys::signal::{SigSet, Signal as NixSignal};
 
 use super::core::Core;
+use super::listener::Listener;
 use super::spawn::SpawnDefaults;
 use super::sys;
 use super::token::Source;
@@ -103,9 +104,19 @@ impl EventLoop {
     /// Sets up the poll, the signalfd (the handled signals must already be
     /// blocked) and the transport's registration; READY is queued.
     pub fn new(config: Config, transport: Transport) -> Result<EventLoop, LoopError> {
+        EventLoop::with_listeners(config, Some(transport), Vec::new())
+    }
+
+    /// As [`EventLoop::new`], with listening sockets whose accepted hosts
+    /// become links too; `transport` may be absent then.
+    pub fn with_listeners(
+        config: Config,
+        transport: Option<Transport>,
+        listeners: Vec<Listener>,
+    ) -> Result<EventLoop, LoopError> {
         let poll = Poll::new().map_err(LoopError::Poll)?;
         let registry = poll.registry().try_clone().map_err(LoopError::Poll)?;
-        let core = Core::new(config, registry, transport)?;
+        let core = Core::new(config, registry, transport, listeners)?;
         Ok(EventLoop { poll, core })
     }
 
@@ -174,6 +185,7 @@ impl EventLoop {
                 }
             }
             Some(Source::Net(key, fd)) => core.on_net_event(key, fd, readable, event.is_writable()),
+            Some(Source::Listener(key)) => core.on_listener_event(key),
             None => tracing::warn!(token = event.token().0, "event for an unknown token"),
         }
     }

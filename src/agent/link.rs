@@ -134,6 +134,15 @@ impl HostLink {
         self.transport.kind()
     }
 
+    /// Takes the transport's fds out of the poll (before the link goes).
+    pub(crate) fn deregister(&self, registry: &Registry) {
+        let t = &self.transport;
+        let _ = registry.deregister(&mut SourceFd(&t.read_fd()));
+        if t.split() {
+            let _ = registry.deregister(&mut SourceFd(&t.write_fd()));
+        }
+    }
+
     pub(crate) fn is_connected(&self) -> bool {
         self.connected
     }

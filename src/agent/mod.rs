@@ -29,11 +29,13 @@ mod event_loop;
 mod fs;
 pub mod init;
 mod link;
+mod listener;
 mod log;
 mod net;
 mod outqueue;
 mod process;
 mod session;
+mod sessions;
 mod spawn;
 mod stream;
 mod sys;
@@ -44,6 +46,7 @@ mod user;
 mod worker;
 
 pub use event_loop::{Config, EventLoop, Exit, LoopError};
+pub use listener::{ListenAddr, Listener};
 pub use log::parse_level;
 pub use process::{become_subreaper, cloexec_inherited_fds, setup_signals};
 pub use spawn::SpawnDefaults;
@@ -68,7 +71,10 @@ pub enum Mode {
 /// What `agentd`'s command line (or agentctl's embedded agent) asks for.
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub mode: Mode,
+    /// The host's transport; `None` with only listening ones.
+    pub mode: Option<Mode>,
+    /// Listening transports (`--listen`): each accepted host is a link.
+    pub listen: Vec<ListenAddr>,
     pub max_sessions: usize,
     pub stdin_window: u32,
     /// `off`, `error`, `warn`, `info`, `debug` or `trace`; else
@@ -80,7 +86,8 @@ impl Options {
     pub fn stdio() -> Options {
         let defaults = Config::default();
         Options {
-            mode: Mode::Stdio,
+            mode: Some(Mode::Stdio),
+            listen: Vec::new(),
             max_sessions: defaults.max_sessions,
             stdin_window: defaults.stdin_window,
             log_level: None,
@@ -92,13 +99,17 @@ impl Options {
 /// base environment, until the transport closes or a shutdown completes.
 /// Raises the agent's fd limit first (children get the original back).
 pub fn serve(
-    transport: Transport,
+    transport: Option<Transport>,
+    listeners: Vec<Listener>,
     opts: &Options,
     env: Vec<(String, String)>,
 ) -> Result<Exit, LoopError> {
     // Sessions keep a replay where another host may later attach them: on
-    // a device port (hosts come and go).
-    let replay_bytes = if transport.kind() == TransportKind::Device {
+    // a device port (hosts come and go) and with listening transports.
+    let device = transport
+        .as_ref()
+        .is_some_and(|t| t.kind() == TransportKind::Device);
+    let replay_bytes = if device || !listeners.is_empty() {
         DEFAULT_REPLAY_BYTES
     } else {
         0
@@ -113,8 +124,16 @@ pub fn serve(
         },
         replay_bytes,
     };
-    let mut event_loop = EventLoop::new(config, transport)?;
+    let mut event_loop = EventLoop::with_listeners(config, transport, listeners)?;
     Ok(event_loop.run())
+}
+
+/// Binds every listening address, or says which failed.
+pub fn bind_listeners(addrs: &[ListenAddr]) -> Result<Vec<Listener>, String> {
+    addrs
+        .iter()
+        .map(|a| Listener::bind(a).map_err(|e| format!("listening on {a}: {e}")))
+        .collect()
 }
 
 /// Runs the agent as a normal process (not PID 1 init): process setup,
@@ -127,9 +146,18 @@ pub fn run(opts: &Options) -> i32 {
             tracing::warn!(error = %e, "cannot become a child subreaper; orphans will not be reaped here");
         }
     }
+    let listeners = match bind_listeners(&opts.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("agentd: {e}");
+            return 1;
+        }
+    };
     let transport = match &opts.mode {
-        Mode::Stdio => Transport::stdio(),
-        Mode::Port(path) => Transport::open(path),
+        Some(Mode::Stdio) => Transport::stdio().map(Some),
+        Some(Mode::Port(path)) => Transport::open(path).map(Some),
+        None => Ok(None),
     };
     let transport = match transport {
         Ok(t) => t,
@@ -146,7 +174,12 @@ pub fn run(opts: &Options) -> i32 {
         tracing::error!(error = %e, "blocking signals");
         return 1;
     }
-    match serve(transport, opts, SpawnDefaults::from_agent_env().env) {
+    match serve(
+        transport,
+        listeners,
+        opts,
+        SpawnDefaults::from_agent_env().env,
+    ) {
         Ok(exit) => {
             tracing::info!(?exit, "agent exiting");
             0

@@ -434,6 +434,10 @@ impl Session {
     }
 
     fn deliver(&self, signal: libc::c_int, group: bool) {
+        if self.is_finished() {
+            // Its process group may be someone else's by now.
+            return;
+        }
         if group {
             // The group outlives its leader while descendants remain, so it
             // is signalled after reaping too.
@@ -447,6 +451,9 @@ impl Session {
     /// Signals the process group, and the process itself while it may not
     /// have called setsid yet (still starting).
     pub(crate) fn signal_group(&self, signal: libc::c_int) {
+        if self.is_finished() {
+            return;
+        }
         send_signal(-self.pid, signal);
         if self.is_starting() {
             send_signal(self.pid, signal);
@@ -620,11 +627,6 @@ impl Session {
         self.window.ack(bytes);
     }
 
-    /// True when a stream could still yield data without a new event.
-    pub(crate) fn wants_read(&self) -> bool {
-        self.out.iter().any(Outflow::wants_read)
-    }
-
     /// Does whatever the session can do now: write queued STDIN, read
     /// output into `link`, and become finished when it is done. A starting
     /// session does nothing (STARTED comes first).
@@ -681,7 +683,7 @@ impl Session {
             }
             let mut sink = match (&mut link, self.discard) {
                 (_, true) => Sink::Discard,
-                (Some(link), false) => Sink::Queue(&mut **link),
+                (Some(link), false) => Sink::Queue(link),
                 (None, false) => Sink::Detached,
             };
             let id = self.owner.map_or(0, |o| o.id);
@@ -767,7 +769,8 @@ impl Session {
     ) -> Option<(Exited, Option<Owner>)> {
         let mut exit = match self.state {
             State::Lingering { exit, timer: None } => exit,
-            State::Finished { exit, seen: false } if self.owner.is_some() => exit,
+            // A record attached again: its replay is sent, EXITED follows.
+            State::Finished { exit, .. } if self.owner.is_some() => exit,
             _ => return None,
         };
         let dropped: u64 = self.out.iter().map(Outflow::dropped).sum();

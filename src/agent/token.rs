@@ -68,6 +68,8 @@ pub(crate) enum Source {
     Fs(usize, FsFd),
     /// A connection's socket, or its connector's.
     Net(usize, NetFd),
+    /// A listening socket.
+    Listener(usize),
 }
 
 const CLASS_SIGNALS: usize = 0;
@@ -75,6 +77,7 @@ const CLASS_LINK: usize = 1;
 const CLASS_SESSION: usize = 2;
 const CLASS_FS: usize = 3;
 const CLASS_NET: usize = 4;
+const CLASS_LISTENER: usize = 5;
 
 fn token(key: usize, class: usize, sub: usize) -> Token {
     Token(key << 8 | class << 3 | sub)
@@ -89,6 +92,7 @@ impl Source {
             Source::Session(key, fd) => token(key, CLASS_SESSION, fd as usize),
             Source::Fs(key, fd) => token(key, CLASS_FS, fd as usize),
             Source::Net(key, fd) => token(key, CLASS_NET, fd as usize),
+            Source::Listener(key) => token(key, CLASS_LISTENER, 0),
         }
     }
 
@@ -108,6 +112,7 @@ impl Source {
             (CLASS_FS, 2) => Source::Fs(key, FsFd::In),
             (CLASS_NET, 0) => Source::Net(key, NetFd::Socket),
             (CLASS_NET, 1) => Source::Net(key, NetFd::Worker),
+            (CLASS_LISTENER, 0) => Source::Listener(key),
             _ => return None,
         })
     }
@@ -136,6 +141,7 @@ mod tests {
             }
             all.push(Source::Net(key, NetFd::Socket));
             all.push(Source::Net(key, NetFd::Worker));
+            all.push(Source::Listener(key));
         }
         let mut tokens = std::collections::HashSet::new();
         for s in all {

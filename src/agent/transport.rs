@@ -32,14 +32,9 @@ pub enum TransportKind {
     /// hosts come and go; the port stays open, and its end of file is only
     /// the end of one host's visit.
     Device,
-}
-
-impl TransportKind {
-    /// Whether end of file (or a write error) on this transport ends the
-    /// agent, killing every session (guarantee 7).
-    pub(crate) fn eof_ends_agent(self) -> bool {
-        !matches!(self, TransportKind::Device)
-    }
+    /// A connection accepted on a listening socket: its end of file is the
+    /// end of that host's link only (its sessions are detached).
+    Accepted,
 }
 
 /// The fds of one host connection.

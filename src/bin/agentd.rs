@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use agentd::agent::{self, init, Mode, Options, Transport, TransportKind};
 
-const USAGE: &str = "usage: agentd (--stdio | --port PATH | --init [--stdio | --port PATH]) [--max-sessions N] [--stdin-window BYTES] [--log-level error|warn|info|debug|trace]";
+const USAGE: &str = "usage: agentd (--stdio | --port PATH | --listen ADDR... | --init [--stdio | --port PATH]) [--listen unix:PATH|vsock:PORT]... [--max-sessions N] [--stdin-window BYTES] [--log-level error|warn|info|debug|trace]";
 
 /// An argument as UTF-8, or an error naming it (arguments are read with
 /// `args_os`, so a word that is not UTF-8 is an error, never a panic).
@@ -49,6 +49,9 @@ fn parse_args() -> Result<(Options, Option<Mode>), String> {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--stdio" => mode = Some(Mode::Stdio),
+            "--listen" => opts
+                .listen
+                .push(utf8("--listen", value("--listen")?)?.parse()?),
             "--port" => mode = Some(Mode::Port(PathBuf::from(value("--port")?))),
             "--max-sessions" => {
                 opts.max_sessions = utf8("--max-sessions", value("--max-sessions")?)?
@@ -73,10 +76,9 @@ fn parse_args() -> Result<(Options, Option<Mode>), String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    if !init {
-        opts.mode = mode
-            .clone()
-            .ok_or("one of --stdio or --port PATH is required")?;
+    opts.mode = mode.clone();
+    if !init && opts.mode.is_none() && opts.listen.is_empty() {
+        return Err("one of --stdio, --port PATH or --listen ADDR is required".into());
     }
     Ok((opts, mode))
 }
@@ -107,6 +109,7 @@ fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
             tracing::warn!(error = %e, "cannot become a child subreaper");
         }
     }
+    let listeners = agent::bind_listeners(&opts.listen).unwrap_or_else(|e| init::fatal(&e));
     let transport = match &mode {
         Some(Mode::Stdio) => {
             Transport::stdio().unwrap_or_else(|e| init::fatal(&format!("taking over stdio: {e}")))
@@ -118,7 +121,7 @@ fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
             Err(e) => init::fatal(&e.to_string()),
         },
     };
-    match agent::serve(transport, &opts, init::default_env()) {
+    match agent::serve(Some(transport), listeners, &opts, init::default_env()) {
         Ok(exit) => tracing::info!(?exit, "agent loop ended; powering off"),
         Err(e) => init::fatal(&e.to_string()),
     }

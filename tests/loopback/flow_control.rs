@@ -408,7 +408,8 @@ fn replies_to_a_host_that_does_not_read_stay_under_the_cap() {
     let zeros = 1usize << 20;
     let sender = std::thread::spawn(move || {
         let mut input = Vec::with_capacity(9 + big + zeros);
-        agentd::codec::append_raw(&mut input, 0x7f, 0, &vec![1u8; big]);
+        agentd::codec::append_raw(&mut input, 0x7f, 0, &vec![1u8; big])
+            .expect("the test's frames fit");
         input.resize(input.len() + zeros, 0);
         host.try_send_raw(&input, Duration::from_secs(60)).unwrap();
     });
@@ -697,7 +698,7 @@ fn streamed_stdin_arriving_in_pieces_is_exact() {
     agent.exec(id, &cmd("cat", &[]));
     let data = pseudo_random(200_000, 50);
     let mut frame = Vec::new();
-    agentd::codec::append_raw(&mut frame, STDIN, id, &data);
+    agentd::codec::append_raw(&mut frame, STDIN, id, &data).expect("the test's frames fit");
     for piece in [
         &frame[..20],
         &frame[20..70_000],
@@ -748,7 +749,7 @@ fn a_session_that_ends_while_its_stdin_streams() {
     let mut data = b"first line\n".to_vec();
     data.extend(pseudo_random(250_000, 51));
     let mut frame = Vec::new();
-    agentd::codec::append_raw(&mut frame, STDIN, id, &data);
+    agentd::codec::append_raw(&mut frame, STDIN, id, &data).expect("the test's frames fit");
     // Header and 100 KB: the child reads its line and exits.
     agent.send_raw(&frame[..100_000]);
     let out = agent.collect(id);
@@ -775,7 +776,7 @@ fn a_session_that_ends_while_its_stdin_streams() {
     );
     let data = pseudo_random(250_000, 52);
     let mut frame = Vec::new();
-    agentd::codec::append_raw(&mut frame, STDIN, id, &data);
+    agentd::codec::append_raw(&mut frame, STDIN, id, &data).expect("the test's frames fit");
     agent.send_raw(&frame[..30_000]);
     agent.recv_where(|f| f.id == id && f.kind == STDOUT, "closed");
     agent.send_raw(&frame[30_000..]);
