@@ -12,8 +12,11 @@ use std::path::{Path, PathBuf};
 use agentd::codec::OwnedFrame;
 use agentd::codec::MAX_PAYLOAD;
 use agentd::messages::{
-    Ack, Direction, ErrorKind, ErrorMsg, Exec, ExecFailed, Exited, Kind, Message, Ready, Resize,
-    Shutdown, Signal, Started,
+    Ack, Attach, AttachFailed, Attached, Clock, ClockMsg, ClockSet, ClockSetDone, Detached,
+    Direction, EntropyDone, ErrorKind, ErrorMsg, Exec, ExecFailed, Exited, FsDone, FsEntries,
+    FsEntry, FsError, FsEvent, FsEvents, FsMsg, FsOpened, FsRequest, FsStat, Kind, List, Message,
+    NetClose, NetClosed, NetConnect, NetConnected, NetFailed, NetMsg, Ready, Resize, SessionInfo,
+    Sessions, SessionsMsg, Shutdown, Signal, Started,
 };
 
 fn dir() -> PathBuf {
@@ -63,8 +66,426 @@ fn ready(pid: u32, pid1: bool, uptime_ms: Option<u64>) -> Ready {
     }
 }
 
+/// A stat record with every field set (a regular file of 5 bytes).
+fn file_stat() -> FsStat {
+    FsStat {
+        kind: "file".into(),
+        size: 5,
+        mode: 0o644,
+        uid: 1000,
+        gid: 1000,
+        mtime_ns: 1_700_000_000_123_456_789,
+        atime_ns: 1_700_000_000_000_000_000,
+        ctime_ns: 1_700_000_000_123_456_789,
+        nlink: 1,
+        ino: 131_074,
+        target: None,
+    }
+}
+
+fn exited_session(code: i32) -> Exited {
+    Exited::from_code(code)
+}
+
+fn session_info(session: u64, state: &str, exit: Option<Exited>) -> SessionInfo {
+    SessionInfo {
+        session,
+        tag: None,
+        pid: 4242,
+        cmd: "/bin/sh".into(),
+        args: vec!["-c".into(), "make test".into()],
+        user: None,
+        tty: false,
+        state: state.into(),
+        attached: false,
+        id: None,
+        started_ms: 1_700_000_000_000,
+        stdout_bytes: 1200,
+        stderr_bytes: 0,
+        exit,
+    }
+}
+
 /// Every vector: file stem, frame id, the message it holds.
 fn expected() -> Vec<(&'static str, u32, Message<'static>)> {
+    let mut all = core_vectors();
+    all.extend(extension_key_vectors());
+    all.extend(fs_vectors());
+    all.extend(net_vectors());
+    all.extend(sessions_vectors());
+    all.extend(clock_vectors());
+    all
+}
+
+/// The keys the extensions add to the contract's messages.
+fn extension_key_vectors() -> Vec<(&'static str, u32, Message<'static>)> {
+    let mut ready = ready(1, true, Some(1234));
+    ready.features = vec!["fs".into(), "net".into(), "sessions".into(), "clock".into()];
+    ready.realtime_ns = Some(1_700_000_000_000_000_000);
+    ready.restores = Some(0);
+    ready.clock_set = Some(true);
+    ready.replay_bytes = Some(65536);
+    ready.cgroups = Some(true);
+    let mut exec = Exec::new("make");
+    exec.args = vec!["test".into()];
+    exec.tag = Some("ci-42".into());
+    exec.replay_bytes = Some(1_048_576);
+    exec.timeout_ms = Some(600_000);
+    exec.kill_grace_ms = Some(5000);
+    exec.detach = true;
+    exec.memory_max = Some(536_870_912);
+    exec.pids_max = Some(256);
+    exec.cpu_max = Some("50000 100000".into());
+    let timed_out = Exited {
+        timed_out: true,
+        ..Exited::from_signal(15, false)
+    };
+    let oom = Exited {
+        oom_killed: true,
+        ..Exited::from_signal(9, false)
+    };
+    let dropped = Exited {
+        output_dropped: Some(70_000),
+        ..Exited::from_code(0)
+    };
+    vec![
+        ("ready-features", 0, Message::Ready(ready)),
+        ("exec-sessions-keys", 5, Message::Exec(Box::new(exec))),
+        (
+            "started-session",
+            5,
+            Message::Started(Started {
+                pid: 4242,
+                session: Some(17),
+            }),
+        ),
+        (
+            "signal-tree",
+            5,
+            Message::Signal(Signal {
+                signal: 9,
+                group: true,
+                tree: true,
+            }),
+        ),
+        ("exited-timed-out", 5, Message::Exited(timed_out)),
+        ("exited-oom-killed", 5, Message::Exited(oom)),
+        ("exited-output-dropped", 1, Message::Exited(dropped)),
+    ]
+}
+
+fn fs_vectors() -> Vec<(&'static str, u32, Message<'static>)> {
+    let read = FsRequest {
+        window: Some(262_144),
+        offset: Some(4096),
+        length: Some(65536),
+        ..FsRequest::new(agentd::messages::FsOp::Read, "/var/log/app.log")
+    };
+    let write = FsRequest {
+        user: Some("1000:1000".into()),
+        mode: Some(0o600),
+        atomic: Some(true),
+        parents: Some(true),
+        ..FsRequest::new(agentd::messages::FsOp::Write, "/home/user/.config/app.toml")
+    };
+    let rename = FsRequest {
+        to: Some("b.txt".into()),
+        replace: Some(false),
+        ..FsRequest::new(agentd::messages::FsOp::Rename, "a.txt")
+    };
+    let entries = FsEntries {
+        entries: vec![
+            FsEntry {
+                name: "notes.txt".into(),
+                name_bin: None,
+                kind: "file".into(),
+                stat: Some(file_stat()),
+            },
+            FsEntry {
+                name: "caf\u{fffd}".into(),
+                name_bin: Some(b"caf\xe9".to_vec()),
+                kind: "dir".into(),
+                stat: None,
+            },
+        ],
+    };
+    let events = FsEvents {
+        events: vec![
+            FsEvent {
+                kind: "moved_from".into(),
+                path: "src/old.rs".into(),
+                dir: false,
+                cookie: Some(77),
+            },
+            FsEvent {
+                kind: "moved_to".into(),
+                path: "src/new.rs".into(),
+                dir: false,
+                cookie: Some(77),
+            },
+            FsEvent {
+                kind: "created".into(),
+                path: "build".into(),
+                dir: true,
+                cookie: None,
+            },
+        ],
+        overflow: true,
+    };
+    let link = FsStat {
+        kind: "symlink".into(),
+        size: 9,
+        mode: 0o777,
+        target: Some("notes.txt".into()),
+        ..file_stat()
+    };
+    vec![
+        ("fs-request-read", 3, fs(FsMsg::Request(Box::new(read)))),
+        ("fs-request-write", 4, fs(FsMsg::Request(Box::new(write)))),
+        ("fs-request-rename", 6, fs(FsMsg::Request(Box::new(rename)))),
+        (
+            "fs-opened",
+            3,
+            fs(FsMsg::Opened(FsOpened {
+                stat: Some(file_stat()),
+            })),
+        ),
+        ("fs-data", 3, fs(FsMsg::Data(b"hello"))),
+        ("fs-data-ack", 3, fs(FsMsg::DataAck(Ack { bytes: 5 }))),
+        ("fs-write", 4, fs(FsMsg::Write(b"x = 1\n"))),
+        ("fs-write-ack", 4, fs(FsMsg::WriteAck(Ack { bytes: 6 }))),
+        ("fs-end", 4, fs(FsMsg::End)),
+        ("fs-entries", 8, fs(FsMsg::Entries(entries))),
+        ("fs-events", 9, fs(FsMsg::Events(events))),
+        (
+            "fs-done-bytes",
+            4,
+            fs(FsMsg::Done(Box::new(FsDone {
+                bytes: Some(6),
+                ..FsDone::default()
+            }))),
+        ),
+        (
+            "fs-done-stat",
+            10,
+            fs(FsMsg::Done(Box::new(FsDone {
+                stat: Some(link),
+                ..FsDone::default()
+            }))),
+        ),
+        (
+            "fs-done-tar",
+            11,
+            fs(FsMsg::Done(Box::new(FsDone {
+                bytes: Some(10240),
+                entries: Some(3),
+                ..FsDone::default()
+            }))),
+        ),
+        ("fs-done-empty", 6, fs(FsMsg::Done(Box::default()))),
+        (
+            "fs-error",
+            3,
+            fs(FsMsg::Error(FsError {
+                kind: "permission_denied".into(),
+                message: "open /root/secret: Permission denied".into(),
+                errno: Some(13),
+                path: Some("/root/secret".into()),
+            })),
+        ),
+        ("fs-cancel", 9, fs(FsMsg::Cancel)),
+    ]
+}
+
+fn fs(m: FsMsg<'static>) -> Message<'static> {
+    Message::Fs(m)
+}
+
+fn net(m: NetMsg<'static>) -> Message<'static> {
+    Message::Net(m)
+}
+
+fn net_vectors() -> Vec<(&'static str, u32, Message<'static>)> {
+    let tcp = NetConnect {
+        timeout_ms: Some(5000),
+        window: Some(262_144),
+        ..NetConnect::tcp("127.0.0.1", 8080)
+    };
+    let unix = NetConnect {
+        user: Some("app".into()),
+        ..NetConnect::unix("/run/app.sock")
+    };
+    vec![
+        ("net-connect-tcp", 12, net(NetMsg::Connect(Box::new(tcp)))),
+        ("net-connect-unix", 13, net(NetMsg::Connect(Box::new(unix)))),
+        (
+            "net-connected",
+            12,
+            net(NetMsg::Connected(NetConnected {
+                peer: "127.0.0.1:8080".into(),
+                local: "127.0.0.1:41234".into(),
+            })),
+        ),
+        (
+            "net-failed",
+            13,
+            net(NetMsg::Failed(NetFailed {
+                kind: "refused".into(),
+                message: "connect to 127.0.0.1:9: Connection refused".into(),
+                errno: Some(111),
+            })),
+        ),
+        ("net-send", 12, net(NetMsg::Send(b"GET / HTTP/1.0\r\n\r\n"))),
+        ("net-send-ack", 12, net(NetMsg::SendAck(Ack { bytes: 18 }))),
+        ("net-recv", 12, net(NetMsg::Recv(b"HTTP/1.0 200 OK\r\n"))),
+        ("net-recv-ack", 12, net(NetMsg::RecvAck(Ack { bytes: 17 }))),
+        ("net-shutdown", 12, net(NetMsg::Shutdown)),
+        ("net-eof", 12, net(NetMsg::Eof)),
+        (
+            "net-close-reset",
+            12,
+            net(NetMsg::Close(NetClose { reset: true })),
+        ),
+        ("net-closed", 12, net(NetMsg::Closed(NetClosed::default()))),
+        (
+            "net-closed-error",
+            12,
+            net(NetMsg::Closed(NetClosed {
+                error: Some("reset".into()),
+                message: Some("read: Connection reset by peer".into()),
+                errno: Some(104),
+            })),
+        ),
+    ]
+}
+
+fn sessions_vectors() -> Vec<(&'static str, u32, Message<'static>)> {
+    let live = SessionInfo {
+        tag: Some("ci-42".into()),
+        attached: true,
+        id: Some(5),
+        ..session_info(17, "running", None)
+    };
+    let ended = SessionInfo {
+        pid: 4300,
+        stdout_bytes: 80,
+        stderr_bytes: 12,
+        ..session_info(18, "exited", Some(exited_session(2)))
+    };
+    let attach = Attach {
+        tag: Some("ci-42".into()),
+        tail: Some(4096),
+        output_window: 65536,
+        ..Attach::default()
+    };
+    let by_number = Attach {
+        session: Some(17),
+        stdout_from: Some(1000),
+        stderr_from: Some(0),
+        ..Attach::default()
+    };
+    vec![
+        (
+            "list-all",
+            20,
+            Message::Sessions(SessionsMsg::List(List { all: true })),
+        ),
+        (
+            "sessions",
+            20,
+            Message::Sessions(SessionsMsg::Sessions(Sessions {
+                sessions: vec![live, ended],
+                more: false,
+            })),
+        ),
+        (
+            "attach-tag",
+            21,
+            Message::Sessions(SessionsMsg::Attach(Box::new(attach))),
+        ),
+        (
+            "attach-session",
+            22,
+            Message::Sessions(SessionsMsg::Attach(Box::new(by_number))),
+        ),
+        (
+            "attached",
+            21,
+            Message::Sessions(SessionsMsg::Attached(Attached {
+                session: 17,
+                pid: 4242,
+                tty: false,
+                stdout_from: 1000,
+                stderr_from: 0,
+                stdout_lost: 200,
+                stderr_lost: 0,
+                stdin: true,
+            })),
+        ),
+        (
+            "attach-failed",
+            23,
+            Message::Sessions(SessionsMsg::AttachFailed(AttachFailed {
+                kind: "not_found".into(),
+                message: "no session 99".into(),
+            })),
+        ),
+        ("detach", 21, Message::Sessions(SessionsMsg::Detach)),
+        (
+            "detached",
+            5,
+            Message::Sessions(SessionsMsg::Detached(Detached {
+                session: 17,
+                reason: "attached_elsewhere".into(),
+            })),
+        ),
+    ]
+}
+
+fn clock_vectors() -> Vec<(&'static str, u32, Message<'static>)> {
+    vec![
+        ("clock-get", 30, Message::Clock(ClockMsg::Get)),
+        (
+            "clock",
+            30,
+            Message::Clock(ClockMsg::Clock(Clock {
+                realtime_ns: 1_700_000_000_000_000_000,
+                boottime_ns: 12_345_678_901,
+                restores: 1,
+            })),
+        ),
+        (
+            "clock-set",
+            31,
+            Message::Clock(ClockMsg::Set(ClockSet {
+                realtime_ns: 1_764_662_400_000_000_000,
+            })),
+        ),
+        (
+            "clock-set-done",
+            31,
+            Message::Clock(ClockMsg::SetDone(ClockSetDone {
+                old_ns: 1_700_000_000_000_000_000,
+                new_ns: 1_764_662_400_000_000_123,
+            })),
+        ),
+        (
+            "entropy",
+            32,
+            Message::Clock(ClockMsg::Entropy(
+                b"\x8f\x1e\x02\xc4\x77\x10\x9a\xbb\x00\x31\xfe\x5d\x64\x2a\xd0\x13",
+            )),
+        ),
+        (
+            "entropy-done",
+            32,
+            Message::Clock(ClockMsg::EntropyDone(EntropyDone { bytes: 16 })),
+        ),
+    ]
+}
+
+/// The contract's own vectors.
+fn core_vectors() -> Vec<(&'static str, u32, Message<'static>)> {
     vec![
         ("ready", 0, Message::Ready(ready(1, true, Some(1234)))),
         (
@@ -249,6 +670,45 @@ fn decode_only() -> Vec<(&'static str, u32, Message<'static>, Option<&'static st
             "shutdown-empty-payload",
             0,
             Message::Shutdown(Shutdown { grace_ms: 1000 }),
+            None,
+        ),
+        (
+            "net-close-empty",
+            12,
+            net(NetMsg::Close(NetClose { reset: false })),
+            None,
+        ),
+        (
+            "list-empty-payload",
+            20,
+            Message::Sessions(SessionsMsg::List(List { all: false })),
+            None,
+        ),
+        (
+            "attach-session-only",
+            22,
+            Message::Sessions(SessionsMsg::Attach(Box::new(Attach {
+                session: Some(17),
+                tag: None,
+                stdout_from: None,
+                stderr_from: None,
+                tail: None,
+                output_window: 0,
+            }))),
+            None,
+        ),
+        (
+            "fs-event-no-dir",
+            9,
+            fs(FsMsg::Events(FsEvents {
+                events: vec![FsEvent {
+                    kind: "modified".into(),
+                    path: "a.txt".into(),
+                    dir: false,
+                    cookie: None,
+                }],
+                overflow: false,
+            })),
             None,
         ),
         (
