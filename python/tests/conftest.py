@@ -132,3 +132,20 @@ def is_root() -> bool:
 
 def optional_int(v: Optional[str]) -> Optional[int]:
     return None if v is None else int(v)
+
+
+@pytest.fixture(autouse=True)
+def _watchdog() -> Iterator[None]:
+    """No test may hang the suite: after 120 s it fails with a traceback of where it waited."""
+    import signal
+
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError("the test ran for more than 120 s (watchdog)")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(120)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

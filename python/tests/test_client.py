@@ -27,10 +27,12 @@ def test_ready(client: agentd.Client) -> None:
     assert r.stdin_window > 0 and r.max_sessions > 0
     assert r.pid == client.transport.process.pid  # type: ignore[union-attr]
     assert r.pid1 is False
-    assert client.features == frozenset()
-    assert not client.has_feature("fs")
-    with pytest.raises(agentd.FeatureNotServed, match="'fs'"):
-        client.require_feature("fs")
+    assert client.features == frozenset(r.features)
+    assert client.features <= {"fs", "net", "sessions", "clock"}
+    for f in ("fs", "net", "sessions", "clock"):
+        assert client.has_feature(f) == (f in r.features)
+    with pytest.raises(agentd.FeatureNotServed, match="'no-such-extension'"):
+        client.require_feature("no-such-extension")
 
 
 def test_run_captures_and_reports(client: agentd.Client) -> None:

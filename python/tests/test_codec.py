@@ -94,7 +94,9 @@ def decode_frame_bytes(data: bytes) -> Tuple[int, m.Message]:
 
 def test_every_vector_file_is_listed() -> None:
     files = {p.name for p in VECTORS.glob("*.hex")}
-    assert files == set(ROUND_TRIP) | set(DECODE_ONLY)
+    listed = README_ROUND_TRIP | README_DECODE_ONLY
+    assert files == set(listed), files ^ set(listed)
+    assert set(ROUND_TRIP) <= README_ROUND_TRIP and set(DECODE_ONLY) <= README_DECODE_ONLY
 
 
 @pytest.mark.parametrize("name", sorted(ROUND_TRIP))
@@ -117,33 +119,88 @@ def test_decode_only_vector(name: str) -> None:
         assert encode_frame(fid, got) == read_hex(VECTORS / full)
 
 
-def _readme_payloads() -> Dict[str, Any]:
-    """The JSON each README line gives for a file (the value after '=>' for decode-only ones)."""
+def _readme() -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Every file the README lists: round-trip and decode-only, with the value it gives for each.
+
+    A map is the JSON shown (``bin(..)`` as {"$bin": hex}); a raw payload is bytes; an empty one b"".
+    For decode-only files the value is the one after '=>' (plus the file it re-encodes to, if named).
+    """
     text = (VECTORS / "README.md").read_text()
-    out: Dict[str, Any] = {}
-    for line in text.splitlines():
-        mt = re.match(r"- `([^`]+\.hex)`: (.*)$", line)
-        if not mt:
-            continue
-        name, rest = mt.groups()
-        if "=>" in rest:
-            rest = rest.split("=>", 1)[1]
-        js = re.search(r"(\{.*\})", rest)
-        out[name] = json.loads(js.group(1)) if js else None
-    return out
+    head, decode_only = text.split("## Decode-only files", 1)
+    out: List[Dict[str, Any]] = []
+    for part in (head, decode_only):
+        found: Dict[str, Any] = {}
+        for line in part.splitlines():
+            mt = re.match(r"- `([^`]+\.hex)`: (.*)$", line)
+            if not mt:
+                continue
+            name, rest = mt.groups()
+            again = re.search(r"re-encoded = `([^`]+)`", rest)
+            if "=>" in rest:
+                rest = rest.split("=>", 1)[1]
+            js = re.search(r"(\{.*\})", rest)
+            if js:
+                body = re.sub(r"bin\(([0-9a-f ]+)\)", lambda b: json.dumps({"$bin": b.group(1).replace(" ", "")}),
+                              js.group(1))
+                value: Any = json.loads(body)
+            elif 'raw "' in rest:
+                value = json.loads(rest[rest.index('raw "') + 4 :]).encode("latin-1")
+            elif "raw bytes" in rest:
+                value = bytes.fromhex(rest.split("raw bytes", 1)[1])
+            else:
+                assert "empty payload" in rest, line
+                value = b""
+            found[name] = (value, again.group(1) if again else None)
+        out.append(found)
+    return out[0], out[1]
 
 
-@pytest.mark.parametrize("name", sorted(set(ROUND_TRIP) | set(DECODE_ONLY)))
-def test_vector_matches_readme_listing(name: str) -> None:
-    """The README's JSON (keys in written order) is the canonical wire map of the decoded message."""
-    listed = _readme_payloads()[name]
-    _, msg = decode_frame_bytes(read_hex(VECTORS / name))
+README_RT, README_DO = _readme()
+README_ROUND_TRIP = set(README_RT)
+README_DECODE_ONLY = set(README_DO)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return {"$bin": v.hex()}
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _listed_form(msg: m.Message) -> Any:
     if isinstance(msg, m.MapMessage):
-        wire = msg._to_wire()
-        assert wire == listed
-        assert list(wire) == list(listed), "canonical key order"
-    elif isinstance(msg, m.EmptyMessage) and listed is not None:
-        assert listed == {}
+        return _jsonable(msg._to_wire())
+    if isinstance(msg, m.RawMessage):
+        return bytes(msg.data)
+    return b""
+
+
+@pytest.mark.parametrize("name", sorted(README_RT))
+def test_readme_round_trip_vector(name: str) -> None:
+    """Every round-trip file (the extensions' too): decodes to the README's value, re-encodes to its bytes."""
+    data = read_hex(VECTORS / name)
+    fid, msg = decode_frame_bytes(data)
+    listed, _ = README_RT[name]
+    got = _listed_form(msg)
+    assert got == listed
+    if isinstance(listed, dict):
+        assert list(got) == list(listed), "canonical key order"
+    assert encode_frame(fid, msg) == data
+
+
+@pytest.mark.parametrize("name", sorted(README_DO))
+def test_readme_decode_only_vector(name: str) -> None:
+    """Every decode-only file: absent keys at their defaults, re-encoded to the named full form."""
+    data = read_hex(VECTORS / name)
+    fid, msg = decode_frame_bytes(data)
+    listed, full = README_DO[name]
+    if isinstance(msg, m.MapMessage):
+        assert _listed_form(msg) == listed
+    if full is not None:
+        assert encode_frame(fid, msg) == read_hex(VECTORS / full)
 
 
 # --- the kinds table of docs/PROTOCOL.md ----------------------------------------------
@@ -230,7 +287,7 @@ def test_extension_keys_of_core_messages_are_left_out_at_default() -> None:
     assert "tree" not in m.Signal(signal=1)._to_wire()
     assert list(m.Exited(status=0, code=0)._to_wire()) == ["code", "core_dumped", "status"]
     w = m.Exec(cmd="x", tag="t", detach=True, timeout_ms=5, kill_grace_ms=0)._to_wire()
-    assert list(w)[-4:] == ["tag", "detach", "timeout_ms", "kill_grace_ms"]
+    assert list(w)[-4:] == ["tag", "timeout_ms", "kill_grace_ms", "detach"]
 
 
 def test_canonical_integers_and_strings() -> None:

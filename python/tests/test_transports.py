@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pty
+import tty
 import socket
 import subprocess
 import threading
@@ -150,6 +151,10 @@ def test_device_pty(agentd_bin: str) -> None:
     # host opens the slave device by path, which open_port puts in raw mode.
     master, slave = pty.openpty()
     path = os.ttyname(slave)
+    # Raw before the agent writes anything: a cooked slave would echo the agent's
+    # READY back to it and hold bytes in its line buffer (any host of a pty has
+    # this race until it has set raw mode; open_port sets it again).
+    tty.setraw(slave)
     agent = subprocess.Popen([agentd_bin, "--stdio"], stdin=master, stdout=master)
     os.close(master)
     try:

@@ -466,6 +466,8 @@ class SessionState(Stream):
         self.seq = 0
         self.buffered = 0
         self.pending_ack = 0
+        #: Buffered bytes already acknowledged (by wait(), which must not stall on unread output).
+        self.prepaid = 0
         self.errors: List[ProtocolError] = []
 
     # --- starting ------------------------------------------------------------
@@ -595,6 +597,12 @@ class SessionState(Stream):
     def _consumed(self, n: int) -> None:
         if not self.window or self.state != RUNNING:
             return
+        if self.prepaid:
+            k = min(self.prepaid, n)
+            self.prepaid -= k
+            n -= k
+            if not n:
+                return
         self.pending_ack += n
         if self.pending_ack >= self.ack_threshold:
             self._send_ack()
@@ -762,10 +770,19 @@ class SessionState(Stream):
         return self.core.barrier(self, int(Kind.RESIZE), self.waiters)
 
     def try_exited(self) -> Optional[m.Exited]:
-        """EXITED once it came, None to wait."""
+        """EXITED once it came, None to wait.
+
+        Waiting for the exit must not depend on someone reading: output that
+        waits unread is acknowledged (and kept), so the agent can send the
+        rest and EXITED (all output comes before EXITED).
+        """
         if self.state == EXITED:
             return self.exited
         self._check_live()
+        extra = self.buffered - self.prepaid
+        if extra > 0 and self.window:
+            self.prepaid += extra
+            self.pending_ack += extra
         self.before_wait()
         return None
 

@@ -708,8 +708,11 @@ class Process:
 
     Output is acknowledged as it is read. Like pipes, unread output blocks
     the process once the window is full: read both streams (or use
-    :meth:`communicate`), or drop them with DEVNULL. Closing a stream (or
-    leaving a ``with`` block) drops what it would still receive.
+    :meth:`communicate`), or drop them with DEVNULL. :meth:`wait` never
+    deadlocks on unread output: while it waits, output is acknowledged and
+    kept for reading afterwards (so a process that writes without end grows
+    memory while you wait). Closing a stream (or leaving a ``with`` block)
+    drops what it would still receive.
     """
 
     def __init__(
@@ -792,7 +795,11 @@ class Process:
         return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
-        """Wait for the exit and return the returncode; raises :class:`~agentd.TimeoutExpired` (it keeps running)."""
+        """Wait for the exit and return the returncode; raises :class:`~agentd.TimeoutExpired` (it keeps running).
+
+        Unread output is acknowledged and kept while waiting, so the wait
+        cannot stall on a full output window.
+        """
         try:
             e = self._client._wait(self._s.waiters, self._s.try_exited, _deadline(timeout))
         except _Timeout:

@@ -547,11 +547,11 @@ def decode(kind: int, payload: Buffer, *, direction: Optional[Direction] = None)
     K("max_sessions", U32, req=True),
     K("uptime_ms", U64),
     K("features", STRS, ext=True),
-    K("replay_bytes", U32),
-    K("cgroups", BOOL),
     K("realtime_ns", I64),
     K("restores", U32),
     K("clock_set", BOOL),
+    K("replay_bytes", U32),
+    K("cgroups", BOOL),
     kind=Kind.READY,
 )
 @dataclass
@@ -646,9 +646,9 @@ class Rlimit(Record):
     K("no_new_privs", BOOL),
     K("tag", STR),
     K("replay_bytes", U32),
-    K("detach", BOOL, ext=True),
     K("timeout_ms", U32, ext=True),
     K("kill_grace_ms", U32, ext=True),
+    K("detach", BOOL, ext=True),
     K("memory_max", U64),
     K("pids_max", U32),
     K("cpu_max", STR),
@@ -833,7 +833,7 @@ class FsStat(Record):
     target: Optional[str] = None
 
 
-@_schema(K("name", STR, req=True), K("type", STR, req=True), K("name_bin", BIN), K("stat", _Rec(lambda: FsStat)))
+@_schema(K("name", STR, req=True), K("name_bin", BIN), K("type", STR, req=True), K("stat", _Rec(lambda: FsStat)))
 @dataclass
 class FsEntry(Record):
     """A directory entry of FS_ENTRIES (``name_bin``: the exact bytes of a non-UTF-8 name)."""
@@ -844,14 +844,14 @@ class FsEntry(Record):
     stat: Optional[FsStat] = None
 
 
-@_schema(K("type", STR, req=True), K("path", STR, req=True), K("dir", BOOL, req=True), K("cookie", U32))
+@_schema(K("type", STR, req=True), K("path", STR, req=True), K("dir", BOOL), K("cookie", U32))
 @dataclass
 class FsEvent(Record):
     """A change of FS_EVENTS: created, modified, removed, moved_from, moved_to or attrib."""
 
     type: str
     path: str
-    dir: bool
+    dir: bool = False
     cookie: Optional[int] = None
 
 
@@ -859,26 +859,26 @@ class FsEvent(Record):
     K("op", STR, req=True),
     K("path", STR, req=True),
     K("user", STR),
-    K("window", U32),
-    K("offset", U64),
+    K("window", U32, ext=True),
+    K("offset", U64, ext=True),
     K("length", U64),
     K("mode", U32),
-    K("create", BOOL),
-    K("exclusive", BOOL),
-    K("append", BOOL),
-    K("atomic", BOOL),
-    K("parents", BOOL),
-    K("recursive", BOOL),
+    K("create", BOOL, ext=True),
+    K("exclusive", BOOL, ext=True),
+    K("append", BOOL, ext=True),
+    K("atomic", BOOL, ext=True),
+    K("parents", BOOL, ext=True),
+    K("recursive", BOOL, ext=True),
     K("to", STR),
-    K("replace", BOOL),
+    K("replace", BOOL, ext=True),
     K("target", STR),
     K("uid", U32),
     K("gid", U32),
     K("atime_ns", I64),
     K("mtime_ns", I64),
-    K("follow", BOOL),
-    K("stat", BOOL),
-    K("owners", BOOL),
+    K("follow", BOOL, ext=True),
+    K("stat", BOOL, ext=True),
+    K("owners", BOOL, ext=True),
     kind=Kind.FS_REQUEST,
 )
 @dataclass
@@ -1011,8 +1011,8 @@ class FsCancel(EmptyMessage):
     K("port", U16),
     K("path", STR),
     K("user", STR),
-    K("timeout_ms", U32),
-    K("window", U32),
+    K("timeout_ms", U32, ext=True),
+    K("window", U32, ext=True),
     kind=Kind.NET_CONNECT,
 )
 @dataclass
