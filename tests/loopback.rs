@@ -14,6 +14,8 @@
 //! - [`limits`]: no reply over the frame limit whatever a request quotes;
 //!   a shutdown always ends, whatever the windows and the host do.
 //! - [`pipelined`]: frames for a session sent before its STARTED.
+//! - [`sessions`]: the sessions extension over `--listen`: several hosts,
+//!   list, attach with replay, detach, kept exits, deadlines.
 //! - [`transports`]: `--port` on a socket, a FIFO pair and a terminal.
 //! - [`tty`]: terminal sessions.
 //!
@@ -76,6 +78,8 @@ mod init;
 mod limits;
 #[path = "loopback/pipelined.rs"]
 mod pipelined;
+#[path = "loopback/sessions.rs"]
+mod sessions;
 #[path = "loopback/transports.rs"]
 mod transports;
 #[path = "loopback/tty.rs"]

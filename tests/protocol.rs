@@ -117,6 +117,7 @@ fn string_tables_match_the_contract() {
             // follows").
             "unsupported",
             "not_permitted",
+            "duplicate_id",
         ]
     );
     let fs: Vec<_> = FsErrorKind::ALL.iter().map(|k| k.as_str()).collect();

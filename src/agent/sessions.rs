@@ -18,6 +18,10 @@ impl Core {
     /// A frame of the sessions extension from link `lk`.
     pub(crate) fn on_sessions_frame(&mut self, lk: usize, id: u32, msg: SessionsMsg) {
         match msg {
+            SessionsMsg::List(_) if id == 0 || self.ids.contains_key(&(lk, id)) => {
+                let msg = format!("id {id} is in use: LIST takes an id of its own");
+                self.send_error(lk, id, ErrorKind::DuplicateId, msg, Some(Kind::List as u8));
+            }
             SessionsMsg::List(l) => self.list(lk, id, l),
             SessionsMsg::Attach(a) => self.attach(lk, id, &a),
             SessionsMsg::Detach => {

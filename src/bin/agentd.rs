@@ -137,9 +137,11 @@ fn main() -> ExitCode {
     let parsed = parse_args();
     // The init path: `--init`, or PID 1 without an explicit transport (a VM's
     // /init gets no arguments, or stray kernel command-line words that fail
-    // to parse). `agentd --stdio` as PID 1 of a PID namespace stays a plain
-    // agent that exits 0 at end of file.
-    let explicit_transport = matches!(&parsed, Ok((_, Some(_))));
+    // to parse). `agentd --stdio` (or `--listen`) as PID 1 of a PID
+    // namespace stays a plain agent that exits 0 at end of file (or after
+    // SHUTDOWN).
+    let explicit_transport =
+        matches!(&parsed, Ok((o, mode)) if mode.is_some() || !o.listen.is_empty());
     let forced = std::env::args_os().any(|a| a == "--init");
     if forced || (agent::is_pid1() && !explicit_transport) {
         run_as_init(parsed);

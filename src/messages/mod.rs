@@ -290,6 +290,7 @@ string_enum! {
         StdinClosed = "stdin_closed",
         Unsupported = "unsupported",
         NotPermitted = "not_permitted",
+        DuplicateId = "duplicate_id",
     }
 }
 

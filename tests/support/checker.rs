@@ -37,7 +37,7 @@
 //! writes the way the agent's decoder cuts it into frames, so raw writes,
 //! split frames and garbage are accounted for like typed messages.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use agentd::codec::{Frame, MAX_OUTPUT_PAYLOAD, MAX_PAYLOAD};
 use agentd::messages::{ErrorKind, ExecFailedKind, Kind, Message};
@@ -49,8 +49,12 @@ use super::msgpack::{self, Value};
 /// frame's payload skipped), however the bytes were written.
 #[derive(Default)]
 pub struct Sent {
-    /// EXECs sent per id and not yet answered (STARTED or EXEC_FAILED).
-    pending_exec: HashMap<u32, u32>,
+    /// EXECs sent per id and not yet answered (STARTED or EXEC_FAILED),
+    /// oldest first: whether each asked to start detached (its STARTED is
+    /// then the id's last frame).
+    pending_exec: HashMap<u32, VecDeque<bool>>,
+    /// The EXEC being written: its id, and its payload so far.
+    exec_payload: Option<(u32, Vec<u8>)>,
     /// STDIN payload bytes sent per id, over the agent's lifetime.
     stdin_bytes: HashMap<u32, u64>,
     /// Every id of a frame header the host sent.
@@ -74,7 +78,13 @@ impl Sent {
             if self.skip > 0 {
                 let n = self.skip.min(bytes.len() as u64);
                 self.skip -= n;
+                if let Some((_, payload)) = &mut self.exec_payload {
+                    payload.extend_from_slice(&bytes[..n as usize]);
+                }
                 bytes = &bytes[n as usize..];
+                if self.skip == 0 {
+                    self.end_of_exec();
+                }
                 continue;
             }
             // Collect the length field, then kind and id.
@@ -99,7 +109,12 @@ impl Sent {
                 self.ids.insert(id);
                 let request = |s: &mut Sent, what| s.pending.entry(id).or_default().push(what);
                 match Kind::from_u8(kind) {
-                    Some(Kind::Exec) => *self.pending_exec.entry(id).or_default() += 1,
+                    Some(Kind::Exec) => {
+                        self.exec_payload = Some((id, Vec::new()));
+                        if payload == 0 {
+                            self.end_of_exec();
+                        }
+                    }
                     Some(Kind::Stdin) => *self.stdin_bytes.entry(id).or_default() += payload,
                     Some(Kind::Shutdown) => self.shutdown = true,
                     Some(Kind::FsRequest) => request(self, Stream::Fs),
@@ -113,6 +128,18 @@ impl Sent {
                 }
             }
         }
+    }
+
+    /// An EXEC has been written whole: whether it starts detached.
+    fn end_of_exec(&mut self) {
+        let Some((id, payload)) = self.exec_payload.take() else {
+            return;
+        };
+        let detach = super::msgpack::decode(&payload)
+            .ok()
+            .and_then(|m| m.get("detach").and_then(Value::as_bool))
+            .unwrap_or(false);
+        self.pending_exec.entry(id).or_default().push_back(detach);
     }
 
     /// Records that a shutdown was asked for by other means (a signal to
@@ -729,10 +756,14 @@ impl Checker {
     }
 
     fn started(&mut self, f: &Frame<'_>, m: &Value, sent: &mut Sent) -> Result<(), String> {
-        self.take_pending(f.id, sent, "STARTED")?;
+        let detach = self.take_pending(f.id, sent, "STARTED")?;
         let pid = m.get("pid").and_then(Value::as_int).unwrap_or_default() as u32;
-        if self.running.insert(f.id, pid).is_some() {
+        if self.running.contains_key(&f.id) {
             return Err(format!("STARTED for id {}, which is running", f.id));
+        }
+        // A detached start's STARTED is the id's last frame.
+        if !detach {
+            self.running.insert(f.id, pid);
         }
         Ok(())
     }
@@ -838,15 +869,13 @@ impl Checker {
         Ok(())
     }
 
-    /// Takes the EXEC a STARTED or EXEC_FAILED answers.
-    fn take_pending(&mut self, id: u32, sent: &mut Sent, what: &str) -> Result<(), String> {
-        match sent.pending_exec.get_mut(&id) {
-            Some(n) if *n > 0 => {
-                *n -= 1;
-                Ok(())
-            }
-            _ => Err(format!("{what} for id {id} without an EXEC waiting for it")),
-        }
+    /// Takes the EXEC a STARTED or EXEC_FAILED answers: whether it asked
+    /// to start detached.
+    fn take_pending(&mut self, id: u32, sent: &mut Sent, what: &str) -> Result<bool, String> {
+        sent.pending_exec
+            .get_mut(&id)
+            .and_then(VecDeque::pop_front)
+            .ok_or_else(|| format!("{what} for id {id} without an EXEC waiting for it"))
     }
 
     fn session_frame(&self, id: u32, name: &str) -> Result<(), String> {

@@ -296,6 +296,8 @@ enum Transport<'a> {
     Stdio,
     /// `--port PATH`: stdin and stdout /dev/null.
     Port(&'a Path),
+    /// `--listen unix:PATH`: no transport of its own, hosts connect.
+    Listen(&'a Path),
 }
 
 /// A running agent process. Dropping it kills its whole process tree:
@@ -334,6 +336,22 @@ impl AgentProcess {
         AgentProcess::spawn(opts, Transport::Port(port)).0
     }
 
+    /// Starts `agentd --listen unix:PATH` with `opts` (in a pid namespace
+    /// when `opts.pidns`) and waits until the socket accepts.
+    pub fn spawn_listen(opts: &Opts, path: &Path) -> AgentProcess {
+        let mut process = AgentProcess::spawn(opts, Transport::Listen(path)).0;
+        if opts.pidns {
+            process.host_pid = process.find_ns_child();
+        }
+        let end = Instant::now() + timeout();
+        while std::os::unix::net::UnixStream::connect(path).is_err() {
+            process.assert_running("listening");
+            assert!(Instant::now() < end, "{} never accepted", path.display());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        process
+    }
+
     fn spawn(
         opts: &Opts,
         transport: Transport<'_>,
@@ -358,6 +376,14 @@ impl AgentProcess {
             Transport::Port(path) => {
                 cmd.arg("--port")
                     .arg(path)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null());
+            }
+            Transport::Listen(path) => {
+                let mut addr = std::ffi::OsString::from("unix:");
+                addr.push(path);
+                cmd.arg("--listen")
+                    .arg(addr)
                     .stdin(Stdio::null())
                     .stdout(Stdio::null());
             }

@@ -39,6 +39,7 @@
 pub mod agent;
 pub mod checker;
 pub mod host;
+pub mod listen;
 pub mod msgpack;
 pub mod proc;
 pub mod seccomp;
