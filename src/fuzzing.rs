@@ -469,6 +469,7 @@ pub mod dispatch {
             },
             // Sometimes with replay rings (output read, not spliced).
             replay_bytes: [0, 4096][usize::from((c >> 5) & 1)],
+            cgroups: None,
         };
         let mut stream = Vec::new();
         let mut stops = Vec::new();

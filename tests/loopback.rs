@@ -5,6 +5,8 @@
 //! modules by topic:
 //! - [`basics`]: READY, PING/PONG, EXEC keys (env, cwd, user, rlimits,
 //!   stdin), exit codes, signals.
+//! - [`cgroups`]: per-session cgroups (`--cgroup-root`): tree signals,
+//!   deadlines, limits enforced or refused, removal.
 //! - [`errors`]: every ERROR kind, framing (oversized, truncated), and
 //!   garbage that must not disturb other sessions.
 //! - [`exec_failed`]: every EXEC_FAILED kind.
@@ -64,6 +66,8 @@ macro_rules! both {
 
 #[path = "loopback/basics.rs"]
 mod basics;
+#[path = "loopback/cgroups.rs"]
+mod cgroups;
 #[path = "loopback/errors.rs"]
 mod errors;
 #[path = "loopback/exec_failed.rs"]

@@ -21,12 +21,13 @@ use crate::messages::{
     self, ErrorKind, ErrorMsg, ExecFailed, Exited, Kind, Ready, PROTOCOL_VERSION,
 };
 
+use super::cgroups::SessionCgroup;
 use super::event_loop::{handled_signals, Config, Exit, LoopError};
 use super::fs;
 use super::link::{HostLink, Input};
 use super::listener::Listener;
 use super::net;
-use super::session::Session;
+use super::session::{Session, Target};
 use super::spawn::{SpawnError, StartReport, StartStatus};
 use super::sys::{self, send_signal, Reaped};
 use super::timers::{timeout_until, Timer, Timers};
@@ -111,6 +112,9 @@ pub(crate) struct Core {
     /// Children killed before their session existed (their fds could not
     /// be registered), with the memory they ran on, freed once reaped.
     unwatched: HashMap<libc::pid_t, StartStatus>,
+    /// Cgroups of finished sessions that processes still run in (a
+    /// background grandchild): removed once empty, signalled at shutdown.
+    lingering_cgroups: Vec<SessionCgroup>,
     pub(crate) timers: Timers,
     pub(crate) config: Config,
     shutdown: Option<Shutdown>,
@@ -151,6 +155,7 @@ impl Core {
             ids: HashMap::new(),
             by_pid: HashMap::new(),
             unwatched: HashMap::new(),
+            lingering_cgroups: Vec::new(),
             yielded: VecDeque::new(),
             finished: VecDeque::new(),
             timers: Timers::default(),
@@ -402,11 +407,28 @@ impl Core {
                 push_map(link.frames(), Kind::Exited, o.id, &exit);
             }
         }
+        if let Some(cg) = self.sessions[key].take_cgroup() {
+            self.keep_until_empty(cg);
+        }
         if was_live {
             self.finished.push_back(key);
             self.evict_records();
         }
         self.after_session_gone();
+    }
+
+    /// Removes a session's cgroup now if it is empty, else once it is.
+    pub(crate) fn keep_until_empty(&mut self, cg: SessionCgroup) {
+        if !cg.remove() {
+            self.lingering_cgroups.push(cg);
+        }
+    }
+
+    /// Signals every process left in the cgroups of finished sessions.
+    fn signal_lingering_cgroups(&self, signal: libc::c_int) {
+        for cg in &self.lingering_cgroups {
+            cg.signal(signal);
+        }
     }
 
     /// Keeps at most [`KEPT_RECORDS`] finished sessions: the oldest whose
@@ -474,6 +496,8 @@ impl Core {
             }
             self.service(key);
         }
+        // The last process of a lingering cgroup may just have gone.
+        self.lingering_cgroups.retain(|cg| !cg.remove());
     }
 
     /// Runs every timer that is due.
@@ -767,6 +791,7 @@ impl Core {
         for (_, s) in self.sessions.iter().filter(|(_, s)| !s.is_finished()) {
             s.signal_group(libc::SIGKILL);
         }
+        self.signal_lingering_cgroups(libc::SIGKILL);
         kill_and_reap_all(Duration::from_secs(2));
         self.exit = Some(Exit::TransportClosed);
     }
@@ -825,11 +850,12 @@ impl Core {
         for (_, s) in self.sessions.iter_mut().filter(|(_, s)| !s.is_finished()) {
             if s.is_starting() {
                 // As for a host's SIGNAL: after STARTED, or not at all.
-                s.signal(libc::SIGTERM, true);
+                s.signal(libc::SIGTERM, Target::Tree);
             } else {
                 s.signal_group(libc::SIGTERM);
             }
         }
+        self.signal_lingering_cgroups(libc::SIGTERM);
         self.shutdown = Some(Shutdown {
             phase: ShutdownPhase::Grace,
             deadline: Instant::now() + grace,
@@ -854,6 +880,7 @@ impl Core {
             ShutdownPhase::Grace => {
                 sd.phase = ShutdownPhase::Drain;
                 sd.deadline = now + SHUTDOWN_DRAIN;
+                self.signal_lingering_cgroups(libc::SIGKILL);
             }
             ShutdownPhase::Drain | ShutdownPhase::Dropping => sd.phase = ShutdownPhase::Dropping,
         }
@@ -886,6 +913,31 @@ impl Core {
             }
         }
         self.exit = Some(Exit::Shutdown);
+    }
+
+    /// On the way out: kills what is left in every session cgroup and
+    /// removes them, waiting at most a second for the kernel to empty them
+    /// (it sleeps: only after the loop).
+    pub(crate) fn remove_cgroups(&mut self) {
+        let mut all = std::mem::take(&mut self.lingering_cgroups);
+        all.extend(
+            self.sessions
+                .iter_mut()
+                .filter_map(|(_, s)| s.release_cgroup()),
+        );
+        let end = Instant::now() + Duration::from_secs(1);
+        while !all.is_empty() {
+            for cg in &all {
+                cg.signal(libc::SIGKILL);
+            }
+            sys::reap_ended();
+            all.retain(|cg| !cg.remove());
+            if Instant::now() >= end {
+                tracing::warn!(left = all.len(), "session cgroups still busy at exit");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Before the agent exits: writes what every link has queued, waiting
@@ -923,7 +975,7 @@ pub(crate) fn ready_frame(config: &Config) -> Vec<u8> {
             .map(|f| f.name().to_owned())
             .collect(),
         replay_bytes: Some(config.replay_bytes),
-        cgroups: Some(false),
+        cgroups: Some(config.cgroups.is_some()),
         ..Ready::default()
     };
     let mut out = Vec::new();

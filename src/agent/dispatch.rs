@@ -10,8 +10,9 @@ use std::time::Duration;
 use crate::codec::{self, Frame};
 use crate::messages::{self, ErrorKind, Exec, ExecFailedKind, Feature, Kind, Message};
 
+use super::cgroups::{self, SessionCgroup};
 use super::core::{Core, Owned};
-use super::session::{Info, Owner, Session, SessionSpec};
+use super::session::{Info, Owner, Session, SessionSpec, Target};
 use super::spawn::{self, SpawnError};
 use super::stream::InflowError;
 
@@ -91,11 +92,17 @@ impl Core {
                     let msg = format!("{} is not a Linux signal number (0 to 64)", sig.signal);
                     return Err((ErrorKind::InvalidSignal, msg));
                 }
-                if sig.tree {
-                    let msg = "SIGNAL tree needs per-session cgroups (cgroup v2), which this guest does not give the agent";
-                    return Err((ErrorKind::Unsupported, msg.to_owned()));
-                }
-                core.sessions[key].signal(sig.signal, sig.group);
+                let s = &mut core.sessions[key];
+                let target = match (sig.tree, sig.group) {
+                    (true, _) if !s.has_cgroup() => {
+                        let msg = "SIGNAL tree needs per-session cgroups (cgroup v2: PID 1 with cgroup2, or agentd --cgroup-root), which this agent does not have";
+                        return Err((ErrorKind::Unsupported, msg.to_owned()));
+                    }
+                    (true, _) => Target::Tree,
+                    (false, true) => Target::Group,
+                    (false, false) => Target::Process,
+                };
+                s.signal(sig.signal, target);
                 Ok(())
             }),
             Message::OutputAck(ack) => self.with_session(lk, id, Kind::OutputAck, |core, key| {
@@ -141,14 +148,15 @@ impl Core {
         if let Err(e) = self.may_exec(lk, id) {
             return self.exec_failed(lk, id, e);
         }
-        let child = match spawn::prepare(req, &self.config.defaults).and_then(spawn::spawn) {
-            Ok(child) => child,
+        let seq = self.take_seq();
+        let (child, cgroup) = match self.spawn_in_cgroup(seq, req) {
+            Ok(started) => started,
             Err(e) => return self.exec_failed(lk, id, e),
         };
         let pid = child.pid;
         let spec = SessionSpec {
             owner: Owner { link: lk, id },
-            seq: self.take_seq(),
+            seq,
             output_window: req.output_window,
             linger_ms: req.linger_ms,
             replay_bytes: req.replay_bytes.unwrap_or(self.config.replay_bytes),
@@ -161,9 +169,19 @@ impl Core {
         };
         let key = self.sessions.vacant_key();
         match Session::new(spec, child, key, &self.registry) {
-            Ok(session) => self.add_session(key, session),
+            Ok(mut session) => {
+                if let Some(cg) = cgroup {
+                    session.set_cgroup(cg);
+                }
+                self.add_session(key, session)
+            }
             Err((e, status)) => {
                 self.unwatched(pid, status);
+                if let Some(cg) = cgroup {
+                    // The child runs on unwatched: its cgroup goes once empty.
+                    cg.signal(libc::SIGKILL);
+                    self.keep_until_empty(cg);
+                }
                 let err = SpawnError {
                     kind: ExecFailedKind::Resource,
                     message: format!("registering the session's fds: {e}"),
@@ -171,6 +189,40 @@ impl Core {
                     stage: Some("register"),
                 };
                 self.exec_failed(lk, id, err);
+            }
+        }
+    }
+
+    /// Prepares `req` and spawns its child, in a cgroup of its own (made
+    /// with the limits `req` asks for) where the agent has a cgroup root.
+    /// Limits the agent cannot enforce are refused, never ignored.
+    fn spawn_in_cgroup(
+        &mut self,
+        seq: u64,
+        req: &Exec,
+    ) -> Result<(spawn::Child, Option<SessionCgroup>), SpawnError> {
+        match &self.config.cgroups {
+            Some(root) => root.check(req)?,
+            None => cgroups::check_limits(None, req)?,
+        }
+        let mut prepared = spawn::prepare(req, &self.config.defaults)?;
+        let mut cgroup = match &self.config.cgroups {
+            Some(root) => Some(root.create(seq, req)?),
+            None => None,
+        };
+        prepared.place_in_cgroup(cgroup.as_ref().and_then(SessionCgroup::procs_fd));
+        match spawn::spawn(prepared) {
+            Ok(child) => {
+                if let Some(cg) = &mut cgroup {
+                    cg.child_placed();
+                }
+                Ok((child, cgroup))
+            }
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    cg.remove();
+                }
+                Err(e)
             }
         }
     }

@@ -40,6 +40,8 @@ pub struct Config {
     /// The default of EXEC's `replay_bytes`: bytes of each output stream
     /// kept for a later ATTACH. 0 where no other host could ever attach.
     pub replay_bytes: u32,
+    /// Where sessions' cgroups are made (`None`: no cgroups).
+    pub(crate) cgroups: Option<super::cgroups::CgroupRoot>,
 }
 
 impl Default for Config {
@@ -50,6 +52,7 @@ impl Default for Config {
             pid1: false,
             defaults: SpawnDefaults::from_agent_env(),
             replay_bytes: 0,
+            cgroups: None,
         }
     }
 }
@@ -71,6 +74,8 @@ pub enum LoopError {
     Signals(nix::Error),
     #[error("registering the transport: {0}")]
     Register(io::Error),
+    #[error("the cgroup root {path}: {1}", path = .0.display())]
+    Cgroups(std::path::PathBuf, io::Error),
 }
 
 /// The signals the loop takes through its signalfd. They are blocked for
@@ -129,6 +134,7 @@ impl EventLoop {
             self.core.pump();
             if let Some(exit) = self.core.exit {
                 self.core.finish_output();
+                self.core.remove_cgroups();
                 return exit;
             }
             let timeout = self.core.next_timeout(Instant::now());

@@ -23,6 +23,7 @@
 //! - [`init`]: PID-1 duties (mounts, kernel command line, modules, the
 //!   virtio port, logging, power-off).
 
+mod cgroups;
 mod core;
 mod dispatch;
 mod event_loop;
@@ -80,6 +81,21 @@ pub struct Options {
     /// `off`, `error`, `warn`, `info`, `debug` or `trace`; else
     /// `AGENTD_LOG`, else warn.
     pub log_level: Option<String>,
+    /// Where sessions' cgroups go.
+    pub cgroups: CgroupSetting,
+}
+
+/// Whether sessions get cgroups of their own, and where.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CgroupSetting {
+    /// None: process groups only (SIGNAL `tree` and the limits refused).
+    #[default]
+    Off,
+    /// Under this cgroup2 directory (`--cgroup-root`), made if missing.
+    Root(PathBuf),
+    /// As PID 1: under `/sys/fs/cgroup/agentd`, when the kernel has
+    /// cgroup2 (init mounts it).
+    Init,
 }
 
 impl Options {
@@ -91,6 +107,7 @@ impl Options {
             max_sessions: defaults.max_sessions,
             stdin_window: defaults.stdin_window,
             log_level: None,
+            cgroups: CgroupSetting::Off,
         }
     }
 }
@@ -123,6 +140,13 @@ pub fn serve(
             child_nofile: process::raise_fd_limit(),
         },
         replay_bytes,
+        cgroups: match &opts.cgroups {
+            CgroupSetting::Off => None,
+            CgroupSetting::Init => cgroups::CgroupRoot::for_init(),
+            CgroupSetting::Root(dir) => Some(
+                cgroups::CgroupRoot::open(dir).map_err(|e| LoopError::Cgroups(dir.clone(), e))?,
+            ),
+        },
     };
     let mut event_loop = EventLoop::with_listeners(config, transport, listeners)?;
     Ok(event_loop.run())

@@ -39,6 +39,7 @@ use mio::{Interest, Registry};
 
 use crate::messages::{Exited, Kind};
 
+use super::cgroups::SessionCgroup;
 use super::spawn::{Child, ChildStdio, StartStatus};
 use super::stream::{
     Acks, Close, Flushed, Inflow, InflowError, LinkOut, Outflow, PayloadSource, Pumped,
@@ -61,7 +62,7 @@ enum State {
         /// after STARTED, dropped on EXEC_FAILED, so a signal cannot make
         /// a program that never ran look started. Each distinct pair is
         /// held once (see [`hold_signal`]).
-        held: Vec<(libc::c_int, bool)>,
+        held: Vec<(libc::c_int, Target)>,
     },
     Running,
     Lingering {
@@ -180,18 +181,31 @@ pub(crate) struct Session {
     /// Output the host cannot get (a shutdown past its grace) is read and
     /// dropped, and counted in EXITED's `output_dropped`.
     discard: bool,
+    /// Its cgroup, where the agent has a cgroup root.
+    cgroup: Option<SessionCgroup>,
 }
 
-/// Adds (signal, group) to `held` unless it is there already, in the order
-/// of first arrival. A host may send any number of SIGNALs before the
+/// Whom a host's SIGNAL is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// The session's process alone.
+    Process,
+    /// Its process group.
+    Group,
+    /// Every process in its cgroup (SIGNAL `tree`).
+    Tree,
+}
+
+/// Adds (signal, target) to `held` unless it is there already, in the
+/// order of first arrival. A host may send any number of SIGNALs before the
 /// program starts (and it may take long to: a child stuck in `chdir` on a
 /// hung filesystem); each costs no reply, so nothing else bounds them.
-/// Coalesced, they take at most 65 × 2 entries. A repeated signal is
+/// Coalesced, they take at most 65 × 3 entries. A repeated signal is
 /// delivered once, like a standard signal already pending (real-time
 /// signals, which the kernel would queue, are coalesced too).
-fn hold_signal(held: &mut Vec<(libc::c_int, bool)>, signal: libc::c_int, group: bool) {
-    if !held.contains(&(signal, group)) {
-        held.push((signal, group));
+fn hold_signal(held: &mut Vec<(libc::c_int, Target)>, signal: libc::c_int, target: Target) {
+    if !held.contains(&(signal, target)) {
+        held.push((signal, target));
     }
 }
 
@@ -269,6 +283,7 @@ impl Session {
             tty,
             stalled: false,
             discard: false,
+            cgroup: None,
         })
     }
 
@@ -415,8 +430,8 @@ impl Session {
             return false;
         };
         deregister(registry, status.fd());
-        for (signal, group) in held {
-            self.deliver(signal, group);
+        for (signal, target) in held {
+            self.deliver(signal, target);
         }
         if let Some((timeout, grace)) = self.deadline.pending.take() {
             self.set_deadline(timeout, grace, key, now, timers);
@@ -426,37 +441,69 @@ impl Session {
 
     /// A host's SIGNAL: held while starting (see [`hold_signal`]), else
     /// delivered.
-    pub(crate) fn signal(&mut self, signal: libc::c_int, group: bool) {
+    pub(crate) fn signal(&mut self, signal: libc::c_int, target: Target) {
         match &mut self.state {
-            State::Starting { held, .. } => hold_signal(held, signal, group),
-            _ => self.deliver(signal, group),
+            State::Starting { held, .. } => hold_signal(held, signal, target),
+            _ => self.deliver(signal, target),
         }
     }
 
-    fn deliver(&self, signal: libc::c_int, group: bool) {
+    fn deliver(&self, signal: libc::c_int, target: Target) {
         if self.is_finished() {
             // Its process group may be someone else's by now.
             return;
         }
-        if group {
+        match target {
             // The group outlives its leader while descendants remain, so it
             // is signalled after reaping too.
-            send_signal(-self.pid, signal);
-        } else if !self.is_reaped() {
+            Target::Group => send_signal(-self.pid, signal),
             // Once reaped the pid may belong to someone else.
-            send_signal(self.pid, signal);
+            Target::Process if !self.is_reaped() => send_signal(self.pid, signal),
+            Target::Process => {}
+            Target::Tree => match &self.cgroup {
+                Some(cg) => cg.signal(signal),
+                None => send_signal(-self.pid, signal),
+            },
         }
     }
 
-    /// Signals the process group, and the process itself while it may not
-    /// have called setsid yet (still starting).
+    /// Signals its whole tree: the cgroup where it has one, and the
+    /// process group, and the process itself while it may not have called
+    /// setsid yet (still starting). What deadlines and shutdowns use.
     pub(crate) fn signal_group(&self, signal: libc::c_int) {
         if self.is_finished() {
             return;
         }
+        if let Some(cg) = &self.cgroup {
+            cg.signal(signal);
+        }
         send_signal(-self.pid, signal);
         if self.is_starting() {
             send_signal(self.pid, signal);
+        }
+    }
+
+    /// Whether it has a cgroup of its own (SIGNAL `tree` needs one).
+    pub(crate) fn has_cgroup(&self) -> bool {
+        self.cgroup.is_some()
+    }
+
+    /// Gives it its cgroup (the child is in it already).
+    pub(crate) fn set_cgroup(&mut self, cg: SessionCgroup) {
+        self.cgroup = Some(cg);
+    }
+
+    /// Its cgroup, whatever its state: the agent is exiting.
+    pub(crate) fn release_cgroup(&mut self) -> Option<SessionCgroup> {
+        self.cgroup.take()
+    }
+
+    /// Its cgroup, once it has finished (to be removed when empty).
+    pub(crate) fn take_cgroup(&mut self) -> Option<SessionCgroup> {
+        if self.is_finished() {
+            self.cgroup.take()
+        } else {
+            None
         }
     }
 
@@ -778,6 +825,7 @@ impl Session {
             exit.output_dropped = Some(dropped);
         }
         exit.timed_out |= self.deadline.passed;
+        exit.oom_killed |= self.cgroup.as_ref().is_some_and(SessionCgroup::oom_killed);
         if let Some(t) = self.deadline.timer.take() {
             timers.cancel(t);
         }
@@ -857,31 +905,37 @@ fn register_stdio(stdio: ChildStdio, key: usize, registry: &Registry) -> io::Res
 
 #[cfg(test)]
 mod tests {
-    use super::hold_signal;
+    use super::{hold_signal, Target};
 
     #[test]
     fn held_signals_are_coalesced_in_order_of_arrival() {
         let mut held = Vec::new();
         for round in 0..10_000 {
             for signal in [15, 2, 64, 15] {
-                hold_signal(&mut held, signal, round % 2 == 0);
+                let target = if round % 2 == 0 {
+                    Target::Group
+                } else {
+                    Target::Process
+                };
+                hold_signal(&mut held, signal, target);
             }
         }
         assert_eq!(
             held,
             [
-                (15, true),
-                (2, true),
-                (64, true),
-                (15, false),
-                (2, false),
-                (64, false)
+                (15, Target::Group),
+                (2, Target::Group),
+                (64, Target::Group),
+                (15, Target::Process),
+                (2, Target::Process),
+                (64, Target::Process)
             ]
         );
         for signal in 0..=64 {
-            hold_signal(&mut held, signal, true);
-            hold_signal(&mut held, signal, false);
+            hold_signal(&mut held, signal, Target::Group);
+            hold_signal(&mut held, signal, Target::Process);
+            hold_signal(&mut held, signal, Target::Tree);
         }
-        assert_eq!(held.len(), 130);
+        assert_eq!(held.len(), 195);
     }
 }

@@ -119,6 +119,17 @@ pub(crate) struct Prepared {
     stdin: bool,
     no_new_privs: bool,
     reset_signals: &'static [libc::c_int],
+    /// The session cgroup's `cgroup.procs`, which the child writes `0` to
+    /// (see super::cgroups); open in the agent until the clone.
+    cgroup_procs: Option<RawFd>,
+}
+
+impl Prepared {
+    /// Places the child in the cgroup whose `cgroup.procs` is `fd` (which
+    /// must stay open until [`spawn`] returns).
+    pub(crate) fn place_in_cgroup(&mut self, fd: Option<RawFd>) {
+        self.cgroup_procs = fd;
+    }
 }
 
 /// The signals whose disposition in the agent is not SIG_DFL, read once.
@@ -280,6 +291,7 @@ pub(crate) fn prepare(exec: &Exec, defaults: &SpawnDefaults) -> Result<Prepared,
         stdin: exec.stdin,
         no_new_privs: exec.no_new_privs,
         reset_signals: non_default_signals(),
+        cgroup_procs: None,
     })
 }
 
@@ -389,6 +401,7 @@ pub(crate) struct Child {
 #[repr(u32)]
 enum Stage {
     Setsid = 1,
+    Cgroup,
     Stdio,
     Tty,
     Chdir,
@@ -401,8 +414,9 @@ enum Stage {
 }
 
 impl Stage {
-    const ALL: [Stage; 10] = [
+    const ALL: [Stage; 11] = [
         Stage::Setsid,
+        Stage::Cgroup,
         Stage::Stdio,
         Stage::Tty,
         Stage::Chdir,
@@ -417,6 +431,7 @@ impl Stage {
     fn name(self) -> &'static str {
         match self {
             Stage::Setsid => "setsid",
+            Stage::Cgroup => "cgroup",
             Stage::Stdio => "stdio",
             Stage::Tty => "tty",
             Stage::Chdir => "chdir",
@@ -445,6 +460,8 @@ impl Stage {
             (Stage::Setgroups | Stage::Setgid | Stage::Setuid, _) => BadUser,
             (Stage::Setrlimit, libc::EPERM) => PermissionDenied,
             (Stage::Setrlimit, libc::EINVAL) => InvalidRequest,
+            // pids.max reached, or no memory for the move.
+            (Stage::Cgroup, libc::EAGAIN | libc::ENOMEM) => Resource,
             _ => Other,
         };
         let what = match self {
@@ -877,6 +894,18 @@ unsafe fn child_after_clone(l: &Launch) -> ! {
         let r = sys(libc::SYS_setsid, [0; 6]);
         if r < 0 {
             fail(Stage::Setsid, r);
+        }
+        // Into the session's cgroup before anything else runs as the
+        // program (and while still privileged to write cgroup.procs).
+        if let Some(fd) = p.cgroup_procs {
+            let zero = b"0";
+            let r = sys(
+                libc::SYS_write,
+                [fd as usize, zero.as_ptr() as usize, 1, 0, 0, 0],
+            );
+            if r < 0 {
+                fail(Stage::Cgroup, r);
+            }
         }
         for (target, &fd) in l.fds.iter().enumerate() {
             let r = if fd == target as RawFd {

@@ -4,8 +4,12 @@
 //! agentd --stdio                 the transport is stdin/stdout (tests, agentctl)
 //! agentd --port PATH             the transport is PATH (character device,
 //!                                Unix socket, or FIFO pair PATH.in/PATH.out)
+//! agentd --listen unix:PATH      accept hosts on a Unix socket (or
+//!                                vsock:PORT), several at once; repeatable
 //! agentd --init [--port PATH]    PID-1 duties first (automatic when PID 1)
 //! options: --max-sessions N  --stdin-window BYTES  --log-level LEVEL
+//!          --cgroup-root DIR (per-session cgroups under this cgroup2
+//!          directory; automatic as PID 1, under /sys/fs/cgroup/agentd)
 //! ```
 //! Logs go to stderr, never to the transport; the level comes from
 //! `--log-level` or `AGENTD_LOG` (default `warn`). On the init path it comes
@@ -26,9 +30,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agentd::agent::{self, init, Mode, Options, Transport, TransportKind};
+use agentd::agent::{self, init, CgroupSetting, Mode, Options, Transport, TransportKind};
 
-const USAGE: &str = "usage: agentd (--stdio | --port PATH | --listen ADDR... | --init [--stdio | --port PATH]) [--listen unix:PATH|vsock:PORT]... [--max-sessions N] [--stdin-window BYTES] [--log-level error|warn|info|debug|trace]";
+const USAGE: &str = "usage: agentd (--stdio | --port PATH | --listen ADDR... | --init [--stdio | --port PATH]) [--listen unix:PATH|vsock:PORT]... [--max-sessions N] [--stdin-window BYTES] [--cgroup-root DIR] [--log-level error|warn|info|debug|trace]";
 
 /// An argument as UTF-8, or an error naming it (arguments are read with
 /// `args_os`, so a word that is not UTF-8 is an error, never a panic).
@@ -64,6 +68,9 @@ fn parse_args() -> Result<(Options, Option<Mode>), String> {
                     .map_err(|e| format!("--stdin-window: {e}"))?
             }
             "--log-level" => opts.log_level = Some(utf8("--log-level", value("--log-level")?)?),
+            "--cgroup-root" => {
+                opts.cgroups = CgroupSetting::Root(PathBuf::from(value("--cgroup-root")?))
+            }
             "--init" => init = true,
             "--version" | "-V" => {
                 println!("agentd {}", env!("CARGO_PKG_VERSION"));
@@ -108,6 +115,10 @@ fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
         if let Err(e) = agent::become_subreaper() {
             tracing::warn!(error = %e, "cannot become a child subreaper");
         }
+    }
+    let mut opts = opts;
+    if agent::is_pid1() && opts.cgroups == CgroupSetting::Off {
+        opts.cgroups = CgroupSetting::Init;
     }
     let listeners = agent::bind_listeners(&opts.listen).unwrap_or_else(|e| init::fatal(&e));
     let transport = match &mode {
