@@ -470,6 +470,8 @@ pub mod dispatch {
             // Sometimes with replay rings (output read, not spliced).
             replay_bytes: [0, 4096][usize::from((c >> 5) & 1)],
             cgroups: None,
+            allow_clock: false,
+            watch_restores: false,
         };
         let mut stream = Vec::new();
         let mut stops = Vec::new();
@@ -676,11 +678,25 @@ pub mod dispatch {
                 }
                 Ok(Message::Signal(s)) if CORE_SIGNALS.contains(&s.signal) => return false,
                 Ok(Message::Shutdown(s)) if s.grace_ms > 2000 => return false,
+                // Extension requests that touch the machine's files or
+                // network (the fuzzer runs as root), or that move a session
+                // to or from this host (which the model does not follow),
+                // are left out; LIST and the clock's requests (refused
+                // here: no --allow-clock) are kept.
+                Ok(m) if UNVETTED_KINDS.contains(&m.kind()) => return false,
                 _ => {}
             }
         }
         true
     }
+
+    /// The extension kinds no fuzz input may send.
+    const UNVETTED_KINDS: &[Kind] = &[
+        Kind::FsRequest,
+        Kind::NetConnect,
+        Kind::Attach,
+        Kind::Detach,
+    ];
 
     fn harmless(e: &Exec) -> bool {
         let args_ok = match e.cmd.as_str() {
@@ -747,6 +763,8 @@ pub mod dispatch {
         pub stdin_acks: usize,
         pub errors: usize,
         pub pongs: usize,
+        /// SESSIONS and the clock's replies.
+        pub extension_replies: usize,
         pub shutdown_done: bool,
     }
 
@@ -843,6 +861,9 @@ pub mod dispatch {
                     s.live = false;
                     self.summary.exited += 1;
                 }
+                // The answers to LIST and the clock's requests: the agent's
+                // own, well formed as the decoding checked.
+                Message::Sessions(_) | Message::Clock(_) => self.summary.extension_replies += 1,
                 other => unreachable!("decode_from_agent let {other:?} through"),
             }
         }

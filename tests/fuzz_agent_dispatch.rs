@@ -20,6 +20,7 @@ fn agent_dispatch_corpus() {
     let files = corpus_files("agent_dispatch");
     assert!(files.len() >= 20, "only {} seeds", files.len());
     harmful_exec_is_skipped();
+    machine_touching_extensions_are_skipped();
     let mut total = Summary::default();
     for path in &files {
         let data = std::fs::read(path).unwrap();
@@ -37,6 +38,7 @@ fn agent_dispatch_corpus() {
         total.stdin_acks += s.stdin_acks;
         total.errors += s.errors;
         total.pongs += s.pongs;
+        total.extension_replies += s.extension_replies;
         total.shutdown_done |= s.shutdown_done;
     }
     // Together the seeds cover every kind of answer.
@@ -48,6 +50,9 @@ fn agent_dispatch_corpus() {
         "{total:?}"
     );
     assert!(total.pongs >= 20 && total.shutdown_done, "{total:?}");
+    // The list-sessions seed (a crash input of CI's fuzzing, once: the
+    // model did not know SESSIONS) gets its answer.
+    assert!(total.extension_replies >= 1, "{total:?}");
 }
 
 /// A raw-frame operation (tag 8) carrying EXEC `exec` for session 1.
@@ -58,6 +63,43 @@ fn raw_exec_input(exec: &str) -> Vec<u8> {
     let mut input = vec![0x1f, 8, 0x10, 1, payload.len() as u8];
     input.extend_from_slice(payload);
     input
+}
+
+/// A raw-frame operation (tag 8) carrying `msg` for session 1.
+fn raw_input(msg: agentd::messages::Message) -> Vec<u8> {
+    let frame = msg.to_bytes(1);
+    let payload = &frame[agentd::codec::HEADER_LEN..];
+    let mut input = vec![0x1f, 8, frame[4], 1, payload.len() as u8];
+    input.extend_from_slice(payload);
+    input
+}
+
+/// Requests that would touch the machine's files or network, or move a
+/// session between hosts, skip the input; LIST does not.
+fn machine_touching_extensions_are_skipped() {
+    use agentd::messages::{
+        Attach, FsMsg, FsOp, FsRequest, List, Message, NetConnect, NetMsg, SessionsMsg,
+    };
+    let mut remove = FsRequest::new(FsOp::Remove, "/tmp/agentd-fuzz-x");
+    remove.recursive = Some(true);
+    let remove = Message::Fs(FsMsg::Request(Box::new(remove)));
+    assert!(dispatch::run(&raw_input(remove)).skipped);
+    let connect = NetConnect {
+        host: Some("127.0.0.1".into()),
+        port: Some(1),
+        ..Default::default()
+    };
+    let connect = Message::Net(NetMsg::Connect(Box::new(connect)));
+    assert!(dispatch::run(&raw_input(connect)).skipped);
+    let attach = Attach {
+        session: Some(1),
+        ..Default::default()
+    };
+    let attach = Message::Sessions(SessionsMsg::Attach(Box::new(attach)));
+    assert!(dispatch::run(&raw_input(attach)).skipped);
+    let list = Message::Sessions(SessionsMsg::List(List::default()));
+    let s = dispatch::run(&raw_input(list));
+    assert!(!s.skipped && s.extension_replies == 1, "{s:?}");
 }
 
 /// The harness itself refuses what it must not run: an EXEC of anything

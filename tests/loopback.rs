@@ -7,6 +7,8 @@
 //!   stdin), exit codes, signals.
 //! - [`cgroups`]: per-session cgroups (`--cgroup-root`): tree signals,
 //!   deadlines, limits enforced or refused, removal.
+//! - [`clock`]: the clock extension (CLOCK_GET; CLOCK_SET and ENTROPY
+//!   refused outside a VM's init).
 //! - [`errors`]: every ERROR kind, framing (oversized, truncated), and
 //!   garbage that must not disturb other sessions.
 //! - [`exec_failed`]: every EXEC_FAILED kind.
@@ -68,6 +70,8 @@ macro_rules! both {
 mod basics;
 #[path = "loopback/cgroups.rs"]
 mod cgroups;
+#[path = "loopback/clock.rs"]
+mod clock;
 #[path = "loopback/errors.rs"]
 mod errors;
 #[path = "loopback/exec_failed.rs"]

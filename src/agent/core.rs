@@ -27,6 +27,7 @@ use super::fs;
 use super::link::{HostLink, Input};
 use super::listener::Listener;
 use super::net;
+use super::restore::Uevents;
 use super::session::{Session, Target};
 use super::spawn::{SpawnError, StartReport, StartStatus};
 use super::sys::{self, send_signal, Reaped};
@@ -121,6 +122,11 @@ pub(crate) struct Core {
     pub(crate) exit: Option<Exit>,
     /// The next session's agent-wide number.
     next_seq: u64,
+    /// Restores from a snapshot noticed (READY's and CLOCK's `restores`).
+    pub(crate) restores: u32,
+    /// The kernel's uevents, watched for a new VM generation (as a VM's
+    /// init only).
+    uevents: Option<Uevents>,
 }
 
 impl Core {
@@ -163,6 +169,8 @@ impl Core {
             shutdown: None,
             exit: None,
             next_seq: 1,
+            restores: 0,
+            uevents: None,
         };
         if let Some(t) = transport {
             core.add_link(t).map_err(LoopError::Register)?;
@@ -177,6 +185,9 @@ impl Core {
                 )
                 .map_err(LoopError::Register)?;
             core.listeners.insert(l);
+        }
+        if core.config.watch_restores {
+            core.watch_restores();
         }
         Ok(core)
     }
@@ -238,9 +249,47 @@ impl Core {
         let link = HostLink::new(transport);
         link.register(&self.registry, key)?;
         let link = entry.insert(link);
-        let ready = ready_frame(&self.config);
+        let ready = ready_frame(&self.config, self.restores);
         link.frames().extend_from_slice(&ready);
         Ok(key)
+    }
+
+    /// Watches the kernel's uevents for a restore (a VM's init only; a
+    /// failure is logged: the host can still ask CLOCK_GET).
+    fn watch_restores(&mut self) {
+        let u = match Uevents::open() {
+            Ok(u) => u,
+            Err(e) => {
+                return tracing::warn!(error = %e, "cannot watch uevents: restores go unnoticed")
+            }
+        };
+        let r = self.registry.register(
+            &mut SourceFd(&u.raw_fd()),
+            Source::Uevents.token(),
+            Interest::READABLE,
+        );
+        match r {
+            Ok(()) => self.uevents = Some(u),
+            Err(e) => tracing::warn!(error = %e, "cannot poll uevents: restores go unnoticed"),
+        }
+    }
+
+    /// Uevents arrived: on a new VM generation (a restore from a snapshot,
+    /// a clone) the counter goes up and every connection gets READY again.
+    pub(crate) fn on_uevents(&mut self) {
+        let Some(u) = &self.uevents else { return };
+        if !u.drain_restored() {
+            return;
+        }
+        self.restores += 1;
+        tracing::info!(
+            restores = self.restores,
+            "the VM generation changed: restored from a snapshot"
+        );
+        let ready = ready_frame(&self.config, self.restores);
+        for (_, link) in self.links.iter_mut() {
+            link.frames().extend_from_slice(&ready);
+        }
     }
 
     /// The next session's agent-wide number.
@@ -750,7 +799,7 @@ impl Core {
             return;
         };
         if link.on_event(fd, hup, writable) {
-            let ready = ready_frame(&self.config);
+            let ready = ready_frame(&self.config, self.restores);
             link.host_arrived(&ready);
         }
     }
@@ -960,7 +1009,7 @@ pub(crate) fn push_map<T: serde::Serialize>(out: &mut Vec<u8>, kind: Kind, id: u
 }
 
 /// READY for a host that arrives.
-pub(crate) fn ready_frame(config: &Config) -> Vec<u8> {
+pub(crate) fn ready_frame(config: &Config, restores: u32) -> Vec<u8> {
     let ready = Ready {
         protocol: PROTOCOL_VERSION,
         agent: concat!("agentd/", env!("CARGO_PKG_VERSION")).to_owned(),
@@ -976,7 +1025,9 @@ pub(crate) fn ready_frame(config: &Config) -> Vec<u8> {
             .collect(),
         replay_bytes: Some(config.replay_bytes),
         cgroups: Some(config.cgroups.is_some()),
-        ..Ready::default()
+        realtime_ns: Some(super::clock::realtime_ns()),
+        restores: Some(restores),
+        clock_set: Some(config.allow_clock),
     };
     let mut out = Vec::new();
     push_map(&mut out, Kind::Ready, 0, &ready);

@@ -17,7 +17,8 @@ use super::spawn::{self, SpawnError};
 use super::stream::InflowError;
 
 /// The extensions this agent serves, as READY's `features` lists them.
-pub(crate) const SERVED: &[Feature] = &[Feature::Fs, Feature::Net, Feature::Sessions];
+pub(crate) const SERVED: &[Feature] =
+    &[Feature::Fs, Feature::Net, Feature::Sessions, Feature::Clock];
 
 /// What a session frame's handler refuses with: an ERROR kind and message.
 type Refusal = (ErrorKind, String);
@@ -113,6 +114,7 @@ impl Core {
             Message::Fs(m) => self.on_fs_frame(lk, id, m),
             Message::Net(m) => self.on_net_frame(lk, id, m),
             Message::Sessions(m) => self.on_sessions_frame(lk, id, m),
+            Message::Clock(m) => self.on_clock_frame(lk, id, m),
             // decode_from_host lets only host → agent kinds through.
             other => self.send_error(
                 lk,

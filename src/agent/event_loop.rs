@@ -42,6 +42,10 @@ pub struct Config {
     pub replay_bytes: u32,
     /// Where sessions' cgroups are made (`None`: no cgroups).
     pub(crate) cgroups: Option<super::cgroups::CgroupRoot>,
+    /// CLOCK_SET and ENTROPY are served (a VM's init, or `--allow-clock`).
+    pub allow_clock: bool,
+    /// Restores are watched for (a VM's init).
+    pub watch_restores: bool,
 }
 
 impl Default for Config {
@@ -53,6 +57,8 @@ impl Default for Config {
             defaults: SpawnDefaults::from_agent_env(),
             replay_bytes: 0,
             cgroups: None,
+            allow_clock: false,
+            watch_restores: false,
         }
     }
 }
@@ -192,6 +198,7 @@ impl EventLoop {
             }
             Some(Source::Net(key, fd)) => core.on_net_event(key, fd, readable, event.is_writable()),
             Some(Source::Listener(key)) => core.on_listener_event(key),
+            Some(Source::Uevents) => core.on_uevents(),
             None => tracing::warn!(token = event.token().0, "event for an unknown token"),
         }
     }

@@ -132,7 +132,8 @@ pub type Result<T, E = InitError> = std::result::Result<T, E>;
 /// Settings from the kernel command line (`agentd.*` options).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootConfig {
-    /// `agentd.port=NAME`: the virtio-console port name (default `agent`).
+    /// `agentd.port=NAME`: the virtio-console port name (default `agent`),
+    /// or `vsock:PORT`: listen for hosts on that vsock port instead.
     pub port: String,
     /// `agentd.log=LEVEL`: `error`, `warn`, `info` (default), `debug`, `trace`.
     pub log: Option<String>,
@@ -712,6 +713,13 @@ const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
 /// (no `/proc` yet, as early in a VM's boot).
 fn in_child_pid_namespace() -> bool {
     fs::metadata("/proc/self/ns/pid").is_ok_and(|md| md.ino() != PROC_PID_INIT_INO)
+}
+
+/// Whether this process is the init of its machine: PID 1 of the
+/// machine's first pid namespace (not of a test's `unshare --pid`). What
+/// decides that the agent may change the machine (its clock, its cgroups).
+pub fn is_machine_init() -> bool {
+    super::sys::is_pid1() && !in_child_pid_namespace()
 }
 
 /// Opens the log target: for PID 1, `/dev/kmsg`, else `/dev/console`, else

@@ -24,6 +24,7 @@
 //!   virtio port, logging, power-off).
 
 mod cgroups;
+mod clock;
 mod core;
 mod dispatch;
 mod event_loop;
@@ -35,6 +36,7 @@ mod log;
 mod net;
 mod outqueue;
 mod process;
+mod restore;
 mod session;
 mod sessions;
 mod spawn;
@@ -83,6 +85,12 @@ pub struct Options {
     pub log_level: Option<String>,
     /// Where sessions' cgroups go.
     pub cgroups: CgroupSetting,
+    /// Serve CLOCK_SET and ENTROPY (`--allow-clock`; always as a VM's init).
+    pub allow_clock: bool,
+    /// The agent is the init of a (virtual) machine: PID 1 of the
+    /// machine's first pid namespace, on the init path. It then serves
+    /// CLOCK_SET and ENTROPY and watches for restores.
+    pub machine_init: bool,
 }
 
 /// Whether sessions get cgroups of their own, and where.
@@ -108,6 +116,8 @@ impl Options {
             stdin_window: defaults.stdin_window,
             log_level: None,
             cgroups: CgroupSetting::Off,
+            allow_clock: false,
+            machine_init: false,
         }
     }
 }
@@ -140,6 +150,8 @@ pub fn serve(
             child_nofile: process::raise_fd_limit(),
         },
         replay_bytes,
+        allow_clock: opts.allow_clock || opts.machine_init,
+        watch_restores: opts.machine_init,
         cgroups: match &opts.cgroups {
             CgroupSetting::Off => None,
             CgroupSetting::Init => cgroups::CgroupRoot::for_init(),

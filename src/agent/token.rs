@@ -70,6 +70,8 @@ pub(crate) enum Source {
     Net(usize, NetFd),
     /// A listening socket.
     Listener(usize),
+    /// The kernel's uevents (a restore from a snapshot, see restore.rs).
+    Uevents,
 }
 
 const CLASS_SIGNALS: usize = 0;
@@ -93,6 +95,7 @@ impl Source {
             Source::Fs(key, fd) => token(key, CLASS_FS, fd as usize),
             Source::Net(key, fd) => token(key, CLASS_NET, fd as usize),
             Source::Listener(key) => token(key, CLASS_LISTENER, 0),
+            Source::Uevents => token(0, CLASS_SIGNALS, 1),
         }
     }
 
@@ -101,6 +104,7 @@ impl Source {
         let (key, class, sub) = (t.0 >> 8, (t.0 >> 3) & 0x1f, t.0 & 7);
         Some(match (class, sub) {
             (CLASS_SIGNALS, 0) if key == 0 => Source::Signals,
+            (CLASS_SIGNALS, 1) if key == 0 => Source::Uevents,
             (CLASS_LINK, 0) => Source::Link(key, LinkFd::Read),
             (CLASS_LINK, 1) => Source::Link(key, LinkFd::Write),
             (CLASS_SESSION, 0) => Source::Session(key, SessionFd::Stdin),
@@ -124,7 +128,7 @@ mod tests {
 
     #[test]
     fn every_source_round_trips() {
-        let mut all = vec![Source::Signals];
+        let mut all = vec![Source::Signals, Source::Uevents];
         for key in [0, 1, 7, 1 << 20, usize::MAX >> 8] {
             all.push(Source::Link(key, LinkFd::Read));
             all.push(Source::Link(key, LinkFd::Write));

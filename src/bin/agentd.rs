@@ -9,7 +9,9 @@
 //! agentd --init [--port PATH]    PID-1 duties first (automatic when PID 1)
 //! options: --max-sessions N  --stdin-window BYTES  --log-level LEVEL
 //!          --cgroup-root DIR (per-session cgroups under this cgroup2
-//!          directory; automatic as PID 1, under /sys/fs/cgroup/agentd)
+//!          directory; automatic as a VM's init, under /sys/fs/cgroup/agentd)
+//!          --allow-clock (serve CLOCK_SET and ENTROPY, which change the
+//!          machine; automatic as a VM's init, never otherwise)
 //! ```
 //! Logs go to stderr, never to the transport; the level comes from
 //! `--log-level` or `AGENTD_LOG` (default `warn`). On the init path it comes
@@ -32,7 +34,7 @@ use std::time::Duration;
 
 use agentd::agent::{self, init, CgroupSetting, Mode, Options, Transport, TransportKind};
 
-const USAGE: &str = "usage: agentd (--stdio | --port PATH | --listen ADDR... | --init [--stdio | --port PATH]) [--listen unix:PATH|vsock:PORT]... [--max-sessions N] [--stdin-window BYTES] [--cgroup-root DIR] [--log-level error|warn|info|debug|trace]";
+const USAGE: &str = "usage: agentd (--stdio | --port PATH | --listen ADDR... | --init [--stdio | --port PATH]) [--listen unix:PATH|vsock:PORT]... [--max-sessions N] [--stdin-window BYTES] [--cgroup-root DIR] [--allow-clock] [--log-level error|warn|info|debug|trace]";
 
 /// An argument as UTF-8, or an error naming it (arguments are read with
 /// `args_os`, so a word that is not UTF-8 is an error, never a panic).
@@ -68,6 +70,7 @@ fn parse_args() -> Result<(Options, Option<Mode>), String> {
                     .map_err(|e| format!("--stdin-window: {e}"))?
             }
             "--log-level" => opts.log_level = Some(utf8("--log-level", value("--log-level")?)?),
+            "--allow-clock" => opts.allow_clock = true,
             "--cgroup-root" => {
                 opts.cgroups = CgroupSetting::Root(PathBuf::from(value("--cgroup-root")?))
             }
@@ -117,22 +120,36 @@ fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
         }
     }
     let mut opts = opts;
-    if agent::is_pid1() && opts.cgroups == CgroupSetting::Off {
+    opts.machine_init = init::is_machine_init();
+    if opts.machine_init && opts.cgroups == CgroupSetting::Off {
         opts.cgroups = CgroupSetting::Init;
+    }
+    // `agentd.port=vsock:PORT`: hosts connect over vsock (Firecracker,
+    // cloud-hypervisor), the agent listens instead of opening a console
+    // port.
+    let vsock_port = boot.config.port.starts_with("vsock:") && mode.is_none();
+    if vsock_port {
+        match boot.config.port.parse() {
+            Ok(addr) => opts.listen.push(addr),
+            Err(e) => init::fatal(&format!("agentd.port={}: {e}", boot.config.port)),
+        }
     }
     let listeners = agent::bind_listeners(&opts.listen).unwrap_or_else(|e| init::fatal(&e));
     let transport = match &mode {
-        Some(Mode::Stdio) => {
-            Transport::stdio().unwrap_or_else(|e| init::fatal(&format!("taking over stdio: {e}")))
-        }
-        Some(Mode::Port(path)) => Transport::open(path)
-            .unwrap_or_else(|e| init::fatal(&format!("opening {}: {e}", path.display()))),
+        None if vsock_port => None,
+        Some(Mode::Stdio) => Some(
+            Transport::stdio().unwrap_or_else(|e| init::fatal(&format!("taking over stdio: {e}"))),
+        ),
+        Some(Mode::Port(path)) => Some(
+            Transport::open(path)
+                .unwrap_or_else(|e| init::fatal(&format!("opening {}: {e}", path.display()))),
+        ),
         None => match init::open_port(&boot.config.port, PORT_TIMEOUT) {
-            Ok(file) => Transport::from_fd(file.into(), TransportKind::Device),
+            Ok(file) => Some(Transport::from_fd(file.into(), TransportKind::Device)),
             Err(e) => init::fatal(&e.to_string()),
         },
     };
-    match agent::serve(Some(transport), listeners, &opts, init::default_env()) {
+    match agent::serve(transport, listeners, &opts, init::default_env()) {
         Ok(exit) => tracing::info!(?exit, "agent loop ended; powering off"),
         Err(e) => init::fatal(&e.to_string()),
     }
