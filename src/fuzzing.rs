@@ -472,6 +472,7 @@ pub mod dispatch {
             cgroups: None,
             allow_clock: false,
             watch_restores: false,
+            mounts: Vec::new(),
         };
         let mut stream = Vec::new();
         let mut stops = Vec::new();

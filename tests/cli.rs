@@ -153,6 +153,7 @@ fn ready_frame(protocol: u32) -> Vec<u8> {
         clock_set: None,
         replay_bytes: None,
         cgroups: None,
+        mounts: Vec::new(),
     })
     .to_bytes(0)
 }

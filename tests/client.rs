@@ -47,6 +47,7 @@ fn ready(stdin_window: u32) -> Ready {
         clock_set: None,
         replay_bytes: None,
         cgroups: None,
+        mounts: Vec::new(),
     }
 }
 

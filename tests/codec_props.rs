@@ -355,6 +355,7 @@ fn message() -> impl Strategy<Value = Msg> {
                     clock_set: None,
                     replay_bytes: None,
                     cgroups: None,
+                    mounts: Vec::new(),
                 })
             },
         );

@@ -218,6 +218,7 @@ fn samples() -> Vec<Message<'static>> {
             clock_set: None,
             replay_bytes: None,
             cgroups: None,
+            mounts: Vec::new(),
         }),
         Message::Ping(b"ping"),
         Message::Pong(b"pong"),
@@ -1922,6 +1923,7 @@ fn encoder_is_canonical() {
         clock_set: None,
         replay_bytes: None,
         cgroups: None,
+        mounts: Vec::new(),
     })
     .to_bytes(0);
     assert!(bytes.ends_with(&[&mp::str("uptime_ms")[..], &mp::u64(u64::MAX)].concat()));

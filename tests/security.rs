@@ -368,6 +368,7 @@ fn forged_frames(victim: u32) -> Vec<u8> {
         clock_set: None,
         replay_bytes: None,
         cgroups: None,
+        mounts: Vec::new(),
     })
     .encode(0, &mut out)
     .expect("the test's frames fit");

@@ -15,8 +15,8 @@ use agentd::messages::{
     Ack, Attach, AttachFailed, Attached, Clock, ClockMsg, ClockSet, ClockSetDone, Detached,
     Direction, EntropyDone, ErrorKind, ErrorMsg, Exec, ExecFailed, Exited, FsDone, FsEntries,
     FsEntry, FsError, FsEvent, FsEvents, FsMsg, FsOpened, FsRequest, FsStat, Kind, List, Message,
-    NetClose, NetClosed, NetConnect, NetConnected, NetFailed, NetMsg, Ready, Resize, SessionInfo,
-    Sessions, SessionsMsg, Shutdown, Signal, Started,
+    MountStatus, NetClose, NetClosed, NetConnect, NetConnected, NetFailed, NetMsg, Ready, Resize,
+    SessionInfo, Sessions, SessionsMsg, Shutdown, Signal, Started,
 };
 
 fn dir() -> PathBuf {
@@ -63,6 +63,7 @@ fn ready(pid: u32, pid1: bool, uptime_ms: Option<u64>) -> Ready {
         clock_set: None,
         replay_bytes: None,
         cgroups: None,
+        mounts: Vec::new(),
     }
 }
 
@@ -119,6 +120,7 @@ fn expected() -> Vec<(&'static str, u32, Message<'static>)> {
 
 /// The keys the extensions add to the contract's messages.
 fn extension_key_vectors() -> Vec<(&'static str, u32, Message<'static>)> {
+    let mut booted = ready(1, true, Some(1234));
     let mut ready = ready(1, true, Some(1234));
     ready.features = vec!["fs".into(), "net".into(), "sessions".into(), "clock".into()];
     ready.realtime_ns = Some(1_700_000_000_000_000_000);
@@ -148,8 +150,26 @@ fn extension_key_vectors() -> Vec<(&'static str, u32, Message<'static>)> {
         output_dropped: Some(70_000),
         ..Exited::from_code(0)
     };
+    let mount = |source: &str, path: &str, fstype: &str, ro: bool| MountStatus {
+        source: source.into(),
+        path: path.into(),
+        fstype: fstype.into(),
+        ro,
+        error: None,
+        errno: None,
+    };
+    booted.mounts = vec![
+        mount("/dev/vda", "/", "ext4", true),
+        mount("overlay", "/", "overlay", false),
+        MountStatus {
+            error: Some("mount -t virtiofs work /srv/work: No such file or directory".into()),
+            errno: Some(2),
+            ..mount("work", "/srv/work", "virtiofs", false)
+        },
+    ];
     vec![
         ("ready-features", 0, Message::Ready(ready)),
+        ("ready-mounts", 0, Message::Ready(booted)),
         ("exec-sessions-keys", 5, Message::Exec(Box::new(exec))),
         (
             "started-session",

@@ -1028,6 +1028,7 @@ pub(crate) fn ready_frame(config: &Config, restores: u32) -> Vec<u8> {
         realtime_ns: Some(super::clock::realtime_ns()),
         restores: Some(restores),
         clock_set: Some(config.allow_clock),
+        mounts: config.mounts.clone(),
     };
     let mut out = Vec::new();
     push_map(&mut out, Kind::Ready, 0, &ready);

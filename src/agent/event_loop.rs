@@ -46,6 +46,8 @@ pub struct Config {
     pub allow_clock: bool,
     /// Restores are watched for (a VM's init).
     pub watch_restores: bool,
+    /// What the init path mounted, for READY's `mounts`.
+    pub mounts: Vec<crate::messages::MountStatus>,
 }
 
 impl Default for Config {
@@ -59,6 +61,7 @@ impl Default for Config {
             cgroups: None,
             allow_clock: false,
             watch_restores: false,
+            mounts: Vec::new(),
         }
     }
 }

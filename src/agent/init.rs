@@ -88,7 +88,9 @@ use nix::unistd::Pid;
 use tracing::level_filters::LevelFilter;
 use tracing::{debug, error, info, warn};
 
+use super::rootfs::{self, RootOptions};
 use super::{log, sys};
+use crate::messages::MountStatus;
 
 /// Where [`load_modules`] looks for `NAME.ko`.
 pub const MODULE_DIR: &str = "/lib/modules/agentd";
@@ -141,6 +143,10 @@ pub struct BootConfig {
     pub hostname: Option<String>,
     /// `agentd.modules=a,b,c`: modules to load from [`MODULE_DIR`], in order.
     pub modules: Vec<String>,
+    /// `agentd.root=`, `agentd.rootfstype=`, `agentd.rootflags=`,
+    /// `agentd.rootwait=`, `agentd.overlay=`, `agentd.mount=` (repeatable):
+    /// see [`rootfs`](super::rootfs).
+    pub root: RootOptions,
     /// `agentd.test_panic=1`: a test hook. The agent panics on purpose right
     /// after [`boot`], so a test can check that the panic hook logs and
     /// powers off (`tests/vm/run.sh` boots a VM with it). Only the exact
@@ -155,6 +161,7 @@ impl Default for BootConfig {
             log: None,
             hostname: None,
             modules: Vec::new(),
+            root: RootOptions::default(),
             test_panic: false,
         }
     }
@@ -224,6 +231,12 @@ pub fn parse_cmdline(cmdline: &str) -> BootConfig {
                     .map(str::to_owned),
             ),
             "agentd.test_panic" => cfg.test_panic = value == "1",
+            "agentd.root" => cfg.root.root = non_empty(),
+            "agentd.rootfstype" => cfg.root.fstype = non_empty(),
+            "agentd.rootflags" => cfg.root.flags = non_empty(),
+            "agentd.rootwait" => cfg.root.wait = non_empty(),
+            "agentd.overlay" => cfg.root.overlay = non_empty(),
+            "agentd.mount" => cfg.root.mounts.extend(non_empty()),
             _ => {}
         }
     }
@@ -876,6 +889,7 @@ fn end(mounted: &[PathBuf], status: i32) -> ! {
             }
         }
     }
+    rootfs::remount_root_read_only();
     nix::unistd::sync();
     if !pid1 {
         info!("not PID 1: exiting instead of powering off");
@@ -913,8 +927,11 @@ fn end(mounted: &[PathBuf], status: i32) -> ! {
 pub struct Boot {
     /// The `agentd.*` settings of the kernel command line.
     pub config: BootConfig,
-    /// What [`mount_basics`] mounted, for [`power_off`].
+    /// What [`mount_basics`] mounted (and the shared folders), for
+    /// [`power_off`].
     pub mounted: Vec<PathBuf>,
+    /// The root and shared folders asked for, for READY's `mounts`.
+    pub mounts: Vec<MountStatus>,
 }
 
 /// Runs the PID-1 setup in order: [`install_panic_hook`] (a no-op when
@@ -941,9 +958,11 @@ pub fn boot(log_level: Option<&str>) -> Boot {
             env!("CARGO_PKG_VERSION")
         );
         warn!("--init but not PID 1: no mounts, modules or hostname");
+        let mounts = rootfs::prepare(&config.root, false).mounts;
         return Boot {
             config,
             mounted: Vec::new(),
+            mounts,
         };
     }
     // Until /proc is up there is no command line and so no log level: log
@@ -968,7 +987,20 @@ pub fn boot(log_level: Option<&str>) -> Boot {
             warn!("{e}");
         }
     }
-    Boot { config, mounted }
+    let mut mounted = mounted;
+    let outcome = rootfs::prepare(&config.root, is_machine_init());
+    mounted.extend(
+        outcome
+            .mounts
+            .iter()
+            .filter(|m| m.error.is_none() && m.path != "/")
+            .map(|m| PathBuf::from(&m.path)),
+    );
+    Boot {
+        config,
+        mounted,
+        mounts: outcome.mounts,
+    }
 }
 
 #[cfg(test)]

@@ -37,6 +37,7 @@ mod net;
 mod outqueue;
 mod process;
 mod restore;
+pub mod rootfs;
 mod session;
 mod sessions;
 mod spawn;
@@ -91,6 +92,8 @@ pub struct Options {
     /// machine's first pid namespace, on the init path. It then serves
     /// CLOCK_SET and ENTROPY and watches for restores.
     pub machine_init: bool,
+    /// What the init path mounted (READY's `mounts`).
+    pub mounts: Vec<crate::messages::MountStatus>,
 }
 
 /// Whether sessions get cgroups of their own, and where.
@@ -118,6 +121,7 @@ impl Options {
             cgroups: CgroupSetting::Off,
             allow_clock: false,
             machine_init: false,
+            mounts: Vec::new(),
         }
     }
 }
@@ -152,6 +156,7 @@ pub fn serve(
         replay_bytes,
         allow_clock: opts.allow_clock || opts.machine_init,
         watch_restores: opts.machine_init,
+        mounts: opts.mounts.clone(),
         cgroups: match &opts.cgroups {
             CgroupSetting::Off => None,
             CgroupSetting::Init => cgroups::CgroupRoot::for_init(),

@@ -120,6 +120,7 @@ fn run_as_init(parsed: Result<(Options, Option<Mode>), String>) -> ! {
         }
     }
     let mut opts = opts;
+    opts.mounts = boot.mounts.clone();
     opts.machine_init = init::is_machine_init();
     if opts.machine_init && opts.cgroups == CgroupSetting::Off {
         opts.cgroups = CgroupSetting::Init;

@@ -87,6 +87,42 @@ pub struct Ready {
         deserialize_with = "strict::some"
     )]
     pub cgroups: Option<bool>,
+    /// Extension (boot): the root and shared folders the agent mounted as
+    /// a VM's init (`agentd.root=`, `agentd.mount=`), each with its error
+    /// if it failed; absent when there were none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MountStatus>,
+}
+
+/// One entry of READY's `mounts`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountStatus {
+    /// The device, virtiofs or 9p tag, or `overlay`.
+    #[serde(deserialize_with = "strict::string")]
+    pub source: String,
+    /// Where it is (or was to be) mounted: `/` for the root.
+    #[serde(deserialize_with = "strict::string")]
+    pub path: String,
+    /// `ext4`, `virtiofs`, `9p`, `overlay`...
+    #[serde(deserialize_with = "strict::string")]
+    pub fstype: String,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub ro: bool,
+    /// Why it is not mounted; absent when it is.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::opt_string"
+    )]
+    pub error: Option<String>,
+    /// The errno of the failing call, when there was one.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::some"
+    )]
+    pub errno: Option<i32>,
 }
 
 impl Ready {

@@ -332,3 +332,38 @@ fn is_mount_point(path: &str) -> bool {
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(path))
 }
+
+/// `agentd.root=` and `agentd.mount=` given to an agent that is not the
+/// init of a VM: nothing is mounted, and READY's `mounts` says so for each
+/// request (the VM suite tests them as PID 1), a malformed `agentd.mount=`
+/// with what was expected.
+#[test]
+fn init_flag_off_pid1_reports_every_mount_as_not_done() {
+    let cmdline = "agentd.root=/dev/vdz agentd.rootfstype=ext4 \
+                   agentd.mount=work:/srv/work:9p:ro agentd.mount=nopath";
+    let mut opts = Opts::args(&["--init"]).pidns(false);
+    opts.env = Env::Only(vec![
+        ("PATH".into(), DEFAULT_PATH.into()),
+        (TEST_CMDLINE_ENV.into(), cmdline.into()),
+    ]);
+    let agent = Agent::start_with(opts);
+    let Some(Value::Array(mounts)) = agent.ready.get("mounts") else {
+        panic!("READY has no mounts: {:?}", agent.ready);
+    };
+    let field = |m: &Value, k: &str| m.get(k).and_then(Value::as_str).map(str::to_owned);
+    assert_eq!(mounts.len(), 3, "{mounts:?}");
+    assert_eq!(field(&mounts[0], "source").as_deref(), Some("/dev/vdz"));
+    assert_eq!(field(&mounts[0], "path").as_deref(), Some("/"));
+    assert_eq!(field(&mounts[0], "fstype").as_deref(), Some("ext4"));
+    assert_eq!(field(&mounts[1], "source").as_deref(), Some("work"));
+    assert_eq!(field(&mounts[1], "path").as_deref(), Some("/srv/work"));
+    assert_eq!(field(&mounts[1], "fstype").as_deref(), Some("9p"));
+    assert_eq!(mounts[1].get("ro").and_then(Value::as_bool), Some(true));
+    for m in &mounts[..2] {
+        let error = field(m, "error").unwrap_or_default();
+        assert!(error.contains("not the init of a VM"), "{m:?}");
+    }
+    let error = field(&mounts[2], "error").unwrap_or_default();
+    assert!(error.contains("expected TAG:/path"), "{:?}", mounts[2]);
+    assert!(!is_mount_point("/srv/work"), "the test machine got a mount");
+}

@@ -552,6 +552,7 @@ def decode(kind: int, payload: Buffer, *, direction: Optional[Direction] = None)
     K("clock_set", BOOL),
     K("replay_bytes", U32),
     K("cgroups", BOOL),
+    K("mounts", _List(_Rec(lambda: MountStatus)), ext=True),
     kind=Kind.READY,
 )
 @dataclass
@@ -577,6 +578,28 @@ class Ready(MapMessage):
     restores: Optional[int] = None
     #: Extension clock: whether CLOCK_SET and ENTROPY are served.
     clock_set: Optional[bool] = None
+    #: Extension (boot): the root and shared folders the init path mounted.
+    mounts: "list[MountStatus]" = field(default_factory=list)
+
+
+@_schema(
+    K("source", STR, req=True),
+    K("path", STR, req=True),
+    K("fstype", STR, req=True),
+    K("ro", BOOL),
+    K("error", STR),
+    K("errno", I32),
+)
+@dataclass
+class MountStatus(Record):
+    """One entry of READY's ``mounts``: ``error`` (and ``errno``) set when that mount was not done."""
+
+    source: str
+    path: str
+    fstype: str
+    ro: bool = False
+    error: Optional[str] = None
+    errno: Optional[int] = None
 
 
 @_schema(kind=Kind.PING)
