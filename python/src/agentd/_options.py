@@ -77,6 +77,8 @@ def build_exec(
     output_window: int = DEFAULT_OUTPUT_WINDOW,
     linger_ms: int = 100,
     no_new_privs: bool = False,
+    tag: Optional[str] = None,
+    replay_bytes: Optional[int] = None,
 ) -> Tuple[list[str], m.Exec]:
     """The argv and the EXEC message for these arguments (validated: ranges are checked on encoding)."""
     argv = _argv(args, shell)
@@ -95,6 +97,8 @@ def build_exec(
         output_window=output_window,
         linger_ms=linger_ms,
         no_new_privs=no_new_privs,
+        tag=tag,
+        replay_bytes=replay_bytes,
     )
     msg.encode_payload()  # fail here, in the caller, on a value out of range
     return argv, msg

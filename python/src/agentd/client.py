@@ -23,11 +23,26 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import IO, Any, Callable, Deque, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Deque,
+    Generator,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 from . import messages as m
 from . import transport as _t
-from ._core import DEVNULL, PIPE, STDOUT, Core, Communicator, Pending, SessionState, Waiters, try_pending
+from . import _ext
+from ._core import DEVNULL, PIPE, STDOUT, AttachState, Core, Communicator, Pending, SessionState, Waiters, try_pending
 from ._options import (
     DEFAULT_OUTPUT_WINDOW,
     Args,
@@ -42,7 +57,11 @@ from ._options import (
 )
 from .codec import FrameDecoder
 from .errors import CalledProcessError, FeatureNotServed, TimeoutExpired, TransportClosed
-from .protocol import Kind
+from .protocol import ENTROPY_MAX, Kind
+
+if TYPE_CHECKING:
+    from .fs import FileSystem
+    from .net import Address, Connection, Forwarder, Net
 
 __all__ = ["Client", "Process", "StdinStream", "OutputStream", "PIPE", "DEVNULL", "STDOUT"]
 
@@ -323,6 +342,8 @@ class Client:
         encoding: Optional[str] = None,
         errors: Optional[str] = None,
         start_timeout: Optional[float] = None,
+        tag: Optional[str] = None,
+        replay_bytes: Optional[int] = None,
     ) -> "Process":
         """Start a process in a new session and return once it runs (STARTED).
 
@@ -333,6 +354,9 @@ class Client:
         ``clear_env``. ``tty`` runs it on a pseudo-terminal of ``rows`` x
         ``cols`` (no stderr). ``rlimits``: ``{"nofile": 1024, "core": (0, RLIM_INFINITY)}``.
         Raises :class:`~agentd.ExecFailed` if the program could not start.
+        With the ``sessions`` extension, ``tag`` names the session for
+        :meth:`sessions` and :meth:`attach`, and ``replay_bytes`` sets how
+        much of each stream the agent keeps for a later attach.
         """
         if stdin not in (PIPE, DEVNULL, None):
             raise ValueError("stdin must be PIPE or DEVNULL (write to Process.stdin)")
@@ -363,6 +387,8 @@ class Client:
             encoding=encoding,
             errors=errors,
             deadline=_deadline(start_timeout),
+            tag=tag,
+            replay_bytes=replay_bytes,
         )
 
     def _popen(
@@ -515,6 +541,171 @@ class Client:
             os.write(self._wake_w, b"d")
         except OSError:
             pass
+
+    # --- extensions ---------------------------------------------------------------
+
+    def _drive(self, op: "Generator[_ext.Step, Any, T]", timeout: Optional[float] = None) -> T:
+        """Run an extension operation (see ``agentd._ext``): its steps under the lock, waits in between.
+
+        If it fails, times out or is interrupted, the generator is closed,
+        which cancels the stream it owns (FS_CANCEL, NET_CLOSE).
+        """
+        deadline = _deadline(timeout)
+        value: Any = None
+        try:
+            while True:
+                with self._lock:
+                    try:
+                        w, fn = op.send(value)
+                    except StopIteration as stop:
+                        result: T = stop.value
+                        break
+                self._flush_now()
+                value = self._wait(w, fn, deadline)
+        except BaseException as e:
+            try:
+                with self._lock:
+                    op.close()
+                self._flush_now()
+            except TransportClosed:
+                pass
+            if isinstance(e, _Timeout):
+                raise TimeoutError(f"the agent did not answer within {timeout} s") from None
+            raise
+        self._flush_now()
+        return result
+
+    def _locked(self, fn: Callable[[], T]) -> T:
+        """Call ``fn`` under the lock, then flush what it queued."""
+        with self._lock:
+            v = fn()
+        self._flush_now()
+        return v
+
+    @property
+    def fs(self) -> "FileSystem":
+        """The guest's files (extension ``fs``): see :class:`agentd.fs.FileSystem`."""
+        from .fs import FileSystem
+
+        fs = self.__dict__.get("_fs")
+        if fs is None:
+            fs = self.__dict__["_fs"] = FileSystem(self)
+        assert isinstance(fs, FileSystem)
+        return fs
+
+    @property
+    def net(self) -> "Net":
+        """Connections to guest sockets (extension ``net``): see :class:`agentd.net.Net`."""
+        from .net import Net
+
+        net = self.__dict__.get("_net")
+        if net is None:
+            net = self.__dict__["_net"] = Net(self)
+        assert isinstance(net, Net)
+        return net
+
+    def connect_tcp(self, address: "Address", *, timeout: Optional[float] = 10.0,
+                    user: Union[str, int, None] = None, window: Optional[int] = None) -> "Connection":
+        """A socket-like connection to guest TCP ``address`` (a port on the guest's 127.0.0.1, or ``(host, port)``).
+
+        See :meth:`agentd.net.Net.connect_tcp`; ``client.net.connect_unix(path)`` for Unix sockets.
+        """
+        return self.net.connect_tcp(address, timeout=timeout, user=user, window=window)
+
+    def forward(self, local_port: int, remote: "Address", *, local_host: str = "127.0.0.1") -> "Forwarder":
+        """Forward ``local_host:local_port`` on this host to a guest port (``kubectl port-forward``); stoppable."""
+        return self.net.forward(local_port, remote, local_host=local_host)
+
+    def sessions(self, all: bool = False, *, timeout: Optional[float] = 30.0) -> List[m.SessionInfo]:
+        """Every live session of the agent and ended ones no host has seen the end of (``all``: kept ones too).
+
+        Paged LIST: the SESSIONS frames are gathered until ``more`` is false.
+        """
+        self.require_feature("sessions")
+        return self._drive(_ext.list_sessions(self._core, all), timeout)
+
+    def attach(
+        self,
+        session: Union[int, str],
+        *,
+        stdout_from: Optional[int] = None,
+        stderr_from: Optional[int] = None,
+        tail: Optional[int] = None,
+        output_window: Optional[int] = None,
+        text: bool = False,
+        encoding: Optional[str] = None,
+        errors: Optional[str] = None,
+        timeout: Optional[float] = 30.0,
+    ) -> "Process":
+        """Take a session over on this connection: by number (an ``int``) or by tag (a ``str``).
+
+        Output is replayed from ``stdout_from``/``stderr_from`` (byte offsets
+        of each stream; default: the oldest byte the agent kept), or the last
+        ``tail`` bytes, then it goes on live; the returned :class:`Process`
+        is the one :meth:`popen` would have given (``stdin`` when it is
+        open, ``wait``, ``send_signal``, ...; ``attached`` holds ATTACHED,
+        with ``stdout_lost``/``stderr_lost``). Another connection that had
+        it gets DETACHED. Raises :class:`~agentd.AttachFailed`
+        (``not_found``, ``ambiguous``, ...).
+        """
+        self.require_feature("sessions")
+        window = self.output_window if output_window is None else output_window
+        if isinstance(session, bool) or not isinstance(session, (int, str)):
+            raise TypeError("attach() takes a session number (int) or a tag (str)")
+        number = session if isinstance(session, int) else None
+        tag = session if isinstance(session, str) else None
+        msg = m.Attach(session=number, tag=tag, stdout_from=stdout_from, stderr_from=stderr_from, tail=tail,
+                       output_window=window)
+        msg.encode_payload()
+        label = f"session {number}" if number is not None else f"tag {tag!r}"
+        with self._lock:
+            s = AttachState(self._core, msg, label)
+            s.start()
+        self._flush_now()
+        try:
+            self._wait(s.waiters, s.try_started, _deadline(timeout))
+        except _Timeout:
+            self._abandon(s)
+            raise TimeoutError(f"no ATTACHED for {label} within {timeout} s") from None
+        except BaseException:
+            self._abandon(s)
+            raise
+        return Process(self, s, [label], text=text, encoding=encoding, errors=errors)
+
+    def clock(self, *, timeout: Optional[float] = 10.0) -> "_ext.ClockReading":
+        """The guest's clock now (CLOCK_GET): ``realtime_ns``, ``boottime_ns``, ``restores``."""
+        self.require_feature("clock")
+        c = self._drive(_ext.clock_request(self._core, m.ClockGet(), m.Clock), timeout)
+        assert isinstance(c, m.Clock)
+        return _ext.ClockReading(c.realtime_ns, c.boottime_ns, c.restores)
+
+    def sync_clock(self, realtime_ns: Optional[int] = None, *, timeout: Optional[float] = 10.0) -> "_ext.ClockSet":
+        """Step the guest's clock to this host's time (or ``realtime_ns``), e.g. after a snapshot restore.
+
+        Served only by an agent that is a VM's init (or runs with
+        ``--allow-clock``): otherwise :class:`~agentd.NotPermitted` (a
+        :class:`PermissionError`). Returns the clock just before and after.
+        """
+        self.require_feature("clock")
+        import time as _time
+
+        ns = _time.time_ns() if realtime_ns is None else realtime_ns
+        d = self._drive(_ext.clock_request(self._core, m.ClockSet(realtime_ns=ns), m.ClockSetDone), timeout)
+        assert isinstance(d, m.ClockSetDone)
+        return _ext.ClockSet(d.old_ns, d.new_ns)
+
+    def add_entropy(self, data: Optional[bytes] = None, *, timeout: Optional[float] = 10.0) -> int:
+        """Add ``data`` (default: 256 bytes of ``os.urandom``) to the guest's entropy pool, credited; the bytes taken.
+
+        Served as :meth:`sync_clock` is (else :class:`~agentd.NotPermitted`); 1 to 4096 bytes.
+        """
+        self.require_feature("clock")
+        payload = os.urandom(256) if data is None else bytes(data)
+        if not 1 <= len(payload) <= ENTROPY_MAX:
+            raise ValueError(f"entropy is 1 to {ENTROPY_MAX} bytes, not {len(payload)}")
+        d = self._drive(_ext.clock_request(self._core, m.Entropy(payload), m.EntropyDone), timeout)
+        assert isinstance(d, m.EntropyDone)
+        return d.bytes
 
     # --- I/O ------------------------------------------------------------------------
 
@@ -761,6 +952,35 @@ class Process:
     def tty(self) -> bool:
         """Whether it runs on a pseudo-terminal."""
         return self._s.tty
+
+    @property
+    def session(self) -> Optional[int]:
+        """The agent-wide session number (extension ``sessions``: STARTED's or ATTACHED's ``session``)."""
+        return self._s.number
+
+    @property
+    def attached(self) -> Optional[m.Attached]:
+        """ATTACHED, for a process from :meth:`Client.attach` (replay offsets, bytes lost)."""
+        return self._s.attached if isinstance(self._s, AttachState) else None
+
+    @property
+    def detached(self) -> Optional[m.Detached]:
+        """DETACHED, once the session left this connection (:meth:`detach`, or attached elsewhere)."""
+        return self._s.detached
+
+    def detach(self, timeout: Optional[float] = 10.0) -> m.Detached:
+        """Let the session go on without this connection (DETACH); unread output stays in the agent's replay.
+
+        Raises :class:`~agentd.SessionEnded` if it has exited already.
+        """
+        s = self._s
+        with self._client._lock:
+            s.detach()
+        self._client._flush_now()
+        try:
+            return self._client._wait(s.waiters, s.try_detached, _deadline(timeout))
+        except _Timeout:
+            raise TimeoutError(f"no DETACHED within {timeout} s") from None
 
     @property
     def exited(self) -> Optional[m.Exited]:
