@@ -69,6 +69,7 @@ from .errors import (
     TransportClosed,
 )
 from .protocol import RLIM_INFINITY, ErrorKind, ExecFailedKind, Feature, Kind
+from . import fs, net  # noqa: E402  (client.fs, client.net)
 
 __version__ = "0.1.0"
 

@@ -20,11 +20,25 @@ import signal as _signal
 import socket
 import time
 import weakref
-from typing import IO, Any, AsyncIterator, Callable, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Callable,
+    Generator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 from . import messages as m
 from . import transport as _t
-from ._core import DEVNULL, PIPE, STDOUT, Communicator, Core, SessionState, Waiters, try_pending
+from . import _ext
+from ._core import DEVNULL, PIPE, STDOUT, AttachState, Communicator, Core, SessionState, Waiters, try_pending
 from ._options import (
     DEFAULT_OUTPUT_WINDOW,
     Args,
@@ -39,6 +53,11 @@ from ._options import (
 )
 from .codec import FrameDecoder
 from .errors import FeatureNotServed, TimeoutExpired, TransportClosed
+from .protocol import ENTROPY_MAX
+
+if TYPE_CHECKING:
+    from .aio_ext import AsyncConnection, AsyncFileSystem, AsyncForwarder, AsyncNet
+    from .net import Address
 
 __all__ = ["AsyncClient", "AsyncProcess", "AsyncStdin", "AsyncOutputStream", "PIPE", "DEVNULL", "STDOUT"]
 
@@ -344,6 +363,8 @@ class AsyncClient:
         linger_ms: int = 100,
         no_new_privs: bool = False,
         start_timeout: Optional[float] = None,
+        tag: Optional[str] = None,
+        replay_bytes: Optional[int] = None,
     ) -> "AsyncProcess":
         """Start a process and return once it runs; the arguments are those of :meth:`agentd.Client.popen`."""
         if stdin not in (PIPE, DEVNULL, None):
@@ -358,6 +379,7 @@ class AsyncClient:
             args, stdin=stdin != DEVNULL, out_mode=out_mode, err_mode=err_mode, deadline=_deadline(start_timeout),
             output_window=output_window, shell=shell, env=env, clear_env=clear_env, cwd=cwd, user=user, tty=tty,
             rows=rows, cols=cols, rlimits=rlimits, linger_ms=linger_ms, no_new_privs=no_new_privs,
+            tag=tag, replay_bytes=replay_bytes,
         )
 
     async def _popen(
@@ -472,6 +494,122 @@ class AsyncClient:
             self._flush()
         except TransportClosed:
             pass
+
+    # --- extensions -------------------------------------------------------------------
+
+    async def _drive(self, op: "Generator[_ext.Step, Any, T]", timeout: Optional[float] = None) -> T:
+        """Run an extension operation (see ``agentd._ext``); cancelled or failed, it cancels its stream."""
+        deadline = _deadline(timeout)
+        value: Any = None
+        try:
+            while True:
+                try:
+                    w, fn = op.send(value)
+                except StopIteration as stop:
+                    result: T = stop.value
+                    break
+                self._flush()
+                value = await self._wait(w, fn, deadline)
+        except BaseException as e:
+            try:
+                op.close()
+                self._flush()
+            except TransportClosed:
+                pass
+            if isinstance(e, _Timeout):
+                raise TimeoutError(f"the agent did not answer within {timeout} s") from None
+            raise
+        self._flush()
+        return result
+
+    @property
+    def fs(self) -> "AsyncFileSystem":
+        """The guest's files (extension ``fs``): see :class:`agentd.aio_ext.AsyncFileSystem`."""
+        from .aio_ext import AsyncFileSystem
+
+        fs = self.__dict__.get("_fs")
+        if fs is None:
+            fs = self.__dict__["_fs"] = AsyncFileSystem(self)
+        assert isinstance(fs, AsyncFileSystem)
+        return fs
+
+    @property
+    def net(self) -> "AsyncNet":
+        """Connections to guest sockets (extension ``net``)."""
+        from .aio_ext import AsyncNet
+
+        net = self.__dict__.get("_net")
+        if net is None:
+            net = self.__dict__["_net"] = AsyncNet(self)
+        assert isinstance(net, AsyncNet)
+        return net
+
+    async def connect_tcp(self, address: "Address", *, timeout: Optional[float] = 10.0,
+                          user: Union[str, int, None] = None, window: Optional[int] = None) -> "AsyncConnection":
+        """A connection to guest TCP ``address`` (a port, or ``(host, port)``); cancelled, nothing stays open."""
+        return await self.net.connect_tcp(address, timeout=timeout, user=user, window=window)
+
+    async def forward(self, local_port: int, remote: "Address", *, local_host: str = "127.0.0.1") -> "AsyncForwarder":
+        """Forward ``local_host:local_port`` to a guest port; ``await fw.stop()`` ends it."""
+        return await self.net.forward(local_port, remote, local_host=local_host)
+
+    async def sessions(self, all: bool = False, *, timeout: Optional[float] = 30.0) -> List[m.SessionInfo]:
+        """The agent's sessions (paged LIST), as :meth:`agentd.Client.sessions`."""
+        self.require_feature("sessions")
+        return await self._drive(_ext.list_sessions(self._core, all), timeout)
+
+    async def attach(self, session: Union[int, str], *, stdout_from: Optional[int] = None,
+                     stderr_from: Optional[int] = None, tail: Optional[int] = None,
+                     output_window: Optional[int] = None, timeout: Optional[float] = 30.0) -> "AsyncProcess":
+        """Take a session over (by number or tag), as :meth:`agentd.Client.attach`."""
+        self.require_feature("sessions")
+        window = self.output_window if output_window is None else output_window
+        if isinstance(session, bool) or not isinstance(session, (int, str)):
+            raise TypeError("attach() takes a session number (int) or a tag (str)")
+        number = session if isinstance(session, int) else None
+        tag = session if isinstance(session, str) else None
+        msg = m.Attach(session=number, tag=tag, stdout_from=stdout_from, stderr_from=stderr_from, tail=tail,
+                       output_window=window)
+        msg.encode_payload()
+        label = f"session {number}" if number is not None else f"tag {tag!r}"
+        s = AttachState(self._core, msg, label)
+        s.start()
+        self._flush()
+        try:
+            await self._wait(s.waiters, s.try_started, _deadline(timeout))
+        except _Timeout:
+            self._abandon(s)
+            raise TimeoutError(f"no ATTACHED for {label} within {timeout} s") from None
+        except BaseException:
+            self._abandon(s)
+            raise
+        return AsyncProcess(self, s, [label])
+
+    async def clock(self, *, timeout: Optional[float] = 10.0) -> "_ext.ClockReading":
+        """The guest's clock now (CLOCK_GET)."""
+        self.require_feature("clock")
+        c = await self._drive(_ext.clock_request(self._core, m.ClockGet(), m.Clock), timeout)
+        assert isinstance(c, m.Clock)
+        return _ext.ClockReading(c.realtime_ns, c.boottime_ns, c.restores)
+
+    async def sync_clock(self, realtime_ns: Optional[int] = None, *, timeout: Optional[float] = 10.0
+                         ) -> "_ext.ClockSet":
+        """Step the guest's clock to this host's time (or ``realtime_ns``); :class:`~agentd.NotPermitted` if refused."""
+        self.require_feature("clock")
+        ns = time.time_ns() if realtime_ns is None else realtime_ns
+        d = await self._drive(_ext.clock_request(self._core, m.ClockSet(realtime_ns=ns), m.ClockSetDone), timeout)
+        assert isinstance(d, m.ClockSetDone)
+        return _ext.ClockSet(d.old_ns, d.new_ns)
+
+    async def add_entropy(self, data: Optional[bytes] = None, *, timeout: Optional[float] = 10.0) -> int:
+        """Add entropy to the guest's pool (as :meth:`agentd.Client.add_entropy`)."""
+        self.require_feature("clock")
+        payload = os.urandom(256) if data is None else bytes(data)
+        if not 1 <= len(payload) <= ENTROPY_MAX:
+            raise ValueError(f"entropy is 1 to {ENTROPY_MAX} bytes, not {len(payload)}")
+        d = await self._drive(_ext.clock_request(self._core, m.Entropy(payload), m.EntropyDone), timeout)
+        assert isinstance(d, m.EntropyDone)
+        return d.bytes
 
     # --- I/O -------------------------------------------------------------------------
 
@@ -601,6 +739,31 @@ class AsyncProcess:
     def id(self) -> int:
         """The session id on the connection."""
         return self._s.id
+
+    @property
+    def session(self) -> Optional[int]:
+        """The agent-wide session number (extension ``sessions``)."""
+        return self._s.number
+
+    @property
+    def attached(self) -> Optional[m.Attached]:
+        """ATTACHED, for a process from :meth:`AsyncClient.attach`."""
+        return self._s.attached if isinstance(self._s, AttachState) else None
+
+    @property
+    def detached(self) -> Optional[m.Detached]:
+        """DETACHED, once the session left this connection."""
+        return self._s.detached
+
+    async def detach(self, timeout: Optional[float] = 10.0) -> m.Detached:
+        """DETACH: the session goes on without this connection."""
+        s = self._s
+        s.detach()
+        self._client._flush()
+        try:
+            return await self._client._wait(s.waiters, s.try_detached, _deadline(timeout))
+        except _Timeout:
+            raise TimeoutError(f"no DETACHED within {timeout} s") from None
 
     @property
     def pid(self) -> Optional[int]:
