@@ -486,3 +486,39 @@ def test_feature_check_and_threads(client: agentd.Client, tmp_path: pathlib.Path
     client._core.features = frozenset()
     with pytest.raises(agentd.FeatureNotServed):
         client.fs.stat("/")
+
+
+def test_agent_bug_read_error_before_fs_opened_is_held(client: agentd.Client, tmp_path: pathlib.Path) -> None:
+    """The agent bug the SDK works around: a read whose open fails gets its FS_ERROR only after FS_CANCEL."""
+    from agentd import _ext
+
+    req = m.FsRequest(op="read", path=str(tmp_path / "missing"))
+    st = _ext.fs_stream(client._core, req)
+    client._locked(st.start)
+    time.sleep(1.0)
+    held = st.final is None  # with a fixed agent, FS_ERROR not_found is here by now
+    client._locked(st.cancel)
+    assert wait_until(lambda: st.ended)
+    assert isinstance(st.final, m.FsError) and st.final.kind == "not_found"
+    if not held:
+        pytest.fail("the agent answers a failing read at once now: remove the stat probe in _ext.fs_open_read")
+
+
+@pytest.mark.skipif(not is_root(), reason="needs root (to read as nobody)")
+@pytest.mark.xfail(strict=True, raises=TimeoutError,
+                   reason="agent bug: a read whose open fails (EACCES here, where stat succeeds) never gets "
+                   "its FS_ERROR until FS_CANCEL; the SDK's stat probe cannot see this case")
+def test_read_permission_denied_where_stat_succeeds(client: agentd.Client) -> None:
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="agentd-py-")
+    try:
+        os.chmod(d, 0o755)
+        p = os.path.join(d, "secret")
+        with open(p, "wb") as f:
+            f.write(b"secret")
+        os.chmod(p, 0)
+        with pytest.raises(PermissionError):
+            client.fs.as_user("nobody").read_bytes(p, timeout=2)
+    finally:
+        shutil.rmtree(d)

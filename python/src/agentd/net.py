@@ -255,8 +255,7 @@ class Connection:
             buf = io.BufferedWriter(raw, size)
         if "b" in mode:
             return buf
-        return io.TextIOWrapper(buf, encoding=encoding or "utf-8", errors=errors, newline=newline,
-                                write_through=writing)
+        return io.TextIOWrapper(buf, encoding=encoding or "utf-8", errors=errors, newline=newline)
 
     def __enter__(self) -> "Connection":
         return self
