@@ -15,7 +15,7 @@ until the relevant :class:`Waiters` object is woken (its ``gen`` counter
 tells a wake-up that came in between).
 
 Extension point: every id on a connection belongs to a :class:`Stream`
-(sessions now; file operations and connections later), registered with
+(sessions, and the extension streams of ``agentd._ext``: file operations, connections, LIST, clock requests), registered with
 :meth:`Core.register` and released with its final frame.
 """
 
