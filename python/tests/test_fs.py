@@ -277,7 +277,7 @@ def test_every_error_kind(client: agentd.Client, tmp_path: pathlib.Path) -> None
         assert e.errno == errno.EACCES
         raises(agentd.FsPermissionDenied, PermissionError, "permission_denied", nobody.write_bytes, "/etc/x", b"")
         raises(agentd.FsPermissionDenied, PermissionError, "permission_denied", nobody.listdir, tmp_path)
-    assert not client._core.streams
+    assert wait_until(lambda: not client._core.streams)
 
 
 @pytest.mark.skipif(not is_root() or shutil.which("unshare") is None, reason="needs root and unshare(1)")

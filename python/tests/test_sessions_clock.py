@@ -50,6 +50,7 @@ def test_attach_by_tag_with_replay_after_the_host_left(listening: Listening) -> 
     a = listening.connect()
     p = a.popen(["sh", "-c", "echo first; echo err >&2; read line; echo got:$line; sleep 30"], tag="job-1")
     assert p.stdout is not None and p.stdout.readline() == b"first\n"
+    assert p.stderr is not None and p.stderr.readline() == b"err\n"
     number = p.session
     assert number is not None
     a.close()  # the session is detached: it goes on
