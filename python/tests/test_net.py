@@ -274,3 +274,19 @@ def test_forwarder_to_a_closed_port(client: agentd.Client) -> None:
             assert s.recv(10) == b""  # closed: the guest connect was refused
         assert wait_until(lambda: len(fw.errors) == 1)
         assert isinstance(fw.errors[0], ConnectionRefusedError)
+
+
+def test_net_error_classes_for_kinds_not_provoked() -> None:
+    from agentd.errors import net_error
+
+    # unreachable would need a route off this machine; resource an exhausted guest.
+    for kind, cls, builtin, eno in [("unreachable", agentd.NetUnreachable, OSError, errno.ENETUNREACH),
+                                    ("resource", agentd.NetResource, OSError, errno.EMFILE),
+                                    ("broken_pipe", agentd.NetBrokenPipe, BrokenPipeError, errno.EPIPE),
+                                    ("reset", agentd.NetReset, ConnectionResetError, errno.ECONNRESET)]:
+        e = net_error(kind, "m", target="127.0.0.1:1")
+        assert type(e) is cls and isinstance(e, builtin) and e.errno == eno and "127.0.0.1:1" in str(e)
+    e = net_error("a_later_kind", "m", errno=errno.EPIPE)
+    assert isinstance(e, BrokenPipeError)
+    e = net_error("other", "m", errno=5)
+    assert type(e) is agentd.NetError and e.errno == 5
