@@ -122,6 +122,24 @@ def test_ended_sessions_are_kept_for_the_next_host(listening: Listening) -> None
     _ = p
 
 
+def test_leaving_an_attached_with_block_detaches(listening: Listening) -> None:
+    a = listening.connect()
+    p = a.popen(["sleep", "30"], stdin=agentd.DEVNULL, tag="keep-me")
+    a.close()
+    b = listening.connect()
+    with pytest.raises(RuntimeError):
+        with b.attach("keep-me") as q:
+            raise RuntimeError("the monitoring code failed")
+    assert wait_until(lambda: q.detached is not None)
+    (info,) = [i for i in b.sessions() if i.tag == "keep-me"]
+    assert info.state == "running" and not info.attached  # not killed
+    r = b.attach("keep-me")
+    r.kill()
+    assert r.wait() == -9
+    b.close()
+    _ = p
+
+
 def test_attach_failures(listening: Listening) -> None:
     a = listening.connect()
     with pytest.raises(agentd.AttachFailed) as ei:

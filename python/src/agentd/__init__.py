@@ -74,6 +74,8 @@ from . import fs, net  # noqa: E402  (client.fs, client.net)
 __version__ = "0.1.0"
 
 __all__ = [
+    "fs",
+    "net",
     "Client",
     "Process",
     "StdinStream",

@@ -875,8 +875,19 @@ class AsyncProcess:
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        """Drop unread output and wait; on an exception (or cancellation) SIGKILL the group first."""
+        """Drop unread output and wait; on an exception (or cancellation) SIGKILL the group first.
+
+        A process from :meth:`AsyncClient.attach` is detached instead (it goes on in the guest).
+        """
         if self._s.state not in ("running", "pending"):
+            return
+        if isinstance(self._s, AttachState) and self._s.state == "running":
+            try:
+                self._s.detach()
+                self._s.discard_output()
+                self._client._flush()
+            except TransportClosed:
+                pass
             return
         if exc_type is not None:
             self._client._abandon(self._s, kill=True)

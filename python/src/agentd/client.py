@@ -1106,8 +1106,24 @@ class Process:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        """Close stdin and drop unread output; then wait (on an exception: SIGKILL the group first)."""
+        """Close stdin and drop unread output; then wait (on an exception: SIGKILL the group first).
+
+        A process from :meth:`Client.attach` is detached instead: the session goes on in the guest
+        (it had outlived a host before; an exception in the code that follows it must not kill it).
+        """
         if self._s.state not in ("running", "pending"):
+            return
+        if isinstance(self._s, AttachState) and self._s.state == "running":
+            s = self._s
+
+            def detach() -> None:
+                s.detach()
+                s.discard_output()
+
+            try:
+                self._client._locked(detach)
+            except TransportClosed:
+                pass
             return
         if exc_type is not None:
             self._client._abandon(self._s, kill=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import os
-import posixpath
 import tarfile
 import time
 from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Tuple, Union
@@ -27,7 +26,7 @@ from . import _ext
 from . import _tar
 from . import messages as m
 from ._ext import DEFAULT_WINDOW, DirEntry, ExtStream, FileStat, WatchEvent
-from .errors import FsError, FsExists, FsNotFound, TransportClosed
+from .errors import FsExists, FsNotFound, TransportClosed
 
 if TYPE_CHECKING:
     from .client import Client
@@ -582,5 +581,3 @@ class Watch:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-_ = FsError
