@@ -318,3 +318,26 @@ def test_async_watch_iteration(agentd_bin: str, tmp_path: pathlib.Path) -> None:
         return seen
 
     assert arun(go, agentd_bin)[0] == "created:one"
+
+
+def test_async_deadline_tree_and_detached(agentd_bin: str, tmp_path: pathlib.Path) -> None:
+    la = Listening(agentd_bin, tmp_path)
+
+    async def go() -> None:
+        c = await AsyncClient.connect_unix(la.path)
+        r = await c.run(["sleep", "30"], deadline=0.2)
+        assert r.timed_out and r.returncode == -15
+        st = await c.spawn_detached(["sleep", "30"], tag="aio-bg")
+        assert st.session is not None and not c._core.streams
+        q = await c.attach("aio-bg")
+        if not c.ready.cgroups:
+            with pytest.raises(agentd.Unsupported):
+                await q.send_signal(9, tree=True)
+        await q.kill()
+        assert await q.wait() == -9
+        await c.aclose()
+
+    try:
+        asyncio.run(go())
+    finally:
+        la.stop()

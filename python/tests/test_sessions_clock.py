@@ -195,3 +195,44 @@ def test_extensions_not_served_raise_before_sending(client: agentd.Client) -> No
         with pytest.raises(agentd.FeatureNotServed):
             call()
     assert wait_until(lambda: True) and isinstance(m.ClockGet(), m.ClockGet)
+
+
+def test_deadline_ends_the_session_tree(client: agentd.Client) -> None:
+    t0 = time.monotonic()
+    r = client.run(["sh", "-c", "trap '' TERM; sleep 30"], deadline=0.3, kill_grace=0.2)
+    assert r.timed_out and r.signal == 9 and r.returncode == -9 and time.monotonic() - t0 < 20
+    r = client.run(["sleep", "30"], deadline=0.2)
+    assert r.timed_out and r.signal == 15
+    assert client.run(["true"], deadline=10).timed_out is False
+    p = client.popen(["sleep", "30"], stdin=agentd.DEVNULL, deadline=0.2)
+    assert p.wait() == -15 and p.exited is not None and p.exited.timed_out
+
+
+def test_cgroup_limits_and_tree_signal_without_cgroups(client: agentd.Client) -> None:
+    if client.ready.cgroups:
+        pytest.skip("this agent has cgroups: the refusals are not what it answers")
+    for kw in ({"memory_max": 64 << 20}, {"pids_max": 10}, {"cpu_max": "50000 100000"}):
+        with pytest.raises(agentd.ExecFailed) as ei:
+            client.run(["true"], **kw)  # type: ignore[arg-type]
+        assert ei.value.kind == "invalid_request" and ei.value.stage == "cgroup"
+    p = client.popen(["sleep", "30"], stdin=agentd.DEVNULL)
+    with pytest.raises(agentd.Unsupported) as eu:
+        p.send_signal(9, tree=True)
+    assert eu.value.kind == "unsupported" and isinstance(eu.value, agentd.ProtocolError)
+    p.kill()
+    assert p.wait() == -9
+
+
+def test_spawn_detached_then_attach(listening: Listening) -> None:
+    a = listening.connect()
+    started = a.spawn_detached(["sh", "-c", "echo detached-out; sleep 30"], tag="bg", deadline=20)
+    assert started.session is not None and started.pid > 0
+    assert not a._core.streams  # STARTED was the id's last frame
+    assert wait_until(lambda: any(i.stdout_bytes == 13 for i in a.sessions() if i.tag == "bg"))
+    (info,) = [i for i in a.sessions() if i.tag == "bg"]
+    assert (info.session, info.attached, info.pid) == (started.session, False, started.pid)
+    q = a.attach(started.session)
+    assert q.stdout is not None and q.stdout.readline() == b"detached-out\n"
+    q.kill()
+    assert q.wait() == -9
+    a.close()

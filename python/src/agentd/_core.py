@@ -38,6 +38,7 @@ from .errors import (
     SessionDetached,
     SessionEnded,
     TransportClosed,
+    remote_error,
 )
 from .protocol import KINDS, PING_MAX, PROTOCOL_VERSION, STDIN_FRAME_MAX, Direction, Encoding, ErrorKind, Kind
 
@@ -364,7 +365,8 @@ class Core:
         p.finish(True)
 
     def _on_error(self, fid: int, msg: m.Error) -> None:
-        err = ProtocolError(msg.kind, msg.message, frame_kind=msg.frame_kind, session_id=fid, remote=True)
+        err = remote_error(ProtocolError(msg.kind, msg.message, frame_kind=msg.frame_kind, session_id=fid,
+                                         remote=True))
         if fid == 0:
             if msg.frame_kind == _K_SHUTDOWN and self.shutdown_pending and not self.shutdown_pending.done:
                 self.shutdown_pending.finish(error=err)
@@ -570,6 +572,11 @@ class SessionState(Stream):
             self.stdin_credit = self.stdin_window
             if self.abandoned:
                 self._send_signal(9, True)
+            if self.exec_msg.detach:
+                # Started detached: STARTED is the id's last frame.
+                self.detached = m.Detached(session=self.number or 0, reason="detach")
+                self.state = EXITED
+                self.core.release(self)
             self.waiters.wake()
         elif t is m.ExecFailed:
             self._on_exec_failed(msg)  # type: ignore[arg-type]
@@ -775,12 +782,12 @@ class SessionState(Stream):
         if self.closed is None:
             self.core.send(self.id, m.Signal(signal=sig, group=group))
 
-    def signal(self, sig: int, group: bool = True) -> Optional[Pending]:
+    def signal(self, sig: int, group: bool = True, tree: bool = False) -> Optional[Pending]:
         """Queue SIGNAL and a barrier (its Pending holds an ERROR such as invalid_signal); None once ended."""
         if self.state != RUNNING:
             self._check_live()
             return None
-        self.core.send(self.id, m.Signal(signal=sig, group=group))
+        self.core.send(self.id, m.Signal(signal=sig, group=group, tree=tree))
         return self.core.barrier(self, int(Kind.SIGNAL), self.waiters)
 
     def resize(self, rows: int, cols: int) -> Optional[Pending]:

@@ -365,6 +365,11 @@ class AsyncClient:
         start_timeout: Optional[float] = None,
         tag: Optional[str] = None,
         replay_bytes: Optional[int] = None,
+        deadline: Optional[float] = None,
+        kill_grace: float = 1.0,
+        memory_max: Optional[int] = None,
+        pids_max: Optional[int] = None,
+        cpu_max: Optional[str] = None,
     ) -> "AsyncProcess":
         """Start a process and return once it runs; the arguments are those of :meth:`agentd.Client.popen`."""
         if stdin not in (PIPE, DEVNULL, None):
@@ -376,10 +381,11 @@ class AsyncClient:
         if tty:
             err_mode = DEVNULL
         return await self._popen(
-            args, stdin=stdin != DEVNULL, out_mode=out_mode, err_mode=err_mode, deadline=_deadline(start_timeout),
+            args, stdin=stdin != DEVNULL, out_mode=out_mode, err_mode=err_mode, start_at=_deadline(start_timeout),
             output_window=output_window, shell=shell, env=env, clear_env=clear_env, cwd=cwd, user=user, tty=tty,
             rows=rows, cols=cols, rlimits=rlimits, linger_ms=linger_ms, no_new_privs=no_new_privs,
-            tag=tag, replay_bytes=replay_bytes,
+            tag=tag, replay_bytes=replay_bytes, deadline=deadline, kill_grace=kill_grace, memory_max=memory_max,
+            pids_max=pids_max, cpu_max=cpu_max,
         )
 
     async def _popen(
@@ -389,7 +395,7 @@ class AsyncClient:
         stdin: bool,
         out_mode: int,
         err_mode: int,
-        deadline: Optional[float],
+        start_at: Optional[float],
         output_window: Optional[int],
         **opts: Any,
     ) -> "AsyncProcess":
@@ -399,7 +405,7 @@ class AsyncClient:
         s.start()
         self._flush()
         try:
-            await self._wait(s.waiters, s.try_started, deadline)
+            await self._wait(s.waiters, s.try_started, start_at)
         except _Timeout:
             self._abandon(s)
             raise TimeoutError(f"{argv[0]!r} did not start in time; the session will be killed when it does") from None
@@ -432,6 +438,12 @@ class AsyncClient:
         output_window: Optional[int] = None,
         linger_ms: int = 100,
         no_new_privs: bool = False,
+        tag: Optional[str] = None,
+        deadline: Optional[float] = None,
+        kill_grace: float = 1.0,
+        memory_max: Optional[int] = None,
+        pids_max: Optional[int] = None,
+        cpu_max: Optional[str] = None,
     ) -> CompletedProcess:
         """Run a command to completion; the arguments are those of :meth:`agentd.Client.run`.
 
@@ -444,12 +456,14 @@ class AsyncClient:
             err_mode, err_sink = DEVNULL, None
             if data is None:
                 data = b""  # the terminal is its stdin: end of file right away
-        deadline = _deadline(timeout)
+        until = _deadline(timeout)
         try:
             proc = await self._popen(
-                args, stdin=data is not None, out_mode=out_mode, err_mode=err_mode, deadline=deadline,
+                args, stdin=data is not None, out_mode=out_mode, err_mode=err_mode, start_at=until,
                 output_window=output_window, shell=shell, env=env, clear_env=clear_env, cwd=cwd, user=user,
                 tty=tty, rows=rows, cols=cols, rlimits=rlimits, linger_ms=linger_ms, no_new_privs=no_new_privs,
+                tag=tag, deadline=deadline, kill_grace=kill_grace, memory_max=memory_max, pids_max=pids_max,
+                cpu_max=cpu_max,
             )
         except TimeoutError:
             assert timeout is not None
@@ -457,7 +471,7 @@ class AsyncClient:
         s = proc._s
         comm = Communicator(s, data, (out_sink, err_sink))
         try:
-            exited = await self._wait(s.waiters, comm.step, deadline, after=comm.write_sinks)
+            exited = await self._wait(s.waiters, comm.step, until, after=comm.write_sinks)
         except _Timeout:
             assert timeout is not None
             await self._kill_and_reap(s, comm)
@@ -557,6 +571,21 @@ class AsyncClient:
         """The agent's sessions (paged LIST), as :meth:`agentd.Client.sessions`."""
         self.require_feature("sessions")
         return await self._drive(_ext.list_sessions(self._core, all), timeout)
+
+    async def spawn_detached(self, args: Args, *, tag: Optional[str] = None,
+                             start_timeout: Optional[float] = 30.0, **kwargs: Any) -> m.Started:
+        """Start a session detached from the start, as :meth:`agentd.Client.spawn_detached`."""
+        self.require_feature("sessions")
+        argv, msg = build_exec(args, stdin=False, output_window=0, tag=tag, detach=True, **kwargs)
+        s = SessionState(self._core, msg, argv)
+        s.start()
+        self._flush()
+        try:
+            await self._wait(s.waiters, s.try_started, _deadline(start_timeout))
+        except _Timeout:
+            raise TimeoutError(f"{argv[0]!r} did not start within {start_timeout} s") from None
+        assert s.started is not None
+        return s.started
 
     async def attach(self, session: Union[int, str], *, stdout_from: Optional[int] = None,
                      stderr_from: Optional[int] = None, tail: Optional[int] = None,
@@ -833,9 +862,10 @@ class AsyncProcess:
         except TransportClosed:
             pass
 
-    async def send_signal(self, sig: int, *, group: bool = True) -> None:
-        """Signal the process group (``group=False``: the process); ProtocolError ``invalid_signal`` if unknown."""
-        p = self._s.signal(int(sig), group)
+    async def send_signal(self, sig: int, *, group: bool = True, tree: bool = False) -> None:
+        """Signal the process group (``group=False``: the process; ``tree``: the session's cgroup);
+        ProtocolError ``invalid_signal`` if unknown, :class:`~agentd.Unsupported` for ``tree`` without cgroups."""
+        p = self._s.signal(int(sig), group, tree)
         if p is not None:
             self._client._flush()
             await self._client._wait(self._s.waiters, lambda: try_pending(p))

@@ -344,6 +344,11 @@ class Client:
         start_timeout: Optional[float] = None,
         tag: Optional[str] = None,
         replay_bytes: Optional[int] = None,
+        deadline: Optional[float] = None,
+        kill_grace: float = 1.0,
+        memory_max: Optional[int] = None,
+        pids_max: Optional[int] = None,
+        cpu_max: Optional[str] = None,
     ) -> "Process":
         """Start a process in a new session and return once it runs (STARTED).
 
@@ -355,8 +360,14 @@ class Client:
         ``cols`` (no stderr). ``rlimits``: ``{"nofile": 1024, "core": (0, RLIM_INFINITY)}``.
         Raises :class:`~agentd.ExecFailed` if the program could not start.
         With the ``sessions`` extension, ``tag`` names the session for
-        :meth:`sessions` and :meth:`attach`, and ``replay_bytes`` sets how
-        much of each stream the agent keeps for a later attach.
+        :meth:`sessions` and :meth:`attach`, ``replay_bytes`` sets how much
+        of each stream the agent keeps for a later attach, ``deadline``
+        (seconds, enforced by the agent even when no host is connected)
+        ends it with SIGTERM and, ``kill_grace`` later, SIGKILL to its whole
+        tree (``exited.timed_out``), and ``memory_max``/``pids_max``/``cpu_max``
+        (``"QUOTA PERIOD"`` in µs) limit its cgroup, where the agent has
+        cgroups (READY ``cgroups``; otherwise ExecFailed ``invalid_request``,
+        stage ``cgroup``).
         """
         if stdin not in (PIPE, DEVNULL, None):
             raise ValueError("stdin must be PIPE or DEVNULL (write to Process.stdin)")
@@ -386,9 +397,14 @@ class Client:
             text=text,
             encoding=encoding,
             errors=errors,
-            deadline=_deadline(start_timeout),
+            start_at=_deadline(start_timeout),
             tag=tag,
             replay_bytes=replay_bytes,
+            deadline=deadline,
+            kill_grace=kill_grace,
+            memory_max=memory_max,
+            pids_max=pids_max,
+            cpu_max=cpu_max,
         )
 
     def _popen(
@@ -401,7 +417,7 @@ class Client:
         text: bool,
         encoding: Optional[str],
         errors: Optional[str],
-        deadline: Optional[float],
+        start_at: Optional[float],
         output_window: Optional[int],
         **opts: Any,
     ) -> "Process":
@@ -412,7 +428,7 @@ class Client:
             s.start()
         self._flush_now()
         try:
-            self._wait(s.waiters, s.try_started, deadline)
+            self._wait(s.waiters, s.try_started, start_at)
         except _Timeout:
             self._abandon(s)
             raise TimeoutError(f"{argv[0]!r} did not start in time; the session will be killed when it does") from None
@@ -445,6 +461,12 @@ class Client:
         output_window: Optional[int] = None,
         linger_ms: int = 100,
         no_new_privs: bool = False,
+        tag: Optional[str] = None,
+        deadline: Optional[float] = None,
+        kill_grace: float = 1.0,
+        memory_max: Optional[int] = None,
+        pids_max: Optional[int] = None,
+        cpu_max: Optional[str] = None,
     ) -> CompletedProcess:
         """Run a command to completion, like :func:`subprocess.run`; output is captured by default.
 
@@ -463,7 +485,7 @@ class Client:
             err_mode, err_sink = DEVNULL, None
             if data is None:
                 data = b""  # the terminal is its stdin: end of file right away
-        deadline = _deadline(timeout)
+        until = _deadline(timeout)
         try:
             proc = self._popen(
                 args,
@@ -485,7 +507,13 @@ class Client:
                 text=False,
                 encoding=None,
                 errors=None,
+                start_at=until,
+                tag=tag,
                 deadline=deadline,
+                kill_grace=kill_grace,
+                memory_max=memory_max,
+                pids_max=pids_max,
+                cpu_max=cpu_max,
             )
         except TimeoutError:
             assert timeout is not None
@@ -493,7 +521,7 @@ class Client:
         s = proc._s
         comm = Communicator(s, data, (out_sink, err_sink))
         try:
-            exited = self._wait(s.waiters, comm.step, deadline, after=comm.write_sinks)
+            exited = self._wait(s.waiters, comm.step, until, after=comm.write_sinks)
         except _Timeout:
             assert timeout is not None
             self._kill_and_reap(s, comm)
@@ -623,6 +651,28 @@ class Client:
         """
         self.require_feature("sessions")
         return self._drive(_ext.list_sessions(self._core, all), timeout)
+
+    def spawn_detached(self, args: Args, *, tag: Optional[str] = None, start_timeout: Optional[float] = 30.0,
+                       **kwargs: Any) -> m.Started:
+        """Start a session detached from the start (EXEC ``detach``): STARTED is its id's last frame here.
+
+        It runs on without a host; find it with :meth:`sessions` and take it
+        over with :meth:`attach` (by ``tag`` or STARTED's ``session``).
+        Keyword arguments as :meth:`popen` (``deadline``, ``replay_bytes``,
+        ``env``, ``cwd``, ``user``, ...; its stdin is /dev/null unless ``tty``).
+        """
+        self.require_feature("sessions")
+        argv, msg = build_exec(args, stdin=False, output_window=0, tag=tag, detach=True, **kwargs)
+        with self._lock:
+            s = SessionState(self._core, msg, argv)
+            s.start()
+        self._flush_now()
+        try:
+            self._wait(s.waiters, s.try_started, _deadline(start_timeout))
+        except _Timeout:
+            raise TimeoutError(f"{argv[0]!r} did not start within {start_timeout} s") from None
+        assert s.started is not None
+        return s.started
 
     def attach(
         self,
@@ -1053,15 +1103,17 @@ class Process:
         err = decode_text(comm.collected(2), text, encoding, errors) if self.stderr is not None else None
         return out, err
 
-    def send_signal(self, sig: int, *, group: bool = True) -> None:
+    def send_signal(self, sig: int, *, group: bool = True, tree: bool = False) -> None:
         """Send signal ``sig`` to the session's process group (``group=False``: the process alone).
 
         Waits for the agent to take it; raises :class:`~agentd.ProtocolError`
         ``invalid_signal`` for a number Linux does not have. Nothing happens
-        once the process has exited.
+        once the process has exited. ``tree=True`` (extension ``sessions``):
+        every process of the session's cgroup, also those that left its
+        process group; :class:`~agentd.Unsupported` where the agent has no cgroups.
         """
         with self._client._lock:
-            p = self._s.signal(int(sig), group)
+            p = self._s.signal(int(sig), group, tree)
         if p is not None:
             self._client._wait(self._s.waiters, lambda: try_pending(p))
 
