@@ -97,12 +97,15 @@ def test_async_open_streams_and_abort(agentd_bin: str, tmp_path: pathlib.Path) -
 
 
 def test_async_cancellation_cancels_in_the_guest(agentd_bin: str, tmp_path: pathlib.Path) -> None:
-    big = tmp_path / "big"
-    big.write_bytes(os.urandom(16 * 1024 * 1024))
+    big = tmp_path / "big"  # a FIFO whose writer never ends: the read cannot finish before it is cancelled
+    os.mkfifo(big)
+    writer_fd = os.open(big, os.O_RDWR)
+    os.write(writer_fd, b"some bytes, then nothing")
 
     async def go(c: AsyncClient) -> None:
         fs = agentd.aio_ext.AsyncFileSystem(c, window=65536)
         task = asyncio.ensure_future(fs.read_bytes(big))
+
         def reads() -> List[agentd._ext.ExtStream]:
             return [s for s in c._core.streams.values()  # type: ignore[misc]
                     if isinstance(s, agentd._ext.ExtStream) and getattr(s.request, "op", "") == "read"]
@@ -117,15 +120,36 @@ def test_async_cancellation_cancels_in_the_guest(agentd_bin: str, tmp_path: path
         while not st.ended:  # type: ignore[attr-defined]
             await asyncio.sleep(0.01)
         assert isinstance(st.final, m.FsError) and st.final.kind == "cancelled"  # type: ignore[attr-defined]
-        # A cancelled atomic write leaves nothing.
-        task2 = asyncio.ensure_future(c.fs.write_bytes(tmp_path / "w", os.urandom(32 * 1024 * 1024), atomic=True))
-        await asyncio.sleep(0.1)
-        task2.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task2
+        # A write cancelled in the middle (the guest's reader does not read: the window stalls) is
+        # cancelled in the guest: FS_CANCEL stops the worker, FS_ERROR cancelled ends the stream.
+        fifo = str(tmp_path / "fifo")
+        os.mkfifo(fifo)
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            task2 = asyncio.ensure_future(c.fs.write_bytes(fifo, os.urandom(8 * 1024 * 1024)))
+
+            def writes() -> List[agentd._ext.ExtStream]:
+                return [s for s in c._core.streams.values()  # type: ignore[misc]
+                        if isinstance(s, agentd._ext.ExtStream) and getattr(s.request, "op", "") == "write"]
+
+            while not writes() or writes()[0].credit == writes()[0].credit_max:
+                await asyncio.sleep(0.01)
+            (wst,) = writes()
+            await asyncio.sleep(0.2)
+            assert not task2.done()  # stalled: the guest side does not read
+            task2.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task2
+            while not wst.ended:
+                await asyncio.sleep(0.01)
+            assert isinstance(wst.final, m.FsError) and wst.final.kind == "cancelled"
+        finally:
+            os.close(reader)
         while c._core.streams:
             await asyncio.sleep(0.01)
-        assert sorted(os.listdir(tmp_path)) == ["big"]
+        assert sorted(os.listdir(tmp_path)) == ["big", "fifo"]
+        os.unlink(fifo)
+        os.unlink(big)
         # A cancelled wait for a watch event loses nothing; the watch goes on.
         async with await c.fs.watch(tmp_path) as watch:
             t3 = asyncio.ensure_future(watch.next_event())
@@ -137,7 +161,10 @@ def test_async_cancellation_cancels_in_the_guest(agentd_bin: str, tmp_path: path
             ev = await watch.next_event(timeout=10)
             assert ev is not None and ev.path == "after" and ev.type == "created"
 
-    arun(go, agentd_bin)
+    try:
+        arun(go, agentd_bin)
+    finally:
+        os.close(writer_fd)
 
 
 def test_async_upload_download(agentd_bin: str, tmp_path: pathlib.Path) -> None:

@@ -504,6 +504,11 @@ class ScandirIterator:
         self._batch: List[DirEntry] = []
         self._done = False
 
+    def __del__(self) -> None:  # abandoned unfinished: cancel without waiting
+        st = getattr(self, "_st", None)
+        if st is not None and not st.ended:
+            self._c._defer(st.cancel)
+
     def __iter__(self) -> "ScandirIterator":
         return self
 
