@@ -253,6 +253,8 @@ def test_async_net_echo_cancel_and_failures(agentd_bin: str) -> None:
         full.close()
         with pytest.raises(FileNotFoundError):
             await c.net.connect_unix("/no/such/agentd-test.sock")
+        with pytest.raises(FileNotFoundError):
+            await c.connect_unix("/no/such/agentd-test.sock")  # on a client: the guest's socket
 
     try:
         arun(go, agentd_bin)

@@ -65,6 +65,12 @@ def test_unix_socket(client: agentd.Client, tmp_path: pathlib.Path) -> None:
             conn.sendall(b"over unix")
             conn.shutdown(socket.SHUT_WR)
             assert recv_all(conn) == b"over unix"
+        # On a client, connect_unix is the guest's socket; on the class, it opens a client.
+        with client.connect_unix(path) as conn2:
+            assert isinstance(conn2, agentd.net.Connection)
+            conn2.sendall(b"again")
+            assert conn2.recv(10) == b"again"
+        assert callable(agentd.Client.connect_unix) and "Unix socket" in (type(vars(agentd.Client)["connect_unix"]).__doc__ or "")
     finally:
         srv.close()
 

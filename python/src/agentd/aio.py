@@ -25,14 +25,17 @@ from typing import (
     TYPE_CHECKING,
     Any,
     AsyncIterator,
+    Awaitable,
     Callable,
     Generator,
     List,
     Optional,
     Sequence,
     Tuple,
+    Type,
     TypeVar,
     Union,
+    overload,
 )
 
 from . import messages as m
@@ -117,6 +120,24 @@ def _sink(mode: _Sink, name: str) -> Tuple[int, Any]:
     raise ValueError(f"{name} must be PIPE, DEVNULL{', STDOUT' if name == 'stderr' else ''} or a binary file")
 
 
+class _AsyncConnectUnix:
+    """``await AsyncClient.connect_unix(path)`` opens a client over a Unix socket; ``await
+    client.connect_unix(path)`` on a client connects to the guest Unix socket ``path`` (extension ``net``)."""
+
+    @overload
+    def __get__(self, obj: None, owner: "Type[AsyncClient]") -> "Callable[..., Awaitable[AsyncClient]]": ...
+
+    @overload
+    def __get__(self, obj: "AsyncClient", owner: Optional[type] = None
+                ) -> "Callable[..., Awaitable[AsyncConnection]]": ...
+
+    def __get__(self, obj: Optional["AsyncClient"], owner: Optional[type] = None) -> Any:
+        if obj is None:
+            assert owner is not None
+            return owner._open_unix  # type: ignore[attr-defined]
+        return obj.net.connect_unix
+
+
 class AsyncClient:
     """A connection to one agent, for asyncio. Create it with ``await AsyncClient.spawn(...)`` (or another opener).
 
@@ -179,12 +200,14 @@ class AsyncClient:
         return await cls._open(_t.spawn_command(argv), ready_timeout, **kwargs)
 
     @classmethod
-    async def connect_unix(
+    async def _open_unix(
         cls, path: StrPath, *, timeout: Optional[float] = 10.0, ready_timeout: Optional[float] = 30.0, **kwargs: Any
     ) -> "AsyncClient":
         """Connect to a Unix socket (the connect itself is quick and done in a thread)."""
         tr = await asyncio.get_running_loop().run_in_executor(None, lambda: _t.connect_unix(path, timeout=timeout))
         return await cls._open(tr, ready_timeout, **kwargs)
+
+    connect_unix = _AsyncConnectUnix()
 
     @classmethod
     async def open_port(

@@ -35,8 +35,10 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
+    Type,
     TypeVar,
     Union,
+    overload,
 )
 
 from . import messages as m
@@ -103,6 +105,24 @@ def _sink(mode: _Sink, name: str) -> Tuple[int, Any]:
     if hasattr(mode, "write"):
         return PIPE, mode
     raise ValueError(f"{name} must be PIPE, DEVNULL{', STDOUT' if name == 'stderr' else ''} or a binary file")
+
+
+class _ConnectUnix:
+    """``Client.connect_unix(path)`` opens a client over a Unix socket (QEMU's ``-chardev socket,...,server=on``);
+    ``client.connect_unix(path)`` on a client connects to the guest Unix socket ``path`` (extension
+    ``net``: :meth:`agentd.net.Net.connect_unix`, a socket-like :class:`~agentd.net.Connection`)."""
+
+    @overload
+    def __get__(self, obj: None, owner: "Type[Client]") -> "Callable[..., Client]": ...
+
+    @overload
+    def __get__(self, obj: "Client", owner: Optional[type] = None) -> "Callable[..., Connection]": ...
+
+    def __get__(self, obj: Optional["Client"], owner: Optional[type] = None) -> Any:
+        if obj is None:
+            assert owner is not None
+            return owner._open_unix  # type: ignore[attr-defined]
+        return obj.net.connect_unix
 
 
 class Client:
@@ -177,9 +197,10 @@ class Client:
         return cls(_t.spawn_command(argv), **kwargs)
 
     @classmethod
-    def connect_unix(cls, path: StrPath, *, timeout: Optional[float] = 10.0, **kwargs: Any) -> "Client":
-        """Connect to a Unix socket (QEMU's ``-chardev socket,path=...,server=on``)."""
+    def _open_unix(cls, path: StrPath, *, timeout: Optional[float] = 10.0, **kwargs: Any) -> "Client":
         return cls(_t.connect_unix(path, timeout=timeout), **kwargs)
+
+    connect_unix = _ConnectUnix()
 
     @classmethod
     def open_port(cls, path: StrPath, *, timeout: Optional[float] = 10.0, **kwargs: Any) -> "Client":
@@ -636,7 +657,7 @@ class Client:
                     user: Union[str, int, None] = None, window: Optional[int] = None) -> "Connection":
         """A socket-like connection to guest TCP ``address`` (a port on the guest's 127.0.0.1, or ``(host, port)``).
 
-        See :meth:`agentd.net.Net.connect_tcp`; ``client.net.connect_unix(path)`` for Unix sockets.
+        See :meth:`agentd.net.Net.connect_tcp`; ``client.connect_unix(path)`` for guest Unix sockets.
         """
         return self.net.connect_tcp(address, timeout=timeout, user=user, window=window)
 
