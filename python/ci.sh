@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI for the Python SDK: a venv, `pip install ./python[test]`, pytest against the real agentd.
 #
-#   python/ci.sh              from anywhere; uses $AGENTD_BIN or target/release/agentd (built if missing)
+#   python/ci.sh              from anywhere; uses $AGENTD_BIN, target/release/agentd, or target/ci/agentd
+#                             (a release build is made if none exists)
 #   AGENTD_PY_MYPY=0 ...      skip `mypy --strict` (default: run it)
 #   PYTHON=python3.12 ...     the interpreter to use (default: python3, at least 3.9)
 #
@@ -14,6 +15,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 py="${PYTHON:-python3}"
 venv="${AGENTD_PY_VENV:-$repo/target/python-venv}"
+if [ -z "${AGENTD_BIN:-}" ] && [ ! -x "$repo/target/release/agentd" ] && [ -x "$repo/target/ci/agentd" ]; then
+    AGENTD_BIN="$repo/target/ci/agentd"  # what `cargo build --profile ci` made
+fi
 export AGENTD_BIN="${AGENTD_BIN:-$repo/target/release/agentd}"
 
 step() { printf '\n== %s\n' "$*"; }

@@ -149,3 +149,112 @@ def _watchdog() -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+class Listening:
+    """``agentd --listen unix:PATH`` in a scratch directory (as tests/support/listen.rs starts it)."""
+
+    def __init__(self, binary: str, tmp: pathlib.Path, *args: str) -> None:
+        import socket
+        import subprocess
+
+        self.path = str(tmp / "agent.sock")
+        self.proc = subprocess.Popen(
+            [binary, "--listen", f"unix:{self.path}", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
+        end = time.monotonic() + 10
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(self.path)
+                s.close()
+                break
+            except OSError:
+                s.close()
+                assert self.proc.poll() is None, "agentd --listen exited"
+                assert time.monotonic() < end, f"{self.path} never accepted"
+                time.sleep(0.005)
+
+    def connect(self, **kwargs: object) -> agentd.Client:
+        return agentd.Client.connect_unix(self.path, **kwargs)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def listening(agentd_bin: str, tmp_path: pathlib.Path) -> Iterator[Listening]:
+    la = Listening(agentd_bin, tmp_path)
+    yield la
+    la.stop()
+
+
+class EchoServer:
+    """A TCP echo server on 127.0.0.1 of this machine (where the agent runs); ``port``; one thread per client."""
+
+    def __init__(self, family: int = 0, path: Optional[str] = None) -> None:
+        import socket
+
+        if path is not None:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.bind(path)
+            self.port = 0
+        else:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+            self.port = self.sock.getsockname()[1]
+        self.sock.listen(64)
+        self.received = 0
+        self.clients = 0
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.clients += 1
+            threading.Thread(target=self._echo, args=(c,), daemon=True).start()
+
+    def _echo(self, c: "object") -> None:
+        import socket
+
+        assert isinstance(c, socket.socket)
+        with c:
+            while True:
+                try:
+                    b = c.recv(65536)
+                except OSError:
+                    return
+                if not b:
+                    break
+                self.received += len(b)
+                try:
+                    c.sendall(b)
+                except OSError:  # the other side reset (a test's abort())
+                    return
+            try:
+                c.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        import socket
+
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    srv = EchoServer()
+    yield srv
+    srv.close()

@@ -1,10 +1,10 @@
 """The extension point and the extension message classes against a real agent, where its READY serves them.
 
-No extension API exists yet; these tests drive the extensions' frames
-through the generic :class:`agentd._core.Stream` (one id space per
-connection), which is what ``client.fs``, ``client.connect_tcp`` and
-``client.sessions`` will be built on, and check that the codec decodes what
-the agent actually sends.
+These tests drive the extensions' frames through the generic
+:class:`agentd._core.Stream` (one id space per connection), below the
+extension APIs (``client.fs``, ``client.connect_tcp``, ``client.sessions``;
+see test_fs.py, test_net.py, test_sessions_clock.py), and check that the
+codec decodes what the agent actually sends.
 """
 
 from __future__ import annotations

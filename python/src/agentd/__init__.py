@@ -10,6 +10,10 @@ Run programs in a guest over one byte stream, shaped like :mod:`subprocess`::
 
 - :class:`Client` (sync, threads) and :class:`agentd.aio.AsyncClient` (asyncio)
   have the same operations: ``run``, ``popen``, ``ping``, ``shutdown``.
+- Extensions, where READY lists them: ``client.fs`` (:mod:`agentd.fs`: files,
+  trees, watches), ``client.connect_tcp``/``client.net`` (:mod:`agentd.net`:
+  guest sockets, port forwarding), ``client.sessions()``/``client.attach()``,
+  ``client.clock()``/``client.sync_clock()``.
 - :mod:`agentd.transport` opens the byte stream: a spawned ``agentd --stdio``,
   a Unix socket, a device or FIFO pair, hybrid vsock, AF_VSOCK.
 - :mod:`agentd.messages` and :mod:`agentd.codec` are the protocol itself:
@@ -19,8 +23,39 @@ Run programs in a guest over one byte stream, shaped like :mod:`subprocess`::
 from ._core import DEVNULL, PIPE, STDOUT
 from ._options import DEFAULT_OUTPUT_WINDOW, CompletedProcess, OutputChunk
 from .client import Client, OutputStream, Process, StdinStream
+from ._ext import ClockReading, ClockSet, DirEntry, FileStat, WatchEvent
 from .errors import (
     AgentdError,
+    AttachFailed,
+    FsBadUser,
+    FsCancelled,
+    FsDuplicateId,
+    FsError,
+    FsExists,
+    FsInvalidRequest,
+    FsIsADirectory,
+    FsNoSpace,
+    FsNotADirectory,
+    FsNotEmpty,
+    FsNotFound,
+    FsOther,
+    FsPermissionDenied,
+    FsReadOnly,
+    FsResource,
+    NetBadUser,
+    NetBrokenPipe,
+    NetError,
+    NetInvalidRequest,
+    NetNotFound,
+    NetPermissionDenied,
+    NetRefused,
+    NetReset,
+    NetResource,
+    NetTimedOut,
+    NetUnreachable,
+    NotPermitted,
+    SessionDetached,
+    Unsupported,
     CalledProcessError,
     ConnectError,
     EncodeError,
@@ -34,10 +69,13 @@ from .errors import (
     TransportClosed,
 )
 from .protocol import RLIM_INFINITY, ErrorKind, ExecFailedKind, Feature, Kind
+from . import fs, net  # noqa: E402  (client.fs, client.net)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "fs",
+    "net",
     "Client",
     "Process",
     "StdinStream",
@@ -65,5 +103,40 @@ __all__ = [
     "FeatureNotServed",
     "TimeoutExpired",
     "CalledProcessError",
+    "FileStat",
+    "DirEntry",
+    "WatchEvent",
+    "ClockReading",
+    "ClockSet",
+    "AttachFailed",
+    "SessionDetached",
+    "NotPermitted",
+    "Unsupported",
+    "FsError",
+    "FsNotFound",
+    "FsPermissionDenied",
+    "FsExists",
+    "FsNotADirectory",
+    "FsIsADirectory",
+    "FsNotEmpty",
+    "FsNoSpace",
+    "FsReadOnly",
+    "FsInvalidRequest",
+    "FsBadUser",
+    "FsResource",
+    "FsCancelled",
+    "FsDuplicateId",
+    "FsOther",
+    "NetError",
+    "NetRefused",
+    "NetUnreachable",
+    "NetTimedOut",
+    "NetNotFound",
+    "NetPermissionDenied",
+    "NetReset",
+    "NetBrokenPipe",
+    "NetInvalidRequest",
+    "NetBadUser",
+    "NetResource",
     "__version__",
 ]

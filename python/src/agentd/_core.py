@@ -15,7 +15,7 @@ until the relevant :class:`Waiters` object is woken (its ``gen`` counter
 tells a wake-up that came in between).
 
 Extension point: every id on a connection belongs to a :class:`Stream`
-(sessions now; file operations and connections later), registered with
+(sessions, and the extension streams of ``agentd._ext``: file operations, connections, LIST, clock requests), registered with
 :meth:`Core.register` and released with its final frame.
 """
 
@@ -30,7 +30,16 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tu
 
 from . import messages as m
 from .codec import Frame, FrameError, append_raw
-from .errors import ExecFailed, ProtocolError, ProtocolVersionError, SessionEnded, TransportClosed
+from .errors import (
+    AttachFailed,
+    ExecFailed,
+    ProtocolError,
+    ProtocolVersionError,
+    SessionDetached,
+    SessionEnded,
+    TransportClosed,
+    remote_error,
+)
 from .protocol import KINDS, PING_MAX, PROTOCOL_VERSION, STDIN_FRAME_MAX, Direction, Encoding, ErrorKind, Kind
 
 log = logging.getLogger("agentd")
@@ -157,6 +166,8 @@ class Core:
         #: Connection-level ERRORs, refused frames, errors nobody waited for (see take_errors()).
         self.errors: List[ProtocolError] = []
         self.on_ready: List[Callable[[m.Ready], None]] = []
+        #: The payload length of the map frame being delivered (extension windows count FS_ENTRIES bytes).
+        self.last_len = 0
 
     # --- sending -----------------------------------------------------------
 
@@ -309,6 +320,7 @@ class Core:
             else:
                 st = streams.get(fid)
                 if st is not None:
+                    self.last_len = len(payload)
                     st.on_message(msg)
                 elif fid in self.foreign:
                     if kind == int(Kind.EXITED) or kind == int(Kind.EXEC_FAILED):
@@ -353,7 +365,8 @@ class Core:
         p.finish(True)
 
     def _on_error(self, fid: int, msg: m.Error) -> None:
-        err = ProtocolError(msg.kind, msg.message, frame_kind=msg.frame_kind, session_id=fid, remote=True)
+        err = remote_error(ProtocolError(msg.kind, msg.message, frame_kind=msg.frame_kind, session_id=fid,
+                                         remote=True))
         if fid == 0:
             if msg.frame_kind == _K_SHUTDOWN and self.shutdown_pending and not self.shutdown_pending.done:
                 self.shutdown_pending.finish(error=err)
@@ -469,6 +482,10 @@ class SessionState(Stream):
         #: Buffered bytes already acknowledged (by wait(), which must not stall on unread output).
         self.prepaid = 0
         self.errors: List[ProtocolError] = []
+        #: DETACHED, when the session left this connection (it goes on in the guest).
+        self.detached: Optional[m.Detached] = None
+        #: The agent-wide session number (STARTED's or ATTACHED's ``session``).
+        self.number: Optional[int] = None
 
     # --- starting ------------------------------------------------------------
 
@@ -549,14 +566,26 @@ class SessionState(Stream):
             self.state = RUNNING
             self.started = msg  # type: ignore[assignment]
             self.pid = msg.pid  # type: ignore[attr-defined]
+            self.number = msg.session  # type: ignore[attr-defined]
             ready = self.core.ready
             self.stdin_window = ready.stdin_window if ready is not None else 0
             self.stdin_credit = self.stdin_window
             if self.abandoned:
                 self._send_signal(9, True)
+            if self.exec_msg.detach:
+                # Started detached: STARTED is the id's last frame.
+                self.detached = m.Detached(session=self.number or 0, reason="detach")
+                self.state = EXITED
+                self.core.release(self)
             self.waiters.wake()
         elif t is m.ExecFailed:
             self._on_exec_failed(msg)  # type: ignore[arg-type]
+        elif t is m.Detached:
+            # The id's last frame: DETACH, or another connection attached the session.
+            self.detached = msg  # type: ignore[assignment]
+            self.state = EXITED
+            self.core.release(self)
+            self.waiters.wake()
 
     def _on_exec_failed(self, msg: m.ExecFailed) -> None:
         if self.state != PENDING:
@@ -753,12 +782,12 @@ class SessionState(Stream):
         if self.closed is None:
             self.core.send(self.id, m.Signal(signal=sig, group=group))
 
-    def signal(self, sig: int, group: bool = True) -> Optional[Pending]:
+    def signal(self, sig: int, group: bool = True, tree: bool = False) -> Optional[Pending]:
         """Queue SIGNAL and a barrier (its Pending holds an ERROR such as invalid_signal); None once ended."""
         if self.state != RUNNING:
             self._check_live()
             return None
-        self.core.send(self.id, m.Signal(signal=sig, group=group))
+        self.core.send(self.id, m.Signal(signal=sig, group=group, tree=tree))
         return self.core.barrier(self, int(Kind.SIGNAL), self.waiters)
 
     def resize(self, rows: int, cols: int) -> Optional[Pending]:
@@ -769,6 +798,28 @@ class SessionState(Stream):
         self.core.send(self.id, m.Resize(rows=rows, cols=cols))
         return self.core.barrier(self, int(Kind.RESIZE), self.waiters)
 
+    def _raise_detached(self) -> None:
+        d = self.detached
+        raise SessionDetached(self.id, self.number, d.reason if d is not None else "detach")
+
+    def detach(self) -> Optional[Pending]:
+        """Queue DETACH (the session goes on without this connection); None once it ended here."""
+        if self.state != RUNNING:
+            self._check_live()
+            return None
+        self.core.send(self.id, m.Detach())
+        return None
+
+    def try_detached(self) -> Optional[m.Detached]:
+        """DETACHED once it came; raises SessionEnded if EXITED came first."""
+        if self.detached is not None:
+            return self.detached
+        if self.state == EXITED:
+            raise SessionEnded(self.id, "detach")
+        self._check_live()
+        self.discard_output()
+        return None
+
     def try_exited(self) -> Optional[m.Exited]:
         """EXITED once it came, None to wait.
 
@@ -777,6 +828,8 @@ class SessionState(Stream):
         rest and EXITED (all output comes before EXITED).
         """
         if self.state == EXITED:
+            if self.exited is None:
+                self._raise_detached()
             return self.exited
         self._check_live()
         extra = self.buffered - self.prepaid
@@ -839,3 +892,62 @@ class Communicator:
         if self.sinks[fd] is not None or s.discard[fd] or (fd == 2 and s.merge_stderr):
             return None
         return b"".join(self.out[fd])
+
+
+class AttachState(SessionState):
+    """A session taken over with ATTACH: ATTACHED stands for STARTED, ATTACH_FAILED for EXEC_FAILED.
+
+    Replayed output arrives as STDOUT/STDERR after ATTACHED, then live output
+    and EXITED, exactly as for a session this connection started.
+    """
+
+    def __init__(self, core: Core, attach: m.Attach, label: str) -> None:
+        super().__init__(core, m.Exec(cmd=label, output_window=attach.output_window), [label])
+        self.attach_msg = attach
+        self.attached: Optional[m.Attached] = None
+        self.label = label
+
+    def start(self) -> None:
+        self.core.register(self)
+        self.core.send(self.id, self.attach_msg)
+
+    def on_message(self, msg: m.Message) -> None:
+        t = type(msg)
+        if t is m.Attached:
+            if self.state != PENDING:
+                return
+            a: m.Attached = msg  # type: ignore[assignment]
+            self.attached = a
+            self.state = RUNNING
+            self.pid = a.pid
+            self.number = a.session
+            self.tty = a.tty
+            self.has_stdin = a.stdin
+            self.stdin_closed = not a.stdin
+            ready = self.core.ready
+            self.stdin_window = ready.stdin_window if ready is not None else 0
+            self.stdin_credit = self.stdin_window
+            if self.abandoned:
+                self._send_signal(9, True)
+            self.waiters.wake()
+        elif t is m.AttachFailed:
+            if self.state != PENDING:
+                return
+            f: m.AttachFailed = msg  # type: ignore[assignment]
+            self.state = FAILED
+            self.failure = AttachFailed(f.kind, f.message, target=self.label)
+            self.core.release(self)
+            self.waiters.wake()
+        elif t is m.Started or t is m.ExecFailed:
+            return
+        else:
+            super().on_message(msg)
+
+    def on_error(self, err: ProtocolError) -> None:
+        if err.frame_kind == int(Kind.ATTACH) and self.state == PENDING:
+            self.state = FAILED
+            self.failure = err
+            self.core.release(self)
+            self.waiters.wake()
+            return
+        super().on_error(err)

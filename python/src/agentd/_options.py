@@ -77,6 +77,14 @@ def build_exec(
     output_window: int = DEFAULT_OUTPUT_WINDOW,
     linger_ms: int = 100,
     no_new_privs: bool = False,
+    tag: Optional[str] = None,
+    replay_bytes: Optional[int] = None,
+    deadline: Optional[float] = None,
+    kill_grace: float = 1.0,
+    memory_max: Optional[int] = None,
+    pids_max: Optional[int] = None,
+    cpu_max: Optional[str] = None,
+    detach: bool = False,
 ) -> Tuple[list[str], m.Exec]:
     """The argv and the EXEC message for these arguments (validated: ranges are checked on encoding)."""
     argv = _argv(args, shell)
@@ -95,6 +103,14 @@ def build_exec(
         output_window=output_window,
         linger_ms=linger_ms,
         no_new_privs=no_new_privs,
+        tag=tag,
+        replay_bytes=replay_bytes,
+        detach=detach,
+        timeout_ms=0 if deadline is None else max(1, int(deadline * 1000)),
+        kill_grace_ms=max(0, int(kill_grace * 1000)),
+        memory_max=memory_max,
+        pids_max=pids_max,
+        cpu_max=cpu_max,
     )
     msg.encode_payload()  # fail here, in the caller, on a value out of range
     return argv, msg
@@ -143,6 +159,10 @@ class CompletedProcess(subprocess.CompletedProcess):  # type: ignore[type-arg]
         self.status: int = exited.status
         self.core_dumped: bool = exited.core_dumped
         self.output_dropped: Optional[int] = exited.output_dropped
+        #: The agent's deadline (``deadline=``) ended it.
+        self.timed_out: bool = exited.timed_out
+        #: The OOM killer killed a process of the session (its cgroup's ``memory.events``).
+        self.oom_killed: bool = exited.oom_killed
         self.pid = pid
         self.exited = exited
 

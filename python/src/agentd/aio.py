@@ -20,11 +20,28 @@ import signal as _signal
 import socket
 import time
 import weakref
-from typing import IO, Any, AsyncIterator, Callable, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+    overload,
+)
 
 from . import messages as m
 from . import transport as _t
-from ._core import DEVNULL, PIPE, STDOUT, Communicator, Core, SessionState, Waiters, try_pending
+from . import _ext
+from ._core import DEVNULL, PIPE, STDOUT, AttachState, Communicator, Core, SessionState, Waiters, try_pending
 from ._options import (
     DEFAULT_OUTPUT_WINDOW,
     Args,
@@ -39,6 +56,11 @@ from ._options import (
 )
 from .codec import FrameDecoder
 from .errors import FeatureNotServed, TimeoutExpired, TransportClosed
+from .protocol import ENTROPY_MAX
+
+if TYPE_CHECKING:
+    from .aio_ext import AsyncConnection, AsyncFileSystem, AsyncForwarder, AsyncNet
+    from .net import Address
 
 __all__ = ["AsyncClient", "AsyncProcess", "AsyncStdin", "AsyncOutputStream", "PIPE", "DEVNULL", "STDOUT"]
 
@@ -96,6 +118,24 @@ def _sink(mode: _Sink, name: str) -> Tuple[int, Any]:
     if hasattr(mode, "write"):
         return PIPE, mode
     raise ValueError(f"{name} must be PIPE, DEVNULL{', STDOUT' if name == 'stderr' else ''} or a binary file")
+
+
+class _AsyncConnectUnix:
+    """``await AsyncClient.connect_unix(path)`` opens a client over a Unix socket; ``await
+    client.connect_unix(path)`` on a client connects to the guest Unix socket ``path`` (extension ``net``)."""
+
+    @overload
+    def __get__(self, obj: None, owner: "Type[AsyncClient]") -> "Callable[..., Awaitable[AsyncClient]]": ...
+
+    @overload
+    def __get__(self, obj: "AsyncClient", owner: Optional[type] = None
+                ) -> "Callable[..., Awaitable[AsyncConnection]]": ...
+
+    def __get__(self, obj: Optional["AsyncClient"], owner: Optional[type] = None) -> Any:
+        if obj is None:
+            assert owner is not None
+            return owner._open_unix  # type: ignore[attr-defined]
+        return obj.net.connect_unix
 
 
 class AsyncClient:
@@ -160,12 +200,14 @@ class AsyncClient:
         return await cls._open(_t.spawn_command(argv), ready_timeout, **kwargs)
 
     @classmethod
-    async def connect_unix(
+    async def _open_unix(
         cls, path: StrPath, *, timeout: Optional[float] = 10.0, ready_timeout: Optional[float] = 30.0, **kwargs: Any
     ) -> "AsyncClient":
         """Connect to a Unix socket (the connect itself is quick and done in a thread)."""
         tr = await asyncio.get_running_loop().run_in_executor(None, lambda: _t.connect_unix(path, timeout=timeout))
         return await cls._open(tr, ready_timeout, **kwargs)
+
+    connect_unix = _AsyncConnectUnix()
 
     @classmethod
     async def open_port(
@@ -344,6 +386,13 @@ class AsyncClient:
         linger_ms: int = 100,
         no_new_privs: bool = False,
         start_timeout: Optional[float] = None,
+        tag: Optional[str] = None,
+        replay_bytes: Optional[int] = None,
+        deadline: Optional[float] = None,
+        kill_grace: float = 1.0,
+        memory_max: Optional[int] = None,
+        pids_max: Optional[int] = None,
+        cpu_max: Optional[str] = None,
     ) -> "AsyncProcess":
         """Start a process and return once it runs; the arguments are those of :meth:`agentd.Client.popen`."""
         if stdin not in (PIPE, DEVNULL, None):
@@ -355,9 +404,11 @@ class AsyncClient:
         if tty:
             err_mode = DEVNULL
         return await self._popen(
-            args, stdin=stdin != DEVNULL, out_mode=out_mode, err_mode=err_mode, deadline=_deadline(start_timeout),
+            args, stdin=stdin != DEVNULL, out_mode=out_mode, err_mode=err_mode, start_at=_deadline(start_timeout),
             output_window=output_window, shell=shell, env=env, clear_env=clear_env, cwd=cwd, user=user, tty=tty,
             rows=rows, cols=cols, rlimits=rlimits, linger_ms=linger_ms, no_new_privs=no_new_privs,
+            tag=tag, replay_bytes=replay_bytes, deadline=deadline, kill_grace=kill_grace, memory_max=memory_max,
+            pids_max=pids_max, cpu_max=cpu_max,
         )
 
     async def _popen(
@@ -367,7 +418,7 @@ class AsyncClient:
         stdin: bool,
         out_mode: int,
         err_mode: int,
-        deadline: Optional[float],
+        start_at: Optional[float],
         output_window: Optional[int],
         **opts: Any,
     ) -> "AsyncProcess":
@@ -377,7 +428,7 @@ class AsyncClient:
         s.start()
         self._flush()
         try:
-            await self._wait(s.waiters, s.try_started, deadline)
+            await self._wait(s.waiters, s.try_started, start_at)
         except _Timeout:
             self._abandon(s)
             raise TimeoutError(f"{argv[0]!r} did not start in time; the session will be killed when it does") from None
@@ -410,6 +461,12 @@ class AsyncClient:
         output_window: Optional[int] = None,
         linger_ms: int = 100,
         no_new_privs: bool = False,
+        tag: Optional[str] = None,
+        deadline: Optional[float] = None,
+        kill_grace: float = 1.0,
+        memory_max: Optional[int] = None,
+        pids_max: Optional[int] = None,
+        cpu_max: Optional[str] = None,
     ) -> CompletedProcess:
         """Run a command to completion; the arguments are those of :meth:`agentd.Client.run`.
 
@@ -422,12 +479,14 @@ class AsyncClient:
             err_mode, err_sink = DEVNULL, None
             if data is None:
                 data = b""  # the terminal is its stdin: end of file right away
-        deadline = _deadline(timeout)
+        until = _deadline(timeout)
         try:
             proc = await self._popen(
-                args, stdin=data is not None, out_mode=out_mode, err_mode=err_mode, deadline=deadline,
+                args, stdin=data is not None, out_mode=out_mode, err_mode=err_mode, start_at=until,
                 output_window=output_window, shell=shell, env=env, clear_env=clear_env, cwd=cwd, user=user,
                 tty=tty, rows=rows, cols=cols, rlimits=rlimits, linger_ms=linger_ms, no_new_privs=no_new_privs,
+                tag=tag, deadline=deadline, kill_grace=kill_grace, memory_max=memory_max, pids_max=pids_max,
+                cpu_max=cpu_max,
             )
         except TimeoutError:
             assert timeout is not None
@@ -435,7 +494,7 @@ class AsyncClient:
         s = proc._s
         comm = Communicator(s, data, (out_sink, err_sink))
         try:
-            exited = await self._wait(s.waiters, comm.step, deadline, after=comm.write_sinks)
+            exited = await self._wait(s.waiters, comm.step, until, after=comm.write_sinks)
         except _Timeout:
             assert timeout is not None
             await self._kill_and_reap(s, comm)
@@ -472,6 +531,137 @@ class AsyncClient:
             self._flush()
         except TransportClosed:
             pass
+
+    # --- extensions -------------------------------------------------------------------
+
+    async def _drive(self, op: "Generator[_ext.Step, Any, T]", timeout: Optional[float] = None) -> T:
+        """Run an extension operation (see ``agentd._ext``); cancelled or failed, it cancels its stream."""
+        deadline = _deadline(timeout)
+        value: Any = None
+        try:
+            while True:
+                try:
+                    w, fn = op.send(value)
+                except StopIteration as stop:
+                    result: T = stop.value
+                    break
+                self._flush()
+                value = await self._wait(w, fn, deadline)
+        except BaseException as e:
+            try:
+                op.close()
+                self._flush()
+            except TransportClosed:
+                pass
+            if isinstance(e, _Timeout):
+                raise TimeoutError(f"the agent did not answer within {timeout} s") from None
+            raise
+        self._flush()
+        return result
+
+    @property
+    def fs(self) -> "AsyncFileSystem":
+        """The guest's files (extension ``fs``): see :class:`agentd.aio_ext.AsyncFileSystem`."""
+        from .aio_ext import AsyncFileSystem
+
+        fs = self.__dict__.get("_fs")
+        if fs is None:
+            fs = self.__dict__["_fs"] = AsyncFileSystem(self)
+        assert isinstance(fs, AsyncFileSystem)
+        return fs
+
+    @property
+    def net(self) -> "AsyncNet":
+        """Connections to guest sockets (extension ``net``)."""
+        from .aio_ext import AsyncNet
+
+        net = self.__dict__.get("_net")
+        if net is None:
+            net = self.__dict__["_net"] = AsyncNet(self)
+        assert isinstance(net, AsyncNet)
+        return net
+
+    async def connect_tcp(self, address: "Address", *, timeout: Optional[float] = 10.0,
+                          user: Union[str, int, None] = None, window: Optional[int] = None) -> "AsyncConnection":
+        """A connection to guest TCP ``address`` (a port, or ``(host, port)``); cancelled, nothing stays open."""
+        return await self.net.connect_tcp(address, timeout=timeout, user=user, window=window)
+
+    async def forward(self, local_port: int, remote: "Address", *, local_host: str = "127.0.0.1") -> "AsyncForwarder":
+        """Forward ``local_host:local_port`` to a guest port; ``await fw.stop()`` ends it."""
+        return await self.net.forward(local_port, remote, local_host=local_host)
+
+    async def sessions(self, all: bool = False, *, timeout: Optional[float] = 30.0) -> List[m.SessionInfo]:
+        """The agent's sessions (paged LIST), as :meth:`agentd.Client.sessions`."""
+        self.require_feature("sessions")
+        return await self._drive(_ext.list_sessions(self._core, all), timeout)
+
+    async def spawn_detached(self, args: Args, *, tag: Optional[str] = None,
+                             start_timeout: Optional[float] = 30.0, **kwargs: Any) -> m.Started:
+        """Start a session detached from the start, as :meth:`agentd.Client.spawn_detached`."""
+        self.require_feature("sessions")
+        argv, msg = build_exec(args, stdin=False, output_window=0, tag=tag, detach=True, **kwargs)
+        s = SessionState(self._core, msg, argv)
+        s.start()
+        self._flush()
+        try:
+            await self._wait(s.waiters, s.try_started, _deadline(start_timeout))
+        except _Timeout:
+            raise TimeoutError(f"{argv[0]!r} did not start within {start_timeout} s") from None
+        assert s.started is not None
+        return s.started
+
+    async def attach(self, session: Union[int, str], *, stdout_from: Optional[int] = None,
+                     stderr_from: Optional[int] = None, tail: Optional[int] = None,
+                     output_window: Optional[int] = None, timeout: Optional[float] = 30.0) -> "AsyncProcess":
+        """Take a session over (by number or tag), as :meth:`agentd.Client.attach`."""
+        self.require_feature("sessions")
+        window = self.output_window if output_window is None else output_window
+        if isinstance(session, bool) or not isinstance(session, (int, str)):
+            raise TypeError("attach() takes a session number (int) or a tag (str)")
+        number = session if isinstance(session, int) else None
+        tag = session if isinstance(session, str) else None
+        msg = m.Attach(session=number, tag=tag, stdout_from=stdout_from, stderr_from=stderr_from, tail=tail,
+                       output_window=window)
+        msg.encode_payload()
+        label = f"session {number}" if number is not None else f"tag {tag!r}"
+        s = AttachState(self._core, msg, label)
+        s.start()
+        self._flush()
+        try:
+            await self._wait(s.waiters, s.try_started, _deadline(timeout))
+        except _Timeout:
+            self._abandon(s)
+            raise TimeoutError(f"no ATTACHED for {label} within {timeout} s") from None
+        except BaseException:
+            self._abandon(s)
+            raise
+        return AsyncProcess(self, s, [label])
+
+    async def clock(self, *, timeout: Optional[float] = 10.0) -> "_ext.ClockReading":
+        """The guest's clock now (CLOCK_GET)."""
+        self.require_feature("clock")
+        c = await self._drive(_ext.clock_request(self._core, m.ClockGet(), m.Clock), timeout)
+        assert isinstance(c, m.Clock)
+        return _ext.ClockReading(c.realtime_ns, c.boottime_ns, c.restores)
+
+    async def sync_clock(self, realtime_ns: Optional[int] = None, *, timeout: Optional[float] = 10.0
+                         ) -> "_ext.ClockSet":
+        """Step the guest's clock to this host's time (or ``realtime_ns``); :class:`~agentd.NotPermitted` if refused."""
+        self.require_feature("clock")
+        ns = time.time_ns() if realtime_ns is None else realtime_ns
+        d = await self._drive(_ext.clock_request(self._core, m.ClockSet(realtime_ns=ns), m.ClockSetDone), timeout)
+        assert isinstance(d, m.ClockSetDone)
+        return _ext.ClockSet(d.old_ns, d.new_ns)
+
+    async def add_entropy(self, data: Optional[bytes] = None, *, timeout: Optional[float] = 10.0) -> int:
+        """Add entropy to the guest's pool (as :meth:`agentd.Client.add_entropy`)."""
+        self.require_feature("clock")
+        payload = os.urandom(256) if data is None else bytes(data)
+        if not 1 <= len(payload) <= ENTROPY_MAX:
+            raise ValueError(f"entropy is 1 to {ENTROPY_MAX} bytes, not {len(payload)}")
+        d = await self._drive(_ext.clock_request(self._core, m.Entropy(payload), m.EntropyDone), timeout)
+        assert isinstance(d, m.EntropyDone)
+        return d.bytes
 
     # --- I/O -------------------------------------------------------------------------
 
@@ -603,6 +793,31 @@ class AsyncProcess:
         return self._s.id
 
     @property
+    def session(self) -> Optional[int]:
+        """The agent-wide session number (extension ``sessions``)."""
+        return self._s.number
+
+    @property
+    def attached(self) -> Optional[m.Attached]:
+        """ATTACHED, for a process from :meth:`AsyncClient.attach`."""
+        return self._s.attached if isinstance(self._s, AttachState) else None
+
+    @property
+    def detached(self) -> Optional[m.Detached]:
+        """DETACHED, once the session left this connection."""
+        return self._s.detached
+
+    async def detach(self, timeout: Optional[float] = 10.0) -> m.Detached:
+        """DETACH: the session goes on without this connection."""
+        s = self._s
+        s.detach()
+        self._client._flush()
+        try:
+            return await self._client._wait(s.waiters, s.try_detached, _deadline(timeout))
+        except _Timeout:
+            raise TimeoutError(f"no DETACHED within {timeout} s") from None
+
+    @property
     def pid(self) -> Optional[int]:
         """The process id in the guest."""
         return self._s.pid
@@ -670,9 +885,10 @@ class AsyncProcess:
         except TransportClosed:
             pass
 
-    async def send_signal(self, sig: int, *, group: bool = True) -> None:
-        """Signal the process group (``group=False``: the process); ProtocolError ``invalid_signal`` if unknown."""
-        p = self._s.signal(int(sig), group)
+    async def send_signal(self, sig: int, *, group: bool = True, tree: bool = False) -> None:
+        """Signal the process group (``group=False``: the process; ``tree``: the session's cgroup);
+        ProtocolError ``invalid_signal`` if unknown, :class:`~agentd.Unsupported` for ``tree`` without cgroups."""
+        p = self._s.signal(int(sig), group, tree)
         if p is not None:
             self._client._flush()
             await self._client._wait(self._s.waiters, lambda: try_pending(p))
@@ -712,8 +928,19 @@ class AsyncProcess:
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        """Drop unread output and wait; on an exception (or cancellation) SIGKILL the group first."""
+        """Drop unread output and wait; on an exception (or cancellation) SIGKILL the group first.
+
+        A process from :meth:`AsyncClient.attach` is detached instead (it goes on in the guest).
+        """
         if self._s.state not in ("running", "pending"):
+            return
+        if isinstance(self._s, AttachState) and self._s.state == "running":
+            try:
+                self._s.detach()
+                self._s.discard_output()
+                self._client._flush()
+            except TransportClosed:
+                pass
             return
         if exc_type is not None:
             self._client._abandon(self._s, kill=True)

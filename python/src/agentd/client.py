@@ -23,11 +23,28 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import IO, Any, Callable, Deque, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Deque,
+    Generator,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+    overload,
+)
 
 from . import messages as m
 from . import transport as _t
-from ._core import DEVNULL, PIPE, STDOUT, Core, Communicator, Pending, SessionState, Waiters, try_pending
+from . import _ext
+from ._core import DEVNULL, PIPE, STDOUT, AttachState, Core, Communicator, Pending, SessionState, Waiters, try_pending
 from ._options import (
     DEFAULT_OUTPUT_WINDOW,
     Args,
@@ -42,7 +59,11 @@ from ._options import (
 )
 from .codec import FrameDecoder
 from .errors import CalledProcessError, FeatureNotServed, TimeoutExpired, TransportClosed
-from .protocol import Kind
+from .protocol import ENTROPY_MAX, Kind
+
+if TYPE_CHECKING:
+    from .fs import FileSystem
+    from .net import Address, Connection, Forwarder, Net
 
 __all__ = ["Client", "Process", "StdinStream", "OutputStream", "PIPE", "DEVNULL", "STDOUT"]
 
@@ -84,6 +105,24 @@ def _sink(mode: _Sink, name: str) -> Tuple[int, Any]:
     if hasattr(mode, "write"):
         return PIPE, mode
     raise ValueError(f"{name} must be PIPE, DEVNULL{', STDOUT' if name == 'stderr' else ''} or a binary file")
+
+
+class _ConnectUnix:
+    """``Client.connect_unix(path)`` opens a client over a Unix socket (QEMU's ``-chardev socket,...,server=on``);
+    ``client.connect_unix(path)`` on a client connects to the guest Unix socket ``path`` (extension
+    ``net``: :meth:`agentd.net.Net.connect_unix`, a socket-like :class:`~agentd.net.Connection`)."""
+
+    @overload
+    def __get__(self, obj: None, owner: "Type[Client]") -> "Callable[..., Client]": ...
+
+    @overload
+    def __get__(self, obj: "Client", owner: Optional[type] = None) -> "Callable[..., Connection]": ...
+
+    def __get__(self, obj: Optional["Client"], owner: Optional[type] = None) -> Any:
+        if obj is None:
+            assert owner is not None
+            return owner._open_unix  # type: ignore[attr-defined]
+        return obj.net.connect_unix
 
 
 class Client:
@@ -158,9 +197,10 @@ class Client:
         return cls(_t.spawn_command(argv), **kwargs)
 
     @classmethod
-    def connect_unix(cls, path: StrPath, *, timeout: Optional[float] = 10.0, **kwargs: Any) -> "Client":
-        """Connect to a Unix socket (QEMU's ``-chardev socket,path=...,server=on``)."""
+    def _open_unix(cls, path: StrPath, *, timeout: Optional[float] = 10.0, **kwargs: Any) -> "Client":
         return cls(_t.connect_unix(path, timeout=timeout), **kwargs)
+
+    connect_unix = _ConnectUnix()
 
     @classmethod
     def open_port(cls, path: StrPath, *, timeout: Optional[float] = 10.0, **kwargs: Any) -> "Client":
@@ -323,6 +363,13 @@ class Client:
         encoding: Optional[str] = None,
         errors: Optional[str] = None,
         start_timeout: Optional[float] = None,
+        tag: Optional[str] = None,
+        replay_bytes: Optional[int] = None,
+        deadline: Optional[float] = None,
+        kill_grace: float = 1.0,
+        memory_max: Optional[int] = None,
+        pids_max: Optional[int] = None,
+        cpu_max: Optional[str] = None,
     ) -> "Process":
         """Start a process in a new session and return once it runs (STARTED).
 
@@ -333,6 +380,15 @@ class Client:
         ``clear_env``. ``tty`` runs it on a pseudo-terminal of ``rows`` x
         ``cols`` (no stderr). ``rlimits``: ``{"nofile": 1024, "core": (0, RLIM_INFINITY)}``.
         Raises :class:`~agentd.ExecFailed` if the program could not start.
+        With the ``sessions`` extension, ``tag`` names the session for
+        :meth:`sessions` and :meth:`attach`, ``replay_bytes`` sets how much
+        of each stream the agent keeps for a later attach, ``deadline``
+        (seconds, enforced by the agent even when no host is connected)
+        ends it with SIGTERM and, ``kill_grace`` later, SIGKILL to its whole
+        tree (``exited.timed_out``), and ``memory_max``/``pids_max``/``cpu_max``
+        (``"QUOTA PERIOD"`` in µs) limit its cgroup, where the agent has
+        cgroups (READY ``cgroups``; otherwise ExecFailed ``invalid_request``,
+        stage ``cgroup``).
         """
         if stdin not in (PIPE, DEVNULL, None):
             raise ValueError("stdin must be PIPE or DEVNULL (write to Process.stdin)")
@@ -362,7 +418,14 @@ class Client:
             text=text,
             encoding=encoding,
             errors=errors,
-            deadline=_deadline(start_timeout),
+            start_at=_deadline(start_timeout),
+            tag=tag,
+            replay_bytes=replay_bytes,
+            deadline=deadline,
+            kill_grace=kill_grace,
+            memory_max=memory_max,
+            pids_max=pids_max,
+            cpu_max=cpu_max,
         )
 
     def _popen(
@@ -375,7 +438,7 @@ class Client:
         text: bool,
         encoding: Optional[str],
         errors: Optional[str],
-        deadline: Optional[float],
+        start_at: Optional[float],
         output_window: Optional[int],
         **opts: Any,
     ) -> "Process":
@@ -386,7 +449,7 @@ class Client:
             s.start()
         self._flush_now()
         try:
-            self._wait(s.waiters, s.try_started, deadline)
+            self._wait(s.waiters, s.try_started, start_at)
         except _Timeout:
             self._abandon(s)
             raise TimeoutError(f"{argv[0]!r} did not start in time; the session will be killed when it does") from None
@@ -419,6 +482,12 @@ class Client:
         output_window: Optional[int] = None,
         linger_ms: int = 100,
         no_new_privs: bool = False,
+        tag: Optional[str] = None,
+        deadline: Optional[float] = None,
+        kill_grace: float = 1.0,
+        memory_max: Optional[int] = None,
+        pids_max: Optional[int] = None,
+        cpu_max: Optional[str] = None,
     ) -> CompletedProcess:
         """Run a command to completion, like :func:`subprocess.run`; output is captured by default.
 
@@ -437,7 +506,7 @@ class Client:
             err_mode, err_sink = DEVNULL, None
             if data is None:
                 data = b""  # the terminal is its stdin: end of file right away
-        deadline = _deadline(timeout)
+        until = _deadline(timeout)
         try:
             proc = self._popen(
                 args,
@@ -459,7 +528,13 @@ class Client:
                 text=False,
                 encoding=None,
                 errors=None,
+                start_at=until,
+                tag=tag,
                 deadline=deadline,
+                kill_grace=kill_grace,
+                memory_max=memory_max,
+                pids_max=pids_max,
+                cpu_max=cpu_max,
             )
         except TimeoutError:
             assert timeout is not None
@@ -467,7 +542,7 @@ class Client:
         s = proc._s
         comm = Communicator(s, data, (out_sink, err_sink))
         try:
-            exited = self._wait(s.waiters, comm.step, deadline, after=comm.write_sinks)
+            exited = self._wait(s.waiters, comm.step, until, after=comm.write_sinks)
         except _Timeout:
             assert timeout is not None
             self._kill_and_reap(s, comm)
@@ -515,6 +590,193 @@ class Client:
             os.write(self._wake_w, b"d")
         except OSError:
             pass
+
+    # --- extensions ---------------------------------------------------------------
+
+    def _drive(self, op: "Generator[_ext.Step, Any, T]", timeout: Optional[float] = None) -> T:
+        """Run an extension operation (see ``agentd._ext``): its steps under the lock, waits in between.
+
+        If it fails, times out or is interrupted, the generator is closed,
+        which cancels the stream it owns (FS_CANCEL, NET_CLOSE).
+        """
+        deadline = _deadline(timeout)
+        value: Any = None
+        try:
+            while True:
+                with self._lock:
+                    try:
+                        w, fn = op.send(value)
+                    except StopIteration as stop:
+                        result: T = stop.value
+                        break
+                self._flush_now()
+                value = self._wait(w, fn, deadline)
+        except BaseException as e:
+            try:
+                with self._lock:
+                    op.close()
+                self._flush_now()
+            except TransportClosed:
+                pass
+            if isinstance(e, _Timeout):
+                raise TimeoutError(f"the agent did not answer within {timeout} s") from None
+            raise
+        self._flush_now()
+        return result
+
+    def _locked(self, fn: Callable[[], T]) -> T:
+        """Call ``fn`` under the lock, then flush what it queued."""
+        with self._lock:
+            v = fn()
+        self._flush_now()
+        return v
+
+    @property
+    def fs(self) -> "FileSystem":
+        """The guest's files (extension ``fs``): see :class:`agentd.fs.FileSystem`."""
+        from .fs import FileSystem
+
+        fs = self.__dict__.get("_fs")
+        if fs is None:
+            fs = self.__dict__["_fs"] = FileSystem(self)
+        assert isinstance(fs, FileSystem)
+        return fs
+
+    @property
+    def net(self) -> "Net":
+        """Connections to guest sockets (extension ``net``): see :class:`agentd.net.Net`."""
+        from .net import Net
+
+        net = self.__dict__.get("_net")
+        if net is None:
+            net = self.__dict__["_net"] = Net(self)
+        assert isinstance(net, Net)
+        return net
+
+    def connect_tcp(self, address: "Address", *, timeout: Optional[float] = 10.0,
+                    user: Union[str, int, None] = None, window: Optional[int] = None) -> "Connection":
+        """A socket-like connection to guest TCP ``address`` (a port on the guest's 127.0.0.1, or ``(host, port)``).
+
+        See :meth:`agentd.net.Net.connect_tcp`; ``client.connect_unix(path)`` for guest Unix sockets.
+        """
+        return self.net.connect_tcp(address, timeout=timeout, user=user, window=window)
+
+    def forward(self, local_port: int, remote: "Address", *, local_host: str = "127.0.0.1") -> "Forwarder":
+        """Forward ``local_host:local_port`` on this host to a guest port (``kubectl port-forward``); stoppable."""
+        return self.net.forward(local_port, remote, local_host=local_host)
+
+    def sessions(self, all: bool = False, *, timeout: Optional[float] = 30.0) -> List[m.SessionInfo]:
+        """Every live session of the agent and ended ones no host has seen the end of (``all``: kept ones too).
+
+        Paged LIST: the SESSIONS frames are gathered until ``more`` is false.
+        """
+        self.require_feature("sessions")
+        return self._drive(_ext.list_sessions(self._core, all), timeout)
+
+    def spawn_detached(self, args: Args, *, tag: Optional[str] = None, start_timeout: Optional[float] = 30.0,
+                       **kwargs: Any) -> m.Started:
+        """Start a session detached from the start (EXEC ``detach``): STARTED is its id's last frame here.
+
+        It runs on without a host; find it with :meth:`sessions` and take it
+        over with :meth:`attach` (by ``tag`` or STARTED's ``session``).
+        Keyword arguments as :meth:`popen` (``deadline``, ``replay_bytes``,
+        ``env``, ``cwd``, ``user``, ...; its stdin is /dev/null unless ``tty``).
+        """
+        self.require_feature("sessions")
+        argv, msg = build_exec(args, stdin=False, output_window=0, tag=tag, detach=True, **kwargs)
+        with self._lock:
+            s = SessionState(self._core, msg, argv)
+            s.start()
+        self._flush_now()
+        try:
+            self._wait(s.waiters, s.try_started, _deadline(start_timeout))
+        except _Timeout:
+            raise TimeoutError(f"{argv[0]!r} did not start within {start_timeout} s") from None
+        assert s.started is not None
+        return s.started
+
+    def attach(
+        self,
+        session: Union[int, str],
+        *,
+        stdout_from: Optional[int] = None,
+        stderr_from: Optional[int] = None,
+        tail: Optional[int] = None,
+        output_window: Optional[int] = None,
+        text: bool = False,
+        encoding: Optional[str] = None,
+        errors: Optional[str] = None,
+        timeout: Optional[float] = 30.0,
+    ) -> "Process":
+        """Take a session over on this connection: by number (an ``int``) or by tag (a ``str``).
+
+        Output is replayed from ``stdout_from``/``stderr_from`` (byte offsets
+        of each stream; default: the oldest byte the agent kept), or the last
+        ``tail`` bytes, then it goes on live; the returned :class:`Process`
+        is the one :meth:`popen` would have given (``stdin`` when it is
+        open, ``wait``, ``send_signal``, ...; ``attached`` holds ATTACHED,
+        with ``stdout_lost``/``stderr_lost``). Another connection that had
+        it gets DETACHED. Raises :class:`~agentd.AttachFailed`
+        (``not_found``, ``ambiguous``, ...).
+        """
+        self.require_feature("sessions")
+        window = self.output_window if output_window is None else output_window
+        if isinstance(session, bool) or not isinstance(session, (int, str)):
+            raise TypeError("attach() takes a session number (int) or a tag (str)")
+        number = session if isinstance(session, int) else None
+        tag = session if isinstance(session, str) else None
+        msg = m.Attach(session=number, tag=tag, stdout_from=stdout_from, stderr_from=stderr_from, tail=tail,
+                       output_window=window)
+        msg.encode_payload()
+        label = f"session {number}" if number is not None else f"tag {tag!r}"
+        with self._lock:
+            s = AttachState(self._core, msg, label)
+            s.start()
+        self._flush_now()
+        try:
+            self._wait(s.waiters, s.try_started, _deadline(timeout))
+        except _Timeout:
+            self._abandon(s)
+            raise TimeoutError(f"no ATTACHED for {label} within {timeout} s") from None
+        except BaseException:
+            self._abandon(s)
+            raise
+        return Process(self, s, [label], text=text, encoding=encoding, errors=errors)
+
+    def clock(self, *, timeout: Optional[float] = 10.0) -> "_ext.ClockReading":
+        """The guest's clock now (CLOCK_GET): ``realtime_ns``, ``boottime_ns``, ``restores``."""
+        self.require_feature("clock")
+        c = self._drive(_ext.clock_request(self._core, m.ClockGet(), m.Clock), timeout)
+        assert isinstance(c, m.Clock)
+        return _ext.ClockReading(c.realtime_ns, c.boottime_ns, c.restores)
+
+    def sync_clock(self, realtime_ns: Optional[int] = None, *, timeout: Optional[float] = 10.0) -> "_ext.ClockSet":
+        """Step the guest's clock to this host's time (or ``realtime_ns``), e.g. after a snapshot restore.
+
+        Served only by an agent that is a VM's init (or runs with
+        ``--allow-clock``): otherwise :class:`~agentd.NotPermitted` (a
+        :class:`PermissionError`). Returns the clock just before and after.
+        """
+        self.require_feature("clock")
+        import time as _time
+
+        ns = _time.time_ns() if realtime_ns is None else realtime_ns
+        d = self._drive(_ext.clock_request(self._core, m.ClockSet(realtime_ns=ns), m.ClockSetDone), timeout)
+        assert isinstance(d, m.ClockSetDone)
+        return _ext.ClockSet(d.old_ns, d.new_ns)
+
+    def add_entropy(self, data: Optional[bytes] = None, *, timeout: Optional[float] = 10.0) -> int:
+        """Add ``data`` (default: 256 bytes of ``os.urandom``) to the guest's entropy pool, credited; the bytes taken.
+
+        Served as :meth:`sync_clock` is (else :class:`~agentd.NotPermitted`); 1 to 4096 bytes.
+        """
+        self.require_feature("clock")
+        payload = os.urandom(256) if data is None else bytes(data)
+        if not 1 <= len(payload) <= ENTROPY_MAX:
+            raise ValueError(f"entropy is 1 to {ENTROPY_MAX} bytes, not {len(payload)}")
+        d = self._drive(_ext.clock_request(self._core, m.Entropy(payload), m.EntropyDone), timeout)
+        assert isinstance(d, m.EntropyDone)
+        return d.bytes
 
     # --- I/O ------------------------------------------------------------------------
 
@@ -763,6 +1025,35 @@ class Process:
         return self._s.tty
 
     @property
+    def session(self) -> Optional[int]:
+        """The agent-wide session number (extension ``sessions``: STARTED's or ATTACHED's ``session``)."""
+        return self._s.number
+
+    @property
+    def attached(self) -> Optional[m.Attached]:
+        """ATTACHED, for a process from :meth:`Client.attach` (replay offsets, bytes lost)."""
+        return self._s.attached if isinstance(self._s, AttachState) else None
+
+    @property
+    def detached(self) -> Optional[m.Detached]:
+        """DETACHED, once the session left this connection (:meth:`detach`, or attached elsewhere)."""
+        return self._s.detached
+
+    def detach(self, timeout: Optional[float] = 10.0) -> m.Detached:
+        """Let the session go on without this connection (DETACH); unread output stays in the agent's replay.
+
+        Raises :class:`~agentd.SessionEnded` if it has exited already.
+        """
+        s = self._s
+        with self._client._lock:
+            s.detach()
+        self._client._flush_now()
+        try:
+            return self._client._wait(s.waiters, s.try_detached, _deadline(timeout))
+        except _Timeout:
+            raise TimeoutError(f"no DETACHED within {timeout} s") from None
+
+    @property
     def exited(self) -> Optional[m.Exited]:
         """The EXITED message, once it came."""
         return self._s.exited
@@ -833,15 +1124,17 @@ class Process:
         err = decode_text(comm.collected(2), text, encoding, errors) if self.stderr is not None else None
         return out, err
 
-    def send_signal(self, sig: int, *, group: bool = True) -> None:
+    def send_signal(self, sig: int, *, group: bool = True, tree: bool = False) -> None:
         """Send signal ``sig`` to the session's process group (``group=False``: the process alone).
 
         Waits for the agent to take it; raises :class:`~agentd.ProtocolError`
         ``invalid_signal`` for a number Linux does not have. Nothing happens
-        once the process has exited.
+        once the process has exited. ``tree=True`` (extension ``sessions``):
+        every process of the session's cgroup, also those that left its
+        process group; :class:`~agentd.Unsupported` where the agent has no cgroups.
         """
         with self._client._lock:
-            p = self._s.signal(int(sig), group)
+            p = self._s.signal(int(sig), group, tree)
         if p is not None:
             self._client._wait(self._s.waiters, lambda: try_pending(p))
 
@@ -886,8 +1179,24 @@ class Process:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        """Close stdin and drop unread output; then wait (on an exception: SIGKILL the group first)."""
+        """Close stdin and drop unread output; then wait (on an exception: SIGKILL the group first).
+
+        A process from :meth:`Client.attach` is detached instead: the session goes on in the guest
+        (it had outlived a host before; an exception in the code that follows it must not kill it).
+        """
         if self._s.state not in ("running", "pending"):
+            return
+        if isinstance(self._s, AttachState) and self._s.state == "running":
+            s = self._s
+
+            def detach() -> None:
+                s.detach()
+                s.discard_output()
+
+            try:
+                self._client._locked(detach)
+            except TransportClosed:
+                pass
             return
         if exc_type is not None:
             self._client._abandon(self._s, kill=True)

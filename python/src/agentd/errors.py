@@ -275,3 +275,310 @@ class CalledProcessError(AgentdError, subprocess.CalledProcessError):
         if self.signal is not None:
             return f"command {_fmt_cmd(self.cmd)!r} was killed by signal {self.signal}"
         return f"command {_fmt_cmd(self.cmd)!r} exited with status {self.returncode}"
+
+
+# --- extensions -------------------------------------------------------------------
+
+import errno as _errno  # noqa: E402
+
+
+class FsError(AgentdError, OSError):
+    """FS_ERROR: a file operation in the guest failed (an :class:`OSError` with ``errno`` and ``filename``).
+
+    ``kind`` is the wire kind (``not_found``, ``permission_denied``, ``exists``,
+    ...; a kind this SDK does not know stays a plain :class:`FsError`),
+    ``message`` the agent's text, ``errno`` the failed call's errno (or the
+    kind's usual one when the agent names none), ``path`` (also
+    ``filename``) the path the failing call was about, ``op`` the operation.
+    The kinds that have a builtin twin are also that builtin:
+    ``not_found`` is a :class:`FileNotFoundError`, ``permission_denied`` a
+    :class:`PermissionError`, ``exists`` a :class:`FileExistsError`,
+    ``not_a_directory`` a :class:`NotADirectoryError`, ``is_a_directory`` an
+    :class:`IsADirectoryError`.
+    """
+
+    default_errno: Optional[int] = None
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        errno: Optional[int] = None,
+        path: Optional[str] = None,
+        op: Optional[str] = None,
+    ) -> None:
+        self.kind = kind
+        self.message = message
+        self.path = path
+        self.op = op
+        code = errno if errno is not None else self.default_errno
+        super().__init__(code, message, path)
+
+    def __str__(self) -> str:
+        where = f" {self.path!r}" if self.path else ""
+        num = f" (errno {self.errno})" if self.errno is not None else ""
+        what = f"{self.op}{where}" if self.op else f"file operation{where}"
+        return f"guest {what} failed: {self.kind}: {self.message}{num}"
+
+
+class FsNotFound(FsError, FileNotFoundError):
+    """FS_ERROR ``not_found`` (ENOENT)."""
+
+    default_errno = _errno.ENOENT
+
+
+class FsPermissionDenied(FsError, PermissionError):
+    """FS_ERROR ``permission_denied`` (EACCES, EPERM)."""
+
+    default_errno = _errno.EACCES
+
+
+class FsExists(FsError, FileExistsError):
+    """FS_ERROR ``exists`` (EEXIST)."""
+
+    default_errno = _errno.EEXIST
+
+
+class FsNotADirectory(FsError, NotADirectoryError):
+    """FS_ERROR ``not_a_directory`` (ENOTDIR)."""
+
+    default_errno = _errno.ENOTDIR
+
+
+class FsIsADirectory(FsError, IsADirectoryError):
+    """FS_ERROR ``is_a_directory`` (EISDIR)."""
+
+    default_errno = _errno.EISDIR
+
+
+class FsNotEmpty(FsError):
+    """FS_ERROR ``not_empty`` (ENOTEMPTY): use ``rmtree`` for a whole tree."""
+
+    default_errno = _errno.ENOTEMPTY
+
+
+class FsNoSpace(FsError):
+    """FS_ERROR ``no_space`` (ENOSPC, EDQUOT)."""
+
+    default_errno = _errno.ENOSPC
+
+
+class FsReadOnly(FsError):
+    """FS_ERROR ``read_only`` (EROFS)."""
+
+    default_errno = _errno.EROFS
+
+
+class FsInvalidRequest(FsError):
+    """FS_ERROR ``invalid_request``: a key out of range, an unsafe tar entry, EINVAL, ENAMETOOLONG."""
+
+    default_errno = _errno.EINVAL
+
+
+class FsBadUser(FsError):
+    """FS_ERROR ``bad_user``: the ``user`` does not exist in the guest."""
+
+
+class FsResource(FsError):
+    """FS_ERROR ``resource``: no process, fd or memory for the worker, or too many operations at once."""
+
+    default_errno = _errno.EAGAIN
+
+
+class FsCancelled(FsError):
+    """FS_ERROR ``cancelled``: the operation was cancelled (FS_CANCEL)."""
+
+    default_errno = _errno.ECANCELED
+
+
+class FsDuplicateId(FsError):
+    """FS_ERROR ``duplicate_id``: the id was live (never sent by this SDK, which picks free ids)."""
+
+
+class FsOther(FsError):
+    """FS_ERROR ``other``: ELOOP, EXDEV, EIO, a worker that died, ..."""
+
+
+_FS_CLASSES = {
+    "not_found": FsNotFound,
+    "permission_denied": FsPermissionDenied,
+    "exists": FsExists,
+    "not_a_directory": FsNotADirectory,
+    "is_a_directory": FsIsADirectory,
+    "not_empty": FsNotEmpty,
+    "no_space": FsNoSpace,
+    "read_only": FsReadOnly,
+    "invalid_request": FsInvalidRequest,
+    "bad_user": FsBadUser,
+    "resource": FsResource,
+    "cancelled": FsCancelled,
+    "duplicate_id": FsDuplicateId,
+    "other": FsOther,
+}
+
+
+def fs_error(
+    kind: str, message: str, *, errno: Optional[int] = None, path: Optional[str] = None, op: Optional[str] = None
+) -> FsError:
+    """The exception for an FS_ERROR of ``kind``."""
+    cls = _FS_CLASSES.get(kind, FsError)
+    return cls(kind, message, errno=errno, path=path, op=op)
+
+
+class NetError(AgentdError, OSError):
+    """NET_FAILED or a NET_CLOSED with ``error``: a guest connection failed or broke.
+
+    ``kind`` is the wire kind; ``errno`` the failed call's (or the kind's usual
+    one). ``refused`` is also a :class:`ConnectionRefusedError`,
+    ``timed_out`` a :class:`TimeoutError`, ``not_found`` a
+    :class:`FileNotFoundError`, ``permission_denied`` a
+    :class:`PermissionError`, ``reset`` a :class:`ConnectionResetError`,
+    ``broken_pipe`` a :class:`BrokenPipeError`.
+    """
+
+    default_errno: Optional[int] = None
+
+    def __init__(self, kind: str, message: str, *, errno: Optional[int] = None, target: str = "") -> None:
+        self.kind = kind
+        self.message = message
+        self.target = target
+        code = errno if errno is not None else self.default_errno
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        num = f" (errno {self.errno})" if self.errno is not None else ""
+        to = f" to {self.target}" if self.target else ""
+        return f"guest connection{to} failed: {self.kind}: {self.message}{num}"
+
+
+class NetRefused(NetError, ConnectionRefusedError):
+    """NET_FAILED ``refused`` (ECONNREFUSED): nothing listens there in the guest."""
+
+    default_errno = _errno.ECONNREFUSED
+
+
+class NetUnreachable(NetError):
+    """NET_FAILED ``unreachable`` (ENETUNREACH, EHOSTUNREACH)."""
+
+    default_errno = _errno.ENETUNREACH
+
+
+class NetTimedOut(NetError, TimeoutError):
+    """NET_FAILED ``timed_out``: the connect took longer than ``timeout``."""
+
+    default_errno = _errno.ETIMEDOUT
+
+
+class NetNotFound(NetError, FileNotFoundError):
+    """NET_FAILED ``not_found``: no such socket path, or a name that does not resolve."""
+
+    default_errno = _errno.ENOENT
+
+
+class NetPermissionDenied(NetError, PermissionError):
+    """NET_FAILED ``permission_denied``."""
+
+    default_errno = _errno.EACCES
+
+
+class NetReset(NetError, ConnectionResetError):
+    """NET_CLOSED ``reset``: the guest side reset the connection."""
+
+    default_errno = _errno.ECONNRESET
+
+
+class NetBrokenPipe(NetError, BrokenPipeError):
+    """NET_CLOSED ``broken_pipe``/EPIPE: the guest side is gone."""
+
+    default_errno = _errno.EPIPE
+
+
+class NetInvalidRequest(NetError):
+    """NET_FAILED ``invalid_request`` (port 0, neither or both of host/port and path)."""
+
+    default_errno = _errno.EINVAL
+
+
+class NetBadUser(NetError):
+    """NET_FAILED ``bad_user``."""
+
+
+class NetResource(NetError):
+    """NET_FAILED ``resource``."""
+
+    default_errno = _errno.EMFILE
+
+
+_NET_CLASSES = {
+    "refused": NetRefused,
+    "unreachable": NetUnreachable,
+    "timed_out": NetTimedOut,
+    "not_found": NetNotFound,
+    "permission_denied": NetPermissionDenied,
+    "reset": NetReset,
+    "broken_pipe": NetBrokenPipe,
+    "invalid_request": NetInvalidRequest,
+    "bad_user": NetBadUser,
+    "resource": NetResource,
+}
+
+
+def net_error(kind: str, message: str, *, errno: Optional[int] = None, target: str = "") -> NetError:
+    """The exception for a NET_FAILED (or NET_CLOSED ``error``) of ``kind``."""
+    if kind not in _NET_CLASSES and errno == _errno.EPIPE:
+        kind_cls: type = NetBrokenPipe
+    else:
+        kind_cls = _NET_CLASSES.get(kind, NetError)
+    e: NetError = kind_cls(kind, message, errno=errno, target=target)
+    return e
+
+
+class AttachFailed(AgentdError):
+    """ATTACH_FAILED: ``kind`` ``not_found``, ``ambiguous`` (the tag names several live sessions), ... ."""
+
+    def __init__(self, kind: str, message: str, *, target: str = "") -> None:
+        self.kind = kind
+        self.message = message
+        self.target = target
+        hint = {
+            "not_found": "list them with client.sessions(all=True)",
+            "ambiguous": "attach by session number instead of tag",
+        }.get(kind, "see the message")
+        super().__init__(f"cannot attach {target or 'the session'}: {kind}: {message}; {hint}")
+
+
+class SessionDetached(AgentdError):
+    """The session was detached from this connection (DETACHED): it goes on in the guest without us."""
+
+    def __init__(self, session_id: int, number: Optional[int], reason: str) -> None:
+        self.session_id = session_id
+        self.number = number
+        self.reason = reason
+        super().__init__(
+            f"session {number if number is not None else '?'} (id {session_id}) was detached ({reason}); "
+            "attach it again with client.attach() to follow it"
+        )
+
+
+class NotPermitted(ProtocolError, PermissionError):
+    """ERROR ``not_permitted``: the agent does not serve this here (CLOCK_SET, ENTROPY when not PID 1).
+
+    An agent outside a VM refuses to change its machine's clock unless it
+    was started with ``--allow-clock``.
+    """
+
+
+class Unsupported(ProtocolError):
+    """ERROR ``unsupported``: this guest cannot do what was asked (e.g. SIGNAL ``tree`` without cgroups)."""
+
+
+def remote_error(err: ProtocolError) -> ProtocolError:
+    """``err`` as its typed subclass where one exists (not_permitted, unsupported)."""
+    if err.kind == ErrorKind.NOT_PERMITTED and not isinstance(err, NotPermitted):
+        return NotPermitted(err.kind, err.message, frame_kind=err.frame_kind, session_id=err.session_id,
+                            remote=err.remote)
+    if err.kind == ErrorKind.UNSUPPORTED and not isinstance(err, Unsupported):
+        return Unsupported(err.kind, err.message, frame_kind=err.frame_kind, session_id=err.session_id,
+                           remote=err.remote)
+    return err

@@ -19,6 +19,7 @@ __all__ = [
     "LEN_SIZE",
     "MAX_FRAME",
     "PING_MAX",
+    "ENTROPY_MAX",
     "OUTPUT_FRAME_MAX",
     "STDIN_FRAME_MAX",
     "MAX_DEPTH",
@@ -46,6 +47,8 @@ HEADER_SIZE = 9
 MAX_FRAME = HEADER_SIZE + MAX_PAYLOAD
 #: The largest PING payload the agent accepts.
 PING_MAX = 4096
+#: The largest ENTROPY payload (extension clock).
+ENTROPY_MAX = 4096
 #: The agent's STDOUT/STDERR frames carry at most this much payload.
 OUTPUT_FRAME_MAX = 65536
 #: This SDK's STDIN frames carry at most this much payload.

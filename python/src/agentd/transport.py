@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno as _errno
 import fcntl
 import os
+import select
 import socket
 import stat
 import subprocess
@@ -254,6 +255,18 @@ def _open_fifo_pair(path: str, timeout: Optional[float]) -> Transport:
                     f"no agent opened {path}.in within {timeout} s; start `agentd --port {path}` (or the VM)",
                 ) from None
             time.sleep(0.005)
+    # The agent opens PATH.out for writing only after PATH.in: until it has,
+    # a read of PATH.out is end of file. Wait for its first bytes (READY).
+    poller = select.poll()
+    poller.register(out_fd, select.POLLIN)
+    while True:
+        rem = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if poller.poll(None if rem is None else int(rem * 1000) + 1):
+            break
+        if rem is not None and rem <= 0:
+            os.close(out_fd)
+            os.close(in_fd)
+            raise ConnectError(_errno.ETIMEDOUT, f"the agent did not open {path}.out within {timeout} s")
     return Transport(out_fd, in_fd, description=f"fifo:{path}.in/{path}.out")
 
 
