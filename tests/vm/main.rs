@@ -1055,8 +1055,12 @@ fn start_all(host: &mut Host, execs: Vec<(u32, Exec)>) -> HashMap<u32, u32> {
     for (id, e) in execs {
         host.send(&Message::Exec(Box::new(e)), id);
     }
+    // The agent may take the whole batch of EXECs in one turn (1,000
+    // spawns take 25 s under TCG on an idle machine): the first STARTED
+    // can come that late.
+    let limit = STEP.max(Duration::from_millis(100) * ids.len() as u32);
     ids.into_iter()
-        .map(|id| match host.expect_for(id, STEP) {
+        .map(|id| match host.expect_for(id, limit) {
             Ev::Started(pid) => (id, pid),
             other => panic!("session {id}: {other:?} instead of STARTED"),
         })
