@@ -10,6 +10,10 @@
 #                              disconnects and reconnects (docs/VM.md); needs gcc
 #   tests/vm/run.sh --boot     build and boot, print the socket path, and wait until the VM
 #                              powers off (drive it yourself: agentctl --connect unix:SOCK ...)
+#   tests/vm/run.sh --rootfs debian
+#                              build (cached) a minimal Debian root with Python 3 as an ext4
+#                              image and boot it with agentd switching root into it (read-write,
+#                              then read-only under a tmpfs overlay); tests/vm/rootfs.bash
 #   tests/vm/run.sh --help
 #
 # Environment: AGENTD_VM_ACCEL (kvm|tcg, default: kvm only when real KVM is usable),
@@ -41,6 +45,9 @@ for arg in "$@"; do
         --shell) MODE=shell ;;
         --probe) MODE=probe ;;
         --boot) MODE=boot ;;
+        --rootfs) MODE=rootfs ROOTFS_KIND=debian ;;
+        --rootfs=*) MODE=rootfs ROOTFS_KIND=${arg#--rootfs=} ;;
+        debian) [[ $MODE == rootfs ]] || { echo "run.sh: unknown argument $arg (try --help)" >&2; exit 2; } ;;
         -h | --help)
             sed -n '2,/^set -/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
             exit 0
@@ -295,6 +302,7 @@ build_initramfs() {
 }
 
 # --- QEMU -------------------------------------------------------------------------------
+QEMU_EXTRA=() # more QEMU arguments for start_qemu (a root disk: tests/vm/rootfs.bash)
 QEMU_T0_MS=
 # Starts QEMU in the background: start_qemu INITRD SOCK CONSOLE [EXTRA_APPEND]; sets
 # STARTED_PID.
@@ -314,7 +322,7 @@ start_qemu() {
     qemu-system-x86_64 \
         -M q35 -accel "$ACCEL" "${CPU_ARGS[@]}" -m "$MEM" -smp "$SMP" \
         -nodefaults -no-user-config -display none -no-reboot \
-        -kernel "$KERNEL" -initrd "$initrd" -append "$append" \
+        -kernel "$KERNEL" -initrd "$initrd" -append "$append" "${QEMU_EXTRA[@]}" \
         -serial "file:$console" \
         -device virtio-serial-pci \
         -chardev "socket,id=agent0,path=$sock,server=on,wait=off" \
@@ -512,10 +520,14 @@ run_boot() {
     STATUS=$QEMU_RC
 }
 
+# shellcheck source=tests/vm/rootfs.bash
+source "$HERE/rootfs.bash"
+
 ensure_packages
 ensure_kernel
 choose_accel
 case "$MODE" in
+    rootfs) run_rootfs ;;
     test) run_suite ;;
     shell) run_shell ;;
     probe) run_probe ;;

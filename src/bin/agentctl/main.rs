@@ -537,6 +537,17 @@ fn run_ping(client: &Client, args: &PingArgs) -> i32 {
         ready.pid,
         if ready.pid1 { ", PID 1" } else { "" }
     );
+    // What the init path mounted (READY's `mounts`), one line each.
+    for m in &ready.mounts {
+        let ro = if m.ro { ", ro" } else { "" };
+        match &m.error {
+            None => println!("mount {} on {} ({}{ro}): ok", m.source, m.path, m.fstype),
+            Some(e) => println!(
+                "mount {} on {} ({}{ro}): FAILED: {e}",
+                m.source, m.path, m.fstype
+            ),
+        }
+    }
     let mut times = Vec::new();
     for seq in 1..=args.count {
         match client.ping() {
