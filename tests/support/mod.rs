@@ -41,6 +41,7 @@ pub mod checker;
 pub mod host;
 pub mod listen;
 pub mod msgpack;
+pub mod net;
 pub mod proc;
 pub mod seccomp;
 pub mod sync_agent;

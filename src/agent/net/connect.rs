@@ -178,11 +178,10 @@ fn start(
     if rc == 0 {
         return Ok(Started::Connected(fd));
     }
+    // EAGAIN is no connect in progress: for a Unix socket a listener with
+    // a full backlog (the caller waits for room), for TCP no free local
+    // port (`resource`).
     match io::Error::last_os_error().raw_os_error() {
-        // A Unix socket's listener with a full backlog says EAGAIN.
-        Some(libc::EINPROGRESS) | Some(libc::EAGAIN) if family != libc::AF_UNIX => {
-            Ok(Started::Pending(fd))
-        }
         Some(libc::EINPROGRESS) => Ok(Started::Pending(fd)),
         _ => Err(io::Error::last_os_error()),
     }
@@ -338,6 +337,12 @@ fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> Result<OwnedFd, NetFa
     for a in addrs {
         match std::net::TcpStream::connect_timeout(a, timeout) {
             Ok(s) => return Ok(OwnedFd::from(s)),
+            // std says so without an errno: the same `timed_out` as the
+            // loop's timer gives.
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && e.raw_os_error().is_none() => {
+                let e = io::Error::from_raw_os_error(libc::ETIMEDOUT);
+                last = Some(failure(&e, &format!("connect {a}")));
+            }
             Err(e) => last = Some(failure(&e, &format!("connect {a}"))),
         }
     }

@@ -62,6 +62,10 @@ pub(crate) struct Conn {
     sock: Option<OwnedFd>,
     /// The Unix socket path, for NET_CONNECTED.
     unix_path: Option<String>,
+    /// What NET_CONNECT asked for (`HOST:PORT` or the path) and its
+    /// timeout, for messages.
+    target: String,
+    timeout_ms: u32,
     out: Outflow,
     window: Window,
     input: Inflow,
@@ -92,6 +96,8 @@ impl Conn {
             },
             sock: None,
             unix_path: None,
+            target: String::new(),
+            timeout_ms: 0,
             out: Outflow::new(Kind::NetRecv as u8, true, false),
             window: Window::new(window),
             input: Inflow::new(Close::ShutdownWrite, true),
@@ -114,6 +120,21 @@ impl Conn {
 
     pub(crate) fn set_unix_path(&mut self, path: String) {
         self.unix_path = Some(path);
+    }
+
+    /// What NET_CONNECT asked for, and its timeout, for messages.
+    pub(crate) fn set_target(&mut self, target: String, timeout_ms: u32) {
+        self.target = target;
+        self.timeout_ms = timeout_ms;
+    }
+
+    /// The NET_FAILED of a connect timer that fired.
+    pub(crate) fn timed_out(&self) -> NetFailed {
+        let m = format!(
+            "connect {}: no connection within {} ms (timeout_ms)",
+            self.target, self.timeout_ms
+        );
+        NetFailed::new(NetErrorKind::TimedOut, m, Some(libc::ETIMEDOUT))
     }
 
     pub(crate) fn mark_stalled(&mut self) -> bool {
