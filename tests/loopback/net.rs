@@ -361,7 +361,8 @@ both! {
         let empty = NetConnect::tcp("", 80);
         let window0 = with(NetConnect::tcp("127.0.0.1", 80), |r| r.window = Some(0));
         let long = NetConnect::unix(format!("/tmp/{}", "x".repeat(120)));
-        for (i, req) in [neither, both, host_only, port0, empty, window0, long].iter().enumerate() {
+        let timeout0 = with(NetConnect::unix("/x"), |r| r.timeout_ms = Some(0));
+        for (i, req) in [neither, both, host_only, port0, empty, window0, long, timeout0].iter().enumerate() {
             agent.net_expect_failed(10 + i as u32, req, "invalid_request");
         }
         agent.net_expect_failed(0, &NetConnect::tcp("127.0.0.1", 80), "invalid_request");
@@ -406,7 +407,10 @@ both! {
         while seen.data.len() < 4096 {
             assert!(!agent.net_collect(1, &mut seen, false), "ended early");
         }
-        // Nothing more comes without an ack.
+        // Nothing more comes without an ack, and only this connection waits.
+        let echo = EchoServer::start(Listener::tcp4());
+        agent.net_connect(2, &echo.request).expect("connected");
+        echo_round(&mut agent, 2, &pseudo_random(100_000, 10));
         agent.drain_into_stash(Duration::from_millis(300));
         assert!(agent.take_stashed(|f| f.id == 1 && f.kind == NET_RECV).is_empty(), "NET_RECV over the window");
         agent.net_ack(1, 1000);
@@ -506,6 +510,63 @@ both! {
         assert!(rx.recv_timeout(timeout()).expect("the server's bytes") == more);
         assert_eq!(seen.send_acked, 300_000);
         assert_eq!(seen.closed.expect("closed").error, None);
+    }
+
+    /// NET_SEND and NET_SHUTDOWN right behind NET_CONNECT wait for the
+    /// connection, then go through in order.
+    fn bytes_behind_net_connect_wait_for_it(opts: Opts) {
+        let mut agent = Agent::start_with(opts);
+        let echo = EchoServer::start(Listener::tcp4());
+        let data = pseudo_random(200_000, 11);
+        agent.net_send_connect(1, &echo.request);
+        for c in data.chunks(50_000) {
+            agent.net_send(1, c);
+        }
+        agent.net_shutdown(1);
+        agent.net_reply(1).expect("connected");
+        let seen = agent.net_until_closed(1);
+        assert!(seen.data == data, "the echo differs");
+        assert!(seen.eof && seen.closed.expect("closed").error.is_none());
+        assert_eq!(seen.send_acked, 200_000);
+    }
+
+    /// A guest that has closed its socket for good (not just shut it down)
+    /// gets one more NET_SEND: its RST ends the connection with NET_CLOSED
+    /// `reset` at once, not at the host's next NET_SEND.
+    fn bytes_to_a_closed_guest_are_a_reset(opts: Opts) {
+        let mut agent = Agent::start_with(opts);
+        let server = Server::start(Listener::tcp4(), |mut s| {
+            s.write_all(b"bye").expect("write");
+        });
+        agent.net_connect(1, &server.request).expect("connected");
+        let mut seen = NetSeen::default();
+        while !seen.eof {
+            assert!(!agent.net_collect(1, &mut seen, true), "ended early");
+        }
+        assert_eq!(seen.data, b"bye");
+        agent.net_send(1, b"anyone there?");
+        while !agent.net_collect(1, &mut seen, true) {}
+        let closed = seen.closed.expect("closed");
+        assert_eq!(closed.error.as_deref(), Some("reset"), "{closed:?}");
+        assert!(matches!(closed.errno, Some(libc::EPIPE | libc::ECONNRESET)), "{closed:?}");
+    }
+
+    /// SHUTDOWN ends every connection (NET_CLOSED `other`), and the
+    /// servers read end of file; then SHUTDOWN_DONE.
+    fn a_shutdown_closes_every_connection(opts: Opts) {
+        let mut agent = Agent::start_with(opts);
+        let echo = EchoServer::start(Listener::tcp4());
+        for id in 1..=3 {
+            agent.net_connect(id, &echo.request).expect("connected");
+        }
+        assert!(wait_until(timeout(), || echo.open.load(std::sync::atomic::Ordering::Relaxed) == 3));
+        agent.send_shutdown(200);
+        for id in 1..=3 {
+            let seen = agent.net_until_closed(id);
+            assert_eq!(seen.closed.expect("closed").error.as_deref(), Some("other"));
+        }
+        agent.recv_where(|f| f.kind == SHUTDOWN_DONE, "SHUTDOWN_DONE");
+        assert!(wait_until(timeout(), || echo.open.load(std::sync::atomic::Ordering::Relaxed) == 0));
     }
 
     /// A guest that closes with SO_LINGER 0 resets the connection:

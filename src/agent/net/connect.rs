@@ -187,7 +187,8 @@ fn start(
     }
 }
 
-/// After a pending connect's fd became writable: its outcome (SO_ERROR).
+/// A socket's pending error (SO_ERROR): a pending connect's outcome once
+/// writable, or a reset that came when nothing reads the socket.
 pub(crate) fn finish(fd: RawFd) -> io::Result<()> {
     let mut err: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;

@@ -71,6 +71,9 @@ pub(crate) struct Conn {
     input: Inflow,
     /// NET_EOF has gone to the host.
     eof_sent: bool,
+    /// An event came after NET_EOF, when the socket is no longer read: an
+    /// error (the guest's RST) is only seen in SO_ERROR.
+    check_error: bool,
     stalled: bool,
 }
 
@@ -102,6 +105,7 @@ impl Conn {
             window: Window::new(window),
             input: Inflow::new(Close::ShutdownWrite, true),
             eof_sent: false,
+            check_error: false,
             stalled: false,
         }
     }
@@ -273,6 +277,7 @@ impl Conn {
     pub(crate) fn on_event(&mut self, readable: bool, writable: bool) {
         if readable {
             self.out.on_readable();
+            self.check_error = self.eof_sent;
         }
         if writable {
             self.input.on_writable();
@@ -327,7 +332,9 @@ impl Conn {
             // The write side broke (EPIPE, ECONNRESET): the connection is
             // over, whatever was queued is lost.
             if self.input.is_gone() {
-                return self.close_with(link, registry, Some(NetErrorKind::Reset), None);
+                let errno = self.input.failure();
+                let kind = errno.map_or(NetErrorKind::Reset, NetErrorKind::from_errno);
+                return self.close_with(link, registry, Some(kind), errno);
             }
         }
         if !self.eof_sent {
@@ -355,6 +362,16 @@ impl Conn {
         }
         if self.eof_sent && self.input.is_done() {
             return self.close_with(link, registry, None, None);
+        }
+        if std::mem::take(&mut self.check_error) {
+            // Past the guest's end of file nothing reads the socket, so a
+            // reset (a peer that closed and got more bytes) would wait for
+            // the host's next NET_SEND to be noticed.
+            if let Err(e) = connect::finish(fd) {
+                let errno = e.raw_os_error();
+                let kind = errno.map_or(NetErrorKind::Reset, NetErrorKind::from_errno);
+                return self.close_with(link, registry, Some(kind), errno);
+            }
         }
         Progress::Idle
     }

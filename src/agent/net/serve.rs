@@ -131,6 +131,16 @@ impl Core {
                 ),
             );
         }
+        if req.timeout_ms == Some(0) {
+            return refuse(
+                self,
+                NetFailed::new(
+                    NetErrorKind::InvalidRequest,
+                    "timeout_ms 0: no connect could ever be waited for (leave it out for the default, 10000)",
+                    None,
+                ),
+            );
+        }
         let target = match connect::target(&req) {
             Ok(t) => t,
             Err(f) => return refuse(self, f),
