@@ -312,7 +312,7 @@ both! {
     fn a_unix_socket_as_another_user(opts: Opts) {
         use std::os::unix::fs::PermissionsExt;
         let mut agent = Agent::start_with(opts);
-        let Some((nobody, _)) = crate::support::util::passwd_entry("nobody") else {
+        let Some((nobody, nobody_gid)) = crate::support::util::passwd_entry("nobody") else {
             eprintln!("skipped: no user nobody");
             return;
         };
@@ -343,6 +343,12 @@ both! {
         assert_eq!(rx.recv_timeout(timeout()).expect("the server's word"), nobody);
         echo_round(&mut agent, 3, &pseudo_random(70_000, 3));
 
+        // `uid:gid`, as EXEC's `user` takes it.
+        let by_number = with(req.clone(), |r| r.user = Some(format!("{nobody}:{nobody_gid}")));
+        agent.net_connect(5, &by_number).expect("65534:65534 may use it");
+        assert_eq!(rx.recv_timeout(timeout()).expect("the server's word"), nobody);
+        echo_round(&mut agent, 5, b"by number");
+
         let bad = with(req, |r| r.user = Some("no-such-user-agentd".into()));
         agent.net_expect_failed(4, &bad, "bad_user");
         agent.wait_no_children(timeout());
@@ -372,6 +378,8 @@ both! {
         agent.net_expect_failed(1, &echo.request, "duplicate_id");
         agent.exec(2, &cmd("cat", &[]));
         agent.net_expect_failed(2, &echo.request, "duplicate_id");
+        // And a connection's id is not free for a session.
+        agent.exec_fail(1, &cmd("true", &[]), "duplicate_id");
         // The connection on 1 is untouched by the refusal.
         echo_round(&mut agent, 1, b"still fine");
         agent.send_stdin_close(2);
@@ -653,18 +661,25 @@ both! {
         // Send while the agent acknowledges; stop once the window is used
         // up and no ack has come for a while (the socket is full).
         let mut quiet_since = Instant::now();
-        while quiet_since.elapsed() < Duration::from_millis(500) && sent < 64 << 20 {
+        while sent < 64 << 20 {
             if sent - acked + chunk.len() as u64 <= window {
                 agent.net_send(1, &chunk);
                 sent += chunk.len() as u64;
                 continue;
             }
-            match agent.recv_where_within(&|f| f.id == 1 && f.kind == NET_SEND_ACK, Duration::from_millis(100)) {
-                Some(f) => {
-                    acked += ack_bytes(&f);
-                    quiet_since = Instant::now();
+            if let Some(f) = agent.recv_where_within(&|f| f.id == 1 && f.kind == NET_SEND_ACK, Duration::from_millis(100)) {
+                acked += ack_bytes(&f);
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= Duration::from_millis(500) {
+                // Quiet for a while: after a PING (the agent has handled
+                // every NET_SEND) still no ack means the socket is full.
+                agent.ping();
+                let late: u64 = agent.take_stashed(|f| f.id == 1 && f.kind == NET_SEND_ACK).iter().map(ack_bytes).sum();
+                if late == 0 {
+                    break;
                 }
-                None => {}
+                acked += late;
+                quiet_since = Instant::now();
             }
         }
         assert!(sent < 64 << 20, "64 MiB went into a socket nobody reads");
@@ -748,6 +763,7 @@ both! {
         std::thread::sleep(Duration::from_secs(1));
         let peak = status("VmHWM");
         agent.resume_reading();
+        eprintln!("agent RSS {before} KiB at start, peak {peak} KiB with {N} connections held");
         // Each connection may hold its window in flight at most; in
         // practice the link's queue bound holds it far lower.
         let bound = before + 64 * 1024;

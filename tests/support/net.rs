@@ -467,11 +467,10 @@ fn echo_loop(listener: &Listener, stop: &AtomicBool, accepted: &AtomicUsize, ope
                 pending: Vec::new(),
             });
         }
-        let mut i = 0;
         let mut keep = Vec::with_capacity(conns.len());
-        for mut c in conns.drain(..) {
+        for (i, mut c) in conns.drain(..).enumerate() {
+            // Connections accepted just now have no pollfd yet.
             let revents = fds.get(i + 1).map_or(0, |p| p.revents);
-            i += 1;
             if revents == 0 {
                 keep.push(c);
                 continue;
