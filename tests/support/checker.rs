@@ -31,6 +31,13 @@
 //! contract lists, an ERROR with id 0 or the id of a frame the host sent;
 //! SHUTDOWN_DONE with id 0, only after a SHUTDOWN (or a shutdown signal,
 //! [`Sent::note_shutdown`]) and only once every session has sent EXITED.
+//! A connection (net): NET_CONNECTED or NET_FAILED first (or NET_CLOSED
+//! for a NET_CLOSE while connecting), then
+//! NET_RECV, NET_SEND_ACK and at most one NET_EOF (no NET_RECV after it),
+//! then one NET_CLOSED; NET_RECV never more unacknowledged than the
+//! NET_CONNECT's `window` (counting every NET_RECV_ACK the host wrote),
+//! NET_SEND_ACK never more than was sent; NET_FAILED `duplicate_id` on an
+//! open connection's id ends nothing.
 //! The stream ends only at a frame boundary.
 //!
 //! What the host sent comes from [`Sent`], which reads every byte the host
