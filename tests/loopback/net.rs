@@ -368,7 +368,11 @@ both! {
         let window0 = with(NetConnect::tcp("127.0.0.1", 80), |r| r.window = Some(0));
         let long = NetConnect::unix(format!("/tmp/{}", "x".repeat(120)));
         let timeout0 = with(NetConnect::unix("/x"), |r| r.timeout_ms = Some(0));
-        for (i, req) in [neither, both, host_only, port0, empty, window0, long, timeout0].iter().enumerate() {
+        // A port inside `host`, or brackets around a name: never sent to DNS.
+        let with_port = NetConnect::tcp("127.0.0.1:80", 80);
+        let bracketed = NetConnect::tcp("[localhost]", 80);
+        let reqs = [neither, both, host_only, port0, empty, window0, long, timeout0, with_port, bracketed];
+        for (i, req) in reqs.iter().enumerate() {
             agent.net_expect_failed(10 + i as u32, req, "invalid_request");
         }
         agent.net_expect_failed(0, &NetConnect::tcp("127.0.0.1", 80), "invalid_request");

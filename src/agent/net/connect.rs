@@ -48,6 +48,15 @@ pub(crate) fn target(req: &NetConnect) -> Result<Target, NetFailed> {
             if let Ok(ip) = bare.parse::<IpAddr>() {
                 return Ok(Target::Addrs(vec![SocketAddr::new(ip, port)]));
             }
+            if host.starts_with('[') || (host.contains(':') && !host.contains('%')) {
+                // Not an address, and no name has brackets or a colon: a
+                // port written into `host` ("127.0.0.1:80"), which would
+                // otherwise go to DNS.
+                return Err(invalid(format!(
+                    "host {} is neither an IP literal nor a name (the port goes in `port`)",
+                    crate::messages::quote(host)
+                )));
+            }
             if host.eq_ignore_ascii_case("localhost") {
                 return Ok(Target::Addrs(vec![
                     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
