@@ -229,6 +229,10 @@ both! {
         assert_eq!(e.errno, Some(libc::ECONNREFUSED), "{e:?}");
         let e = agent.net_expect_failed(2, &with(req, |r| r.user = Some("root".into())), "refused");
         assert_eq!(e.errno, Some(libc::ECONNREFUSED), "{e:?}");
+        // `localhost`: both addresses tried, the last one's answer kept
+        // (nothing listens on [::1] at that port either).
+        let e = agent.net_expect_failed(3, &NetConnect::tcp("localhost", closed.port()), "refused");
+        assert_eq!(e.errno, Some(libc::ECONNREFUSED), "{e:?}");
         // The ids are free.
         let echo = EchoServer::start(Listener::tcp4());
         agent.net_connect(1, &echo.request).expect("connected");
