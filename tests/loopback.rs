@@ -17,6 +17,8 @@
 //!   reading.
 //! - [`limits`]: no reply over the frame limit whatever a request quotes;
 //!   a shutdown always ends, whatever the windows and the host do.
+//! - [`net`]: the net extension: connections to guest sockets (TCP and
+//!   Unix), windows, half-close, resets, failures, many connections.
 //! - [`pipelined`]: frames for a session sent before its STARTED.
 //! - [`sessions`]: the sessions extension over `--listen`: several hosts,
 //!   list, attach with replay, detach, kept exits, deadlines.
@@ -84,6 +86,8 @@ mod guarantees;
 mod init;
 #[path = "loopback/limits.rs"]
 mod limits;
+#[path = "loopback/net.rs"]
+mod net;
 #[path = "loopback/pipelined.rs"]
 mod pipelined;
 #[path = "loopback/sessions.rs"]

@@ -652,6 +652,8 @@ pub(crate) struct Inflow {
     /// Bytes a previous host sent whose acknowledgements nobody gets (see
     /// [`Inflow::rebase`]).
     silent: u64,
+    /// The errno of the write that found the reader gone.
+    failed: Option<i32>,
 }
 
 impl Inflow {
@@ -673,6 +675,7 @@ impl Inflow {
             pipe_grown: false,
             splice_failed: false,
             silent: 0,
+            failed: None,
         }
     }
 
@@ -698,6 +701,12 @@ impl Inflow {
     /// bytes are discarded from then on.
     pub(crate) fn is_gone(&self) -> bool {
         self.gone
+    }
+
+    /// The errno of the write that found the reader gone (EPIPE,
+    /// ECONNRESET, EIO), once one did.
+    pub(crate) fn failure(&self) -> Option<i32> {
+        self.failed
     }
 
     /// The host's close has been carried out (or the reader is gone).
@@ -829,6 +838,10 @@ impl Inflow {
     /// The reader went away: everything queued is discarded (and
     /// acknowledged), and so is everything that comes later.
     fn reader_gone(&mut self) {
+        // Every caller comes straight from the failed write.
+        if !self.gone {
+            self.failed = io::Error::last_os_error().raw_os_error();
+        }
         self.gone = true;
         self.ack_due += self.queued() as u64;
         self.queue.clear();

@@ -31,6 +31,13 @@
 //! contract lists, an ERROR with id 0 or the id of a frame the host sent;
 //! SHUTDOWN_DONE with id 0, only after a SHUTDOWN (or a shutdown signal,
 //! [`Sent::note_shutdown`]) and only once every session has sent EXITED.
+//! A connection (net): NET_CONNECTED or NET_FAILED first (or NET_CLOSED
+//! for a NET_CLOSE while connecting), then
+//! NET_RECV, NET_SEND_ACK and at most one NET_EOF (no NET_RECV after it),
+//! then one NET_CLOSED; NET_RECV never more unacknowledged than the
+//! NET_CONNECT's `window` (counting every NET_RECV_ACK the host wrote),
+//! NET_SEND_ACK never more than was sent; NET_FAILED `duplicate_id` on an
+//! open connection's id ends nothing.
 //! The stream ends only at a frame boundary.
 //!
 //! What the host sent comes from [`Sent`], which reads every byte the host
@@ -63,6 +70,13 @@ pub struct Sent {
     pending: HashMap<u32, Vec<Stream>>,
     /// FS_WRITE and NET_SEND payload bytes sent per id.
     data_bytes: HashMap<u32, u64>,
+    /// The NET_CONNECT or NET_RECV_ACK being written: its kind, id and
+    /// payload so far.
+    net_payload: Option<(u8, u32, Vec<u8>)>,
+    /// The `window` of each NET_CONNECT sent per id and not yet answered.
+    net_windows: HashMap<u32, VecDeque<u64>>,
+    /// NET_RECV_ACK bytes sent per id, over the agent's lifetime.
+    net_recv_acked: HashMap<u32, u64>,
     /// A SHUTDOWN went out (or a signal that shuts the agent down).
     shutdown: bool,
     /// Where the outgoing stream is: inside a header, or how many payload
@@ -81,9 +95,13 @@ impl Sent {
                 if let Some((_, payload)) = &mut self.exec_payload {
                     payload.extend_from_slice(&bytes[..n as usize]);
                 }
+                if let Some((_, _, payload)) = &mut self.net_payload {
+                    payload.extend_from_slice(&bytes[..n as usize]);
+                }
                 bytes = &bytes[n as usize..];
                 if self.skip == 0 {
                     self.end_of_exec();
+                    self.end_of_net_payload();
                 }
                 continue;
             }
@@ -118,7 +136,19 @@ impl Sent {
                     Some(Kind::Stdin) => *self.stdin_bytes.entry(id).or_default() += payload,
                     Some(Kind::Shutdown) => self.shutdown = true,
                     Some(Kind::FsRequest) => request(self, Stream::Fs),
-                    Some(Kind::NetConnect) => request(self, Stream::Net),
+                    Some(Kind::NetConnect) => {
+                        request(self, Stream::Net);
+                        self.net_payload = Some((kind, id, Vec::new()));
+                        if payload == 0 {
+                            self.end_of_net_payload();
+                        }
+                    }
+                    Some(Kind::NetRecvAck) => {
+                        self.net_payload = Some((kind, id, Vec::new()));
+                        if payload == 0 {
+                            self.end_of_net_payload();
+                        }
+                    }
                     Some(Kind::List) => request(self, Stream::List),
                     Some(Kind::Attach) => request(self, Stream::Attach),
                     Some(Kind::FsWrite | Kind::NetSend) => {
@@ -140,6 +170,26 @@ impl Sent {
             .and_then(|m| m.get("detach").and_then(Value::as_bool))
             .unwrap_or(false);
         self.pending_exec.entry(id).or_default().push_back(detach);
+    }
+
+    /// A NET_CONNECT (its `window`, default 1 MiB) or a NET_RECV_ACK (its
+    /// `bytes`) has been written whole.
+    fn end_of_net_payload(&mut self) {
+        let Some((kind, id, payload)) = self.net_payload.take() else {
+            return;
+        };
+        let map = super::msgpack::decode(&payload).ok();
+        let int = |key: &str| {
+            map.as_ref()
+                .and_then(|m| m.get(key).and_then(Value::as_int))
+                .map(|i| i.max(0) as u64)
+        };
+        if kind == Kind::NetConnect as u8 {
+            let window = int("window").unwrap_or(1 << 20);
+            self.net_windows.entry(id).or_default().push_back(window);
+        } else {
+            *self.net_recv_acked.entry(id).or_default() += int("bytes").unwrap_or(0);
+        }
     }
 
     /// Records that a shutdown was asked for by other means (a signal to
@@ -440,7 +490,10 @@ pub const RULES: &[Rule] = &[
         "NET_CONNECTED",
         &[("peer", Ty::Str), ("local", Ty::Str)],
         &[],
-        |c, f, _, s| c.stream_frame(f.id, Stream::Net, "NET_CONNECTED", false, s),
+        |c, f, _, s| {
+            c.stream_frame(f.id, Stream::Net, "NET_CONNECTED", false, s)?;
+            c.net_connected(f.id, s)
+        },
     ),
     map_rule(
         Kind::NetFailed,
@@ -452,7 +505,14 @@ pub const RULES: &[Rule] = &[
             if agentd::messages::NetErrorKind::parse(k).is_none() {
                 return Err(format!("NET_FAILED kind {k:?} is not in docs/PROTOCOL.md"));
             }
-            c.stream_frame(f.id, Stream::Net, "NET_FAILED", true, s)
+            if k == "duplicate_id" && c.net.contains_key(&f.id) {
+                // The answer to a second NET_CONNECT on an open
+                // connection's id, which goes on.
+                return c.duplicate_connect(f.id, s);
+            }
+            c.stream_frame(f.id, Stream::Net, "NET_FAILED", true, s)?;
+            c.net_ended(f.id, s);
+            Ok(())
         },
     ),
     map_rule(
@@ -462,25 +522,39 @@ pub const RULES: &[Rule] = &[
         &[],
         |c, f, m, s| {
             c.stream_frame(f.id, Stream::Net, "NET_SEND_ACK", false, s)?;
+            c.net_open(f.id, "NET_SEND_ACK")?;
             c.data_ack(f.id, m, s, "NET_SEND_ACK")
         },
     ),
     raw_rule(Kind::NetRecv, "NET_RECV", |c, f, _, s| {
-        c.stream_frame(f.id, Stream::Net, "NET_RECV", false, s)
+        c.stream_frame(f.id, Stream::Net, "NET_RECV", false, s)?;
+        c.net_recv(f.id, f.payload.len() as u64, s)
     }),
     Rule {
         kind: Kind::NetEof as u8,
         name: "NET_EOF",
         ids: Ids::Any,
         payload: Payload::Empty,
-        check: |c, f, _, s| c.stream_frame(f.id, Stream::Net, "NET_EOF", false, s),
+        check: |c, f, _, s| {
+            c.stream_frame(f.id, Stream::Net, "NET_EOF", false, s)?;
+            c.net_open(f.id, "NET_EOF")?;
+            let st = c.net.get_mut(&f.id).expect("checked open");
+            if std::mem::replace(&mut st.eof, true) {
+                return Err(format!("a second NET_EOF on {}", f.id));
+            }
+            Ok(())
+        },
     },
     map_rule(
         Kind::NetClosed,
         "NET_CLOSED",
         &[],
         &[("error", Ty::Str), ("message", Ty::Str), ("errno", Ty::I32)],
-        |c, f, _, s| c.stream_frame(f.id, Stream::Net, "NET_CLOSED", true, s),
+        |c, f, _, s| {
+            c.stream_frame(f.id, Stream::Net, "NET_CLOSED", true, s)?;
+            c.net_ended(f.id, s);
+            Ok(())
+        },
     ),
     // Extension sessions.
     map_rule(
@@ -623,6 +697,20 @@ pub struct Checker {
     streams: HashMap<u32, Stream>,
     /// FS_WRITE_ACK and NET_SEND_ACK bytes per id.
     data_acked: HashMap<u32, u64>,
+    /// Open connections (NET_CONNECTED, no final frame yet) by id.
+    net: HashMap<u32, NetState>,
+}
+
+/// What the checker knows of an open connection.
+#[derive(Debug, Default)]
+struct NetState {
+    /// The agent → host window NET_CONNECT gave.
+    window: u64,
+    /// NET_RECV payload bytes so far.
+    recv: u64,
+    /// The host's NET_RECV_ACK total for this id when it connected.
+    ack_base: u64,
+    eof: bool,
 }
 
 impl Checker {
@@ -856,6 +944,86 @@ impl Checker {
             ));
         }
         Ok(())
+    }
+
+    /// NET_CONNECTED: the connection is open, under its NET_CONNECT's
+    /// window.
+    fn net_connected(&mut self, id: u32, sent: &mut Sent) -> Result<(), String> {
+        let window = sent
+            .net_windows
+            .get_mut(&id)
+            .and_then(VecDeque::pop_front)
+            .unwrap_or(1 << 20);
+        let ack_base = sent.net_recv_acked.get(&id).copied().unwrap_or(0);
+        let state = NetState {
+            window,
+            ack_base,
+            ..NetState::default()
+        };
+        if self.net.insert(id, state).is_some() {
+            return Err(format!("a second NET_CONNECTED on {id}"));
+        }
+        Ok(())
+    }
+
+    /// NET_FAILED `duplicate_id` for a NET_CONNECT on an open connection's
+    /// id: it answers that request and ends nothing.
+    fn duplicate_connect(&mut self, id: u32, sent: &mut Sent) -> Result<(), String> {
+        let pending = sent.pending.get_mut(&id);
+        let pos = pending
+            .as_ref()
+            .and_then(|p| p.iter().position(|&s| s == Stream::Net))
+            .ok_or_else(|| {
+                format!("NET_FAILED duplicate_id for {id} without a second NET_CONNECT")
+            })?;
+        if let Some(p) = pending {
+            p.remove(pos);
+        }
+        if let Some(w) = sent.net_windows.get_mut(&id) {
+            w.pop_back();
+        }
+        Ok(())
+    }
+
+    /// A frame only an open connection sends.
+    fn net_open(&self, id: u32, name: &str) -> Result<(), String> {
+        if self.net.contains_key(&id) {
+            Ok(())
+        } else {
+            Err(format!("{name} on {id} before NET_CONNECTED"))
+        }
+    }
+
+    /// NET_RECV: after NET_CONNECTED, before NET_EOF, and never more
+    /// unacknowledged than the window (counting every ack the host has
+    /// written, which the agent may not have read yet: never stricter
+    /// than the agent's view).
+    fn net_recv(&mut self, id: u32, len: u64, sent: &mut Sent) -> Result<(), String> {
+        self.net_open(id, "NET_RECV")?;
+        let acked = sent.net_recv_acked.get(&id).copied().unwrap_or(0);
+        let st = self.net.get_mut(&id).expect("checked open");
+        if st.eof {
+            return Err(format!("NET_RECV on {id} after NET_EOF"));
+        }
+        st.recv += len;
+        let unacked = st.recv.saturating_sub(acked - st.ack_base);
+        if unacked > st.window {
+            return Err(format!(
+                "NET_RECV on {id}: {unacked} bytes unacknowledged, over the window of {}",
+                st.window
+            ));
+        }
+        Ok(())
+    }
+
+    /// A connection's final frame (NET_FAILED or NET_CLOSED).
+    fn net_ended(&mut self, id: u32, sent: &mut Sent) {
+        if self.net.remove(&id).is_none() {
+            // Never connected: its NET_CONNECT's window goes too.
+            if let Some(w) = sent.net_windows.get_mut(&id) {
+                w.pop_front();
+            }
+        }
     }
 
     /// An answer to a request of the host's (any id it sent).

@@ -13,6 +13,9 @@
 //! - [`checker`]: the one contract checker, table-driven per frame kind.
 //! - [`msgpack`]: MessagePack read and written independently of the
 //!   crate; [`wire`]: frames and messages built by hand.
+//! - [`net`]: guest servers on loopback addresses (an echo server for many
+//!   connections, scripted ones, full backlogs, refusing ports) and the
+//!   host's side of the net extension over [`agent::Agent`].
 //! - [`proc`]: /proc (RSS, fds, children, descendants, zombies, CPU
 //!   ticks); [`seccomp`]: the filters an agent can be started under;
 //!   [`util`]: scratch directories, data, checksums, ptys, FIFOs, users.
@@ -41,6 +44,7 @@ pub mod checker;
 pub mod host;
 pub mod listen;
 pub mod msgpack;
+pub mod net;
 pub mod proc;
 pub mod seccomp;
 pub mod sync_agent;

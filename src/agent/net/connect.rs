@@ -48,6 +48,15 @@ pub(crate) fn target(req: &NetConnect) -> Result<Target, NetFailed> {
             if let Ok(ip) = bare.parse::<IpAddr>() {
                 return Ok(Target::Addrs(vec![SocketAddr::new(ip, port)]));
             }
+            if host.starts_with('[') || (host.contains(':') && !host.contains('%')) {
+                // Not an address, and no name has brackets or a colon: a
+                // port written into `host` ("127.0.0.1:80"), which would
+                // otherwise go to DNS.
+                return Err(invalid(format!(
+                    "host {} is neither an IP literal nor a name (the port goes in `port`)",
+                    crate::messages::quote(host)
+                )));
+            }
             if host.eq_ignore_ascii_case("localhost") {
                 return Ok(Target::Addrs(vec![
                     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
@@ -178,17 +187,17 @@ fn start(
     if rc == 0 {
         return Ok(Started::Connected(fd));
     }
+    // EAGAIN is no connect in progress: for a Unix socket a listener with
+    // a full backlog (the caller waits for room), for TCP no free local
+    // port (`resource`).
     match io::Error::last_os_error().raw_os_error() {
-        // A Unix socket's listener with a full backlog says EAGAIN.
-        Some(libc::EINPROGRESS) | Some(libc::EAGAIN) if family != libc::AF_UNIX => {
-            Ok(Started::Pending(fd))
-        }
         Some(libc::EINPROGRESS) => Ok(Started::Pending(fd)),
         _ => Err(io::Error::last_os_error()),
     }
 }
 
-/// After a pending connect's fd became writable: its outcome (SO_ERROR).
+/// A socket's pending error (SO_ERROR): a pending connect's outcome once
+/// writable, or a reset that came when nothing reads the socket.
 pub(crate) fn finish(fd: RawFd) -> io::Result<()> {
     let mut err: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -338,6 +347,12 @@ fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> Result<OwnedFd, NetFa
     for a in addrs {
         match std::net::TcpStream::connect_timeout(a, timeout) {
             Ok(s) => return Ok(OwnedFd::from(s)),
+            // std says so without an errno: the same `timed_out` as the
+            // loop's timer gives.
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && e.raw_os_error().is_none() => {
+                let e = io::Error::from_raw_os_error(libc::ETIMEDOUT);
+                last = Some(failure(&e, &format!("connect {a}")));
+            }
             Err(e) => last = Some(failure(&e, &format!("connect {a}"))),
         }
     }

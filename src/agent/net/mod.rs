@@ -62,11 +62,18 @@ pub(crate) struct Conn {
     sock: Option<OwnedFd>,
     /// The Unix socket path, for NET_CONNECTED.
     unix_path: Option<String>,
+    /// What NET_CONNECT asked for (`HOST:PORT` or the path) and its
+    /// timeout, for messages.
+    target: String,
+    timeout_ms: u32,
     out: Outflow,
     window: Window,
     input: Inflow,
     /// NET_EOF has gone to the host.
     eof_sent: bool,
+    /// An event came after NET_EOF, when the socket is no longer read: an
+    /// error (the guest's RST) is only seen in SO_ERROR.
+    check_error: bool,
     stalled: bool,
 }
 
@@ -92,10 +99,13 @@ impl Conn {
             },
             sock: None,
             unix_path: None,
+            target: String::new(),
+            timeout_ms: 0,
             out: Outflow::new(Kind::NetRecv as u8, true, false),
             window: Window::new(window),
             input: Inflow::new(Close::ShutdownWrite, true),
             eof_sent: false,
+            check_error: false,
             stalled: false,
         }
     }
@@ -114,6 +124,21 @@ impl Conn {
 
     pub(crate) fn set_unix_path(&mut self, path: String) {
         self.unix_path = Some(path);
+    }
+
+    /// What NET_CONNECT asked for, and its timeout, for messages.
+    pub(crate) fn set_target(&mut self, target: String, timeout_ms: u32) {
+        self.target = target;
+        self.timeout_ms = timeout_ms;
+    }
+
+    /// The NET_FAILED of a connect timer that fired.
+    pub(crate) fn timed_out(&self) -> NetFailed {
+        let m = format!(
+            "connect {}: no connection within {} ms (timeout_ms)",
+            self.target, self.timeout_ms
+        );
+        NetFailed::new(NetErrorKind::TimedOut, m, Some(libc::ETIMEDOUT))
     }
 
     pub(crate) fn mark_stalled(&mut self) -> bool {
@@ -252,6 +277,7 @@ impl Conn {
     pub(crate) fn on_event(&mut self, readable: bool, writable: bool) {
         if readable {
             self.out.on_readable();
+            self.check_error = self.eof_sent;
         }
         if writable {
             self.input.on_writable();
@@ -306,7 +332,9 @@ impl Conn {
             // The write side broke (EPIPE, ECONNRESET): the connection is
             // over, whatever was queued is lost.
             if self.input.is_gone() {
-                return self.close_with(link, registry, Some(NetErrorKind::Reset), None);
+                let errno = self.input.failure();
+                let kind = errno.map_or(NetErrorKind::Reset, NetErrorKind::from_errno);
+                return self.close_with(link, registry, Some(kind), errno);
             }
         }
         if !self.eof_sent {
@@ -334,6 +362,16 @@ impl Conn {
         }
         if self.eof_sent && self.input.is_done() {
             return self.close_with(link, registry, None, None);
+        }
+        if std::mem::take(&mut self.check_error) {
+            // Past the guest's end of file nothing reads the socket, so a
+            // reset (a peer that closed and got more bytes) would wait for
+            // the host's next NET_SEND to be noticed.
+            if let Err(e) = connect::finish(fd) {
+                let errno = e.raw_os_error();
+                let kind = errno.map_or(NetErrorKind::Reset, NetErrorKind::from_errno);
+                return self.close_with(link, registry, Some(kind), errno);
+            }
         }
         Progress::Idle
     }

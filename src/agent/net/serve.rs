@@ -32,6 +32,10 @@ impl Core {
                     Ok(())
                 })
             }
+            // An ack for an id with no connection is one that was in
+            // flight when the connection ended (its last NET_RECV): a
+            // race every host runs into, so it is dropped, not an ERROR.
+            NetMsg::RecvAck(_) if !self.ids.contains_key(&(lk, id)) => {}
             NetMsg::RecvAck(ack) => {
                 self.with_conn(lk, id, crate::messages::Kind::NetRecvAck, |core, key| {
                     core.net[key].ack(ack.bytes);
@@ -127,13 +131,22 @@ impl Core {
                 ),
             );
         }
+        if req.timeout_ms == Some(0) {
+            return refuse(
+                self,
+                NetFailed::new(
+                    NetErrorKind::InvalidRequest,
+                    "timeout_ms 0: no connect could ever be waited for (leave it out for the default, 10000)",
+                    None,
+                ),
+            );
+        }
         let target = match connect::target(&req) {
             Ok(t) => t,
             Err(f) => return refuse(self, f),
         };
-        let timeout = Duration::from_millis(u64::from(
-            req.timeout_ms.unwrap_or(connect::DEFAULT_TIMEOUT_MS),
-        ));
+        let timeout_ms = req.timeout_ms.unwrap_or(connect::DEFAULT_TIMEOUT_MS);
+        let timeout = Duration::from_millis(u64::from(timeout_ms));
         let seq = self.take_seq();
         let key = self.net.vacant_key();
         let timer = self
@@ -143,26 +156,44 @@ impl Core {
         if let Target::Unix(p) = &target {
             conn.set_unix_path(p.clone());
         }
+        conn.set_target(describe(&req), timeout_ms);
         self.ids.insert((lk, id), Owned::Net(key));
         self.net.insert(conn);
         let started = match (req.user.is_some(), target) {
             (false, Target::Addrs(addrs)) => self.start_tcp(key, addrs),
-            (false, Target::Unix(path)) => connect::start_unix(&path)
-                .map_err(|e| connect::failure(&e, &format!("connect {path}")))
-                .and_then(|started| self.after_start(key, started, None, Vec::new())),
+            (false, Target::Unix(path)) => match connect::start_unix(&path) {
+                // The listener's backlog is full: a busy server, which a
+                // blocking connect waits for (in a worker, until the
+                // timer), as it does for a `user`.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    self.delegate(key, Target::Unix(path), None, timeout)
+                }
+                r => r
+                    .map_err(|e| connect::failure(&e, &format!("connect {path}")))
+                    .and_then(|started| self.after_start(key, started, None, Vec::new())),
+            },
             // A name to resolve, or another user's credentials: a worker.
-            (_, target) => connect::spawn_connector(target, req.user.as_deref(), timeout)
-                .map_err(|e| connect::failure(&e, "starting the connector"))
-                .and_then(|(pid, ctl)| {
-                    self.by_pid.insert(pid, Child::Connector);
-                    self.net[key]
-                        .delegated(pid, ctl, key, &self.registry)
-                        .map_err(|e| connect::failure(&e, "registering the connector"))
-                }),
+            (_, target) => self.delegate(key, target, req.user.as_deref(), timeout),
         };
         if let Err(f) = started {
             self.fail_conn(key, f);
         }
+    }
+
+    /// Hands connection `key`'s connect to a worker (which may block).
+    fn delegate(
+        &mut self,
+        key: usize,
+        target: Target,
+        user: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(), NetFailed> {
+        let (pid, ctl) = connect::spawn_connector(target, user, timeout)
+            .map_err(|e| connect::failure(&e, "starting the connector"))?;
+        self.by_pid.insert(pid, Child::Connector);
+        self.net[key]
+            .delegated(pid, ctl, key, &self.registry)
+            .map_err(|e| connect::failure(&e, "registering the connector"))
     }
 
     /// Starts a nonblocking connect to the first of `addrs` that takes
@@ -270,16 +301,8 @@ impl Core {
 
     /// The connect timer fired.
     pub(crate) fn connect_timed_out(&mut self, key: usize, seq: u64) {
-        if self
-            .net
-            .get(key)
-            .is_some_and(|c| c.seq() == seq && !c.is_open())
-        {
-            let f = NetFailed::new(
-                NetErrorKind::TimedOut,
-                "no connection within the timeout",
-                Some(libc::ETIMEDOUT),
-            );
+        if let Some(c) = self.net.get(key).filter(|c| c.seq() == seq && !c.is_open()) {
+            let f = c.timed_out();
             self.fail_conn(key, f);
         }
     }
@@ -363,6 +386,16 @@ impl Core {
         for key in keys {
             self.end_conn_with(key, false, Some(NetErrorKind::Other));
         }
+    }
+}
+
+/// A NET_CONNECT's target as messages name it: `HOST:PORT` or the path.
+fn describe(req: &NetConnect) -> String {
+    match (&req.host, req.port, &req.path) {
+        (Some(h), Some(p), _) if h.contains(':') && !h.starts_with('[') => format!("[{h}]:{p}"),
+        (Some(h), Some(p), _) => format!("{h}:{p}"),
+        (_, _, Some(path)) => path.clone(),
+        _ => String::new(),
     }
 }
 
