@@ -1,0 +1,244 @@
+//! The `clock` extension from the host: read the guest's clock, step it to
+//! the host's, feed its entropy pool. For a VM restored from a snapshot,
+//! whose wall clock is stale and whose entropy was cloned.
+//!
+//! Each call is one request and one reply under an id of its own (the
+//! protocol lets any id carry them; taking a fresh one keeps replies apart
+//! when several threads ask at once).
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::conn::{Routed, SessState, SessionShared};
+use super::error::{Error, Result};
+use super::Client;
+use crate::messages::{Clock, ClockMsg, ClockSet, ClockSetDone, EntropyDone, Message};
+
+/// The most bytes one ENTROPY frame carries; [`Client::entropy`] splits
+/// larger buffers.
+pub const ENTROPY_CHUNK: usize = 4096;
+
+/// An agent → host frame of the clock extension.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ClockReply {
+    Clock(Clock),
+    SetDone(ClockSetDone),
+    EntropyDone(EntropyDone),
+}
+
+impl ClockReply {
+    pub(crate) fn from_msg(m: &ClockMsg<'_>) -> Option<ClockReply> {
+        match m {
+            ClockMsg::Clock(c) => Some(ClockReply::Clock(*c)),
+            ClockMsg::SetDone(d) => Some(ClockReply::SetDone(*d)),
+            ClockMsg::EntropyDone(d) => Some(ClockReply::EntropyDone(*d)),
+            ClockMsg::Get | ClockMsg::Set(_) | ClockMsg::Entropy(_) => None,
+        }
+    }
+}
+
+/// The guest's clocks as [`Client::clock`] read them, next to the host's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestClock {
+    /// The guest's CLOCK_REALTIME, nanoseconds since the epoch.
+    pub realtime_ns: i64,
+    /// The guest's CLOCK_BOOTTIME, nanoseconds since its boot.
+    pub boottime_ns: u64,
+    /// How many times the agent has seen the VM restored from a snapshot.
+    pub restores: u32,
+    /// The host's CLOCK_REALTIME halfway between sending CLOCK_GET and
+    /// receiving CLOCK, nanoseconds since the epoch: the best estimate of
+    /// the host's time when the guest read its clock.
+    pub host_ns: i64,
+    /// The request's round trip (the offset is uncertain by half of it).
+    pub round_trip: Duration,
+}
+
+impl GuestClock {
+    /// Guest minus host, nanoseconds: positive when the guest is ahead.
+    pub fn offset_ns(&self) -> i64 {
+        self.realtime_ns.saturating_sub(self.host_ns)
+    }
+}
+
+/// What [`Client::set_clock`] did: the guest's clock just before and just
+/// after it was stepped (CLOCK_SET_DONE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockStep {
+    /// The guest's CLOCK_REALTIME just before, ns since the epoch.
+    pub old_ns: i64,
+    /// Just after.
+    pub new_ns: i64,
+}
+
+impl ClockStep {
+    /// How far the clock was stepped (new minus old), nanoseconds.
+    pub fn step_ns(&self) -> i64 {
+        self.new_ns.saturating_sub(self.old_ns)
+    }
+}
+
+/// `t` as nanoseconds since the epoch (negative before it), saturating.
+pub fn system_time_ns(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_nanos()).map_or(i64::MIN, |n| -n),
+    }
+}
+
+impl Client {
+    /// Sends one request under a fresh id and waits for its one reply.
+    pub(super) fn request(
+        &self,
+        encode: impl FnOnce(u32, &mut Vec<u8>) -> std::result::Result<(), crate::messages::EncodeError>,
+    ) -> Result<Routed> {
+        let (id, rx) = self.request_id()?;
+        let shared = &self.conn.shared;
+        let sent = shared.send_with(|buf| encode(id, buf));
+        let reply = sent.and_then(|()| {
+            rx.recv()
+                .map_err(|_| shared.closed_error().unwrap_or_else(Error::closed))
+        });
+        shared.unregister(id);
+        reply
+    }
+
+    /// Takes an id for a request (LIST, CLOCK_GET, ...): routed like a
+    /// session's, with no stdin and no handles.
+    pub(super) fn request_id(&self) -> Result<(u32, mpsc::Receiver<Routed>)> {
+        let (id, _, rx) = self.conn.shared.register(|id| {
+            Arc::new(SessionShared::new(
+                id,
+                SessState {
+                    stdin_credit: 0,
+                    stdin_window: 0,
+                    stdin_chunk: 1,
+                    stdin_closed: true,
+                    ended: false,
+                    closed: false,
+                    detached: false,
+                    output_window: 0,
+                    handles: 0,
+                    lost: None,
+                },
+            ))
+        })?;
+        Ok((id, rx))
+    }
+
+    fn clock_request(&self, msg: ClockMsg<'_>) -> Result<ClockReply> {
+        let kind = msg.kind();
+        match self.request(|id, buf| Message::Clock(msg).encode(id, buf))? {
+            Routed::Clock(reply) => Ok(reply),
+            Routed::Error(e) => Err(Error::Protocol(e)),
+            other => Err(Error::AgentViolation(format!(
+                "{other:?} in answer to {kind:?}"
+            ))),
+        }
+    }
+
+    /// Reads the guest's clocks (CLOCK_GET), with the host's time at the
+    /// same moment: [`GuestClock::offset_ns`] is the guest's skew. An agent
+    /// without the `clock` extension answers ERROR `unknown_kind`
+    /// ([`Error::Protocol`]).
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), agentd::client::Error> {
+    /// let client = agentd::client::Client::connect("hvsock:/run/fc/v.sock:1024")?;
+    /// let clock = client.clock()?;
+    /// if clock.offset_ns().abs() > 50_000_000 {
+    ///     client.sync_clock()?; // served by a VM's init only
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn clock(&self) -> Result<GuestClock> {
+        let sent_at = SystemTime::now();
+        let start = Instant::now();
+        let reply = self.clock_request(ClockMsg::Get)?;
+        let round_trip = start.elapsed();
+        let ClockReply::Clock(c) = reply else {
+            return Err(Error::AgentViolation(format!(
+                "{reply:?} in answer to CLOCK_GET"
+            )));
+        };
+        Ok(GuestClock {
+            realtime_ns: c.realtime_ns,
+            boottime_ns: c.boottime_ns,
+            restores: c.restores,
+            host_ns: system_time_ns(sent_at + round_trip / 2),
+            round_trip,
+        })
+    }
+
+    /// Steps the guest's wall clock to `to` (CLOCK_SET). Served only by an
+    /// agent that is a VM's init or runs with `--allow-clock` (READY's
+    /// `clock_set`); any other answers ERROR `not_permitted`, so an agent
+    /// on a developer's machine never changes that machine's clock.
+    pub fn set_clock(&self, to: SystemTime) -> Result<ClockStep> {
+        self.set_clock_ns(system_time_ns(to))
+    }
+
+    /// [`set_clock`](Self::set_clock) in nanoseconds since the epoch.
+    pub fn set_clock_ns(&self, realtime_ns: i64) -> Result<ClockStep> {
+        match self.clock_request(ClockMsg::Set(ClockSet { realtime_ns }))? {
+            ClockReply::SetDone(d) => Ok(ClockStep {
+                old_ns: d.old_ns,
+                new_ns: d.new_ns,
+            }),
+            other => Err(Error::AgentViolation(format!(
+                "{other:?} in answer to CLOCK_SET"
+            ))),
+        }
+    }
+
+    /// Sets the guest's wall clock to the host's: the host's time plus half
+    /// a round trip (measured with a CLOCK_GET first), so that it is right
+    /// when the agent applies it. As [`set_clock`](Self::set_clock).
+    pub fn sync_clock(&self) -> Result<ClockStep> {
+        let rtt = self.clock()?.round_trip;
+        self.set_clock(SystemTime::now() + rtt / 2)
+    }
+
+    /// Adds `data` to the guest kernel's entropy pool, credited (ENTROPY,
+    /// [`ENTROPY_CHUNK`] bytes per frame); returns the bytes added. Served
+    /// as [`set_clock`](Self::set_clock) is. Empty `data` is refused here.
+    pub fn entropy(&self, data: &[u8]) -> Result<u64> {
+        if data.is_empty() {
+            return Err(Error::InvalidArgument(
+                "entropy needs at least one byte".into(),
+            ));
+        }
+        let mut added = 0u64;
+        for chunk in data.chunks(ENTROPY_CHUNK) {
+            match self.clock_request(ClockMsg::Entropy(chunk))? {
+                ClockReply::EntropyDone(d) => added += u64::from(d.bytes),
+                other => {
+                    return Err(Error::AgentViolation(format!(
+                        "{other:?} in answer to ENTROPY"
+                    )))
+                }
+            }
+        }
+        Ok(added)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_nanos() {
+        assert_eq!(system_time_ns(UNIX_EPOCH), 0);
+        assert_eq!(
+            system_time_ns(UNIX_EPOCH + Duration::from_millis(1500)),
+            1_500_000_000
+        );
+        assert_eq!(
+            system_time_ns(UNIX_EPOCH - Duration::from_secs(1)),
+            -1_000_000_000
+        );
+    }
+}
