@@ -515,6 +515,12 @@ impl Session {
         if let Some(x) = self.exited {
             return Ok(x);
         }
+        if let Some(d) = &self.detached {
+            return Err(Error::Detached {
+                session: d.session,
+                reason: d.reason.clone(),
+            });
+        }
         self.close_stdin()?;
         while let Some(ev) = self.next_event()? {
             match ev {

@@ -144,12 +144,15 @@ impl SessionRecord {
 
 impl From<SessionInfo> for SessionRecord {
     fn from(i: SessionInfo) -> Self {
+        // A lingering session's `exit` is provisional (its deadline's
+        // `timed_out` is only settled when it finishes): only `exited`
+        // counts as ended.
         let state = match (i.state.as_str(), i.exit) {
-            (_, Some(x)) => SessionState::Exited(ExitStatus::from(x)),
-            ("starting", None) => SessionState::Starting,
-            ("running", None) => SessionState::Running,
-            ("lingering", None) => SessionState::Lingering,
-            (other, None) => SessionState::Other(other.to_owned()),
+            ("exited", Some(x)) => SessionState::Exited(ExitStatus::from(x)),
+            ("starting", _) => SessionState::Starting,
+            ("running", _) => SessionState::Running,
+            ("lingering", _) => SessionState::Lingering,
+            (other, _) => SessionState::Other(other.to_owned()),
         };
         SessionRecord {
             number: i.session,
