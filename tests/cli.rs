@@ -1458,3 +1458,119 @@ fn connect_forms_and_their_errors() {
     let out = run(&["ps", "--format", "{{.Nope}}"]);
     one_line_failure(&out, 125, "unknown field");
 }
+
+#[test]
+fn attach_it_on_a_terminal_detaches_with_ctrl_p_ctrl_q_and_restores_it() {
+    let l = Listener::start();
+    let n = l.ok(&[
+        "exec",
+        "-d",
+        "-it",
+        "--name",
+        "tsh",
+        "sh",
+        "-c",
+        "while read line; do echo \"got:$line\"; stty size; done",
+    ]);
+    let n = n.trim().to_owned();
+    let mut pty = Pty::open(30, 100);
+    let before = pty.termios();
+    let mut child = pty.spawn(&["--connect", &l.target, "attach", "-it", &n]);
+    pty.wait_raw(true, Duration::from_secs(20));
+    pty.write(b"one\r");
+    pty.expect("got:one", Duration::from_secs(20));
+    // Sized like the local terminal on attach.
+    pty.expect("30 100", Duration::from_secs(20));
+    pty.write(b"\x10\x11");
+    let status = wait_child(&mut pty, &mut child);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(
+        same_mode(&before, &pty.termios()),
+        "terminal mode not restored"
+    );
+    assert_eq!(l.status("tsh"), "running, detached");
+    // What it printed meanwhile waits in the ring for the next attach.
+    let out = l.run(&["ps", "--format", "{{.Tty}}"]);
+    assert_eq!(text(&out.stdout), "tty\n");
+    assert_eq!(l.ok(&["kill", "tsh"]), "tsh\n");
+}
+
+#[test]
+fn kill_reaches_a_setsid_daemon_with_cgroups() {
+    let Some(root) = cgroup_scratch() else {
+        eprintln!("skipped: no cgroup2 directory can be made here");
+        return;
+    };
+    let mut opts = Opts::default();
+    opts.args
+        .extend(["--cgroup-root".to_owned(), root.display().to_string()]);
+    let agent = support::listen::Listening::start(&opts);
+    let l = Listener {
+        target: format!("unix:{}", agent.path.display()),
+        agent,
+    };
+    let n = l.ok(&[
+        "exec",
+        "-d",
+        "--name",
+        "d",
+        "sh",
+        "-c",
+        "setsid sh -c 'exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!; exec sleep 1000",
+    ]);
+    let n = n.trim().to_owned();
+    // The limits are accepted here (the root has the controllers it has).
+    let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    if controllers.contains("pids") {
+        assert_eq!(
+            l.ok(&["exec", "--pids", "50", "echo", "limited"]),
+            "limited\n"
+        );
+    }
+    assert!(support::wait_until(support::timeout(), || {
+        l.ok(&["ps", "--format", "{{.Name}} {{.Stdout}}"]) != format!("{n} 0\n")
+    }));
+    // Every process in the session's cgroup: the leader and the daemon
+    // that left its process group.
+    let pids: Vec<i32> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .flat_map(|e| {
+            std::fs::read_to_string(e.path().join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .map(|p| p.parse().unwrap())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    assert_eq!(l.ok(&["kill", "-s", "KILL", "d"]), "d\n");
+    assert!(support::wait_until(support::timeout(), || pids
+        .iter()
+        .all(|p| !support::proc::alive(*p))));
+    assert!(support::wait_until(support::timeout(), || l.status(&n) == "killed (SIGKILL)"));
+    // Nothing of it is left: its cgroup went once empty.
+    assert!(support::wait_until(support::timeout(), || {
+        std::fs::read_dir(&root).map_or(true, |d| !d.flatten().any(|e| e.path().is_dir()))
+    }));
+    drop(l);
+    let _ = std::fs::remove_dir(&root);
+}
+
+/// A scratch cgroup under this process's own, where one can be made.
+fn cgroup_scratch() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    let mount = mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| PathBuf::from(f[1]))?;
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = mount
+        .join(rel.trim_start_matches('/'))
+        .join(format!("agentctl-test-{}", std::process::id()));
+    std::fs::create_dir(&dir).ok()?;
+    Some(dir)
+}

@@ -380,6 +380,22 @@ fn limits_and_tree_signals_are_refused_without_cgroups() {
     assert_eq!(s.wait().unwrap().signal, Some(libc::SIGKILL));
 }
 
+/// The pids in every session cgroup under `root`.
+fn cgroup_pids(root: &Path) -> Vec<i32> {
+    std::fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .flat_map(|e| {
+            std::fs::read_to_string(e.path().join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
 /// A scratch cgroup under this process's own, where one can be made.
 struct CgroupRoot(PathBuf);
 
@@ -429,14 +445,18 @@ fn tree_signal_reaches_a_setsid_daemon_with_cgroups() {
             "setsid sh -c 'exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!; exec sleep 1000",
         ))
         .unwrap();
-    let out = until_stdout(&mut s, "\n");
-    let daemon: i32 = String::from_utf8_lossy(&out).trim().parse().unwrap();
-    assert!(support::proc::alive(daemon));
+    until_stdout(&mut s, "\n");
+    // The session's cgroup holds the leader and the daemon that left its
+    // process group (pids as this process sees them, whatever namespace
+    // the agent is in).
+    let pids = cgroup_pids(&root.0);
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    assert!(pids.iter().all(|p| support::proc::alive(*p)));
     s.handle().signal_tree(libc::SIGKILL).unwrap();
     assert_eq!(s.wait().unwrap().signal, Some(libc::SIGKILL));
-    assert!(wait_until(support::timeout(), || !support::proc::alive(
-        daemon
-    )));
+    assert!(wait_until(support::timeout(), || {
+        pids.iter().all(|p| !support::proc::alive(*p))
+    }));
 }
 
 // ---------------------------------------------------------------------------
