@@ -737,3 +737,161 @@ fn hybrid_vsock_to_a_plain_agent_socket_is_not_ok() {
         "{e:?}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// The clock set after every READY, against a fake agent that serves it
+// (a real one would change this machine's clock).
+
+struct FakeClockAgent {
+    sock: UnixStream,
+    dec: agentd::codec::Decoder,
+}
+
+fn fake_ready(restores: u32, clock_set: bool) -> agentd::messages::Ready {
+    agentd::messages::Ready {
+        protocol: 1,
+        agent: "fake/0".into(),
+        pid: 1,
+        pid1: true,
+        max_payload: 1 << 20,
+        stdin_window: 1 << 16,
+        max_sessions: 16,
+        features: vec!["clock".into()],
+        realtime_ns: Some(0),
+        restores: Some(restores),
+        clock_set: Some(clock_set),
+        ..Default::default()
+    }
+}
+
+impl FakeClockAgent {
+    fn send(&mut self, id: u32, msg: &agentd::messages::Message<'_>) {
+        self.sock.write_all(&msg.to_bytes(id)).unwrap();
+    }
+
+    /// The next frame from the client (kind, id, payload), or None within
+    /// `limit`.
+    fn recv(&mut self, limit: Duration) -> Option<(u8, u32, Vec<u8>)> {
+        let end = std::time::Instant::now() + limit;
+        loop {
+            if let Some(f) = self.dec.next_frame() {
+                let f = f.expect("well-formed frame");
+                return Some((f.kind, f.id, f.payload.to_vec()));
+            }
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            match self.dec.read_from(&mut self.sock) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Serves CLOCK_GET, CLOCK_SET (checked against the host's clock) and
+    /// ENTROPY (32 bytes), as an agent that may set its clock does.
+    fn serve_sync(&mut self) {
+        use agentd::messages::{ClockMsg, Kind, Message};
+        let (kind, id, _) = self.recv(support::timeout()).expect("CLOCK_GET");
+        assert_eq!(kind, Kind::ClockGet as u8);
+        let now = agentd::client::system_time_ns(SystemTime::now());
+        self.send(
+            id,
+            &Message::Clock(ClockMsg::Clock(agentd::messages::Clock {
+                realtime_ns: now - 3_600_000_000_000,
+                boottime_ns: 1,
+                restores: 0,
+            })),
+        );
+        let (kind, id, payload) = self.recv(support::timeout()).expect("CLOCK_SET");
+        assert_eq!(kind, Kind::ClockSet as u8);
+        let Message::Clock(ClockMsg::Set(set)) = Message::decode_from_host(agentd::codec::Frame {
+            kind,
+            id,
+            payload: &payload,
+        })
+        .unwrap() else {
+            panic!("not CLOCK_SET")
+        };
+        let host = agentd::client::system_time_ns(SystemTime::now());
+        assert!(
+            (set.realtime_ns - host).abs() < 5_000_000_000,
+            "{set:?} vs {host}"
+        );
+        self.send(
+            id,
+            &Message::Clock(ClockMsg::SetDone(agentd::messages::ClockSetDone {
+                old_ns: host - 3_600_000_000_000,
+                new_ns: set.realtime_ns,
+            })),
+        );
+        let (kind, id, payload) = self.recv(support::timeout()).expect("ENTROPY");
+        assert_eq!(kind, Kind::Entropy as u8);
+        assert_eq!(payload.len(), agentd::client::SYNC_ENTROPY_BYTES);
+        assert!(payload.iter().any(|&b| b != 0), "random bytes");
+        self.send(
+            id,
+            &Message::Clock(ClockMsg::EntropyDone(agentd::messages::EntropyDone {
+                bytes: payload.len() as u32,
+            })),
+        );
+    }
+}
+
+fn fake_clock_agent(clock_set: bool, sync: bool) -> (thread::JoinHandle<Client>, FakeClockAgent) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut fake = FakeClockAgent {
+        sock: b,
+        dec: agentd::codec::Decoder::new(),
+    };
+    fake.send(
+        0,
+        &agentd::messages::Message::Ready(fake_ready(0, clock_set)),
+    );
+    let client = thread::spawn(move || {
+        Client::builder()
+            .clock_sync(sync)
+            .from_stream(a)
+            .expect("connects")
+    });
+    (client, fake)
+}
+
+#[test]
+fn clock_is_set_and_entropy_fed_after_every_ready_where_served() {
+    let (client, mut fake) = fake_clock_agent(true, true);
+    // Before the connecting call returns.
+    fake.serve_sync();
+    let client = client.join().unwrap();
+    // A restore: READY again, and the same again, on its own.
+    fake.send(0, &agentd::messages::Message::Ready(fake_ready(1, true)));
+    fake.serve_sync();
+    assert_eq!(client.ready().restores, Some(1));
+    // Nothing else was sent.
+    assert!(fake.recv(Duration::from_millis(100)).is_none());
+}
+
+#[test]
+fn clock_sync_is_skipped_when_opted_out_or_not_served() {
+    for (clock_set, sync) in [(true, false), (false, true)] {
+        let (client, mut fake) = fake_clock_agent(clock_set, sync);
+        let client = client.join().unwrap();
+        fake.send(
+            0,
+            &agentd::messages::Message::Ready(fake_ready(1, clock_set)),
+        );
+        // The first frame the fake sees is the client's own PING.
+        let pinger = thread::spawn(move || client.ping().map(|_| ()));
+        let (kind, id, payload) = fake.recv(support::timeout()).expect("a frame");
+        assert_eq!(
+            kind,
+            agentd::messages::Kind::Ping as u8,
+            "clock_set {clock_set}, sync {sync}"
+        );
+        fake.send(id, &agentd::messages::Message::Pong(&payload));
+        pinger.join().unwrap().unwrap();
+    }
+}

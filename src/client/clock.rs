@@ -7,10 +7,10 @@
 //! when several threads ask at once).
 
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::conn::{Routed, SessState, SessionShared};
+use super::conn::{Conn, Routed, SessState, SessionShared, Shared};
 use super::error::{Error, Result};
 use super::Client;
 use crate::messages::{Clock, ClockMsg, ClockSet, ClockSetDone, EntropyDone, Message};
@@ -18,6 +18,49 @@ use crate::messages::{Clock, ClockMsg, ClockSet, ClockSetDone, EntropyDone, Mess
 /// The most bytes one ENTROPY frame carries; [`Client::entropy`] splits
 /// larger buffers.
 pub const ENTROPY_CHUNK: usize = 4096;
+
+/// Bytes of entropy the client feeds after each READY.
+pub const SYNC_ENTROPY_BYTES: usize = 32;
+
+/// Fills `buf` from the host kernel's random pool.
+fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: getrandom(2) writes at most `rest.len()` bytes to the
+        // pointer, which points to that many writable bytes.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Runs [`Client::sync_after_ready`] after every later READY (a restored
+/// VM's agent sends READY again), until the connection closes or no
+/// handle to it is left (the thread holds none of its own).
+pub(super) fn watch_readies(conn: Weak<Conn>, shared: Arc<Shared>, mut gen: u64) {
+    let spawned = std::thread::Builder::new()
+        .name("agentd-client-clock".into())
+        .spawn(move || {
+            while let Some(g) = shared.wait_ready_after(gen) {
+                gen = g;
+                let Some(conn) = conn.upgrade() else { return };
+                Client { conn }.sync_after_ready();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(
+            "cannot start the clock thread: {e}; the clock is not synced after a restore"
+        );
+    }
+}
 
 /// An agent → host frame of the clock extension.
 #[derive(Debug, Clone, Copy)]
@@ -199,6 +242,32 @@ impl Client {
     pub fn sync_clock(&self) -> Result<ClockStep> {
         let rtt = self.clock()?.round_trip;
         self.set_clock(SystemTime::now() + rtt / 2)
+    }
+
+    /// What the client does after READY unless
+    /// [`Builder::clock_sync`](super::Builder::clock_sync) turned it off:
+    /// when the agent serves CLOCK_SET (READY's `clock_set`), sets the
+    /// guest's clock to the host's and feeds it [`SYNC_ENTROPY_BYTES`] of
+    /// the host's randomness, so a VM restored from a snapshot has neither
+    /// a stale clock nor a cloned entropy pool. Failures are logged (with
+    /// `tracing`): the connection stays usable.
+    pub(super) fn sync_after_ready(&self) {
+        if self.ready().clock_set != Some(true) {
+            return;
+        }
+        match self.sync_clock() {
+            Ok(step) => tracing::info!(step_ns = step.step_ns(), "guest clock set to the host's"),
+            Err(e) => tracing::warn!("cannot set the guest's clock: {e}"),
+        }
+        let mut seed = [0u8; SYNC_ENTROPY_BYTES];
+        match fill_random(&mut seed) {
+            Ok(()) => {
+                if let Err(e) = self.entropy(&seed) {
+                    tracing::warn!("cannot feed the guest's entropy pool: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("no host randomness for the guest: {e}"),
+        }
     }
 
     /// Adds `data` to the guest kernel's entropy pool, credited (ENTROPY,

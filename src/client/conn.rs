@@ -173,6 +173,8 @@ struct Registry {
 #[derive(Default)]
 struct ConnState {
     ready: Option<Ready>,
+    /// How many READYs have arrived (a restored VM's agent sends it again).
+    ready_gen: u64,
     unsupported: Option<u32>,
     closed: bool,
     shutdown_pending: bool,
@@ -310,6 +312,26 @@ impl Shared {
                     wait_timeout(&self.cond, st, d - now)
                 }
             };
+        }
+    }
+
+    /// How many READYs have arrived so far.
+    pub(crate) fn ready_gen(&self) -> u64 {
+        lock(&self.state).ready_gen
+    }
+
+    /// Waits for a READY after the `gen`th; its count, or `None` once the
+    /// connection has closed.
+    pub(crate) fn wait_ready_after(&self, gen: u64) -> Option<u64> {
+        let mut st = lock(&self.state);
+        loop {
+            if st.closed {
+                return None;
+            }
+            if st.ready_gen > gen {
+                return Some(st.ready_gen);
+            }
+            st = wait(&self.cond, st);
         }
     }
 
@@ -471,6 +493,7 @@ impl Shared {
                 tracing::info!("READY again from the agent (host reconnected)");
             }
             st.ready = Some(r);
+            st.ready_gen += 1;
             self.cond.notify_all();
             return;
         }

@@ -81,7 +81,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use clock::{system_time_ns, ClockStep, GuestClock, ENTROPY_CHUNK};
+pub use clock::{system_time_ns, ClockStep, GuestClock, ENTROPY_CHUNK, SYNC_ENTROPY_BYTES};
 pub use command::Command;
 pub use error::{Error, Result};
 pub use session::{DetachOutcome, Event, Events, Output, Session, SessionHandle};
@@ -143,6 +143,7 @@ pub struct Client {
 pub struct Builder {
     ready_timeout: Option<Duration>,
     handshake_timeout: Duration,
+    clock_sync: bool,
 }
 
 impl Default for Builder {
@@ -150,6 +151,7 @@ impl Default for Builder {
         Builder {
             ready_timeout: Some(DEFAULT_READY_TIMEOUT),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            clock_sync: true,
         }
     }
 }
@@ -159,6 +161,16 @@ impl Builder {
     /// forever). Default [`DEFAULT_READY_TIMEOUT`].
     pub fn ready_timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
         self.ready_timeout = timeout;
+        self
+    }
+
+    /// Whether to set the guest's clock to the host's and feed its entropy
+    /// pool after READY, and again after every later READY (a VM restored
+    /// from a snapshot; READY's `restores` counts them). Done only where
+    /// the agent serves it (READY's `clock_set`: a VM's init, or `agentd
+    /// --allow-clock`), before the connecting call returns. Default `true`.
+    pub fn clock_sync(&mut self, sync: bool) -> &mut Self {
+        self.clock_sync = sync;
         self
     }
 
@@ -264,7 +276,16 @@ impl Builder {
         let client = Client {
             conn: Arc::new(conn),
         };
-        client.conn.shared.wait_ready(self.ready_timeout)?;
+        let ready = client.conn.shared.wait_ready(self.ready_timeout)?;
+        if self.clock_sync && ready.has(crate::messages::Feature::Clock) {
+            let gen = client.conn.shared.ready_gen();
+            client.sync_after_ready();
+            clock::watch_readies(
+                Arc::downgrade(&client.conn),
+                client.conn.shared.clone(),
+                gen,
+            );
+        }
         Ok(client)
     }
 }
