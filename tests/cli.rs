@@ -1574,3 +1574,122 @@ fn cgroup_scratch() -> Option<PathBuf> {
     std::fs::create_dir(&dir).ok()?;
     Some(dir)
 }
+
+/// A fake agent on a Unix socket that serves the clock extension as a VM's
+/// init would (a real one would change this machine's clock): READY with
+/// `clock_set`, the guest an hour behind. Returns its address and, per
+/// connection, the kinds of the frames agentctl sent.
+fn fake_vm_clock_agent(dir: &TempDir) -> (String, std::sync::mpsc::Receiver<Vec<u8>>) {
+    use agentd::messages::{Clock, ClockMsg, ClockSetDone, EntropyDone, Kind, Message, Ready};
+    let path = dir.join("vm.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    const HOUR: i64 = 3_600_000_000_000;
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut sock) = conn else { return };
+            let ready = Ready {
+                protocol: 1,
+                agent: "fake-vm/0".into(),
+                pid: 1,
+                pid1: true,
+                max_payload: 1 << 20,
+                stdin_window: 1 << 16,
+                max_sessions: 16,
+                features: vec!["clock".into()],
+                restores: Some(0),
+                clock_set: Some(true),
+                ..Default::default()
+            };
+            sock.write_all(&Message::Ready(ready).to_bytes(0)).unwrap();
+            let mut dec = agentd::codec::Decoder::new();
+            let mut kinds = Vec::new();
+            'conn: loop {
+                match dec.read_from(&mut sock) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                while let Some(f) = dec.next_frame() {
+                    let Ok(f) = f else { break 'conn };
+                    kinds.push(f.kind);
+                    let now = agentd::client::system_time_ns(std::time::SystemTime::now());
+                    let reply = match f.kind {
+                        k if k == Kind::ClockGet as u8 => Message::Clock(ClockMsg::Clock(Clock {
+                            realtime_ns: now - HOUR,
+                            boottime_ns: 5_000_000_000,
+                            restores: 0,
+                        })),
+                        k if k == Kind::ClockSet as u8 => {
+                            Message::Clock(ClockMsg::SetDone(ClockSetDone {
+                                old_ns: now - HOUR,
+                                new_ns: now,
+                            }))
+                        }
+                        k if k == Kind::Entropy as u8 => {
+                            Message::Clock(ClockMsg::EntropyDone(EntropyDone {
+                                bytes: f.payload.len() as u32,
+                            }))
+                        }
+                        k if k == Kind::Ping as u8 => Message::Pong(f.payload),
+                        _ => continue,
+                    };
+                    let bytes = reply.to_bytes(f.id);
+                    if sock.write_all(&bytes).is_err() {
+                        break 'conn;
+                    }
+                }
+            }
+            let _ = tx.send(kinds);
+        }
+    });
+    (format!("unix:{}", path.display()), rx)
+}
+
+#[test]
+fn time_shows_a_vm_clock_skew_and_other_commands_sync_it() {
+    use agentd::messages::Kind;
+    let dir = TempDir::new("cli-vmclock");
+    let (addr, kinds) = fake_vm_clock_agent(&dir);
+    // `time` reads the skew without correcting it first.
+    let out = run(&["--connect", &addr, "time"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("offset:   -3599.") || shown.contains("offset:   -3600."),
+        "{shown}"
+    );
+    assert!(shown.contains("served (agentctl time --sync)"), "{shown}");
+    assert_eq!(kinds.recv().unwrap(), [Kind::ClockGet as u8]);
+    // `time --sync` steps it and says by how much.
+    let out = run(&["--connect", &addr, "time", "--sync"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("guest clock stepped from"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stdout).contains("(+3600."),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(
+        kinds.recv().unwrap(),
+        [Kind::ClockGet as u8, Kind::ClockSet as u8]
+    );
+    let out = run(&["--connect", &addr, "time", "--set", "@1800000000"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(kinds.recv().unwrap(), [Kind::ClockSet as u8]);
+    // Any other command syncs the clock and feeds entropy first.
+    let out = run(&["--connect", &addr, "ping", "-c", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        kinds.recv().unwrap(),
+        [
+            Kind::ClockGet as u8,
+            Kind::ClockSet as u8,
+            Kind::Entropy as u8,
+            Kind::Ping as u8
+        ]
+    );
+}

@@ -387,11 +387,15 @@ fn signal_thread(set: SigSet, state: Arc<Mutex<SignalState>>) {
 // ---------------------------------------------------------------------------
 // Commands.
 
-fn connect(target: &Target) -> Client {
+/// Connects as `target` says. `clock_sync`: let the library set a VM's
+/// clock after READY (off for `agentctl time`, which shows the skew).
+fn connect(target: &Target, clock_sync: bool) -> Client {
+    let mut builder = Client::builder();
+    builder.clock_sync(clock_sync);
     let result = if let Some(addr) = &target.connect {
-        Client::connect(addr)
+        builder.connect(addr)
     } else if let Some(path) = &target.port {
-        Client::open_port(path)
+        builder.open_port(path)
     } else if let Some(cmdline) = &target.agent {
         let mut words = cmdline.split_whitespace();
         let Some(program) = words.next() else {
@@ -399,7 +403,7 @@ fn connect(target: &Target) -> Client {
         };
         let mut cmd = std::process::Command::new(program);
         cmd.args(words).process_group(0);
-        Client::spawn(cmd)
+        builder.spawn(cmd)
     } else {
         let exe = std::env::current_exe()
             .unwrap_or_else(|e| fail(format!("cannot find agentctl's own executable: {e}")));
@@ -422,7 +426,7 @@ fn connect(target: &Target) -> Client {
         // Its own process group: a Ctrl-C at the terminal is agentctl's to
         // forward, not a signal that kills the agent under it.
         cmd.process_group(0);
-        Client::spawn(cmd)
+        builder.spawn(cmd)
     };
     result.unwrap_or_else(|e| fail(e))
 }
@@ -737,7 +741,7 @@ fn main() {
         std::thread::spawn(move || signal_thread(set, signals));
     }
 
-    let client = connect(&cli.target);
+    let client = connect(&cli.target, !matches!(cli.command, Cmd::Time(_)));
     let code = match &cli.command {
         Cmd::Exec(args) => run_exec(&client, args, signals),
         Cmd::Ps(args) => ps::run(&client, args),

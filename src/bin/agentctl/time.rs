@@ -1,5 +1,7 @@
 //! `agentctl time`: the guest's wall clock next to the host's (the skew a
-//! restored snapshot leaves), and `--sync`/`--set` to step it. Setting is
+//! restored snapshot leaves), and `--sync`/`--set` to step it. Its
+//! connection does not sync the clock after READY as every other
+//! command's does (the library's default), or it would never show a skew. Setting is
 //! served only by an agent that is a VM's init (or runs with
 //! `--allow-clock`), so a loopback agent never changes this machine's clock.
 
