@@ -28,6 +28,7 @@
 //!         Event::Stderr(bytes) => eprint!("{}", String::from_utf8_lossy(&bytes)),
 //!         Event::Error(e) => eprintln!("agent: {}: {}", e.kind, e.message),
 //!         Event::Exited(status) => println!("{status}"),
+//!         Event::Detached(d) => println!("session {} taken by another host", d.session),
 //!     }
 //! }
 //! println!("round trip: {:?}", client.ping()?);
