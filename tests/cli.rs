@@ -1160,6 +1160,11 @@ fn exec_detached_ps_and_kill() {
         "{web}"
     );
     assert!(web.contains("6B / 0B"), "{web}");
+    // Long commands are cut to 30 characters unless --no-trunc.
+    assert!(!web.contains("sleep 1000"), "{web}");
+    assert!(web.contains('…'), "{web}");
+    let full = l.ok(&["ps", "--no-trunc"]);
+    assert!(full.contains("sh -c echo hello; exec sleep 1000"), "{full}");
     let quiet = l.ok(&["ps", "-q"]);
     assert!(quiet.lines().any(|x| x == number), "{quiet}");
     let json = l.ok(&["ps", "--format", "json"]);
