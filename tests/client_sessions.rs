@@ -895,3 +895,25 @@ fn clock_sync_is_skipped_when_opted_out_or_not_served() {
         pinger.join().unwrap().unwrap();
     }
 }
+
+#[test]
+fn an_agent_that_never_answers_the_clock_sync_does_not_block_connecting() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut fake = FakeClockAgent {
+        sock: b,
+        dec: agentd::codec::Decoder::new(),
+    };
+    fake.send(0, &agentd::messages::Message::Ready(fake_ready(0, true)));
+    let client = Client::builder()
+        .ready_timeout(Some(Duration::from_millis(300)))
+        .from_stream(a)
+        .expect("connects without the sync's answer");
+    let (kind, _, _) = fake.recv(support::timeout()).expect("CLOCK_GET");
+    assert_eq!(kind, agentd::messages::Kind::ClockGet as u8);
+    // The connection works.
+    let pinger = thread::spawn(move || client.ping().map(|_| ()));
+    let (kind, id, payload) = fake.recv(support::timeout()).expect("PING");
+    assert_eq!(kind, agentd::messages::Kind::Ping as u8);
+    fake.send(id, &agentd::messages::Message::Pong(&payload));
+    pinger.join().unwrap().unwrap();
+}

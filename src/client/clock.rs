@@ -42,23 +42,38 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs [`Client::sync_after_ready`] after every later READY (a restored
-/// VM's agent sends READY again), until the connection closes or no
-/// handle to it is left (the thread holds none of its own).
-pub(super) fn watch_readies(conn: Weak<Conn>, shared: Arc<Shared>, mut gen: u64) {
+/// How long connecting waits for the first sync before going on without it
+/// (an agent that announces `clock_set` but does not answer).
+pub(super) const FIRST_SYNC_WAIT: Duration = Duration::from_secs(10);
+
+/// Runs [`Client::sync_after_ready`] now, then after every later READY (a
+/// restored VM's agent sends READY again), on a thread of its own, until
+/// the connection closes or no handle to it is left (the thread holds none
+/// between syncs). Waits for the first sync at most `wait`.
+pub(super) fn watch_readies(conn: Weak<Conn>, shared: Arc<Shared>, mut gen: u64, wait: Duration) {
+    let (done_tx, done_rx) = mpsc::channel::<()>();
     let spawned = std::thread::Builder::new()
         .name("agentd-client-clock".into())
         .spawn(move || {
+            if let Some(conn) = conn.upgrade() {
+                Client { conn }.sync_after_ready();
+            }
+            let _ = done_tx.send(());
             while let Some(g) = shared.wait_ready_after(gen) {
                 gen = g;
                 let Some(conn) = conn.upgrade() else { return };
                 Client { conn }.sync_after_ready();
             }
         });
-    if let Err(e) = spawned {
-        tracing::warn!(
-            "cannot start the clock thread: {e}; the clock is not synced after a restore"
-        );
+    match spawned {
+        Ok(_) => {
+            if done_rx.recv_timeout(wait).is_err() {
+                tracing::warn!("the agent did not answer the clock sync within {wait:?}; going on");
+            }
+        }
+        Err(e) => {
+            tracing::warn!("cannot start the clock thread: {e}; the guest's clock is not synced")
+        }
     }
 }
 

@@ -169,7 +169,8 @@ impl Builder {
     /// pool after READY, and again after every later READY (a VM restored
     /// from a snapshot; READY's `restores` counts them). Done only where
     /// the agent serves it (READY's `clock_set`: a VM's init, or `agentd
-    /// --allow-clock`), before the connecting call returns. Default `true`.
+    /// --allow-clock`), before the connecting call returns (which waits for
+    /// it as long as for READY, at most 10 s). Default `true`.
     pub fn clock_sync(&mut self, sync: bool) -> &mut Self {
         self.clock_sync = sync;
         self
@@ -280,11 +281,15 @@ impl Builder {
         let ready = client.conn.shared.wait_ready(self.ready_timeout)?;
         if self.clock_sync && ready.has(crate::messages::Feature::Clock) {
             let gen = client.conn.shared.ready_gen();
-            client.sync_after_ready();
+            // As long as READY was waited for, at most FIRST_SYNC_WAIT.
+            let wait = self
+                .ready_timeout
+                .map_or(clock::FIRST_SYNC_WAIT, |t| t.min(clock::FIRST_SYNC_WAIT));
             clock::watch_readies(
                 Arc::downgrade(&client.conn),
                 client.conn.shared.clone(),
                 gen,
+                wait,
             );
         }
         Ok(client)
