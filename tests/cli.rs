@@ -1015,3 +1015,687 @@ fn tty_without_a_local_terminal_and_term() {
         text(&out.stderr)
     );
 }
+
+// ---------------------------------------------------------------------------
+// Sessions (ps, attach, kill, exec -d), time and --connect forms, against
+// `agentd --listen unix:PATH`.
+
+struct Listener {
+    agent: support::listen::Listening,
+    target: String,
+}
+
+impl Listener {
+    fn start() -> Listener {
+        let agent = support::listen::Listening::start(&Opts::default());
+        let target = format!("unix:{}", agent.path.display());
+        Listener { agent, target }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = agentctl(&["--connect", &self.target]);
+        c.args(args);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("agentctl runs")
+    }
+
+    /// Runs and checks exit 0; returns stdout.
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// `ps --format '{{.Status}}'` of session `name`.
+    fn status(&self, name: &str) -> String {
+        let out = self.ok(&["ps", "-a", "--format", "{{.Name}}|{{.Tag}}|{{.Status}}"]);
+        out.lines()
+            .map(|l| l.split('|').collect::<Vec<_>>())
+            .find(|f| f[0] == name || f[1] == name)
+            .map(|f| f[2].to_owned())
+            .unwrap_or_default()
+    }
+}
+
+#[track_caller]
+fn one_line_failure(out: &Output, code: i32, needle: &str) {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(needle), "{needle:?} in {err}");
+}
+
+/// Reads a child's stdout on a thread; `until` waits for text in it.
+struct Collector(Arc<Mutex<Vec<u8>>>);
+
+impl Collector {
+    fn start(mut from: impl Read + Send + 'static) -> Collector {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let b = buf.clone();
+        thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = from.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                b.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        Collector(buf)
+    }
+
+    fn text(&self) -> String {
+        text(&self.0.lock().unwrap())
+    }
+
+    #[track_caller]
+    fn until(&self, needle: &str) {
+        assert!(
+            support::wait_until(support::timeout(), || self.text().contains(needle)),
+            "{needle:?} never came: {:?}",
+            self.text()
+        );
+    }
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let end = Instant::now() + support::timeout();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < end, "agentctl did not exit");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn exec_detached_ps_and_kill() {
+    let l = Listener::start();
+    let name = l.ok(&[
+        "exec",
+        "-d",
+        "--name",
+        "web",
+        "sh",
+        "-c",
+        "echo hello; exec sleep 1000",
+    ]);
+    let number = name.trim().to_owned();
+    assert!(number.parse::<u64>().is_ok(), "{name:?}");
+    let other = l.ok(&["exec", "-d", "sh", "-c", "echo err >&2; exit 3"]);
+    let other = other.trim().to_owned();
+    assert_ne!(number, other);
+
+    assert!(support::wait_until(support::timeout(), || l
+        .status(&other)
+        .contains("exited (3)")));
+    let table = l.ok(&["ps"]);
+    let mut lines = table.lines();
+    let header = lines.next().unwrap();
+    for col in [
+        "SESSION", "TAG", "PID", "COMMAND", "USER", "TTY", "STATUS", "STARTED", "OUTPUT",
+    ] {
+        assert!(header.contains(col), "{header}");
+    }
+    let web = table
+        .lines()
+        .find(|l| l.contains("web"))
+        .expect("web listed");
+    assert!(web.starts_with(&number), "{web}");
+    assert!(web.contains("sh -c echo hello; exec sleep"), "{web}");
+    assert!(
+        web.contains("running, detached") && web.contains("pipes"),
+        "{web}"
+    );
+    assert!(web.contains("6B / 0B"), "{web}");
+    // Long commands are cut to 30 characters unless --no-trunc.
+    assert!(!web.contains("sleep 1000"), "{web}");
+    assert!(web.contains('…'), "{web}");
+    let full = l.ok(&["ps", "--no-trunc"]);
+    assert!(full.contains("sh -c echo hello; exec sleep 1000"), "{full}");
+    let quiet = l.ok(&["ps", "-q"]);
+    assert!(quiet.lines().any(|x| x == number), "{quiet}");
+    let json = l.ok(&["ps", "--format", "json"]);
+    assert!(
+        json.contains("\"tag\":\"web\"") && json.contains("\"stderr_bytes\":4"),
+        "{json}"
+    );
+    assert!(json.contains("\"exit\":{\"code\":3"), "{json}");
+
+    // kill by tag: the signal's name or number, the name printed back.
+    assert_eq!(l.ok(&["kill", "-s", "TERM", "web"]), "web\n");
+    assert!(support::wait_until(support::timeout(), || l.status("web") == "killed (SIGTERM)"));
+    // Ended: kill says so; an unknown name too.
+    let out = l.run(&["kill", "web"]);
+    one_line_failure(&out, 125, "is not running (it ended: killed by signal 15)");
+    let out = l.run(&["kill", "nobody"]);
+    one_line_failure(&out, 125, "no session \"nobody\"");
+    let out = l.run(&["kill", "-s", "BOGUS", &number]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("not a signal"));
+
+    // exec -d's failures keep exec's exit codes.
+    let out = l.run(&["exec", "-d", "no-such-program-anywhere"]);
+    one_line_failure(&out, 127, "no-such-program-anywhere");
+}
+
+#[test]
+fn attach_replays_then_follows_while_ps_runs_in_another_client() {
+    let l = Listener::start();
+    let number = l.ok(&[
+        "exec",
+        "-d",
+        "--name",
+        "loop",
+        "sh",
+        "-c",
+        "echo first; echo warn >&2; while read x; do echo \"[$x]\"; done",
+    ]);
+    let number = number.trim().to_owned();
+    // `-d` without -i: stdin is /dev/null, so the loop ends at once; with
+    // -i the session keeps its stdin for `attach -i`.
+    let cat = l.ok(&["exec", "-d", "-i", "--name", "cat", "cat"]);
+    let cat = cat.trim().to_owned();
+
+    // attach -i in one agentctl; ps in another sees it attached.
+    let mut child = l
+        .cmd(&["attach", "-i", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let out = Collector::start(child.stdout.take().unwrap());
+    let err = Collector::start(child.stderr.take().unwrap());
+    stdin.write_all(b"hi\n").unwrap();
+    out.until("hi\n");
+    assert_eq!(l.status("cat"), "running, attached");
+    assert!(l.status(&number).starts_with("exited (0)") || l.status(&number).contains("running"));
+    // The detach keys: the session goes on, agentctl exits 0.
+    stdin.write_all(b"\x10\x11").unwrap();
+    let status = wait_exit(&mut child);
+    assert_eq!(status.code(), Some(0), "{}", err.text());
+    err.until("detached from session");
+    assert_eq!(l.status(&cat), "running, detached");
+
+    // Attach again: the replay holds "hi"; --no-replay does not.
+    let out = l
+        .cmd(&["attach", "--no-replay", "-i", &cat])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = out;
+    let mut stdin = child.stdin.take().unwrap();
+    let out = Collector::start(child.stdout.take().unwrap());
+    stdin.write_all(b"bye\n").unwrap();
+    out.until("bye\n");
+    drop(stdin); // EOF: cat ends, attach exits with its status.
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    assert_eq!(out.text(), "bye\n");
+
+    // The replay of the first session, stdout and stderr apart.
+    let out = l.run(&["attach", "loop"]);
+    assert_eq!(text(&out.stdout), "first\n");
+    assert_eq!(text(&out.stderr), "warn\n");
+    assert_eq!(out.status.code(), Some(0));
+    // Its exit was seen, but it is kept a while: attached again, it
+    // replays the tail asked for and exits at once.
+    let out = l.run(&["attach", "--tail", "3", &number]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "st\n");
+}
+
+#[test]
+fn attach_is_taken_over_by_kill_from_another_client() {
+    let l = Listener::start();
+    let n = l.ok(&[
+        "exec",
+        "-d",
+        "--name",
+        "s",
+        "sh",
+        "-c",
+        "echo up; exec sleep 1000",
+    ]);
+    let n = n.trim().to_owned();
+    let mut child = l
+        .cmd(&["attach", "s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = Collector::start(child.stdout.take().unwrap());
+    let err = Collector::start(child.stderr.take().unwrap());
+    out.until("up\n");
+    assert_eq!(l.ok(&["kill", &n]), format!("{n}\n"));
+    assert_eq!(wait_exit(&mut child).code(), Some(0), "{}", err.text());
+    err.until("attached by another connection");
+    assert!(support::wait_until(support::timeout(), || l.status(&n) == "killed (SIGKILL)"));
+}
+
+#[test]
+fn attach_errors_and_replay_loss() {
+    let l = Listener::start();
+    let out = l.run(&["attach", "nobody"]);
+    one_line_failure(&out, 125, "no session \"nobody\"");
+    l.ok(&["exec", "-d", "--name", "twin", "sleep", "1000"]);
+    l.ok(&["exec", "-d", "--name", "twin", "sleep", "1000"]);
+    let out = l.run(&["attach", "twin"]);
+    one_line_failure(&out, 125, "several sessions");
+    let out = l.run(&["attach", "-t", "twin"]);
+    assert_eq!(out.status.code(), Some(125));
+    // A small ring: asking for offset 0 reports what is lost.
+    let n = l.ok(&[
+        "exec",
+        "-d",
+        "--replay",
+        "10",
+        "sh",
+        "-c",
+        "printf '%050d\\n' 0; exec sleep 1000",
+    ]);
+    let n = n.trim().to_owned();
+    assert!(support::wait_until(support::timeout(), || {
+        l.ok(&["ps", "--format", "{{.Name}} {{.Stdout}}"])
+            .contains(&format!("{n} 51"))
+    }));
+    let mut child = l
+        .cmd(&["attach", "--since", "0", &n])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = Collector::start(child.stdout.take().unwrap());
+    let err = Collector::start(child.stderr.take().unwrap());
+    out.until("0\n");
+    err.until("41 bytes of output asked for are no longer kept");
+    assert_eq!(out.text(), "000000000\n");
+    l.ok(&["kill", &n]);
+    wait_exit(&mut child);
+    let out = l.run(&["attach", "--since", "x", &n]);
+    assert_eq!(out.status.code(), Some(125));
+    let out = l.run(&["attach", "--detach-keys", "ctrl-1", &n]);
+    assert_eq!(out.status.code(), Some(125));
+}
+
+#[test]
+fn exec_limits_timeout_and_their_errors() {
+    let l = Listener::start();
+    let out = l.run(&["exec", "--timeout", "200ms", "sleep", "100"]);
+    assert_eq!(out.status.code(), Some(128 + 15), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("timeout passed"),
+        "{}",
+        text(&out.stderr)
+    );
+    for args in [
+        &["exec", "--memory", "64M", "true"][..],
+        &["exec", "--pids", "10", "true"],
+        &["exec", "--cpus", "0.5", "true"],
+    ] {
+        let out = l.run(args);
+        one_line_failure(&out, 126, "cgroup");
+    }
+    for args in [
+        &["exec", "--memory", "12Q", "true"][..],
+        &["exec", "--cpus", "0", "true"],
+        &["exec", "--timeout", "5x", "true"],
+        &["exec", "--kill-grace", "1s", "true"],
+        &["exec", "--replay", "8G", "true"],
+    ] {
+        let out = l.run(args);
+        assert_eq!(out.status.code(), Some(125), "{args:?}");
+    }
+    // A tagged, limited-by-time session is listed with its tag.
+    l.ok(&["exec", "--name", "quick", "--timeout", "10s", "true"]);
+    assert!(l
+        .ok(&["ps", "-a", "--format", "{{.Tag}}"])
+        .contains("quick"));
+}
+
+#[test]
+fn time_shows_the_offset_and_refuses_to_set_a_loopback_clock() {
+    let l = Listener::start();
+    let out = l.ok(&["time"]);
+    for key in ["guest:", "host:", "offset:", "restores: 0", "not served"] {
+        assert!(out.contains(key), "{key} in {out}");
+    }
+    let out = l.run(&["time", "--sync"]);
+    one_line_failure(&out, 125, "--allow-clock");
+    let out = l.run(&["time", "--set", "2026-01-01T00:00:00Z"]);
+    one_line_failure(&out, 125, "--allow-clock");
+    let out = l.run(&["time", "--set", "tomorrow"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("RFC 3339"));
+    let out = l.run(&["time", "--set", "@0", "--sync"]);
+    assert_eq!(out.status.code(), Some(125));
+}
+
+#[test]
+fn connect_forms_and_their_errors() {
+    let l = Listener::start();
+    // hvsock: through a fake Firecracker-style socket that proxies.
+    let dir = TempDir::new("cli-hvsock");
+    let path = dir.join("v.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let agent_path = l.agent.path.clone();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while conn.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            if line != b"CONNECT 52" {
+                let _ = conn.write_all(b"NO\n");
+                continue;
+            }
+            conn.write_all(b"OK 1073741824\n").unwrap();
+            let up = UnixStream::connect(&agent_path).unwrap();
+            let (mut a, mut b2) = (conn.try_clone().unwrap(), up.try_clone().unwrap());
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut b2, &mut a);
+                let _ = a.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut c, mut u) = (conn, up);
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut c, &mut u);
+                let _ = u.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    let hv = format!("hvsock:{}:52", path.display());
+    let out = run(&["--connect", &hv, "exec", "echo", "via", "hvsock"]);
+    assert_eq!(text(&out.stdout), "via hvsock\n", "{}", text(&out.stderr));
+    let out = run(&[
+        "--connect",
+        &hv,
+        "exec",
+        "-d",
+        "--name",
+        "hv",
+        "sleep",
+        "1000",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(l.ok(&["ps", "--format", "{{.Tag}}"]).contains("hv"));
+    let out = run(&["--connect", &format!("hvsock:{}:53", path.display()), "ps"]);
+    one_line_failure(&out, 125, "answered \"NO\" to CONNECT 53");
+
+    let out = run(&["--connect", "vsock:1:3999999", "ps"]);
+    one_line_failure(&out, 125, "vsock");
+    let out = run(&["--connect", "tcp:127.0.0.1:1", "ps"]);
+    one_line_failure(
+        &out,
+        125,
+        "unix:PATH, vsock:CID:PORT or hvsock:UDS_PATH:PORT",
+    );
+    let out = run(&["--connect", "unix:/nonexistent/a.sock", "ps"]);
+    one_line_failure(&out, 125, "no socket at /nonexistent/a.sock");
+    for args in [
+        &["ps", "--help"][..],
+        &["attach", "--help"],
+        &["kill", "--help"],
+        &["time", "--help"],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(text(&out.stdout).contains("Usage:"), "{args:?}");
+    }
+    let out = run(&["ps", "--format", "{{.Nope}}"]);
+    one_line_failure(&out, 125, "unknown field");
+}
+
+#[test]
+fn attach_it_on_a_terminal_detaches_with_ctrl_p_ctrl_q_and_restores_it() {
+    let l = Listener::start();
+    let n = l.ok(&[
+        "exec",
+        "-d",
+        "-it",
+        "--name",
+        "tsh",
+        "sh",
+        "-c",
+        "while read line; do echo \"got:$line\"; stty size; done",
+    ]);
+    let n = n.trim().to_owned();
+    let mut pty = Pty::open(30, 100);
+    let before = pty.termios();
+    let mut child = pty.spawn(&["--connect", &l.target, "attach", "-it", &n]);
+    pty.wait_raw(true, Duration::from_secs(20));
+    pty.write(b"one\r");
+    pty.expect("got:one", Duration::from_secs(20));
+    // Sized like the local terminal on attach.
+    pty.expect("30 100", Duration::from_secs(20));
+    pty.write(b"\x10\x11");
+    let status = wait_child(&mut pty, &mut child);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(
+        same_mode(&before, &pty.termios()),
+        "terminal mode not restored"
+    );
+    assert_eq!(l.status("tsh"), "running, detached");
+    // What it printed meanwhile waits in the ring for the next attach.
+    let out = l.run(&["ps", "--format", "{{.Tty}}"]);
+    assert_eq!(text(&out.stdout), "tty\n");
+    assert_eq!(l.ok(&["kill", "tsh"]), "tsh\n");
+}
+
+#[test]
+fn kill_reaches_a_setsid_daemon_with_cgroups() {
+    let Some(root) = cgroup_scratch() else {
+        eprintln!("skipped: no cgroup2 directory can be made here");
+        return;
+    };
+    let mut opts = Opts::default();
+    opts.args
+        .extend(["--cgroup-root".to_owned(), root.display().to_string()]);
+    let agent = support::listen::Listening::start(&opts);
+    let l = Listener {
+        target: format!("unix:{}", agent.path.display()),
+        agent,
+    };
+    let n = l.ok(&[
+        "exec",
+        "-d",
+        "--name",
+        "d",
+        "sh",
+        "-c",
+        "setsid sh -c 'exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!; exec sleep 1000",
+    ]);
+    let n = n.trim().to_owned();
+    // The limits are accepted here (the root has the controllers it has).
+    let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    if controllers.contains("pids") {
+        assert_eq!(
+            l.ok(&["exec", "--pids", "50", "echo", "limited"]),
+            "limited\n"
+        );
+    }
+    assert!(support::wait_until(support::timeout(), || {
+        l.ok(&["ps", "--format", "{{.Name}} {{.Stdout}}"]) != format!("{n} 0\n")
+    }));
+    // Every process in the session's cgroup: the leader and the daemon
+    // that left its process group.
+    let pids: Vec<i32> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .flat_map(|e| {
+            std::fs::read_to_string(e.path().join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .map(|p| p.parse().unwrap())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    assert_eq!(l.ok(&["kill", "-s", "KILL", "d"]), "d\n");
+    assert!(support::wait_until(support::timeout(), || pids
+        .iter()
+        .all(|p| !support::proc::alive(*p))));
+    assert!(support::wait_until(support::timeout(), || l.status(&n) == "killed (SIGKILL)"));
+    // Nothing of it is left: its cgroup went once empty.
+    assert!(support::wait_until(support::timeout(), || {
+        std::fs::read_dir(&root).map_or(true, |d| !d.flatten().any(|e| e.path().is_dir()))
+    }));
+    drop(l);
+    let _ = std::fs::remove_dir(&root);
+}
+
+/// A scratch cgroup under this process's own, where one can be made.
+fn cgroup_scratch() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    let mount = mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| PathBuf::from(f[1]))?;
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = mount
+        .join(rel.trim_start_matches('/'))
+        .join(format!("agentctl-test-{}", std::process::id()));
+    std::fs::create_dir(&dir).ok()?;
+    Some(dir)
+}
+
+/// A fake agent on a Unix socket that serves the clock extension as a VM's
+/// init would (a real one would change this machine's clock): READY with
+/// `clock_set`, the guest an hour behind. Returns its address and, per
+/// connection, the kinds of the frames agentctl sent.
+fn fake_vm_clock_agent(dir: &TempDir) -> (String, std::sync::mpsc::Receiver<Vec<u8>>) {
+    use agentd::messages::{Clock, ClockMsg, ClockSetDone, EntropyDone, Kind, Message, Ready};
+    let path = dir.join("vm.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    const HOUR: i64 = 3_600_000_000_000;
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut sock) = conn else { return };
+            let ready = Ready {
+                protocol: 1,
+                agent: "fake-vm/0".into(),
+                pid: 1,
+                pid1: true,
+                max_payload: 1 << 20,
+                stdin_window: 1 << 16,
+                max_sessions: 16,
+                features: vec!["clock".into()],
+                restores: Some(0),
+                clock_set: Some(true),
+                ..Default::default()
+            };
+            sock.write_all(&Message::Ready(ready).to_bytes(0)).unwrap();
+            let mut dec = agentd::codec::Decoder::new();
+            let mut kinds = Vec::new();
+            'conn: loop {
+                match dec.read_from(&mut sock) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                while let Some(f) = dec.next_frame() {
+                    let Ok(f) = f else { break 'conn };
+                    kinds.push(f.kind);
+                    let now = agentd::client::system_time_ns(std::time::SystemTime::now());
+                    let reply = match f.kind {
+                        k if k == Kind::ClockGet as u8 => Message::Clock(ClockMsg::Clock(Clock {
+                            realtime_ns: now - HOUR,
+                            boottime_ns: 5_000_000_000,
+                            restores: 0,
+                        })),
+                        k if k == Kind::ClockSet as u8 => {
+                            Message::Clock(ClockMsg::SetDone(ClockSetDone {
+                                old_ns: now - HOUR,
+                                new_ns: now,
+                            }))
+                        }
+                        k if k == Kind::Entropy as u8 => {
+                            Message::Clock(ClockMsg::EntropyDone(EntropyDone {
+                                bytes: f.payload.len() as u32,
+                            }))
+                        }
+                        k if k == Kind::Ping as u8 => Message::Pong(f.payload),
+                        _ => continue,
+                    };
+                    let bytes = reply.to_bytes(f.id);
+                    if sock.write_all(&bytes).is_err() {
+                        break 'conn;
+                    }
+                }
+            }
+            let _ = tx.send(kinds);
+        }
+    });
+    (format!("unix:{}", path.display()), rx)
+}
+
+#[test]
+fn time_shows_a_vm_clock_skew_and_other_commands_sync_it() {
+    use agentd::messages::Kind;
+    let dir = TempDir::new("cli-vmclock");
+    let (addr, kinds) = fake_vm_clock_agent(&dir);
+    // `time` reads the skew without correcting it first.
+    let out = run(&["--connect", &addr, "time"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("offset:   -3599.") || shown.contains("offset:   -3600."),
+        "{shown}"
+    );
+    assert!(shown.contains("served (agentctl time --sync)"), "{shown}");
+    assert_eq!(kinds.recv().unwrap(), [Kind::ClockGet as u8]);
+    // `time --sync` steps it and says by how much.
+    let out = run(&["--connect", &addr, "time", "--sync"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("guest clock stepped from"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stdout).contains("(+3600."),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(
+        kinds.recv().unwrap(),
+        [Kind::ClockGet as u8, Kind::ClockSet as u8]
+    );
+    let out = run(&["--connect", &addr, "time", "--set", "@1800000000"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(kinds.recv().unwrap(), [Kind::ClockSet as u8]);
+    // Any other command syncs the clock and feeds entropy first.
+    let out = run(&["--connect", &addr, "ping", "-c", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        kinds.recv().unwrap(),
+        [
+            Kind::ClockGet as u8,
+            Kind::ClockSet as u8,
+            Kind::Entropy as u8,
+            Kind::Ping as u8
+        ]
+    );
+}

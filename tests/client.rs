@@ -455,6 +455,7 @@ fn output_is_acknowledged_as_consumed() {
             Event::Stderr(d) => err.extend(d),
             Event::Error(e) => panic!("{e:?}"),
             Event::Exited(x) => assert!(x.success()),
+            Event::Detached(d) => panic!("{d:?}"),
         }
     }
     assert_eq!(out, WINDOW as usize);
@@ -1021,6 +1022,7 @@ fn real_many_sessions_at_once() {
                         Event::Stderr(d) => err.extend(d),
                         Event::Error(e) => panic!("{e:?}"),
                         Event::Exited(x) => status = Some(x),
+                        Event::Detached(d) => panic!("{d:?}"),
                     }
                 }
                 assert_eq!(String::from_utf8(out).unwrap(), format!("hello{i}-{i}\n"));
@@ -1054,6 +1056,7 @@ fn cat_through(client: &Client, data: &[u8], output_window: u32) -> Vec<u8> {
             // window_exceeded would show here.
             Event::Error(e) => panic!("agent error {}: {}", e.kind, e.message),
             Event::Exited(x) => assert!(x.success()),
+            Event::Detached(d) => panic!("{d:?}"),
         }
     }
     writer.join().unwrap();

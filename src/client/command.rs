@@ -1,6 +1,17 @@
 //! A builder for EXEC requests, in the style of `std::process::Command`.
 
+use std::time::Duration;
+
 use crate::messages::{Exec, Rlimit, RlimitResource};
+
+/// Milliseconds of `d` for a u32 wire key: at least 1 for a non-zero
+/// duration (0 means "none" on the wire), at most `u32::MAX`.
+fn millis(d: Duration) -> u32 {
+    if d.is_zero() {
+        return 0;
+    }
+    d.as_millis().clamp(1, u128::from(u32::MAX)) as u32
+}
 
 /// What to run: a builder for an EXEC request.
 ///
@@ -122,6 +133,74 @@ impl Command {
         self
     }
 
+    /// Tags the session with a free string (extension `sessions`), to find
+    /// it by in [`Client::sessions`](super::Client::sessions) and
+    /// [`Client::attach`](super::Client::attach) (`agentctl exec --name`).
+    pub fn tag(&mut self, tag: impl Into<String>) -> &mut Self {
+        self.exec.tag = Some(tag.into());
+        self
+    }
+
+    /// Starts the session detached (extension `sessions`): it belongs to
+    /// no connection and its output goes to its replay ring only. Start it
+    /// with [`Client::exec_detached`](super::Client::exec_detached), which
+    /// sets this; [`Client::exec`](super::Client::exec) refuses it (its
+    /// session could never deliver an event).
+    pub fn detach(&mut self, detach: bool) -> &mut Self {
+        self.exec.detach = detach;
+        self
+    }
+
+    /// Bytes of each output stream the agent keeps for replay (extension
+    /// `sessions`; default READY's `replay_bytes`; 0: none).
+    pub fn replay_bytes(&mut self, bytes: u32) -> &mut Self {
+        self.exec.replay_bytes = Some(bytes);
+        self
+    }
+
+    /// The deadline (extension `sessions`): once `timeout` has passed since
+    /// the start, the agent sends SIGTERM to the session's whole tree, then
+    /// SIGKILL after the [`kill_grace`](Self::kill_grace); its exit status
+    /// then says [`timed_out`](super::ExitStatus::timed_out). Zero: none.
+    /// Milliseconds on the wire (at most about 49 days).
+    pub fn timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.exec.timeout_ms = Some(millis(timeout));
+        self
+    }
+
+    /// Between the deadline's SIGTERM and its SIGKILL (default 1 s).
+    pub fn kill_grace(&mut self, grace: Duration) -> &mut Self {
+        self.exec.kill_grace_ms = Some(millis(grace));
+        self
+    }
+
+    /// The session's cgroup `memory.max`, bytes (extension `sessions`;
+    /// refused with EXEC_FAILED `invalid_request` by an agent without
+    /// per-session cgroups).
+    pub fn memory_max(&mut self, bytes: u64) -> &mut Self {
+        self.exec.memory_max = Some(bytes);
+        self
+    }
+
+    /// The session's cgroup `pids.max` (as [`memory_max`](Self::memory_max)).
+    pub fn pids_max(&mut self, pids: u32) -> &mut Self {
+        self.exec.pids_max = Some(pids);
+        self
+    }
+
+    /// The session's cgroup `cpu.max`, as the kernel writes it: `"QUOTA
+    /// PERIOD"` in µs, or `"max PERIOD"` (as [`memory_max`](Self::memory_max)).
+    pub fn cpu_max(&mut self, cpu_max: impl Into<String>) -> &mut Self {
+        self.exec.cpu_max = Some(cpu_max.into());
+        self
+    }
+
+    /// At most `cpus` CPUs' worth of time (docker's `--cpus`): `cpu.max`
+    /// with a 100 ms period, `0.5` being `"50000 100000"`.
+    pub fn cpus(&mut self, cpus: f64) -> &mut Self {
+        self.cpu_max(cpus_to_cpu_max(cpus))
+    }
+
     /// The EXEC request this builds.
     pub fn as_exec(&self) -> &Exec {
         &self.exec
@@ -136,6 +215,19 @@ impl Command {
     pub fn is_known_rlimit(name: &str) -> bool {
         RlimitResource::parse(name).is_some()
     }
+}
+
+/// `cpu.max` for `cpus` CPUs over a 100 ms period (a quota under the
+/// kernel's 1 ms minimum is sent as is: the agent refuses it).
+pub(crate) fn cpus_to_cpu_max(cpus: f64) -> String {
+    const PERIOD: f64 = 100_000.0;
+    let quota = (cpus * PERIOD).round();
+    let quota = if quota.is_finite() && quota > 0.0 {
+        quota.min(u64::MAX as f64) as u64
+    } else {
+        0
+    };
+    format!("{quota} {}", PERIOD as u64)
 }
 
 impl From<Command> for Exec {

@@ -32,11 +32,12 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use super::clock::ClockReply;
 use super::error::{Error, Result};
 use super::status::ExitStatus;
 use crate::codec::{Decoder, Frame};
 use crate::messages::{
-    Ack, EncodeError, ErrorMsg, ExecFailed, Kind, Message, Ready, PROTOCOL_VERSION,
+    Ack, EncodeError, ErrorMsg, ExecFailed, Kind, Message, Ready, SessionsMsg, PROTOCOL_VERSION,
 };
 
 /// Locks a mutex, recovering the data if another thread panicked with it.
@@ -76,7 +77,13 @@ const RETAIN_CAPACITY: usize = 1 << 20;
 /// What the reader routes to a session's channel.
 #[derive(Debug)]
 pub(crate) enum Routed {
-    Started(u32),
+    /// STARTED: the pid, and the session number (extension `sessions`).
+    Started(u32, Option<u64>),
+    /// A frame of the `sessions` extension (SESSIONS, ATTACHED,
+    /// ATTACH_FAILED, DETACHED).
+    Sessions(SessionsMsg),
+    /// A reply of the `clock` extension.
+    Clock(ClockReply),
     ExecFailed(ExecFailed),
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
@@ -111,6 +118,22 @@ pub(crate) struct SessState {
     pub(crate) output_window: u32,
     /// Live [`super::SessionHandle`]s (the Session's own included).
     pub(crate) handles: usize,
+    /// DETACHED received (with `ended`): the session's number and the
+    /// reason, for the error that later calls return.
+    pub(crate) lost: Option<(u64, String)>,
+}
+
+impl SessState {
+    /// The error for a call on a session that has `ended`.
+    pub(crate) fn ended_error(&self) -> Error {
+        match &self.lost {
+            Some((session, reason)) => Error::Detached {
+                session: *session,
+                reason: reason.clone(),
+            },
+            None => Error::SessionEnded,
+        }
+    }
 }
 
 impl SessionShared {
@@ -150,6 +173,8 @@ struct Registry {
 #[derive(Default)]
 struct ConnState {
     ready: Option<Ready>,
+    /// How many READYs have arrived (a restored VM's agent sends it again).
+    ready_gen: u64,
     unsupported: Option<u32>,
     closed: bool,
     shutdown_pending: bool,
@@ -287,6 +312,26 @@ impl Shared {
                     wait_timeout(&self.cond, st, d - now)
                 }
             };
+        }
+    }
+
+    /// How many READYs have arrived so far.
+    pub(crate) fn ready_gen(&self) -> u64 {
+        lock(&self.state).ready_gen
+    }
+
+    /// Waits for a READY after the `gen`th; its count, or `None` once the
+    /// connection has closed.
+    pub(crate) fn wait_ready_after(&self, gen: u64) -> Option<u64> {
+        let mut st = lock(&self.state);
+        loop {
+            if st.closed {
+                return None;
+            }
+            if st.ready_gen > gen {
+                return Some(st.ready_gen);
+            }
+            st = wait(&self.cond, st);
         }
     }
 
@@ -448,6 +493,7 @@ impl Shared {
                 tracing::info!("READY again from the agent (host reconnected)");
             }
             st.ready = Some(r);
+            st.ready_gen += 1;
             self.cond.notify_all();
             return;
         }
@@ -496,7 +542,7 @@ impl Shared {
                     );
                 }
             }
-            Message::Started(s) => self.deliver(id, Routed::Started(s.pid)),
+            Message::Started(s) => self.deliver(id, Routed::Started(s.pid, s.session)),
             Message::ExecFailed(f) => {
                 if let Some((tx, sess)) = self.route(id) {
                     let mut st = sess.lock();
@@ -541,7 +587,12 @@ impl Shared {
             | Message::Resize(_)
             | Message::Signal(_)
             | Message::OutputAck(_) => {}
-            Message::Fs(_) | Message::Net(_) | Message::Sessions(_) | Message::Clock(_) => {
+            Message::Sessions(m) => self.sessions_frame(id, m),
+            Message::Clock(m) => match ClockReply::from_msg(&m) {
+                Some(reply) => self.deliver(id, Routed::Clock(reply)),
+                None => tracing::debug!(id, "host-side clock frame from the agent"),
+            },
+            Message::Fs(_) | Message::Net(_) => {
                 tracing::debug!(
                     kind = frame.kind,
                     id,
@@ -549,6 +600,29 @@ impl Shared {
                 );
             }
         }
+    }
+
+    /// A `sessions` frame: ATTACH_FAILED and DETACHED end the id here.
+    fn sessions_frame(&self, id: u32, m: SessionsMsg) {
+        let lost = match &m {
+            SessionsMsg::Detached(d) => Some(Some((d.session, d.reason.clone()))),
+            SessionsMsg::AttachFailed(_) => Some(None),
+            _ => None,
+        };
+        let Some(lost) = lost else {
+            return self.deliver(id, Routed::Sessions(m));
+        };
+        let Some((tx, sess)) = self.route(id) else {
+            tracing::debug!(id, "{:?} for an unknown id", m.kind());
+            return;
+        };
+        let mut st = sess.lock();
+        st.ended = true;
+        st.lost = lost;
+        sess.cond.notify_all();
+        drop(st);
+        let _ = tx.send(Routed::Sessions(m));
+        self.unregister(id);
     }
 
     fn deliver(&self, id: u32, msg: Routed) {

@@ -2,7 +2,11 @@
 
 use std::io;
 
-use crate::messages::{ErrorKind, ErrorMsg, ExecFailed, ExecFailedKind};
+use crate::messages::{
+    AttachFailed, AttachFailedKind, ErrorKind, ErrorMsg, ExecFailed, ExecFailedKind,
+};
+
+use super::transport::ConnectError;
 
 /// Everything that can go wrong talking to an agent.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +28,12 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// Reaching an agent at a [`Target`](super::Target) failed: the
+    /// address, the socket, AF_VSOCK, or the hybrid vsock handshake (each
+    /// a variant of [`ConnectError`]).
+    #[error(transparent)]
+    Transport(#[from] ConnectError),
+
     /// No READY arrived within the configured time.
     #[error("no READY from the agent within {0:?}")]
     ReadyTimeout(std::time::Duration),
@@ -39,6 +49,27 @@ pub enum Error {
     /// EXEC_FAILED: the program never ran.
     #[error("{}", exec_failed_text(.0))]
     ExecFailed(ExecFailed),
+
+    /// ATTACH_FAILED: no session was attached (see
+    /// [`Error::attach_failed_kind`]).
+    #[error("attach failed ({}): {}", .0.kind, .0.message)]
+    AttachFailed(AttachFailed),
+
+    /// The session was detached from this connection (DETACHED: this host
+    /// asked, or another connection attached it): it goes on, but not
+    /// here.
+    #[error("session {session} is detached from this connection ({reason})")]
+    Detached {
+        /// The session's number.
+        session: u64,
+        /// `detach` or `attached_elsewhere`.
+        reason: String,
+    },
+
+    /// A request the client refuses before sending it (the message says
+    /// which argument and why).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
 
     /// The session has ended (EXITED was received): there is no process to
     /// write to or signal any more.
@@ -91,6 +122,14 @@ impl Error {
         }
     }
 
+    /// The ATTACH_FAILED kind, for [`Error::AttachFailed`].
+    pub fn attach_failed_kind(&self) -> Option<AttachFailedKind> {
+        match self {
+            Error::AttachFailed(f) => AttachFailedKind::parse(&f.kind),
+            _ => None,
+        }
+    }
+
     /// The ERROR kind, for [`Error::Protocol`].
     pub fn error_kind(&self) -> Option<ErrorKind> {
         match self {
@@ -111,6 +150,12 @@ impl From<Error> for io::Error {
                 io::ErrorKind::BrokenPipe
             }
             Error::Connect { source, .. } => source.kind(),
+            Error::Transport(ConnectError::SocketAbsent(_)) => io::ErrorKind::NotFound,
+            Error::Transport(ConnectError::Refused(_)) => io::ErrorKind::ConnectionRefused,
+            Error::Transport(ConnectError::HandshakeTimeout { .. }) => io::ErrorKind::TimedOut,
+            Error::Detached { .. } => io::ErrorKind::BrokenPipe,
+            Error::AttachFailed(f) if f.kind == "not_found" => io::ErrorKind::NotFound,
+            Error::InvalidArgument(_) => io::ErrorKind::InvalidInput,
             Error::ReadyTimeout(_) => io::ErrorKind::TimedOut,
             _ => io::ErrorKind::Other,
         };

@@ -4,7 +4,8 @@
 //! A [`Client`] is connected to one agent: a child process speaking the
 //! protocol on its stdin/stdout ([`Client::spawn_agent`], for `agentd
 //! --stdio`), a Unix socket ([`Client::connect_unix`], what QEMU's
-//! `-chardev socket` gives), or a device or FIFO pair ([`Client::open_port`]).
+//! `-chardev socket` gives), an address (`unix:`, `vsock:`, `hvsock:`:
+//! [`Client::connect`]), or a device or FIFO pair ([`Client::open_port`]).
 //! It waits for READY, checks `protocol == 1`, and then runs sessions:
 //!
 //! ```no_run
@@ -27,6 +28,7 @@
 //!         Event::Stderr(bytes) => eprint!("{}", String::from_utf8_lossy(&bytes)),
 //!         Event::Error(e) => eprintln!("agent: {}: {}", e.kind, e.message),
 //!         Event::Exited(status) => println!("{status}"),
+//!         Event::Detached(d) => println!("session {} taken by another host", d.session),
 //!     }
 //! }
 //! println!("round trip: {:?}", client.ping()?);
@@ -62,11 +64,14 @@
 
 #![warn(missing_docs)]
 
+mod clock;
 mod command;
 mod conn;
 mod error;
 mod session;
+mod sessions;
 mod status;
+mod transport;
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -77,13 +82,17 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use clock::{system_time_ns, ClockStep, GuestClock, ENTROPY_CHUNK, SYNC_ENTROPY_BYTES};
 pub use command::Command;
 pub use error::{Error, Result};
-pub use session::{Event, Events, Output, Session, SessionHandle};
+pub use session::{DetachOutcome, Event, Events, Output, Session, SessionHandle};
+pub use sessions::{AttachOptions, DetachedSession, SessionRecord, SessionRef, SessionState};
 pub use status::ExitStatus;
+pub use transport::{ConnectError, Target, DEFAULT_HANDSHAKE_TIMEOUT};
 
 pub use crate::messages::{
-    ErrorKind, ErrorMsg, Exec, ExecFailed, ExecFailedKind, Ready, RlimitResource,
+    AttachFailed, AttachFailedKind, Attached, Detached, ErrorKind, ErrorMsg, Exec, ExecFailed,
+    ExecFailedKind, Ready, RlimitResource,
 };
 
 use conn::{Conn, Routed, SessState, SessionShared};
@@ -134,12 +143,16 @@ pub struct Client {
 #[derive(Debug, Clone)]
 pub struct Builder {
     ready_timeout: Option<Duration>,
+    handshake_timeout: Duration,
+    clock_sync: bool,
 }
 
 impl Default for Builder {
     fn default() -> Self {
         Builder {
             ready_timeout: Some(DEFAULT_READY_TIMEOUT),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            clock_sync: true,
         }
     }
 }
@@ -150,6 +163,43 @@ impl Builder {
     pub fn ready_timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
         self.ready_timeout = timeout;
         self
+    }
+
+    /// Whether to set the guest's clock to the host's and feed its entropy
+    /// pool after READY, and again after every later READY (a VM restored
+    /// from a snapshot; READY's `restores` counts them). Done only where
+    /// the agent serves it (READY's `clock_set`: a VM's init, or `agentd
+    /// --allow-clock`), before the connecting call returns (which waits for
+    /// it as long as for READY, at most 10 s). Default `true`.
+    pub fn clock_sync(&mut self, sync: bool) -> &mut Self {
+        self.clock_sync = sync;
+        self
+    }
+
+    /// How long the hybrid vsock (`hvsock:`) may take to answer `CONNECT`.
+    /// Default [`DEFAULT_HANDSHAKE_TIMEOUT`].
+    pub fn handshake_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Connects to an agent at `address`: `unix:PATH`, `vsock:CID:PORT`
+    /// (AF_VSOCK, the host kernel's vhost-vsock) or `hvsock:UDS_PATH:PORT`
+    /// (the hybrid vsock of Firecracker and cloud-hypervisor: `CONNECT
+    /// PORT` on the monitor's Unix socket). Failures are
+    /// [`Error::Transport`], one [`ConnectError`] variant for each way.
+    pub fn connect(&self, address: &str) -> Result<Client> {
+        self.connect_target(&Target::parse(address)?)
+    }
+
+    /// As [`connect`](Self::connect), with a parsed [`Target`].
+    pub fn connect_target(&self, target: &Target) -> Result<Client> {
+        let fd = target.open(self.handshake_timeout)?;
+        let write = fd.try_clone().map_err(|source| Error::Connect {
+            context: format!("cannot duplicate the socket to {target}"),
+            source,
+        })?;
+        self.start(fd, write, None)
     }
 
     /// Starts `cmd` (an agent in stdio mode, e.g. `agentd --stdio`) and
@@ -228,7 +278,20 @@ impl Builder {
         let client = Client {
             conn: Arc::new(conn),
         };
-        client.conn.shared.wait_ready(self.ready_timeout)?;
+        let ready = client.conn.shared.wait_ready(self.ready_timeout)?;
+        if self.clock_sync && ready.has(crate::messages::Feature::Clock) {
+            let gen = client.conn.shared.ready_gen();
+            // As long as READY was waited for, at most FIRST_SYNC_WAIT.
+            let wait = self
+                .ready_timeout
+                .map_or(clock::FIRST_SYNC_WAIT, |t| t.min(clock::FIRST_SYNC_WAIT));
+            clock::watch_readies(
+                Arc::downgrade(&client.conn),
+                client.conn.shared.clone(),
+                gen,
+                wait,
+            );
+        }
         Ok(client)
     }
 }
@@ -305,6 +368,12 @@ impl Client {
         Builder::default().spawn_agent(path)
     }
 
+    /// See [`Builder::connect`]: `unix:PATH`, `vsock:CID:PORT` or
+    /// `hvsock:UDS_PATH:PORT`.
+    pub fn connect(address: &str) -> Result<Client> {
+        Builder::default().connect(address)
+    }
+
     /// See [`Builder::connect_unix`].
     pub fn connect_unix(path: impl AsRef<Path>) -> Result<Client> {
         Builder::default().connect_unix(path)
@@ -364,6 +433,11 @@ impl Client {
     /// ```
     pub fn exec(&self, request: impl Into<Exec>) -> Result<Session> {
         let request: Exec = request.into();
+        if request.detach {
+            return Err(Error::InvalidArgument(
+                "a detached EXEC delivers no events: start it with Client::exec_detached".into(),
+            ));
+        }
         let ready = self.ready();
         let chunk = STDIN_CHUNK
             .min(ready.max_payload as usize)
@@ -385,6 +459,7 @@ impl Client {
                         detached: false,
                         output_window: request.output_window,
                         handles: 1,
+                        lost: None,
                     },
                 ))
             })?;
@@ -397,15 +472,12 @@ impl Client {
                 return Err(e);
             }
             match rx.recv() {
-                Ok(Routed::Started(pid)) => {
+                Ok(Routed::Started(pid, number)) => {
                     let handle = SessionHandle::new(self.conn.clone(), sess);
-                    return Ok(Session::new(
-                        handle,
-                        rx,
-                        pid,
-                        request.tty,
-                        request.output_window,
-                    ));
+                    return Ok(
+                        Session::new(handle, rx, pid, request.tty, request.output_window)
+                            .with_number(number),
+                    );
                 }
                 Ok(Routed::ExecFailed(f)) => {
                     if f.failed_kind() == Some(ExecFailedKind::DuplicateId) {

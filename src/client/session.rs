@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::conn::{Conn, Routed, SessionShared};
 use super::error::{Error, Result};
 use super::status::ExitStatus;
-use crate::messages::{Ack, ErrorMsg, Message, Resize, Signal};
+use crate::messages::{Ack, Attached, Detached, ErrorMsg, Message, Resize, SessionsMsg, Signal};
 
 /// What a finished session produced: see [`Client::output`](super::Client::output).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +33,25 @@ pub enum Event {
     /// session goes on.
     Error(ErrorMsg),
     /// The process ended. Always the last event.
+    Exited(ExitStatus),
+    /// The session was detached from this connection (DETACHED): another
+    /// connection attached it (`reason` `attached_elsewhere`), or this one
+    /// asked ([`Session::detach`]). It goes on elsewhere; this is the last
+    /// event.
+    Detached(Detached),
+}
+
+/// How [`Session::detach`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DetachOutcome {
+    /// DETACHED: the session goes on without this connection; a host can
+    /// [`attach`](super::Client::attach) it by number (or tag) later.
+    Detached {
+        /// The session's number.
+        session: u64,
+    },
+    /// The process ended before the DETACH reached the agent: nothing is
+    /// left to attach.
     Exited(ExitStatus),
 }
 
@@ -81,7 +100,7 @@ impl SessionHandle {
         let mut st = self.sess.lock();
         loop {
             if st.ended {
-                return Err(Error::SessionEnded);
+                return Err(st.ended_error());
             }
             if st.stdin_closed {
                 return Err(Error::StdinClosed);
@@ -143,6 +162,27 @@ impl SessionHandle {
         }))
     }
 
+    /// Sends signal `signal` to every process of the session's tree (its
+    /// cgroup), including those that left its process group with `setsid`
+    /// (extension `sessions`). An agent without per-session cgroups
+    /// (READY's `cgroups` false) answers ERROR `unsupported`, which arrives
+    /// as [`Event::Error`].
+    pub fn signal_tree(&self, signal: i32) -> Result<()> {
+        self.send_control(Message::Signal(Signal {
+            signal,
+            group: true,
+            tree: true,
+        }))
+    }
+
+    /// Asks the agent to detach the session from this connection (DETACH)
+    /// and returns at once; the [`Session`]'s last event is then
+    /// [`Event::Detached`] (or [`Event::Exited`], if it ended first). See
+    /// [`Session::detach`], which also waits.
+    pub fn detach(&self) -> Result<()> {
+        self.send_control(Message::Sessions(SessionsMsg::Detach))
+    }
+
     /// Sends signal `signal` to the session's process alone.
     pub fn signal_process(&self, signal: i32) -> Result<()> {
         self.send_control(Message::Signal(Signal {
@@ -155,7 +195,7 @@ impl SessionHandle {
     fn send_control(&self, msg: Message<'_>) -> Result<()> {
         let st = self.sess.lock();
         if st.ended {
-            return Err(Error::SessionEnded);
+            return Err(st.ended_error());
         }
         if st.closed {
             return Err(self.closed());
@@ -229,6 +269,12 @@ pub struct Session {
     /// Output consumed but not yet acknowledged.
     unacked: u32,
     exited: Option<ExitStatus>,
+    /// The agent-wide number (STARTED's or ATTACHED's `session`).
+    number: Option<u64>,
+    /// ATTACHED, for a session this connection attached.
+    attached: Option<Attached>,
+    /// DETACHED, once received.
+    detached: Option<Detached>,
 }
 
 impl Session {
@@ -247,7 +293,71 @@ impl Session {
             output_window,
             unacked: 0,
             exited: None,
+            number: None,
+            attached: None,
+            detached: None,
         }
+    }
+
+    pub(crate) fn with_number(mut self, number: Option<u64>) -> Self {
+        self.number = number;
+        self
+    }
+
+    pub(crate) fn with_attached(mut self, attached: Attached) -> Self {
+        self.number = Some(attached.session);
+        self.attached = Some(attached);
+        self
+    }
+
+    /// The agent-wide session number (extension `sessions`; `None` from an
+    /// agent without it): what [`Client::attach`](super::Client::attach)
+    /// and `agentctl attach` take.
+    pub fn number(&self) -> Option<u64> {
+        self.number
+    }
+
+    /// For a session this connection attached: ATTACHED, where each
+    /// stream's replay starts and how many bytes asked for were no longer
+    /// kept (`stdout_lost`, `stderr_lost`).
+    pub fn attached(&self) -> Option<&Attached> {
+        self.attached.as_ref()
+    }
+
+    /// DETACHED, once the session was detached from this connection.
+    pub fn detached(&self) -> Option<&Detached> {
+        self.detached.as_ref()
+    }
+
+    fn finished(&self) -> bool {
+        self.exited.is_some() || self.detached.is_some()
+    }
+
+    /// Detaches the session from this connection (DETACH) and waits for
+    /// DETACHED: the process goes on, its output goes to its replay ring,
+    /// and any host can attach it later. Output that arrives meanwhile is
+    /// discarded (it was sent, so it is not replayed). If the process ends
+    /// first, its exit status is returned instead.
+    pub fn detach(&mut self) -> Result<DetachOutcome> {
+        if let Some(x) = self.exited {
+            return Ok(DetachOutcome::Exited(x));
+        }
+        if let Some(d) = &self.detached {
+            return Ok(DetachOutcome::Detached { session: d.session });
+        }
+        match self.handle.detach() {
+            // Ended: its EXITED or DETACHED is already on its way.
+            Ok(()) | Err(Error::SessionEnded | Error::Detached { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        while let Some(ev) = self.next_event()? {
+            match ev {
+                Event::Detached(d) => return Ok(DetachOutcome::Detached { session: d.session }),
+                Event::Exited(x) => return Ok(DetachOutcome::Exited(x)),
+                _ => {}
+            }
+        }
+        Err(self.handle.closed())
     }
 
     /// The session id on the wire.
@@ -303,7 +413,7 @@ impl Session {
     /// The next event, waiting for one. `Ok(None)` after [`Event::Exited`];
     /// `Err(TransportClosed)` if the connection ends before the session does.
     pub fn next_event(&mut self) -> Result<Option<Event>> {
-        if self.exited.is_some() {
+        if self.finished() {
             return Ok(None);
         }
         let msg = match self.rx.try_recv() {
@@ -324,7 +434,7 @@ impl Session {
 
     /// The next event if one is already here (never waits).
     pub fn try_next_event(&mut self) -> Result<Option<Event>> {
-        if self.exited.is_some() {
+        if self.finished() {
             return Ok(None);
         }
         match self.rx.try_recv() {
@@ -361,9 +471,13 @@ impl Session {
                 self.exited = Some(x);
                 Event::Exited(x)
             }
-            Routed::Started(_) | Routed::ExecFailed(_) => {
+            Routed::Sessions(SessionsMsg::Detached(d)) => {
+                self.detached = Some(d.clone());
+                Event::Detached(d)
+            }
+            other => {
                 return Err(Error::AgentViolation(format!(
-                    "a second STARTED or EXEC_FAILED for session {}",
+                    "{other:?} on live session {}",
                     self.id()
                 )))
             }
@@ -401,10 +515,23 @@ impl Session {
         if let Some(x) = self.exited {
             return Ok(x);
         }
+        if let Some(d) = &self.detached {
+            return Err(Error::Detached {
+                session: d.session,
+                reason: d.reason.clone(),
+            });
+        }
         self.close_stdin()?;
         while let Some(ev) = self.next_event()? {
-            if let Event::Exited(x) = ev {
-                return Ok(x);
+            match ev {
+                Event::Exited(x) => return Ok(x),
+                Event::Detached(d) => {
+                    return Err(Error::Detached {
+                        session: d.session,
+                        reason: d.reason,
+                    })
+                }
+                _ => {}
             }
         }
         self.exited.ok_or_else(Error::closed)
@@ -430,6 +557,12 @@ impl Session {
                         stderr,
                     })
                 }
+                Event::Detached(d) => {
+                    return Err(Error::Detached {
+                        session: d.session,
+                        reason: d.reason,
+                    })
+                }
             }
         }
         Err(Error::closed())
@@ -438,7 +571,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if self.exited.is_some() {
+        if self.finished() {
             return;
         }
         let mut st = self.handle.sess.lock();
@@ -469,7 +602,9 @@ impl std::fmt::Debug for Session {
             .field("id", &self.id())
             .field("pid", &self.pid)
             .field("tty", &self.tty)
+            .field("number", &self.number)
             .field("exited", &self.exited)
+            .field("detached", &self.detached)
             .finish()
     }
 }

@@ -18,6 +18,12 @@ pub struct ExitStatus {
     /// output window was used up or the host was not reading); 0 when all
     /// of it was sent.
     pub output_dropped: u64,
+    /// The session's deadline ([`Command::timeout`](super::Command::timeout))
+    /// passed and the agent ended it.
+    pub timed_out: bool,
+    /// The kernel's OOM killer killed a process of the session (its
+    /// cgroup's `memory.events`).
+    pub oom_killed: bool,
 }
 
 impl ExitStatus {
@@ -35,6 +41,8 @@ impl From<Exited> for ExitStatus {
             core_dumped: x.core_dumped,
             status: x.status,
             output_dropped: x.output_dropped.unwrap_or(0),
+            timed_out: x.timed_out,
+            oom_killed: x.oom_killed,
         }
     }
 }
@@ -42,15 +50,21 @@ impl From<Exited> for ExitStatus {
 impl std::fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.code, self.signal) {
-            (Some(code), _) => write!(f, "exit code {code}"),
+            (Some(code), _) => write!(f, "exit code {code}")?,
             (None, Some(sig)) => {
                 write!(f, "killed by signal {sig}")?;
                 if self.core_dumped {
                     f.write_str(" (core dumped)")?;
                 }
-                Ok(())
             }
-            (None, None) => write!(f, "status {}", self.status),
+            (None, None) => write!(f, "status {}", self.status)?,
         }
+        if self.timed_out {
+            f.write_str(" (timed out)")?;
+        }
+        if self.oom_killed {
+            f.write_str(" (OOM killed)")?;
+        }
+        Ok(())
     }
 }

@@ -1,9 +1,15 @@
 //! agentctl: run commands in an agentd guest, docker-exec style.
 //!
 //! ```text
-//! agentctl [--connect unix:PATH | --port PATH | --agent 'CMD ARGS'] COMMAND
-//! agentctl exec [-i] [-t] [-e KEY=VALUE]... [--clear-env] [-w DIR] [-u USER]
-//!               [--rlimit NAME=SOFT[:HARD]]... [--] CMD [ARG...]
+//! agentctl [--connect unix:PATH|vsock:CID:PORT|hvsock:UDS:PORT | --port PATH
+//!           | --agent 'CMD ARGS'] COMMAND
+//! agentctl exec [-d] [-i] [-t] [--name TAG] [--timeout DUR] [--memory SIZE]
+//!               [--pids N] [--cpus N] [-e KEY=VALUE]... [--clear-env] [-w DIR]
+//!               [-u USER] [--rlimit NAME=SOFT[:HARD]]... [--] CMD [ARG...]
+//! agentctl ps [-a] [-q] [--format table|json|TEMPLATE]
+//! agentctl attach [-i] [-t] [--no-replay|--tail N|--since OFF] [--detach-keys K] NAME
+//! agentctl kill [-s SIGNAL] NAME...
+//! agentctl time [--sync | --set TIME]
 //! agentctl ping [-c N]
 //! agentctl shutdown [--grace MS]
 //! ```
@@ -23,6 +29,12 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
+
+mod attach;
+mod kill;
+mod ps;
+mod time;
+mod units;
 
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
@@ -62,8 +74,11 @@ struct Cli {
 
 #[derive(Args, Debug)]
 struct Target {
-    /// Connect to an agent's Unix socket (what QEMU's -chardev socket gives).
-    #[arg(long, value_name = "unix:PATH", global = true, conflicts_with_all = ["port", "agent"])]
+    /// Connect to a listening agent: unix:PATH (agentd --listen unix:PATH, or
+    /// QEMU's -chardev socket), vsock:CID:PORT (AF_VSOCK to a guest under
+    /// vhost-vsock), or hvsock:UDS_PATH:PORT (the hybrid vsock socket of
+    /// Firecracker or cloud-hypervisor).
+    #[arg(long, value_name = "ADDRESS", global = true, conflicts_with_all = ["port", "agent"])]
     connect: Option<String>,
     /// Open a port: a character device (serial line, pty; put in raw mode) or a
     /// QEMU FIFO pair PATH.in (host to guest) and PATH.out (guest to host).
@@ -79,6 +94,14 @@ struct Target {
 enum Cmd {
     /// Run a command in a new session and exit with its status.
     Exec(ExecArgs),
+    /// List the agent's sessions, like docker ps.
+    Ps(ps::PsArgs),
+    /// Attach to a running session: replay its output, then follow it.
+    Attach(attach::AttachArgs),
+    /// Send a signal to a session's whole tree (default SIGKILL).
+    Kill(kill::KillArgs),
+    /// Show the guest's clock against the host's, or set it.
+    Time(time::TimeArgs),
     /// Measure round trips to the agent (PING/PONG).
     Ping(PingArgs),
     /// End every session and stop the agent (power the VM off when it is PID 1).
@@ -87,6 +110,33 @@ enum Cmd {
 
 #[derive(Args, Debug)]
 struct ExecArgs {
+    /// Run detached: print the session's number and exit; the session goes
+    /// on (see ps, attach, kill). With -i its stdin stays open for attach -i.
+    #[arg(short, long)]
+    detach: bool,
+    /// Tag the session, to find it by in ps, attach and kill.
+    #[arg(long, value_name = "TAG")]
+    name: Option<String>,
+    /// End the session's whole tree after this long (SIGTERM, then SIGKILL
+    /// after --kill-grace), e.g. 30s, 500ms, 5m.
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_duration)]
+    timeout: Option<Duration>,
+    /// Between the timeout's SIGTERM and its SIGKILL (default 1s).
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_duration, requires = "timeout")]
+    kill_grace: Option<Duration>,
+    /// Memory limit of the session's cgroup, e.g. 256M, 1G (needs an agent
+    /// with per-session cgroups).
+    #[arg(short = 'm', long, value_name = "SIZE", value_parser = units::parse_size)]
+    memory: Option<u64>,
+    /// Most processes the session's cgroup may hold.
+    #[arg(long, value_name = "N")]
+    pids: Option<u32>,
+    /// CPUs' worth of time the session may use, e.g. 0.5.
+    #[arg(long, value_name = "N", value_parser = units::parse_cpus)]
+    cpus: Option<f64>,
+    /// Bytes of each output stream the agent keeps for attach, e.g. 1M (0: none).
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size_u32)]
+    replay: Option<u32>,
     /// Forward local stdin to the process (without it the remote stdin is /dev/null).
     #[arg(short, long)]
     interactive: bool,
@@ -337,14 +387,15 @@ fn signal_thread(set: SigSet, state: Arc<Mutex<SignalState>>) {
 // ---------------------------------------------------------------------------
 // Commands.
 
-fn connect(target: &Target) -> Client {
+/// Connects as `target` says. `clock_sync`: let the library set a VM's
+/// clock after READY (off for `agentctl time`, which shows the skew).
+fn connect(target: &Target, clock_sync: bool) -> Client {
+    let mut builder = Client::builder();
+    builder.clock_sync(clock_sync);
     let result = if let Some(addr) = &target.connect {
-        let Some(path) = addr.strip_prefix("unix:") else {
-            fail(format!("--connect takes unix:PATH, not {addr:?}"))
-        };
-        Client::connect_unix(path)
+        builder.connect(addr)
     } else if let Some(path) = &target.port {
-        Client::open_port(path)
+        builder.open_port(path)
     } else if let Some(cmdline) = &target.agent {
         let mut words = cmdline.split_whitespace();
         let Some(program) = words.next() else {
@@ -352,7 +403,7 @@ fn connect(target: &Target) -> Client {
         };
         let mut cmd = std::process::Command::new(program);
         cmd.args(words).process_group(0);
-        Client::spawn(cmd)
+        builder.spawn(cmd)
     } else {
         let exe = std::env::current_exe()
             .unwrap_or_else(|e| fail(format!("cannot find agentctl's own executable: {e}")));
@@ -375,7 +426,7 @@ fn connect(target: &Target) -> Client {
         // Its own process group: a Ctrl-C at the terminal is agentctl's to
         // forward, not a signal that kills the agent under it.
         cmd.process_group(0);
-        Client::spawn(cmd)
+        builder.spawn(cmd)
     };
     result.unwrap_or_else(|e| fail(e))
 }
@@ -412,6 +463,27 @@ fn build_command(args: &ExecArgs) -> Command {
     cmd.as_exec_mut()
         .rlimits
         .extend(args.rlimit.iter().cloned());
+    if let Some(tag) = &args.name {
+        cmd.tag(tag);
+    }
+    if let Some(t) = args.timeout {
+        cmd.timeout(t);
+    }
+    if let Some(g) = args.kill_grace {
+        cmd.kill_grace(g);
+    }
+    if let Some(m) = args.memory {
+        cmd.memory_max(m);
+    }
+    if let Some(p) = args.pids {
+        cmd.pids_max(p);
+    }
+    if let Some(c) = args.cpus {
+        cmd.cpus(c);
+    }
+    if let Some(r) = args.replay {
+        cmd.replay_bytes(r);
+    }
     // With -t the remote stdin is the remote terminal, whether or not local
     // input is forwarded (as docker's `exec -t` without `-i`): programs
     // ask it about itself (`stty size`, `test -t 0`). Without -t and -i it
@@ -466,6 +538,16 @@ fn forward_stdin(h: SessionHandle) {
 
 fn run_exec(client: &Client, args: &ExecArgs, signals: Arc<Mutex<SignalState>>) -> i32 {
     let cmd = build_command(args);
+    if args.detach {
+        return match client.exec_detached(&cmd) {
+            Ok(started) => {
+                println!("{}", started.number);
+                0
+            }
+            Err(e @ Error::ExecFailed(_)) => exec_failed_exit(&e, &args.command[0]),
+            Err(e) => fail(e),
+        };
+    }
     let _raw = if args.tty && args.interactive && io::stdin().is_terminal() {
         match RawMode::enable() {
             Ok(r) => Some(r),
@@ -496,6 +578,13 @@ fn run_exec(client: &Client, args: &ExecArgs, signals: Arc<Mutex<SignalState>>) 
         let h = session.handle();
         std::thread::spawn(move || forward_stdin(h));
     }
+    follow(&mut session)
+}
+
+/// Copies a session's output to stdout and stderr until it ends; returns
+/// the exit status to exit with (0 when the session was detached from
+/// here: it goes on).
+fn follow(session: &mut agentd::client::Session) -> i32 {
     let stdout = io::stdout();
     let mut stdout = stdout.lock();
     let mut stdout_open = true;
@@ -521,7 +610,33 @@ fn run_exec(client: &Client, args: &ExecArgs, signals: Arc<Mutex<SignalState>>) 
                 }
             }
             Ok(Some(Event::Error(e))) => complain(format!("agent error {}: {}", e.kind, e.message)),
-            Ok(Some(Event::Exited(status))) => return status.status,
+            Ok(Some(Event::Exited(status))) => {
+                if status.timed_out {
+                    complain(format!(
+                        "the session's timeout passed; the agent ended it ({status})"
+                    ));
+                }
+                if status.oom_killed {
+                    complain(
+                        "the session ran out of memory (its cgroup's OOM killer killed a process)",
+                    );
+                }
+                return status.status;
+            }
+            Ok(Some(Event::Detached(d))) => {
+                if d.reason == "detach" {
+                    complain(format!(
+                        "detached from session {}; it goes on (agentctl attach {})",
+                        d.session, d.session
+                    ));
+                } else {
+                    complain(format!(
+                        "session {} was attached by another connection; it goes on there",
+                        d.session
+                    ));
+                }
+                return 0;
+            }
             Ok(None) => fail("session ended without an exit status"),
             Err(e) => fail(e),
         }
@@ -637,9 +752,13 @@ fn main() {
         std::thread::spawn(move || signal_thread(set, signals));
     }
 
-    let client = connect(&cli.target);
+    let client = connect(&cli.target, !matches!(cli.command, Cmd::Time(_)));
     let code = match &cli.command {
         Cmd::Exec(args) => run_exec(&client, args, signals),
+        Cmd::Ps(args) => ps::run(&client, args),
+        Cmd::Attach(args) => attach::run(&client, args, signals),
+        Cmd::Kill(args) => kill::run(&client, args),
+        Cmd::Time(args) => time::run(&client, args),
         Cmd::Ping(args) => run_ping(&client, args),
         Cmd::Shutdown(args) => run_shutdown(&client, args),
     };
