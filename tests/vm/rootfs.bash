@@ -91,6 +91,16 @@ rootfs_rw_tests() {
     actl exec -w /root -- python3 job.py || die "the uploaded script failed"
     out=$(actl exec -- cat /root/result.json)
     expect "the script's result, downloaded" '{"mean": 3}' "$out"
+    boot_breakdown "root on /dev/vda"
+}
+
+# Prints the boot's milestones from the guest's kernel log (seconds since the kernel
+# started): /init started, the agent up, the switch done, the first host served.
+boot_breakdown() {
+    local what=$1 log
+    log=$(actl exec -- dmesg) || die "dmesg failed"
+    at() { awk -v p="$1" 'index($0, p) { sub(/^\[ */, ""); sub(/\].*/, ""); print; exit }' <<<"$log"; }
+    log "boot ($what): /init at $(at 'Run /init') s, agent up at $(at 'as PID 1') s, root switched at $(at 'switched root') s, first host served at $(at 'host connected') s (kernel time; the host polls every 0.5 s)"
 }
 
 # The tests of the overlay layout.
@@ -102,6 +112,7 @@ rootfs_overlay_tests() {
     expect "a write to the overlaid root" "written" "$out"
     out=$(actl exec -- awk "$ROOT_FSTYPE" /proc/self/mountinfo)
     expect "/ is the overlay" "overlay" "$out"
+    boot_breakdown "overlay"
 }
 
 # Boots the image with kernel command line $2... and runs test function $1.
