@@ -13,6 +13,8 @@
 //! - [`checker`]: the one contract checker, table-driven per frame kind.
 //! - [`msgpack`]: MessagePack read and written independently of the
 //!   crate; [`wire`]: frames and messages built by hand.
+//! - [`hvsock`]: the host side of a hybrid vsock (`CONNECT PORT` on the
+//!   monitor's Unix socket), for the VM suite's vsock transport.
 //! - [`proc`]: /proc (RSS, fds, children, descendants, zombies, CPU
 //!   ticks); [`seccomp`]: the filters an agent can be started under;
 //!   [`util`]: scratch directories, data, checksums, ptys, FIFOs, users.
@@ -39,6 +41,7 @@
 pub mod agent;
 pub mod checker;
 pub mod host;
+pub mod hvsock;
 pub mod listen;
 pub mod msgpack;
 pub mod proc;
