@@ -2357,6 +2357,49 @@ fn t24_tree_signal_reaches_a_setsid_grandchild() {
     assert_eq!(host.sh("rm -f /tmp/gc.group /tmp/gc.tree").status(), 0);
 }
 
+/// Over vsock: the hybrid handshake against the real monitor
+/// (vhost-device-vsock) fails as it should when nothing listens on the
+/// guest port (the monitor closes the stream: `Closed`, with the port in
+/// the message), while the agent's port still answers; a second host
+/// connected at the same time gets its own READY (several hosts at once
+/// over vsock). On the console port this test has nothing to check and
+/// says so.
+#[test]
+#[ignore = "needs the VM: run tests/vm/run.sh"]
+fn t25_vsock_handshake_refusals_and_concurrent_hosts() {
+    if transport() != Transport::Vsock {
+        eprintln!("console transport: nothing to check (vsock only)");
+        return;
+    }
+    let (uds, port) = vsock_target();
+    let unused = port + 1;
+    match support::hvsock::connect(&uds, unused, STEP) {
+        Err(e @ support::hvsock::HvsockError::Closed { .. }) => {
+            assert!(
+                e.to_string().contains(&format!("vsock port {unused}")),
+                "{e}"
+            );
+            eprintln!("CONNECT {unused}: {e}");
+        }
+        Err(e) => panic!("CONNECT {unused} (nothing listens): {e:?}, not Closed"),
+        Ok((_, n)) => panic!("CONNECT {unused} was accepted (OK {n}): nothing listens there"),
+    }
+    let mut a = Host::connect();
+    let mut b = Host::connect();
+    for (h, name) in [(&mut a, "a"), (&mut b, "b")] {
+        assert_eq!(h.ready.pid, 1);
+        h.send(&Message::Ping(name.as_bytes()), 0);
+    }
+    for (h, name) in [(&mut a, "a"), (&mut b, "b")] {
+        match h.expect_for(0, STEP) {
+            Ev::Pong(p) => assert_eq!(p, name.as_bytes()),
+            other => panic!("host {name}: {other:?}"),
+        }
+    }
+    assert_eq!(b.sh("echo b").stdout, b"b\n");
+    assert_eq!(a.sh("echo a").stdout, b"a\n");
+}
+
 // The first boot ends here: SHUTDOWN powers the VM off. `run.sh` then boots
 // it again for the `second_boot_` tests.
 
@@ -2585,10 +2628,15 @@ fn restore_2_after_the_restore() {
         "the clock is {off} ns off after the sync"
     );
     // The VM generation ID: QEMU's guid=auto gives the restored VM a new
-    // one (run.sh read both over QMP). The guest notices it only with the
-    // kernel's vmgenid driver and its NEW_VMGENID uevent: the Debian cloud
-    // kernel of this suite has no vmgenid driver (CONFIG_VIRT_DRIVERS is
-    // off), so READY's `restores` stays 0 there (docs/VM.md).
+    // one (run.sh read both over QMP). The agent notices a restore only
+    // from the kernel vmgenid driver's NEW_VMGENID uevent. Measured
+    // (docs/VM.md): the Debian cloud kernel of this suite has no vmgenid
+    // driver (CONFIG_VIRT_DRIVERS is off); Debian's generic 6.1 kernel has
+    // one, bound, yet after the restore there was no uevent (`restores`
+    // 0) and not even the RNG's "crng reseeded due to virtual machine
+    // fork" notice in its log. So `restores` is expected to count the
+    // restore only with a driver on a kernel newer than 6.1 (not tried
+    // here: apt offers only 6.1).
     let before = std::env::var("AGENTD_VM_VMGENID_BEFORE").unwrap_or_default();
     let after = std::env::var("AGENTD_VM_VMGENID_AFTER").unwrap_or_default();
     assert!(
@@ -2599,14 +2647,33 @@ fn restore_2_after_the_restore() {
         before, after,
         "guid=auto did not change the VM generation ID on -incoming"
     );
-    let driver =
-        host.sh("[ -d /sys/bus/acpi/drivers/vmgenid ] || [ -d /sys/bus/platform/drivers/vmgenid ]");
-    let expected = u32::from(driver.status() == 0);
+    let probe = host.sh(
+        "{ [ -d /sys/bus/acpi/drivers/vmgenid ] || [ -d /sys/bus/platform/drivers/vmgenid ]; } \
+         && echo driver; uname -r; dmesg | grep -c 'virtual machine fork'",
+    );
+    let text = probe.stdout_str();
+    let driver = text.lines().next() == Some("driver");
+    let release = text
+        .lines()
+        .find(|l| l.starts_with(char::is_numeric))
+        .unwrap_or("");
+    let forks: u32 = text
+        .lines()
+        .last()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let newer_than_6_1 = {
+        let mut v = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        (v.next().unwrap_or(0), v.next().unwrap_or(0)) > (6, 1)
+    };
     eprintln!(
-        "vmgenid {before} -> {after}; the guest kernel has {} vmgenid driver; READY restores {:?}",
-        if expected == 1 { "a" } else { "no" },
+        "vmgenid {before} -> {after}; guest kernel {release}, vmgenid driver: {driver}, \
+         VM forks in its log: {forks}; READY restores {:?}",
         host.ready.restores
     );
+    let expected = u32::from(driver && newer_than_6_1);
     assert_eq!(host.ready.restores, Some(expected), "{:?}", host.ready);
     // The session from before the snapshot.
     let number = note("session") as u64;
