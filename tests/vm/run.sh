@@ -12,15 +12,23 @@
 #                              powers off (drive it yourself: agentctl --connect unix:SOCK ...)
 #   tests/vm/run.sh --help
 #
+# The test mode boots the VM once per transport for the e2e suite (the virtio-console port,
+# then vsock through vhost-device-vsock's hybrid socket), a second time for busybox
+# poweroff, and a fourth time for the snapshot/restore test (saved with QMP migrate to a
+# file, restored by a new QEMU with -incoming); a VM without its port and one whose agent
+# panics on purpose boot beside them.
+#
 # Environment: AGENTD_VM_ACCEL (kvm|tcg, default: kvm only when real KVM is usable),
-# AGENTD_VM_MEM (256M), AGENTD_VM_SMP (1), AGENTD_VM_CACHE (tests/vm/cache),
+# AGENTD_VM_MEM (512M), AGENTD_VM_SMP (1), AGENTD_VM_CACHE (tests/vm/cache),
 # AGENTD_VM_APPEND (extra kernel command line, e.g. agentd.log=debug),
 # AGENTD_VM_KEEP=1 (keep the work folder with console.log even on success),
 # AGENTD_VM_TRANSPORTS (the transports of the e2e suite: "console vsock", the default, or
 # one of them), AGENTD_VM_FILTER (development: only the e2e tests whose names contain one
-# of these words, plus t99 which powers the VM off).
+# of these words, plus t99 which powers the VM off), AGENTD_VM_RESTORE=0 (skip the
+# snapshot/restore phase).
 #
-# It installs what it lacks (qemu-system-x86, cpio, busybox-static, binutils) with apt-get, downloads
+# It installs what it lacks (qemu-system-x86, cpio, busybox-static, binutils, python3) with apt-get,
+# vhost-device-vsock with cargo install --locked, downloads
 # and caches a stock Debian cloud kernel, builds a static agentd and an initramfs, and always
 # stops QEMU on the way out. Exit status: 0 when everything passed.
 set -Eeuo pipefail
@@ -146,6 +154,8 @@ ensure_packages() {
     dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
     # readelf, for the check that agentd is static (the Rust build needs binutils' ld anyway).
     command -v readelf >/dev/null || missing+=(binutils)
+    # The restore phase's QMP client (tests/vm/qmp.py).
+    command -v python3 >/dev/null || missing+=(python3)
     [[ ${#missing[@]} == 0 ]] && return 0
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
     log "installing ${missing[*]}"
@@ -622,7 +632,7 @@ run_suite() {
     suite "$bin" second_boot_
     check_powered_off
     check_panic_powers_off
-    if [[ ${RESTORE:-1} == 1 ]]; then
+    if [[ ${AGENTD_VM_RESTORE:-1} == 1 ]]; then
         run_restore "$bin"
     fi
     check_fatal_powers_off
