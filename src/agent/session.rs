@@ -296,6 +296,16 @@ impl Session {
     pub(crate) fn detach(&mut self) {
         self.owner = None;
         self.stdin.rebase();
+        self.forget_stall();
+    }
+
+    /// A stall on the link that had it no longer holds it back: whatever
+    /// list it is on, a stall on the next link (or a yield while detached)
+    /// must be registered afresh, or the session would wait for a link
+    /// that no longer drains for it (found by the VM suite's t15 over
+    /// vsock: sessions stuck after ATTACHED).
+    fn forget_stall(&mut self) {
+        self.stalled = false;
     }
 
     /// A new host has it from now on, with `output_window`: its streams
@@ -309,6 +319,7 @@ impl Session {
     ) -> [ReplayStart; 2] {
         self.owner = Some(owner);
         self.stdin.rebase();
+        self.forget_stall();
         self.window = Window::new(output_window);
         let starts = [
             self.out[0].replay_from(from[0], tail),

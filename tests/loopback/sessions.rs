@@ -139,6 +139,39 @@ both! {
         assert_eq!(a.until_exited(5).exited.map(|e| e.status), Some(0));
     }
 
+    /// A host that stops reading while its session floods (the session
+    /// stalls on that host's full queue) and then leaves: the session is
+    /// detached and goes on into its ring; a second host attaches it, and
+    /// when more output comes than its own queue takes at once (4 MiB after
+    /// a line on stdin), the session still resumes as that host drains the
+    /// queue, to its EXITED. (Written after the VM suite's t15 over vsock
+    /// once saw floods stuck after ATTACHED; this test passes with and
+    /// without the fix that came with it, `Session::forget_stall`, so it
+    /// guards the path without reproducing that run.)
+    fn a_session_stalled_on_a_departed_host_resumes_for_the_next(opts: Opts) {
+        let agent = Listening::start(&opts);
+        let mut a = agent.connect();
+        let script = "head -c 4194304 /dev/zero; read x; head -c 4194304 /dev/zero; echo end";
+        let number = a.exec(1, &sh(script)).session.expect("a number");
+        // A reads nothing: the agent's queue for it fills up and the
+        // session stalls. Then A leaves.
+        let mut b = agent.connect();
+        wait_listed(&mut b, 9, |l| {
+            l.iter().any(|i| i.session == number && i.attached && i.stdout_bytes >= 1 << 20)
+        });
+        a.disconnect();
+        wait_listed(&mut b, 9, |l| {
+            l.iter().any(|i| i.session == number && !i.attached && i.stdout_bytes == 4 << 20)
+        });
+        let at = b.attach(5, Attach { stdout_from: Some(4 << 20), ..by_number(number) });
+        assert_eq!((at.stdout_from, at.stdout_lost), (4 << 20, 0));
+        b.conn.send_stdin(5, b"x\n");
+        let seen = b.until_exited(5);
+        assert_eq!(seen.stdout.len(), (4 << 20) + 4, "the second flood did not arrive whole");
+        assert!(seen.stdout.ends_with(b"end\n"));
+        assert_eq!(seen.exited.map(|e| e.status), Some(0));
+    }
+
     /// ATTACH from another connection takes the session over: the first
     /// host's id gets DETACHED `attached_elsewhere` as its last frame and
     /// the session's frames go to the new host only.

@@ -16,6 +16,8 @@
 //! - [`net`]: guest servers on loopback addresses (an echo server for many
 //!   connections, scripted ones, full backlogs, refusing ports) and the
 //!   host's side of the net extension over [`agent::Agent`].
+//! - [`hvsock`]: the host side of a hybrid vsock (`CONNECT PORT` on the
+//!   monitor's Unix socket), for the VM suite's vsock transport.
 //! - [`proc`]: /proc (RSS, fds, children, descendants, zombies, CPU
 //!   ticks); [`seccomp`]: the filters an agent can be started under;
 //!   [`util`]: scratch directories, data, checksums, ptys, FIFOs, users.
@@ -42,6 +44,7 @@
 pub mod agent;
 pub mod checker;
 pub mod host;
+pub mod hvsock;
 pub mod listen;
 pub mod msgpack;
 pub mod net;

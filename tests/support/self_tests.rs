@@ -355,3 +355,123 @@ mod msgpack_tests {
         assert_eq!(mp::bin(&[7; 300]), Value::Bin(vec![7; 300]).encode());
     }
 }
+
+/// The hybrid vsock handshake (`CONNECT PORT\n`, `OK N\n`) against a fake
+/// monitor on a socket pair: the success path and each way it fails.
+mod hvsock_tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use crate::support::hvsock::{connect, handshake, HvsockError};
+
+    const LIMIT: Duration = Duration::from_secs(5);
+
+    /// Runs the handshake against a monitor that reads the request and
+    /// then does `monitor` with its end; returns the result and the
+    /// request the monitor got.
+    fn against(
+        monitor: impl FnOnce(&mut UnixStream) + Send + 'static,
+        limit: Duration,
+    ) -> (Result<(UnixStream, u32), HvsockError>, String) {
+        let (host, mut fake) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut req = Vec::new();
+            let mut b = [0u8; 1];
+            while fake.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+                req.push(b[0]);
+            }
+            monitor(&mut fake);
+            (String::from_utf8(req).unwrap(), fake)
+        });
+        let r = handshake(host, Path::new("/fake/vsock.sock"), 1024, limit);
+        let (req, _fake) = t.join().unwrap();
+        (r, req)
+    }
+
+    #[test]
+    fn ok_and_the_bytes_after_it_stay_in_the_stream() {
+        let (r, req) = against(
+            |m| m.write_all(b"OK 1073741824\n\x01READY-bytes").unwrap(),
+            LIMIT,
+        );
+        assert_eq!(req, "CONNECT 1024");
+        let (mut s, port) = r.unwrap();
+        assert_eq!(port, 1_073_741_824);
+        let mut rest = [0u8; 12];
+        s.read_exact(&mut rest).unwrap();
+        assert_eq!(&rest, b"\x01READY-bytes");
+    }
+
+    #[test]
+    fn closed_without_a_reply_is_closed() {
+        let (r, _) = against(|m| m.shutdown(std::net::Shutdown::Both).unwrap(), LIMIT);
+        let e = r.unwrap_err();
+        assert!(matches!(e, HvsockError::Closed { port: 1024, .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("nothing listens on vsock port 1024"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn closed_in_the_middle_of_the_reply_is_closed() {
+        let (r, _) = against(
+            |m| {
+                m.write_all(b"OK 12").unwrap();
+                m.shutdown(std::net::Shutdown::Both).unwrap();
+            },
+            LIMIT,
+        );
+        match r.unwrap_err() {
+            HvsockError::Closed { got, .. } => assert_eq!(got, "OK 12"),
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn closed_before_the_request_is_closed() {
+        let (host, fake) = UnixStream::pair().unwrap();
+        drop(fake);
+        let e = handshake(host, Path::new("/fake/vsock.sock"), 7, LIMIT).unwrap_err();
+        assert!(matches!(e, HvsockError::Closed { port: 7, .. }), "{e:?}");
+    }
+
+    #[test]
+    fn another_reply_is_refused() {
+        for reply in [&b"ERR no listener\n"[..], b"OK\n", b"OK abc\n", b"ok 5\n"] {
+            let (r, _) = against(move |m| m.write_all(reply).unwrap(), LIMIT);
+            match r.unwrap_err() {
+                HvsockError::Refused { line, .. } => {
+                    assert_eq!(line.as_bytes(), &reply[..reply.len() - 1])
+                }
+                e => panic!("{reply:?}: {e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_reply_without_newline_is_too_long() {
+        let (r, _) = against(|m| m.write_all(&[b'O'; 200]).unwrap(), LIMIT);
+        assert!(matches!(r.unwrap_err(), HvsockError::TooLong { .. }));
+    }
+
+    #[test]
+    fn no_reply_times_out() {
+        let (r, _) = against(
+            |_| std::thread::sleep(Duration::from_millis(600)),
+            Duration::from_millis(200),
+        );
+        assert!(matches!(r.unwrap_err(), HvsockError::Timeout { .. }));
+    }
+
+    #[test]
+    fn no_socket_is_a_connect_error() {
+        let dir = crate::support::util::TempDir::new("hvsock");
+        let path = dir.join("missing.sock");
+        let e = connect(&path, 1024, LIMIT).unwrap_err();
+        assert!(matches!(e, HvsockError::Connect { .. }), "{e:?}");
+        assert!(e.to_string().contains("missing.sock"), "{e}");
+    }
+}

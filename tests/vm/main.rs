@@ -1,31 +1,44 @@
 //! End-to-end suite: agentd as PID 1 of a QEMU VM, driven over the virtio
-//! port through QEMU's chardev socket.
+//! port through QEMU's chardev socket, or over vsock through the hybrid
+//! vsock socket of `vhost-device-vsock` (one suite, two transports).
 //!
 //! `tests/vm/run.sh` builds and boots the VM and runs this binary with
-//! `--ignored --test-threads=1`, setting `AGENTD_VM_SOCK` (the socket) and
+//! `--ignored --test-threads=1`, setting `AGENTD_VM_TRANSPORT` (`console`,
+//! the default, or `vsock`), `AGENTD_VM_SOCK` (the chardev socket, for
+//! `console`) or `AGENTD_VM_VSOCK_UDS` and `AGENTD_VM_VSOCK_PORT` (the
+//! hybrid vsock socket and the guest port, for `vsock`), and
 //! `AGENTD_VM_T0_MS` (when QEMU started, for the boot-to-READY time). Every
 //! test is `#[ignore]`d so that a plain `cargo test` skips them. They run in
 //! name order; the last one shuts the VM down.
 //!
+//! The transports differ where the contract says they do: on the device
+//! port the agent's one link outlives its hosts (a session's frames wait
+//! for the next host, on the same id, and the checker's state carries over);
+//! over vsock each host is a connection of its own (its own id space and
+//! checker), and a session whose host went away is detached: the next host
+//! takes it over with ATTACH and gets what its replay ring kept
+//! (docs/PROTOCOL.md, extension `sessions`).
+//!
 //! The host side is a small synchronous client on the test support's
 //! [`Conn`] (frames in and out on `agentd::codec` and `agentd::messages`,
 //! every frame from the agent checked by the contract checker), so the
-//! suite depends on nothing but the contract (docs/PROTOCOL.md). The
-//! checker's state lives from one connection to the next, as the agent's
-//! sessions do.
+//! suite depends on nothing but the contract (docs/PROTOCOL.md).
 
 #[path = "../support/mod.rs"]
 mod support;
 
 use std::collections::{HashMap, VecDeque};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use agentd::messages::{Ack, ErrorMsg, Exec, ExecFailed, Exited, Message, Ready, Resize, Shutdown};
+use agentd::messages::{
+    Ack, Attach, Attached, Clock, ClockMsg, ClockSetDone, EntropyDone, ErrorMsg, Exec, ExecFailed,
+    Exited, List, Message, Ready, Resize, SessionInfo, SessionsMsg, Shutdown,
+};
 use support::checker::{Checker, Sent};
 use support::host::{sh, Conn};
 use support::proc::{fields_after_comm, number_of};
@@ -47,6 +60,23 @@ const STEP: Duration = Duration::from_secs(30);
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 static LAST_CLOSE: Mutex<Option<Instant>> = Mutex::new(None);
 static BOOT_REPORTED: Mutex<bool> = Mutex::new(false);
+/// The pid of every session STARTED so far, by id (for
+/// [`kill_left_running`] over vsock, where a new host cannot signal the
+/// ids of the one before).
+static PIDS: Mutex<Option<HashMap<u32, u32>>> = Mutex::new(None);
+/// The session number (STARTED's `session`) of every session STARTED so
+/// far, by id.
+static NUMBERS: Mutex<Option<HashMap<u32, u64>>> = Mutex::new(None);
+
+/// The session number of the session STARTED on `id`.
+fn session_number(id: u32) -> u64 {
+    NUMBERS
+        .lock()
+        .unwrap()
+        .as_ref()
+        .and_then(|m| m.get(&id).copied())
+        .unwrap_or_else(|| panic!("STARTED for id {id} carried no session number"))
+}
 
 fn new_id() -> u32 {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
@@ -56,6 +86,76 @@ fn sock_path() -> PathBuf {
     std::env::var_os("AGENTD_VM_SOCK")
         .map(PathBuf::from)
         .expect("AGENTD_VM_SOCK is not set: these tests run inside tests/vm/run.sh")
+}
+
+/// What the suite talks over (`AGENTD_VM_TRANSPORT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// The virtio-console port, through QEMU's chardev socket.
+    Console,
+    /// vsock, through the hybrid vsock socket of vhost-device-vsock.
+    Vsock,
+}
+
+fn transport() -> Transport {
+    static T: OnceLock<Transport> = OnceLock::new();
+    *T.get_or_init(|| match std::env::var("AGENTD_VM_TRANSPORT").as_deref() {
+        Err(_) | Ok("console") => Transport::Console,
+        Ok("vsock") => Transport::Vsock,
+        Ok(other) => panic!("AGENTD_VM_TRANSPORT={other:?}: give console or vsock"),
+    })
+}
+
+/// The hybrid vsock socket and the guest's vsock port.
+fn vsock_target() -> (PathBuf, u32) {
+    let uds = std::env::var_os("AGENTD_VM_VSOCK_UDS")
+        .map(PathBuf::from)
+        .expect("AGENTD_VM_VSOCK_UDS is not set: these tests run inside tests/vm/run.sh");
+    let port = std::env::var("AGENTD_VM_VSOCK_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .expect("AGENTD_VM_VSOCK_PORT is not set to a port number");
+    (uds, port)
+}
+
+/// Connects to the agent over the suite's transport. Over vsock the
+/// handshake is retried while nothing listens on the port yet (the VM is
+/// booting) or the socket is not there yet, until `limit`; a reply that
+/// is not `OK` fails at once.
+fn connect_stream(limit: Duration) -> UnixStream {
+    let start = Instant::now();
+    match transport() {
+        Transport::Console => {
+            let path = sock_path();
+            loop {
+                match UnixStream::connect(&path) {
+                    Ok(s) => break s,
+                    Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => panic!("cannot connect to {}: {e}", path.display()),
+                }
+            }
+        }
+        Transport::Vsock => {
+            use support::hvsock::HvsockError;
+            let (uds, port) = vsock_target();
+            loop {
+                match support::hvsock::connect(&uds, port, STEP) {
+                    Ok((s, _)) => break s,
+                    Err(
+                        e @ (HvsockError::Closed { .. }
+                        | HvsockError::Connect { .. }
+                        | HvsockError::Timeout { .. }),
+                    ) => {
+                        assert!(start.elapsed() < limit, "over vsock for {limit:?}: {e}");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => panic!("hybrid vsock handshake: {e}"),
+                }
+            }
+        }
+    }
 }
 
 /// One frame from the agent, owned.
@@ -71,6 +171,11 @@ enum Ev {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     Exited(Exited),
+    Sessions(Vec<SessionInfo>, bool),
+    Attached(Attached),
+    Clock(Clock),
+    ClockSetDone(ClockSetDone),
+    EntropyDone(EntropyDone),
 }
 
 /// What a finished session produced.
@@ -117,9 +222,13 @@ impl std::ops::Deref for Host {
 impl Drop for Host {
     fn drop(&mut self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        let checker = self.conn.take_checker();
-        let sent = self.conn.host.sent().clone();
-        *CONTRACT.lock().expect("the contract state") = Some((checker, sent));
+        // Over vsock the next host is a connection of its own: nothing
+        // carries over.
+        if transport() == Transport::Console {
+            let checker = self.conn.take_checker();
+            let sent = self.conn.host.sent().clone();
+            *CONTRACT.lock().expect("the contract state") = Some((checker, sent));
+        }
         *LAST_CLOSE.lock().unwrap() = Some(Instant::now());
     }
 }
@@ -134,18 +243,9 @@ impl Host {
                 std::thread::sleep(RECONNECT_GAP - since);
             }
         }
-        let path = sock_path();
-        let start = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(&path) {
-                Ok(s) => break s,
-                Err(e) if start.elapsed() < Duration::from_secs(30) => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => panic!("cannot connect to {}: {e}", path.display()),
-            }
-        };
+        let first_boot = !*BOOT_REPORTED.lock().unwrap();
+        let timeout = if first_boot { BOOT_TIMEOUT } else { STEP };
+        let stream = connect_stream(timeout);
         let clone = || stream.try_clone().expect("another handle on the socket");
         let (mut checker, sent) = CONTRACT
             .lock()
@@ -163,8 +263,6 @@ impl Host {
             ready: Ready::default(),
             queues: HashMap::new(),
         };
-        let first_boot = !*BOOT_REPORTED.lock().unwrap();
-        let timeout = if first_boot { BOOT_TIMEOUT } else { STEP };
         let (id, ev) = host
             .read_one(Instant::now() + timeout)
             .expect("no READY: the agent closed the connection");
@@ -193,12 +291,30 @@ impl Host {
             Message::Pong(p) => Ev::Pong(p.to_vec()),
             Message::ShutdownDone => Ev::ShutdownDone,
             Message::Error(e) => Ev::Error(e),
-            Message::Started(s) => Ev::Started(s.pid),
+            Message::Started(s) => {
+                if let Some(n) = s.session {
+                    NUMBERS
+                        .lock()
+                        .unwrap()
+                        .get_or_insert_with(HashMap::new)
+                        .insert(id, n);
+                }
+                PIDS.lock()
+                    .unwrap()
+                    .get_or_insert_with(HashMap::new)
+                    .insert(id, s.pid);
+                Ev::Started(s.pid)
+            }
             Message::ExecFailed(f) => Ev::ExecFailed(f),
             Message::StdinAck(a) => Ev::StdinAck(a.bytes),
             Message::Stdout(b) => Ev::Stdout(b.to_vec()),
             Message::Stderr(b) => Ev::Stderr(b.to_vec()),
             Message::Exited(x) => Ev::Exited(x),
+            Message::Sessions(SessionsMsg::Sessions(l)) => Ev::Sessions(l.sessions, l.more),
+            Message::Sessions(SessionsMsg::Attached(a)) => Ev::Attached(a),
+            Message::Clock(ClockMsg::Clock(c)) => Ev::Clock(c),
+            Message::Clock(ClockMsg::SetDone(d)) => Ev::ClockSetDone(d),
+            Message::Clock(ClockMsg::EntropyDone(d)) => Ev::EntropyDone(d),
             other => panic!("unexpected {:?} from the agent", other.kind()),
         };
         Some((id, ev))
@@ -306,6 +422,38 @@ impl Host {
                     return out;
                 }
                 other => panic!("unexpected {other:?} in session {id}"),
+            }
+        }
+    }
+
+    /// Takes a session over with ATTACH on a new id: returns the id and
+    /// ATTACHED.
+    fn attach(&mut self, attach: Attach) -> (u32, Attached) {
+        let id = new_id();
+        self.send(
+            &Message::Sessions(SessionsMsg::Attach(Box::new(attach.clone()))),
+            id,
+        );
+        match self.expect_for(id, STEP) {
+            Ev::Attached(a) => (id, a),
+            other => panic!("ATTACH {attach:?}: {other:?} instead of ATTACHED"),
+        }
+    }
+
+    /// LIST (`all`): every page's sessions.
+    fn list(&mut self, all: bool) -> Vec<SessionInfo> {
+        let id = new_id();
+        self.send(&Message::Sessions(SessionsMsg::List(List { all })), id);
+        let mut out = Vec::new();
+        loop {
+            match self.expect_for(id, STEP) {
+                Ev::Sessions(page, more) => {
+                    out.extend(page);
+                    if !more {
+                        return out;
+                    }
+                }
+                other => panic!("LIST: {other:?} instead of SESSIONS"),
             }
         }
     }
@@ -436,6 +584,15 @@ fn t02_init_duties() {
         .collect();
     for m in ["virtio_console", "virtio_pci", "virtio_ring"] {
         assert!(modules.contains(&m), "/proc/modules lacks {m}: {modules:?}");
+    }
+    if transport() == Transport::Vsock {
+        for m in [
+            "vsock",
+            "vmw_vsock_virtio_transport_common",
+            "vmw_vsock_virtio_transport",
+        ] {
+            assert!(modules.contains(&m), "/proc/modules lacks {m}: {modules:?}");
+        }
     }
 }
 
@@ -740,18 +897,50 @@ fn t11_host_reconnects_while_a_session_runs() {
     e.stdin = false;
     let pid = host.start(id, e).unwrap();
     let mut seen = Vec::new();
+    let mut seen_bytes = 0u64;
     while seen.len() < 3 {
         match host.expect_for(id, STEP) {
-            Ev::Stdout(b) => seen.extend(String::from_utf8_lossy(&b).lines().map(str::to_owned)),
+            Ev::Stdout(b) => {
+                seen_bytes += b.len() as u64;
+                seen.extend(String::from_utf8_lossy(&b).lines().map(str::to_owned))
+            }
             other => panic!("{other:?}"),
         }
     }
     eprintln!("before the disconnect: {seen:?}");
     drop(host);
     // Away for a second: the session keeps running, its output is queued
-    // (or dropped) by the agent.
+    // (or dropped) by the agent on the console; over vsock it is detached
+    // and its output goes to its replay ring.
     std::thread::sleep(Duration::from_secs(1));
     let mut host = Host::connect(); // asserts READY comes first
+    let id = match transport() {
+        Transport::Console => id,
+        Transport::Vsock => {
+            let number = session_number(id);
+            let listed = host.list(false);
+            let info = listed
+                .iter()
+                .find(|i| i.session == number)
+                .unwrap_or_else(|| panic!("session {number} not listed: {listed:?}"));
+            assert!(
+                !info.attached,
+                "the departed host's session is still attached: {info:?}"
+            );
+            assert_eq!(info.pid, pid);
+            let (new, a) = host.attach(Attach {
+                session: Some(number),
+                stdout_from: Some(seen_bytes),
+                ..Attach::default()
+            });
+            assert_eq!(
+                (a.pid, a.stdout_from, a.stdout_lost),
+                (pid, seen_bytes, 0),
+                "{a:?}"
+            );
+            new
+        }
+    };
     let out = host.collect(id, pid, STEP);
     let lines: Vec<String> = out.stdout_str().lines().map(str::to_owned).collect();
     eprintln!(
@@ -776,6 +965,14 @@ fn t11_host_reconnects_while_a_session_runs() {
         nums.windows(2).all(|w| w[0] < w[1]),
         "lines out of order: {nums:?}"
     );
+    if transport() == Transport::Vsock {
+        // The replay ring kept everything: nothing lost, nothing twice.
+        assert_eq!(
+            nums,
+            (0..40).collect::<Vec<u32>>(),
+            "lines lost over the reattach"
+        );
+    }
     // And the agent still works on the new connection.
     assert_eq!(host.sh("echo still here").stdout, b"still here\n");
 }
@@ -847,7 +1044,16 @@ fn t14_agentctl() {
         String::from_utf8_lossy(&help.stdout).contains("exec"),
         "{agentctl:?} --help lists no exec command: {help:?}"
     );
-    let connect = format!("unix:{}", sock_path().display());
+    // agentctl has no hybrid vsock transport yet: over vsock it talks
+    // through a Unix socket that this test forwards to the handshaken
+    // vsock connection.
+    let (connect, proxy) = match transport() {
+        Transport::Console => (format!("unix:{}", sock_path().display()), None),
+        Transport::Vsock => {
+            let (path, t) = hvsock_proxy();
+            (format!("unix:{}", path.display()), Some(t))
+        }
+    };
     // Keep the reconnect gap before and after each agentctl run.
     std::thread::sleep(RECONNECT_GAP);
     let out = Command::new(&agentctl)
@@ -864,12 +1070,44 @@ fn t14_agentctl() {
         .output()
         .expect("running agentctl");
     *LAST_CLOSE.lock().unwrap() = Some(Instant::now());
+    if let Some(t) = proxy {
+        t.join().expect("the vsock proxy thread");
+    }
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "via agentctl\n",
         "{out:?}"
     );
     assert_eq!(out.status.code(), Some(3), "{out:?}");
+}
+
+/// A Unix socket in a scratch folder that takes one connection and forwards
+/// it, both ways, to a new vsock connection to the agent (for agentctl,
+/// which speaks only to Unix sockets here). The thread ends when both
+/// sides have closed.
+fn hvsock_proxy() -> (PathBuf, std::thread::JoinHandle<()>) {
+    let dir = std::env::temp_dir().join(format!("agentd-vm-proxy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("the proxy's folder");
+    let path = dir.join("agentctl.sock");
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).expect("binding the proxy socket");
+    let t = std::thread::spawn(move || {
+        let (client, _) = listener.accept().expect("agentctl connecting to the proxy");
+        let agent = connect_stream(STEP);
+        let (c2, a2) = (
+            client.try_clone().expect("a handle"),
+            agent.try_clone().expect("a handle"),
+        );
+        let up = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut &c2, &mut &a2);
+            let _ = a2.shutdown(std::net::Shutdown::Write);
+        });
+        let _ = std::io::copy(&mut &agent, &mut &client);
+        let _ = client.shutdown(std::net::Shutdown::Both);
+        let _ = up.join();
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+    (path, t)
 }
 
 // ---------------------------------------------------------------------------
@@ -930,6 +1168,23 @@ impl Drop for KillOnFailure {
 fn kill_left_running(host: &mut Host) {
     let ids = std::mem::take(&mut *LEFT_RUNNING.lock().unwrap());
     if ids.is_empty() {
+        return;
+    }
+    if transport() == Transport::Vsock {
+        // The sessions are detached (their ids were the old connection's):
+        // kill their process groups from a session of this host.
+        let pids = PIDS.lock().unwrap().clone().unwrap_or_default();
+        let groups: Vec<String> = ids
+            .iter()
+            .filter_map(|id| pids.get(id))
+            .map(|p| format!("-{p}"))
+            .collect();
+        let out = host.sh(&format!(
+            "kill -KILL -- {} 2>/dev/null; true",
+            groups.join(" ")
+        ));
+        assert_eq!(out.status(), 0, "{out:?}");
+        eprintln!("(killed the sessions a failed test left running)");
         return;
     }
     for &id in &ids {
@@ -1168,6 +1423,9 @@ fn t15_host_disconnects_mid_flood_sessions_resume() {
     // READY must come first (Host::connect asserts it), and the new
     // stream must hold whole frames only (read_one panics on a bad one).
     let mut host = Host::connect();
+    if transport() == Transport::Vsock {
+        return floods_reattached(host, pattern, &specs, &before);
+    }
     host.send(&Message::Ping(b"after the reconnect"), 0);
     let mut after = Floods::new(&pids);
     let mut pong = false;
@@ -1229,6 +1487,90 @@ fn t15_host_disconnects_mid_flood_sessions_resume() {
         );
     }
     eprintln!("lost in flight at the disconnect: {lost_total} bytes in all");
+    assert_eq!(host.sh("echo still here").stdout, b"still here\n");
+}
+
+/// t15 over vsock: the floods were detached when their host left (they
+/// never block: their output goes to their replay rings) and the new host
+/// takes each over with ATTACH from the offset it had got to. The replay
+/// is exact: `*_lost` is what the ring no longer kept of what was asked
+/// for, ATTACHED's `*_from` that offset plus `*_lost`, and what follows is
+/// the stream from there on to its end, then EXITED with the flood's own
+/// status.
+fn floods_reattached(
+    mut host: Host,
+    pattern: &[u8],
+    specs: &[(u32, usize, bool, i32)],
+    before: &Floods,
+) {
+    host.send(&Message::Ping(b"after the reconnect"), 0);
+    match host.expect_for(0, STEP) {
+        Ev::Pong(p) => assert_eq!(p, b"after the reconnect"),
+        other => panic!("{other:?} instead of PONG"),
+    }
+    let mut lost_total = 0;
+    for &(id, off, err, code) in specs {
+        let stream = &pattern[off..];
+        let b = &before.out[&id];
+        let first = if err { &b.stderr } else { &b.stdout };
+        assert!(
+            stream.starts_with(first),
+            "session {id}: what the first host got is not the start of the stream"
+        );
+        let number = session_number(id);
+        let from = first.len() as u64;
+        let mut attach = Attach {
+            session: Some(number),
+            ..Attach::default()
+        };
+        if err {
+            attach.stderr_from = Some(from);
+        } else {
+            attach.stdout_from = Some(from);
+        }
+        let (new, a) = host.attach(attach);
+        let (a_from, lost) = if err {
+            (a.stderr_from, a.stderr_lost)
+        } else {
+            (a.stdout_from, a.stdout_lost)
+        };
+        // ATTACHED's `*_from` is where the replay starts: the offset asked
+        // for plus what the ring no longer had of what was asked for.
+        assert_eq!(a_from, from + lost, "session {id}: {a:?}");
+        let out = host.collect(new, a.pid, Duration::from_secs(120));
+        let (second, other) = if err {
+            (&out.stderr, &out.stdout)
+        } else {
+            (&out.stdout, &out.stderr)
+        };
+        assert!(other.is_empty(), "session {id}: output on the wrong stream");
+        assert_eq!(
+            first.len() as u64 + lost + second.len() as u64,
+            stream.len() as u64,
+            "session {id}: got {} + lost {lost} + replayed {} bytes of {}",
+            first.len(),
+            second.len(),
+            stream.len()
+        );
+        assert!(
+            stream.ends_with(second),
+            "session {id}: the replay is not the rest of the stream"
+        );
+        let x = out.exited.expect("no EXITED");
+        assert_eq!(
+            (x.code, x.signal),
+            (Some(code), None),
+            "session {id} did not run to its end while detached"
+        );
+        lost_total += lost;
+        eprintln!(
+            "session {id}: {} bytes before the disconnect, {lost} no longer in the replay ring, \
+             {} replayed after the reattach, exit {code}",
+            first.len(),
+            second.len()
+        );
+    }
+    eprintln!("dropped by the replay rings while detached: {lost_total} bytes in all");
     assert_eq!(host.sh("echo still here").stdout, b"still here\n");
 }
 
@@ -1650,6 +1992,418 @@ fn t20_sequential_sessions_leak_nothing() {
     assert!(rss_end <= rss + 256, "RSS grew from {rss} to {rss_end} KiB");
 }
 
+// ---------------------------------------------------------------------------
+// The clock extension and per-session cgroups, with the agent as the VM's
+// init: the guest's own clock and a real cgroup2 (never the host's).
+// ---------------------------------------------------------------------------
+
+fn host_now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the host clock is after 1970")
+        .as_nanos() as i64
+}
+
+/// CLOCK_GET: the guest's clock, the host's midpoint of the round trip,
+/// and the round trip.
+fn clock_get(host: &mut Host) -> (Clock, i64, Duration) {
+    let id = new_id();
+    let t0 = host_now_ns();
+    let start = Instant::now();
+    host.send(&Message::Clock(ClockMsg::Get), id);
+    match host.expect_for(id, STEP) {
+        Ev::Clock(c) => {
+            let rtt = start.elapsed();
+            (c, t0 + rtt.as_nanos() as i64 / 2, rtt)
+        }
+        other => panic!("{other:?} instead of CLOCK"),
+    }
+}
+
+/// CLOCK_SET: CLOCK_SET_DONE, or the ERROR.
+fn clock_set(host: &mut Host, realtime_ns: i64) -> Result<ClockSetDone, ErrorMsg> {
+    let id = new_id();
+    host.send(
+        &Message::Clock(ClockMsg::Set(agentd::messages::ClockSet { realtime_ns })),
+        id,
+    );
+    match host.expect_for(id, STEP) {
+        Ev::ClockSetDone(d) => Ok(d),
+        Ev::Error(e) => Err(e),
+        other => panic!("{other:?} instead of CLOCK_SET_DONE"),
+    }
+}
+
+/// Sets the guest clock to the host's (the midpoint of a round trip
+/// later): returns the offset left, guest minus host, in ns.
+fn sync_clock(host: &mut Host) -> i64 {
+    // The set lands half a round trip after it was sent.
+    let (_, _, rtt) = clock_get(host);
+    clock_set(host, host_now_ns() + rtt.as_nanos() as i64 / 2)
+        .unwrap_or_else(|e| panic!("CLOCK_SET refused: {e:?}"));
+    let (c, mid, _) = clock_get(host);
+    c.realtime_ns - mid
+}
+
+const SEC: i64 = 1_000_000_000;
+
+/// The guest clock as the VM's init may set it (READY `clock_set: true`):
+/// CLOCK_SET steps it to a date far from the host's (2033-05-18, 2e9 s),
+/// which CLOCK_SET_DONE, CLOCK_GET and `date` in a session all show, while
+/// CLOCK_BOOTTIME goes on; a negative time is refused (EINVAL from the
+/// kernel: ERROR bad_payload) and changes nothing; then it is set back to
+/// the host's time, to within 50 ms. ENTROPY is accepted and credited (the
+/// kernel's pool), an empty or oversized payload refused. The host's clock
+/// is only read.
+#[test]
+#[ignore = "needs the VM: run tests/vm/run.sh"]
+fn t21_clock_set_and_entropy_as_the_vms_init() {
+    let mut host = Host::connect();
+    assert!(
+        host.ready.features.iter().any(|f| f == "clock"),
+        "{:?}",
+        host.ready
+    );
+    assert_eq!(
+        host.ready.clock_set,
+        Some(true),
+        "READY: CLOCK_SET not served as PID 1"
+    );
+    let (before, mid, rtt) = clock_get(&mut host);
+    eprintln!(
+        "guest clock at first: {:+.3} s from the host's (round trip {rtt:?}), restores {}",
+        (before.realtime_ns - mid) as f64 / 1e9,
+        before.restores
+    );
+    let target = 2_000_000_000 * SEC;
+    let done = clock_set(&mut host, target).unwrap_or_else(|e| panic!("CLOCK_SET: {e:?}"));
+    assert!(
+        (done.old_ns - host_now_ns()).abs() < 3600 * SEC,
+        "old_ns {} is not the guest's time before the set",
+        done.old_ns
+    );
+    assert!(
+        (target..target + 5 * SEC).contains(&done.new_ns),
+        "new_ns {} is not the time set ({target})",
+        done.new_ns
+    );
+    let (after, _, _) = clock_get(&mut host);
+    assert!(
+        (target..target + 60 * SEC).contains(&after.realtime_ns),
+        "CLOCK_GET after the set: {after:?}"
+    );
+    assert!(
+        after.boottime_ns > before.boottime_ns,
+        "CLOCK_BOOTTIME went back with the step: {before:?} {after:?}"
+    );
+    let out = host.sh("date -u +%s; date -u +%Y-%m-%d");
+    let s = out.stdout_str();
+    let mut lines = s.lines();
+    let secs: i64 = lines.next().and_then(|l| l.parse().ok()).expect("date +%s");
+    assert!(
+        (2_000_000_000..2_000_000_060).contains(&secs),
+        "date in a session says {secs}: {s}"
+    );
+    assert_eq!(lines.next(), Some("2033-05-18"), "{s}");
+    // A time the kernel refuses changes nothing.
+    match clock_set(&mut host, -SEC) {
+        Err(e) => assert_eq!(e.kind, "bad_payload", "{e:?}"),
+        Ok(d) => panic!("CLOCK_SET to before 1970 accepted: {d:?}"),
+    }
+    let (still, _, _) = clock_get(&mut host);
+    assert!(
+        (target..target + 60 * SEC).contains(&still.realtime_ns),
+        "a refused CLOCK_SET moved the clock: {still:?}"
+    );
+    // Back to the host's time.
+    let off = sync_clock(&mut host);
+    eprintln!(
+        "guest clock after the sync: {:+.3} ms from the host's",
+        off as f64 / 1e6
+    );
+    assert!(
+        off.abs() < 50_000_000,
+        "the guest clock is {off} ns off after the sync"
+    );
+    // ENTROPY: credited bytes.
+    let data = Rng(0xe47).bytes(512);
+    let id = new_id();
+    host.send(&Message::Clock(ClockMsg::Entropy(&data)), id);
+    match host.expect_for(id, STEP) {
+        Ev::EntropyDone(d) => assert_eq!(d.bytes, 512),
+        other => panic!("{other:?} instead of ENTROPY_DONE"),
+    }
+    for len in [0usize, 4097] {
+        let id = new_id();
+        host.send(&Message::Clock(ClockMsg::Entropy(&vec![7u8; len])), id);
+        match host.expect_for(id, STEP) {
+            Ev::Error(e) => assert_eq!(e.kind, "bad_payload", "{len} bytes: {e:?}"),
+            other => panic!("ENTROPY of {len} bytes: {other:?}"),
+        }
+    }
+    let out = host.sh("cat /proc/sys/kernel/random/entropy_avail");
+    eprintln!("entropy_avail after ENTROPY: {}", out.stdout_str().trim());
+}
+
+/// The cgroup of a process in the guest (`/sys/fs/cgroup` + its
+/// `/proc/PID/cgroup` path).
+fn cgroup_of(host: &mut Host, pid: u32) -> String {
+    let out = host.sh(&format!("cat /proc/{pid}/cgroup"));
+    let s = out.stdout_str();
+    let path = s
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or_else(|| panic!("no cgroup2 line for {pid}: {s:?}"));
+    assert!(
+        path.starts_with("/agentd/"),
+        "session {pid} is in {path}, not under /agentd"
+    );
+    format!("/sys/fs/cgroup{path}")
+}
+
+/// A fork bomb as root (no RLIMIT_NPROC holds root back) under `pids_max
+/// 40`: its cgroup never holds more than 40 processes (`pids.current`,
+/// sampled), the limit is hit (`pids.events` max > 0), other sessions
+/// and PINGs go on meanwhile, and a tree SIGKILL ends every process of it;
+/// its cgroup is then removed.
+#[test]
+#[ignore = "needs the VM: run tests/vm/run.sh"]
+fn t22_fork_bomb_contained_by_pids_max() {
+    let mut host = Host::connect();
+    assert_eq!(host.ready.cgroups, Some(true), "READY: no cgroups as PID 1");
+    let mut bomb = sh("exec awk 'BEGIN { while (1) system(\"b() { b | b & sleep 5; }; b\") }'");
+    bomb.pids_max = Some(40);
+    bomb.stdin = false;
+    let id = new_id();
+    let pid = host.start(id, bomb).unwrap();
+    let cg = cgroup_of(&mut host, pid);
+    let mut stderr = Vec::new();
+    while !String::from_utf8_lossy(&stderr).contains("can't fork") {
+        match host.expect_for(id, STEP) {
+            Ev::Stderr(b) => stderr.extend_from_slice(&b),
+            Ev::Stdout(_) => {}
+            other => panic!("bomb: unexpected {other:?}"),
+        }
+    }
+    let mut samples = Vec::new();
+    for i in 0..5 {
+        let out = host.sh(&format!(
+            "echo ok {i}; cat {cg}/pids.max {cg}/pids.current; grep max {cg}/pids.events"
+        ));
+        assert_eq!(out.status(), 0, "{out:?}");
+        let s = out.stdout_str();
+        let l: Vec<&str> = s.lines().collect();
+        assert_eq!(l.first().copied(), Some(format!("ok {i}").as_str()), "{s}");
+        assert_eq!(l.get(1).copied(), Some("40"), "pids.max: {s}");
+        let current: u32 = l.get(2).and_then(|n| n.parse().ok()).expect("pids.current");
+        let hits: u64 = l
+            .get(3)
+            .and_then(|e| e.split_whitespace().nth(1)?.parse().ok())
+            .expect("pids.events max");
+        samples.push((current, hits));
+        let payload = format!("bomb {i}");
+        host.send(&Message::Ping(payload.as_bytes()), 0);
+        match host.expect_for(0, STEP) {
+            Ev::Pong(p) => assert_eq!(p, payload.as_bytes()),
+            other => panic!("{other:?}"),
+        }
+    }
+    eprintln!("pids_max 40: (pids.current, pids.events max) sampled {samples:?}");
+    assert!(samples.iter().all(|&(c, _)| c <= 40), "{samples:?}");
+    assert!(
+        samples.iter().any(|&(c, _)| c >= 20),
+        "the bomb is not near its limit: {samples:?}"
+    );
+    assert!(
+        samples.last().unwrap().1 > 0,
+        "pids.max was never hit: {samples:?}"
+    );
+    host.send(
+        &Message::Signal(agentd::messages::Signal {
+            signal: 9,
+            group: true,
+            tree: true,
+        }),
+        id,
+    );
+    let out = host.collect(id, pid, STEP);
+    assert_eq!(out.exited.unwrap().signal, Some(9), "{:?}", out.exited);
+    let left = eventually_zero(Duration::from_secs(10), || {
+        let out = host.sh(&format!(
+            "[ -d {cg} ] && cat {cg}/cgroup.procs | wc -l || echo 0"
+        ));
+        out.stdout_str().trim().parse().unwrap_or(usize::MAX)
+    });
+    assert_eq!(left, 0, "processes of the bomb are left in {cg}");
+    let gone = eventually_zero(Duration::from_secs(10), || {
+        usize::from(host.sh(&format!("[ -d {cg} ]")).status() == 0)
+    });
+    assert_eq!(gone, 0, "{cg} was not removed");
+}
+
+/// A memory hog (awk doubling a string) under `memory_max` 32 MiB is
+/// killed by the OOM killer inside its cgroup: EXITED by SIGKILL with
+/// `oom_killed: true`; the agent (outside the cgroup) and the rest of the
+/// VM go on. The same hog's EXITED without OOM is not marked: a session
+/// that exits by itself under the limit has `oom_killed: false`.
+#[test]
+#[ignore = "needs the VM: run tests/vm/run.sh"]
+fn t23_memory_hog_is_oom_killed_in_its_cgroup() {
+    let mut host = Host::connect();
+    let mut hog = sh("exec awk 'BEGIN { s = \"x\"; while (1) s = s s }'");
+    hog.memory_max = Some(32 << 20);
+    hog.stdin = false;
+    let id = new_id();
+    let pid = host.start(id, hog).unwrap();
+    let out = host.collect(id, pid, Duration::from_secs(60));
+    let x = out.exited.expect("EXITED");
+    eprintln!("memory hog under memory_max 32 MiB: {x:?}");
+    assert_eq!(x.signal, Some(9), "{x:?}");
+    assert!(x.oom_killed, "EXITED without oom_killed: {x:?}");
+    // Under the limit: a small allocation exits 0, unmarked.
+    let mut small =
+        sh("awk 'BEGIN { s = \"x\"; for (i = 0; i < 20; i++) s = s s; print length(s) }'");
+    small.memory_max = Some(32 << 20);
+    small.stdin = false;
+    let out = host.run(small, b"");
+    assert_eq!(out.stdout_str(), "1048576\n", "{out:?}");
+    let x = out.exited.unwrap();
+    assert_eq!((x.status, x.oom_killed), (0, false), "{x:?}");
+    host.send(&Message::Ping(b"after the oom"), 0);
+    match host.expect_for(0, STEP) {
+        Ev::Pong(p) => assert_eq!(p, b"after the oom"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// SIGNAL `tree` reaches a grandchild that left the session's process
+/// group with `setsid`: a group SIGKILL does not (the control: the
+/// grandchild of the first session is still alive after its EXITED), a
+/// tree SIGKILL does (the second one's is gone, and its cgroup removed).
+#[test]
+#[ignore = "needs the VM: run tests/vm/run.sh"]
+fn t24_tree_signal_reaches_a_setsid_grandchild() {
+    let mut host = Host::connect();
+    let grandchild = |host: &mut Host, tag: &str| -> (u32, u32, u32, String) {
+        let id = new_id();
+        let mut e = sh(&format!(
+            "setsid sh -c 'echo $$ > /tmp/gc.{tag}; exec sleep 1000' </dev/null >/dev/null 2>&1 & \
+             while [ ! -s /tmp/gc.{tag} ]; do sleep 0.05; done; cat /tmp/gc.{tag}; exec sleep 1000"
+        ));
+        e.stdin = false;
+        let pid = host.start(id, e).unwrap();
+        let gc = match host.expect_for(id, STEP) {
+            Ev::Stdout(b) => String::from_utf8_lossy(&b)
+                .trim()
+                .parse::<u32>()
+                .expect("a pid"),
+            other => panic!("{other:?}"),
+        };
+        let cg = cgroup_of(host, pid);
+        assert_eq!(
+            cgroup_of(host, gc),
+            cg,
+            "the grandchild is not in the session's cgroup"
+        );
+        let out = host.sh(&format!(
+            "cut -d' ' -f6 /proc/{gc}/stat; cut -d' ' -f6 /proc/{pid}/stat"
+        ));
+        let text = out.stdout_str();
+        let sids: Vec<&str> = text.lines().collect();
+        assert_ne!(
+            sids[0], sids[1],
+            "the grandchild did not leave the session: {sids:?}"
+        );
+        (id, pid, gc, cg)
+    };
+    let alive = |host: &mut Host, pid: u32| {
+        let script = format!("[ -e /proc/{pid} ] && ! grep -q '^State:.*Z' /proc/{pid}/status");
+        host.sh(&script).status() == 0
+    };
+    // Control: a group SIGKILL leaves the setsid grandchild.
+    let (id, pid, gc, _) = grandchild(&mut host, "group");
+    host.send(
+        &Message::Signal(agentd::messages::Signal {
+            signal: 9,
+            group: true,
+            tree: false,
+        }),
+        id,
+    );
+    assert_eq!(host.collect(id, pid, STEP).exited.unwrap().signal, Some(9));
+    assert!(
+        alive(&mut host, gc),
+        "a group signal reached the setsid grandchild {gc}"
+    );
+    assert_eq!(host.sh(&format!("kill -9 {gc}")).status(), 0);
+    // Tree: it reaches the grandchild.
+    let (id, pid, gc, cg) = grandchild(&mut host, "tree");
+    host.send(
+        &Message::Signal(agentd::messages::Signal {
+            signal: 9,
+            group: false,
+            tree: true,
+        }),
+        id,
+    );
+    assert_eq!(host.collect(id, pid, STEP).exited.unwrap().signal, Some(9));
+    let n = eventually_zero(Duration::from_secs(10), || {
+        usize::from(alive(&mut host, gc))
+    });
+    assert_eq!(
+        n, 0,
+        "the tree SIGKILL did not reach the setsid grandchild {gc}"
+    );
+    let gone = eventually_zero(Duration::from_secs(10), || {
+        usize::from(host.sh(&format!("[ -d {cg} ]")).status() == 0)
+    });
+    assert_eq!(gone, 0, "{cg} was not removed");
+    assert_eq!(host.sh("rm -f /tmp/gc.group /tmp/gc.tree").status(), 0);
+}
+
+/// Over vsock: the hybrid handshake against the real monitor
+/// (vhost-device-vsock) fails as it should when nothing listens on the
+/// guest port (the monitor closes the stream: `Closed`, with the port in
+/// the message), while the agent's port still answers; a second host
+/// connected at the same time gets its own READY (several hosts at once
+/// over vsock). On the console port this test has nothing to check and
+/// says so.
+#[test]
+#[ignore = "needs the VM: run tests/vm/run.sh"]
+fn t25_vsock_handshake_refusals_and_concurrent_hosts() {
+    if transport() != Transport::Vsock {
+        eprintln!("console transport: nothing to check (vsock only)");
+        return;
+    }
+    let (uds, port) = vsock_target();
+    let unused = port + 1;
+    match support::hvsock::connect(&uds, unused, STEP) {
+        Err(e @ support::hvsock::HvsockError::Closed { .. }) => {
+            assert!(
+                e.to_string().contains(&format!("vsock port {unused}")),
+                "{e}"
+            );
+            eprintln!("CONNECT {unused}: {e}");
+        }
+        Err(e) => panic!("CONNECT {unused} (nothing listens): {e:?}, not Closed"),
+        Ok((_, n)) => panic!("CONNECT {unused} was accepted (OK {n}): nothing listens there"),
+    }
+    let mut a = Host::connect();
+    let mut b = Host::connect();
+    for (h, name) in [(&mut a, "a"), (&mut b, "b")] {
+        assert_eq!(h.ready.pid, 1);
+        h.send(&Message::Ping(name.as_bytes()), 0);
+    }
+    for (h, name) in [(&mut a, "a"), (&mut b, "b")] {
+        match h.expect_for(0, STEP) {
+            Ev::Pong(p) => assert_eq!(p, name.as_bytes()),
+            other => panic!("host {name}: {other:?}"),
+        }
+    }
+    assert_eq!(b.sh("echo b").stdout, b"b\n");
+    assert_eq!(a.sh("echo a").stdout, b"a\n");
+}
+
 // The first boot ends here: SHUTDOWN powers the VM off. `run.sh` then boots
 // it again for the `second_boot_` tests.
 
@@ -1763,5 +2517,238 @@ fn second_boot_busybox_poweroff_shuts_down_gracefully() {
     eprintln!(
         "busybox poweroff: shut down and powered off in {:?}",
         t.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Snapshot and restore (run.sh's restore phase): `restore_1_` runs before
+// run.sh saves the VM to a file (QMP stop and migrate to "exec:cat > FILE")
+// and quits QEMU, `restore_2_` after a new QEMU restored it (-incoming
+// "exec:cat FILE") a few seconds later. The agent runs on the console port;
+// the VM has `-device vmgenid,guid=auto`.
+// ---------------------------------------------------------------------------
+
+/// The tag of the session that lives across the snapshot.
+const TICKER_TAG: &str = "restore-ticker";
+
+/// Where restore_1_ leaves its notes for restore_2_ (`AGENTD_VM_RESTORE_STATE`).
+fn restore_state_path() -> PathBuf {
+    std::env::var_os("AGENTD_VM_RESTORE_STATE")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .expect("AGENTD_VM_RESTORE_STATE is not set: the restore tests run inside tests/vm/run.sh")
+}
+
+/// The ticks (`tick N` lines) in `text`, in order.
+fn ticks(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect()
+}
+
+/// Before the snapshot: a detached session (tagged) that prints `tick N`
+/// every 0.2 s, its number and how far it got, and the guest clock (set to
+/// the host's first, so that the skew after the restore is the VM's
+/// downtime, not the boot's offset).
+#[test]
+#[ignore = "needs the VM (restore phase): run tests/vm/run.sh"]
+fn restore_1_before_the_snapshot() {
+    let mut host = Host::connect();
+    assert_eq!(host.ready.restores, Some(0), "{:?}", host.ready);
+    let off = sync_clock(&mut host);
+    assert!(
+        off.abs() < 50_000_000,
+        "the clock is {off} ns off after the sync"
+    );
+    let mut e = sh("i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done");
+    e.stdin = false;
+    e.detach = true;
+    e.tag = Some(TICKER_TAG.into());
+    let id = new_id();
+    let pid = host.start(id, e).unwrap();
+    let number = session_number(id);
+    std::thread::sleep(Duration::from_secs(2));
+    let info = host
+        .list(false)
+        .into_iter()
+        .find(|i| i.session == number)
+        .expect("the ticker is not listed");
+    assert!(info.stdout_bytes > 0, "the ticker wrote nothing: {info:?}");
+    let (c, mid, _) = clock_get(&mut host);
+    let notes = format!(
+        "session={number}\npid={pid}\nstdout_bytes={}\nguest_ns={}\nhost_ns={mid}\n",
+        info.stdout_bytes, c.realtime_ns
+    );
+    std::fs::write(restore_state_path(), &notes).expect("writing the restore notes");
+    eprintln!("before the snapshot: {}", notes.replace('\n', " "));
+}
+
+/// After the restore: READY first (a new QEMU, a new chardev socket), its
+/// `realtime_ns` behind the host's by about the downtime (the guest clock
+/// stood still while the VM was saved: the skew a host must fix, and this
+/// test fails if it is not there), CLOCK_SET brings it within 50 ms of the
+/// host's; the session from before the snapshot is still there (LIST, the
+/// same pid) and ATTACH by tag replays its output from where it was and
+/// goes on with new ticks, in sequence; `restores` and the VM generation
+/// ID: see below. Then SHUTDOWN powers the restored VM off.
+#[test]
+#[ignore = "needs the VM (restore phase): run tests/vm/run.sh"]
+fn restore_2_after_the_restore() {
+    let notes = std::fs::read_to_string(restore_state_path()).expect("restore_1_'s notes");
+    let note = |k: &str| -> i64 {
+        notes
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in the notes: {notes}"))
+    };
+    let mut host = Host::connect();
+    let host_ns = host_now_ns();
+    let ready_ns = host.ready.realtime_ns.expect("READY has no realtime_ns");
+    let skew = host_ns - ready_ns;
+    let downtime = host_ns - note("host_ns");
+    eprintln!(
+        "after the restore: READY's clock {:.3} s behind the host's; {:.3} s since the notes",
+        skew as f64 / 1e9,
+        downtime as f64 / 1e9
+    );
+    // run.sh waits 4 s between the save and the restore.
+    assert!(
+        skew > 2 * SEC,
+        "no visible skew after the restore: {skew} ns"
+    );
+    let (c, mid, _) = clock_get(&mut host);
+    assert!(
+        mid - c.realtime_ns > 2 * SEC,
+        "CLOCK_GET shows no skew: {c:?}"
+    );
+    let off = sync_clock(&mut host);
+    eprintln!(
+        "after the sync: {:+.3} ms from the host's",
+        off as f64 / 1e6
+    );
+    assert!(
+        off.abs() < 50_000_000,
+        "the clock is {off} ns off after the sync"
+    );
+    // The VM generation ID: QEMU's guid=auto gives the restored VM a new
+    // one (run.sh read both over QMP). The agent notices a restore only
+    // from the kernel vmgenid driver's NEW_VMGENID uevent. Measured
+    // (docs/VM.md): the Debian cloud kernel of this suite has no vmgenid
+    // driver (CONFIG_VIRT_DRIVERS is off); Debian's generic 6.1 kernel has
+    // one, bound, yet after the restore there was no uevent (`restores`
+    // 0) and not even the RNG's "crng reseeded due to virtual machine
+    // fork" notice in its log. So `restores` is expected to count the
+    // restore only with a driver on a kernel newer than 6.1 (not tried
+    // here: apt offers only 6.1).
+    let before = std::env::var("AGENTD_VM_VMGENID_BEFORE").unwrap_or_default();
+    let after = std::env::var("AGENTD_VM_VMGENID_AFTER").unwrap_or_default();
+    assert!(
+        !before.is_empty() && !after.is_empty(),
+        "run.sh gave no vmgenid"
+    );
+    assert_ne!(
+        before, after,
+        "guid=auto did not change the VM generation ID on -incoming"
+    );
+    let probe = host.sh(
+        "{ [ -d /sys/bus/acpi/drivers/vmgenid ] || [ -d /sys/bus/platform/drivers/vmgenid ]; } \
+         && echo driver; uname -r; dmesg | grep -c 'virtual machine fork'",
+    );
+    let text = probe.stdout_str();
+    let driver = text.lines().next() == Some("driver");
+    let release = text
+        .lines()
+        .find(|l| l.starts_with(char::is_numeric))
+        .unwrap_or("");
+    let forks: u32 = text
+        .lines()
+        .last()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let newer_than_6_1 = {
+        let mut v = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        (v.next().unwrap_or(0), v.next().unwrap_or(0)) > (6, 1)
+    };
+    eprintln!(
+        "vmgenid {before} -> {after}; guest kernel {release}, vmgenid driver: {driver}, \
+         VM forks in its log: {forks}; READY restores {:?}",
+        host.ready.restores
+    );
+    let expected = u32::from(driver && newer_than_6_1);
+    assert_eq!(host.ready.restores, Some(expected), "{:?}", host.ready);
+    // The session from before the snapshot.
+    let number = note("session") as u64;
+    let listed = host.list(false);
+    let info = listed
+        .iter()
+        .find(|i| i.session == number)
+        .unwrap_or_else(|| panic!("session {number} is gone after the restore: {listed:?}"));
+    assert_eq!(i64::from(info.pid), note("pid"), "{info:?}");
+    assert_eq!(info.state, "running", "{info:?}");
+    assert_eq!(info.tag.as_deref(), Some(TICKER_TAG));
+    let from = note("stdout_bytes") as u64;
+    let (id, a) = host.attach(Attach {
+        tag: Some(TICKER_TAG.into()),
+        stdout_from: Some(from),
+        ..Attach::default()
+    });
+    assert_eq!(
+        (a.session, a.stdout_from, a.stdout_lost),
+        (number, from, 0),
+        "{a:?}"
+    );
+    // Its output from the snapshot's offset on, until it has printed 10
+    // ticks after the restore.
+    let mut text = String::new();
+    let mut first_new = None;
+    let start = Instant::now();
+    loop {
+        match host.expect_for(id, STEP) {
+            Ev::Stdout(b) => text.push_str(&String::from_utf8_lossy(&b)),
+            other => panic!("ticker: {other:?}"),
+        }
+        let t = ticks(&text);
+        if first_new.is_none() && !t.is_empty() {
+            first_new = t.last().copied();
+        }
+        if t.len() >= 2 && t.last().copied() >= first_new.map(|f| f + 10) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the ticker stopped: {text:?}"
+        );
+    }
+    let t = ticks(&text);
+    assert!(
+        t.windows(2).all(|w| w[1] == w[0] + 1),
+        "ticks lost or repeated across the restore: {t:?}"
+    );
+    eprintln!(
+        "the ticker went on across the restore: ticks {} to {}",
+        t[0],
+        t[t.len() - 1]
+    );
+    host.send(
+        &Message::Signal(agentd::messages::Signal {
+            signal: 9,
+            group: true,
+            tree: true,
+        }),
+        id,
+    );
+    let out = host.collect(id, a.pid, STEP);
+    assert_eq!(out.exited.unwrap().signal, Some(9));
+    host.send(&Message::Shutdown(Shutdown { grace_ms: 500 }), 0);
+    match host.expect_for(0, STEP) {
+        Ev::ShutdownDone => {}
+        other => panic!("expected SHUTDOWN_DONE, got {other:?}"),
+    }
+    assert!(
+        host.next_for(0, Duration::from_secs(30)).is_none(),
+        "frames after SHUTDOWN_DONE"
     );
 }
