@@ -341,12 +341,11 @@ build_initramfs() {
 }
 
 # --- QEMU -------------------------------------------------------------------------------
-QEMU_EXTRA=() # more QEMU arguments for start_qemu (a root disk: tests/vm/rootfs.bash)
 QEMU_T0_MS=
 # The transport of the next start_qemu: console (the virtio-console port only) or vsock
 # (also a vhost-user-vsock device, and agentd.port=vsock:$VSOCK_PORT).
 TRANSPORT=console
-QEMU_EXTRA=() # more QEMU arguments for the next start_qemu (the restore test's)
+QEMU_EXTRA=() # more QEMU arguments for the next start_qemu (the restore test's, a root disk)
 VHOST_SOCK=
 VSOCK_UDS=
 # Starts vhost-device-vsock for the next VM (VHOST_PID, VHOST_SOCK, VSOCK_UDS) and waits
@@ -394,7 +393,7 @@ start_qemu() {
     qemu-system-x86_64 \
         -M q35 -accel "$ACCEL" "${CPU_ARGS[@]}" -m "$MEM" -smp "$SMP" \
         -nodefaults -no-user-config -display none -no-reboot \
-        -kernel "$KERNEL" -initrd "$initrd" -append "$append" "${QEMU_EXTRA[@]}" \
+        -kernel "$KERNEL" -initrd "$initrd" -append "$append" \
         -serial "file:$console" \
         -device virtio-serial-pci \
         -chardev "socket,id=agent0,path=$sock,server=on,wait=off" \
