@@ -65,8 +65,12 @@
 mod command;
 mod conn;
 mod error;
+mod fs;
+mod net;
 mod session;
 mod status;
+mod stream;
+mod tree;
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -81,6 +85,15 @@ pub use command::Command;
 pub use error::{Error, Result};
 pub use session::{Event, Events, Output, Session, SessionHandle};
 pub use status::ExitStatus;
+
+pub use fs::{
+    DirEntry, FileReader, FileType, FileWriter, Fs, Metadata, OpenOptions, ReadDir, TarOptions,
+    TarReader, TreeDone, Watch, WatchEvent, WatchKind,
+};
+pub use net::{Forwarder, Net, NetStream, Target};
+pub use tree::local_size;
+
+pub use crate::messages::{FsErrorKind, NetErrorKind};
 
 pub use crate::messages::{
     ErrorKind, ErrorMsg, Exec, ExecFailed, ExecFailedKind, Ready, RlimitResource,
@@ -451,6 +464,25 @@ impl Client {
         let mut request: Exec = request.into();
         request.stdin = false;
         self.exec(request)?.wait_with_output()
+    }
+
+    /// File operations on the guest, shaped like `std::fs` (the `fs`
+    /// extension): see [`Fs`].
+    pub fn fs(&self) -> Fs {
+        Fs::new(self.conn.clone())
+    }
+
+    /// Connections to guest sockets (the `net` extension): see [`Net`].
+    /// (A guest Unix socket is `client.net().connect_unix(path)`:
+    /// [`Client::connect_unix`] connects to an agent.)
+    pub fn net(&self) -> Net {
+        Net::new(self.conn.clone())
+    }
+
+    /// A TCP connection to the guest address `addr` (`HOST:PORT`,
+    /// `[ADDR]:PORT`), as [`Net::connect_tcp`].
+    pub fn connect_tcp(&self, addr: &str) -> Result<NetStream> {
+        self.net().connect_tcp(addr)
     }
 
     /// Measures a round trip (PING → PONG).
