@@ -113,7 +113,7 @@ fn exec_failed_text(f: &ExecFailed) -> String {
 
 fn fs_error_text(e: &FsError) -> String {
     let mut s = String::new();
-    if let Some(p) = &e.path {
+    if let Some(p) = e.path.as_ref().filter(|p| !e.message.contains(p.as_str())) {
         s.push_str(p);
         s.push_str(": ");
     }

@@ -131,6 +131,12 @@ impl Op {
     /// retried on another id).
     fn start(conn: &Arc<Conn>, req: &FsRequest) -> Result<Op> {
         let shared = &conn.shared;
+        if !shared
+            .ready()
+            .is_some_and(|r| r.features.iter().any(|f| f == "fs"))
+        {
+            return Err(Error::Unsupported("fs"));
+        }
         let credit = shared.ready().map(|r| r.stdin_window).unwrap_or(0);
         for _ in 0..ID_RETRIES {
             let (id, rx) = shared.register_stream(FINALS)?;
@@ -865,6 +871,30 @@ impl Fs {
         options: TarOptions,
     ) -> Result<TreeDone> {
         super::tree::upload(self, local.as_ref(), remote.as_ref(), options, &mut |_| {})
+    }
+
+    /// As [`Fs::upload`], calling `progress` with the archive bytes sent
+    /// since its last call (for a progress bar).
+    pub fn upload_with_progress(
+        &self,
+        local: impl AsRef<Path>,
+        remote: impl AsRef<Path>,
+        options: TarOptions,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<TreeDone> {
+        super::tree::upload(self, local.as_ref(), remote.as_ref(), options, progress)
+    }
+
+    /// As [`Fs::download`], calling `progress` with the archive bytes
+    /// received since its last call.
+    pub fn download_with_progress(
+        &self,
+        remote: impl AsRef<Path>,
+        local: impl AsRef<Path>,
+        options: TarOptions,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<TreeDone> {
+        super::tree::download(self, remote.as_ref(), local.as_ref(), options, progress)
     }
 
     /// Copies the guest tree `remote` to the local path `local`, which

@@ -275,6 +275,12 @@ impl Net {
             .map(|t| t.as_millis().clamp(1, u128::from(u32::MAX)) as u32);
         req.window = self.window;
         let shared = &self.conn.shared;
+        if !shared
+            .ready()
+            .is_some_and(|r| r.features.iter().any(|f| f == "net"))
+        {
+            return Err(Error::Unsupported("net"));
+        }
         let window = shared.ready().map_or(0, |r| r.stdin_window);
         let max = shared
             .ready()
