@@ -475,6 +475,12 @@ impl Shared {
 
     /// Handles one frame from the agent.
     fn handle(&self, frame: Frame<'_>) {
+        // An extension stream's frames go to it undecoded (its state
+        // machine decodes them, and turns one that does not decode into
+        // its own error instead of leaving it waiting).
+        if frame.id != 0 && frame.kind != Kind::Ready as u8 && self.deliver_stream(&frame) {
+            return;
+        }
         let msg = match Message::decode_from_agent(frame) {
             Ok(m) => m,
             Err(e) => {
@@ -492,9 +498,6 @@ impl Shared {
             }
         };
         let id = frame.id;
-        if id != 0 && !matches!(msg, Message::Ready(_)) && self.deliver_stream(&frame) {
-            return;
-        }
         if let Message::Ready(r) = msg {
             let mut st = lock(&self.state);
             if r.protocol != PROTOCOL_VERSION {

@@ -349,7 +349,7 @@ impl Net {
         let local = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let net = self.clone();
-        let on_error: Arc<dyn Fn(SocketAddr, &Error) + Send + Sync> = Arc::new(on_error);
+        let on_error: OnError = Arc::new(on_error);
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("agentd-forward-accept".into())

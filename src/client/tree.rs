@@ -322,7 +322,6 @@ pub(crate) fn download(
             }
         }
     }
-    drop(ar);
     // tar stops at the end-of-archive blocks; read what follows (padding)
     // up to the agent's FS_DONE, which carries the counts.
     io::copy(&mut counting, &mut io::sink()).map_err(from_io)?;
