@@ -601,3 +601,154 @@ fn transport_gone_fails_every_call() {
     let e = fs.metadata("/").unwrap_err();
     assert!(matches!(e, Error::TransportClosed(_)), "{e:?}");
 }
+
+// ---------------------------------------------------------------------------
+// Against a scripted fake agent: the windows, observed frame by frame.
+
+mod fake {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    use agentd::codec::{Decoder, OwnedFrame};
+    use agentd::messages::{Message, Ready};
+
+    pub struct Fake {
+        pub sock: UnixStream,
+        dec: Decoder,
+    }
+
+    pub fn start(stdin_window: u32, features: &[&str]) -> (agentd::client::Client, Fake) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut fake = Fake {
+            sock: b,
+            dec: Decoder::new(),
+        };
+        let ready = Ready {
+            protocol: 1,
+            agent: "fake/0".into(),
+            pid: 1,
+            max_payload: 1 << 20,
+            stdin_window,
+            max_sessions: 16,
+            features: features.iter().map(|s| s.to_string()).collect(),
+            ..Ready::default()
+        };
+        fake.send(0, &Message::Ready(ready));
+        let client = agentd::client::Client::from_stream(a).unwrap();
+        (client, fake)
+    }
+
+    impl Fake {
+        pub fn send(&mut self, id: u32, msg: &Message<'_>) {
+            self.sock.write_all(&msg.to_bytes(id)).unwrap();
+        }
+
+        /// The next frame within `t`, or None.
+        pub fn recv_within(&mut self, t: Duration) -> Option<OwnedFrame> {
+            let deadline = Instant::now() + t;
+            loop {
+                if let Some(item) = self.dec.next_frame() {
+                    return Some(item.unwrap().to_owned());
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                self.sock.set_read_timeout(Some(left)).unwrap();
+                match self.dec.read_from(&mut self.sock) {
+                    Ok(0) => return None,
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+        }
+
+        pub fn recv(&mut self) -> OwnedFrame {
+            self.recv_within(Duration::from_secs(10)).expect("a frame")
+        }
+    }
+}
+
+#[test]
+fn writes_stay_within_the_stdin_window_and_reads_ack_only_what_was_consumed() {
+    use agentd::messages::{Ack, FsDone, FsMsg, FsOpened, Kind, Message};
+    let (c, mut fake) = fake::start(1000, &["fs"]);
+    // Write: 5000 bytes with a 1000-byte window.
+    let fs = c.fs();
+    let writer = std::thread::spawn(move || {
+        let mut w = fs.create("/x").unwrap();
+        w.write_all(&[1u8; 5000]).unwrap();
+        w.finish().unwrap()
+    });
+    let req = fake.recv();
+    assert_eq!(req.kind, Kind::FsRequest as u8);
+    fake.send(req.id, &Message::Fs(FsMsg::Opened(FsOpened::default())));
+    let mut total = 0usize;
+    let mut unacked = 0usize;
+    loop {
+        match fake.recv_within(Duration::from_millis(300)) {
+            Some(f) if f.kind == Kind::FsWrite as u8 => {
+                unacked += f.payload.len();
+                total += f.payload.len();
+                assert!(unacked <= 1000, "{unacked} bytes beyond the window");
+            }
+            Some(f) if f.kind == Kind::FsEnd as u8 => break,
+            Some(f) => panic!("unexpected {f:?}"),
+            None => {
+                // The client waits for window: return it.
+                assert_eq!(unacked, 1000);
+                fake.send(
+                    req.id,
+                    &Message::Fs(FsMsg::WriteAck(Ack {
+                        bytes: unacked as u32,
+                    })),
+                );
+                unacked = 0;
+            }
+        }
+    }
+    assert_eq!(total, 5000);
+    let done = FsDone {
+        bytes: Some(5000),
+        ..FsDone::default()
+    };
+    fake.send(req.id, &Message::Fs(FsMsg::Done(Box::new(done))));
+    assert_eq!(writer.join().unwrap().bytes, 5000);
+
+    // Read: three chunks sent; the caller consumes only the first.
+    let mut r = {
+        let fs = c.fs();
+        let t = std::thread::spawn(move || fs.open("/y").unwrap());
+        let req = fake.recv();
+        fake.send(req.id, &Message::Fs(FsMsg::Opened(FsOpened::default())));
+        let r = t.join().unwrap();
+        for _ in 0..3 {
+            fake.send(req.id, &Message::Fs(FsMsg::Data(&[7u8; 100])));
+        }
+        r
+    };
+    let mut buf = [0u8; 100];
+    r.read_exact(&mut buf).unwrap();
+    let ack = fake.recv();
+    assert_eq!(ack.kind, Kind::FsDataAck as u8);
+    let Ok(Message::Fs(FsMsg::DataAck(Ack { bytes }))) = Message::decode_from_host(ack.as_frame())
+    else {
+        panic!("{ack:?}")
+    };
+    assert_eq!(bytes, 100);
+    // Nothing more is acknowledged while the caller does not read.
+    assert!(fake.recv_within(Duration::from_millis(300)).is_none());
+    // A drop before the end cancels.
+    drop(r);
+    assert_eq!(fake.recv().kind, Kind::FsCancel as u8);
+}
+
+#[test]
+fn an_agent_without_the_feature_is_refused_typed() {
+    let (c, _fake) = fake::start(1000, &[]);
+    let e = c.fs().metadata("/").unwrap_err();
+    assert!(matches!(e, Error::Unsupported("fs")), "{e:?}");
+    let e = c.connect_tcp("127.0.0.1:80").unwrap_err();
+    assert!(matches!(e, Error::Unsupported("net")), "{e:?}");
+}
