@@ -528,3 +528,46 @@ fn help_everywhere() {
         assert!(text(&out.stdout).contains("Usage"), "{args:?}");
     }
 }
+
+#[test]
+fn cp_draws_a_progress_bar_on_a_terminal() {
+    use std::os::fd::OwnedFd;
+    let d = TempDir::new("cli-cp-progress");
+    let src = d.join("big");
+    std::fs::write(&src, support::util::pseudo_random(4 << 20, 5)).unwrap();
+    let (master, slave, _) = support::util::cloexec_pty();
+    let mut child = Command::new(AGENTCTL)
+        .args(["cp", src.to_str().unwrap(), &g(&d.join("copy"))])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(OwnedFd::from(slave)))
+        .spawn()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    // What the terminal got: the last redraw shows 100% of 4.0 MiB and a rate.
+    let mut m = std::fs::File::from(master);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // SAFETY: fcntl on a descriptor we own, setting O_NONBLOCK.
+    unsafe {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&m);
+        libc::fcntl(
+            fd,
+            libc::F_SETFL,
+            libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
+        );
+    }
+    while let Ok(n) = m.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let t = text(&got);
+    assert!(
+        t.contains("100%") && t.contains("4.0 MiB") && t.contains("/s"),
+        "{t:?}"
+    );
+    assert_eq!(std::fs::read(d.join("copy")).unwrap().len(), 4 << 20);
+}
