@@ -531,7 +531,6 @@ fn help_everywhere() {
 
 #[test]
 fn cp_draws_a_progress_bar_on_a_terminal() {
-    use std::os::fd::OwnedFd;
     let d = TempDir::new("cli-cp-progress");
     let src = d.join("big");
     std::fs::write(&src, support::util::pseudo_random(4 << 20, 5)).unwrap();
@@ -540,7 +539,7 @@ fn cp_draws_a_progress_bar_on_a_terminal() {
         .args(["cp", src.to_str().unwrap(), &g(&d.join("copy"))])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::from(OwnedFd::from(slave)))
+        .stderr(Stdio::from(slave))
         .spawn()
         .unwrap();
     let status = child.wait().unwrap();
