@@ -159,14 +159,39 @@ struct Route {
     session: Arc<SessionShared>,
 }
 
+/// One frame of an extension stream, owned: its kind and payload.
+pub(crate) type StreamFrame = (u8, Vec<u8>);
+
+/// An id registered as an extension stream (an fs operation, a net
+/// connection): every frame of that id goes, undecoded, to `tx`; the
+/// stream's own state machine (src/client/fs.rs, net.rs) makes sense of
+/// them. The route ends with the first frame whose kind is in `finals`.
+struct StreamRoute {
+    tx: mpsc::Sender<StreamFrame>,
+    finals: &'static [u8],
+}
+
 /// Sessions and pings in flight, and whether the connection is gone.
 struct Registry {
     routes: HashMap<u32, Route>,
+    streams: HashMap<u32, StreamRoute>,
     pings: HashMap<u64, mpsc::Sender<Instant>>,
     next_id: u32,
     next_ping: u64,
     /// `Some(reason)` once the connection is closed.
     closed: Option<Option<String>>,
+}
+
+impl Registry {
+    /// An id that is neither 0 nor live (as a session or a stream).
+    fn fresh_id(&mut self) -> u32 {
+        let mut id = self.next_id;
+        while id == 0 || self.routes.contains_key(&id) || self.streams.contains_key(&id) {
+            id = id.wrapping_add(1);
+        }
+        self.next_id = id.wrapping_add(1);
+        id
+    }
 }
 
 /// Connection-level state that API calls wait on.
@@ -261,6 +286,8 @@ impl Shared {
             }
             reg.closed = Some(reason.clone());
             reg.pings.clear();
+            // Dropping the senders disconnects every stream's receiver.
+            reg.streams.clear();
             std::mem::take(&mut reg.routes)
         };
         for route in routes.into_values() {
@@ -349,11 +376,7 @@ impl Shared {
         if let Some(reason) = &reg.closed {
             return Err(Error::TransportClosed(reason.clone()));
         }
-        let mut id = reg.next_id;
-        while id == 0 || reg.routes.contains_key(&id) {
-            id = id.wrapping_add(1);
-        }
-        reg.next_id = id.wrapping_add(1);
+        let id = reg.fresh_id();
         let session = make(id);
         let (tx, rx) = mpsc::channel();
         reg.routes.insert(
@@ -364,6 +387,43 @@ impl Shared {
             },
         );
         Ok((id, session, rx))
+    }
+
+    /// Registers an extension stream under a fresh id: every frame of that
+    /// id is delivered to the receiver until one of kind in `finals`
+    /// (delivered too) ends the route.
+    pub(crate) fn register_stream(
+        &self,
+        finals: &'static [u8],
+    ) -> Result<(u32, mpsc::Receiver<StreamFrame>)> {
+        let mut reg = lock(&self.reg);
+        if let Some(reason) = &reg.closed {
+            return Err(Error::TransportClosed(reason.clone()));
+        }
+        let id = reg.fresh_id();
+        let (tx, rx) = mpsc::channel();
+        reg.streams.insert(id, StreamRoute { tx, finals });
+        Ok((id, rx))
+    }
+
+    /// Forgets a stream (whose request could not be sent).
+    pub(crate) fn unregister_stream(&self, id: u32) {
+        lock(&self.reg).streams.remove(&id);
+    }
+
+    /// Delivers a frame of a registered stream; false if `id` is not one.
+    fn deliver_stream(&self, frame: &Frame<'_>) -> bool {
+        let mut reg = lock(&self.reg);
+        let Some(route) = reg.streams.get(&frame.id) else {
+            return false;
+        };
+        // A receiver that is gone (its handle dropped after cancelling)
+        // just loses the frame; the route lives until the final one.
+        let _ = route.tx.send((frame.kind, frame.payload.to_vec()));
+        if route.finals.contains(&frame.kind) {
+            reg.streams.remove(&frame.id);
+        }
+        true
     }
 
     /// Forgets a session whose start failed.
@@ -460,6 +520,12 @@ impl Shared {
 
     /// Handles one frame from the agent.
     fn handle(&self, frame: Frame<'_>) {
+        // An extension stream's frames go to it undecoded (its state
+        // machine decodes them, and turns one that does not decode into
+        // its own error instead of leaving it waiting).
+        if frame.id != 0 && frame.kind != Kind::Ready as u8 && self.deliver_stream(&frame) {
+            return;
+        }
         let msg = match Message::decode_from_agent(frame) {
             Ok(m) => m,
             Err(e) => {
@@ -688,6 +754,7 @@ impl Conn {
         let shared = Arc::new(Shared {
             reg: Mutex::new(Registry {
                 routes: HashMap::new(),
+                streams: HashMap::new(),
                 pings: HashMap::new(),
                 next_id: (seed ^ std::process::id()) % 0x1000_0000 + 1,
                 next_ping: 1,

@@ -3,7 +3,8 @@
 use std::io;
 
 use crate::messages::{
-    AttachFailed, AttachFailedKind, ErrorKind, ErrorMsg, ExecFailed, ExecFailedKind,
+    AttachFailed, AttachFailedKind, ErrorKind, ErrorMsg, ExecFailed, ExecFailedKind, FsError,
+    FsErrorKind, NetErrorKind, NetFailed,
 };
 
 use super::transport::ConnectError;
@@ -33,6 +34,17 @@ pub enum Error {
     /// a variant of [`ConnectError`]).
     #[error(transparent)]
     Transport(#[from] ConnectError),
+
+    /// A local file, directory or stream failed (a tree upload's source,
+    /// a download's destination).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, naming the path.
+        context: String,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
 
     /// No READY arrived within the configured time.
     #[error("no READY from the agent within {0:?}")]
@@ -86,6 +98,22 @@ pub enum Error {
     #[error("cannot send the request: {0}")]
     Encode(crate::messages::EncodeError),
 
+    /// FS_ERROR: a file operation failed (its wire kind, errno and path;
+    /// see [`Error::fs_error_kind`]). Also what the client reports itself
+    /// where std would fail before a call (remove_file of a directory).
+    #[error("{}", fs_error_text(.0))]
+    Fs(FsError),
+
+    /// NET_FAILED: a connection could not be made, or NET_CLOSED with an
+    /// `error`: it broke (see [`Error::net_error_kind`]).
+    #[error("{}", net_error_text(.0))]
+    Net(NetFailed),
+
+    /// The agent does not serve an extension (READY's `features` does not
+    /// name it).
+    #[error("the agent does not serve the {0:?} extension (READY's features do not list it)")]
+    Unsupported(&'static str),
+
     /// The agent sent something the contract does not allow (a frame that
     /// does not decode, output before STARTED, a zero stdin window...).
     #[error("agent broke the protocol: {0}")]
@@ -113,7 +141,56 @@ fn exec_failed_text(f: &ExecFailed) -> String {
     s
 }
 
+fn fs_error_text(e: &FsError) -> String {
+    let mut s = String::new();
+    if let Some(p) = e.path.as_ref().filter(|p| !e.message.contains(p.as_str())) {
+        s.push_str(p);
+        s.push_str(": ");
+    }
+    s.push_str(&e.message);
+    s.push_str(&format!(" ({}", e.kind));
+    if let Some(errno) = e.errno {
+        s.push_str(&format!(", errno {errno}"));
+    }
+    s.push(')');
+    s
+}
+
+fn net_error_text(e: &NetFailed) -> String {
+    let mut s = format!("{} ({}", e.message, e.kind);
+    if let Some(errno) = e.errno {
+        s.push_str(&format!(", errno {errno}"));
+    }
+    s.push(')');
+    s
+}
+
 impl Error {
+    /// The FS_ERROR kind, for [`Error::Fs`].
+    pub fn fs_error_kind(&self) -> Option<FsErrorKind> {
+        match self {
+            Error::Fs(e) => e.error_kind(),
+            _ => None,
+        }
+    }
+
+    /// The NET_FAILED (or NET_CLOSED `error`) kind, for [`Error::Net`].
+    pub fn net_error_kind(&self) -> Option<NetErrorKind> {
+        match self {
+            Error::Net(e) => e.error_kind(),
+            _ => None,
+        }
+    }
+
+    /// The errno the agent reported (fs and net failures).
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Fs(e) => e.errno,
+            Error::Net(e) => e.errno,
+            _ => None,
+        }
+    }
+
     /// The EXEC_FAILED kind, for [`Error::ExecFailed`].
     pub fn exec_failed_kind(&self) -> Option<ExecFailedKind> {
         match self {
@@ -149,7 +226,7 @@ impl From<Error> for io::Error {
             Error::TransportClosed(_) | Error::SessionEnded | Error::StdinClosed => {
                 io::ErrorKind::BrokenPipe
             }
-            Error::Connect { source, .. } => source.kind(),
+            Error::Connect { source, .. } | Error::Io { source, .. } => source.kind(),
             Error::Transport(ConnectError::SocketAbsent(_)) => io::ErrorKind::NotFound,
             Error::Transport(ConnectError::Refused(_)) => io::ErrorKind::ConnectionRefused,
             Error::Transport(ConnectError::HandshakeTimeout { .. }) => io::ErrorKind::TimedOut,
@@ -157,9 +234,63 @@ impl From<Error> for io::Error {
             Error::AttachFailed(f) if f.kind == "not_found" => io::ErrorKind::NotFound,
             Error::InvalidArgument(_) => io::ErrorKind::InvalidInput,
             Error::ReadyTimeout(_) => io::ErrorKind::TimedOut,
+            Error::Fs(f) => fs_io_kind(f),
+            Error::Net(n) => net_io_kind(n),
+            Error::Unsupported(_) => io::ErrorKind::Unsupported,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)
+    }
+}
+
+/// The io::ErrorKind of an FS_ERROR: the errno's where there is one (so
+/// newer kinds such as `IsADirectory` come out as std gives them), else
+/// the wire kind's.
+fn fs_io_kind(f: &FsError) -> io::ErrorKind {
+    if let Some(errno) = f.errno.filter(|&e| e > 0) {
+        return io::Error::from_raw_os_error(errno).kind();
+    }
+    match f.error_kind() {
+        Some(FsErrorKind::NotFound) => io::ErrorKind::NotFound,
+        Some(FsErrorKind::PermissionDenied) => io::ErrorKind::PermissionDenied,
+        Some(FsErrorKind::Exists) | Some(FsErrorKind::DuplicateId) => io::ErrorKind::AlreadyExists,
+        Some(FsErrorKind::InvalidRequest) | Some(FsErrorKind::BadUser) => {
+            io::ErrorKind::InvalidInput
+        }
+        Some(FsErrorKind::Cancelled) => io::ErrorKind::Interrupted,
+        Some(FsErrorKind::Resource) => io::ErrorKind::OutOfMemory,
+        Some(k) => io::Error::from_raw_os_error(fs_kind_errno(k)).kind(),
+        None => io::ErrorKind::Other,
+    }
+}
+
+fn fs_kind_errno(k: FsErrorKind) -> i32 {
+    match k {
+        FsErrorKind::NotADirectory => libc::ENOTDIR,
+        FsErrorKind::IsADirectory => libc::EISDIR,
+        FsErrorKind::NotEmpty => libc::ENOTEMPTY,
+        FsErrorKind::NoSpace => libc::ENOSPC,
+        FsErrorKind::ReadOnly => libc::EROFS,
+        _ => libc::EIO,
+    }
+}
+
+/// The io::ErrorKind of a NET_FAILED or NET_CLOSED error.
+fn net_io_kind(n: &NetFailed) -> io::ErrorKind {
+    match n.error_kind() {
+        Some(NetErrorKind::Refused) => io::ErrorKind::ConnectionRefused,
+        Some(NetErrorKind::TimedOut) => io::ErrorKind::TimedOut,
+        Some(NetErrorKind::Reset) => io::ErrorKind::ConnectionReset,
+        Some(NetErrorKind::NotFound) => io::ErrorKind::NotFound,
+        Some(NetErrorKind::PermissionDenied) => io::ErrorKind::PermissionDenied,
+        Some(NetErrorKind::InvalidRequest) | Some(NetErrorKind::BadUser) => {
+            io::ErrorKind::InvalidInput
+        }
+        Some(NetErrorKind::DuplicateId) => io::ErrorKind::AlreadyExists,
+        _ => match n.errno.filter(|&e| e > 0) {
+            Some(errno) => io::Error::from_raw_os_error(errno).kind(),
+            None => io::ErrorKind::Other,
+        },
     }
 }
 

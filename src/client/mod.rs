@@ -68,10 +68,14 @@ mod clock;
 mod command;
 mod conn;
 mod error;
+mod fs;
+mod net;
 mod session;
 mod sessions;
 mod status;
+mod stream;
 mod transport;
+mod tree;
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -89,6 +93,15 @@ pub use session::{DetachOutcome, Event, Events, Output, Session, SessionHandle};
 pub use sessions::{AttachOptions, DetachedSession, SessionRecord, SessionRef, SessionState};
 pub use status::ExitStatus;
 pub use transport::{ConnectError, Target, DEFAULT_HANDSHAKE_TIMEOUT};
+
+pub use fs::{
+    DirEntry, FileReader, FileType, FileWriter, Fs, Metadata, OpenOptions, ReadDir, TarOptions,
+    TarReader, TreeDone, Watch, WatchEvent, WatchKind,
+};
+pub use net::{Forwarder, Net, NetStream, Target as NetTarget};
+pub use tree::local_size;
+
+pub use crate::messages::{FsErrorKind, NetErrorKind};
 
 pub use crate::messages::{
     AttachFailed, AttachFailedKind, Attached, Detached, ErrorKind, ErrorMsg, Exec, ExecFailed,
@@ -523,6 +536,25 @@ impl Client {
         let mut request: Exec = request.into();
         request.stdin = false;
         self.exec(request)?.wait_with_output()
+    }
+
+    /// File operations on the guest, shaped like `std::fs` (the `fs`
+    /// extension): see [`Fs`].
+    pub fn fs(&self) -> Fs {
+        Fs::new(self.conn.clone())
+    }
+
+    /// Connections to guest sockets (the `net` extension): see [`Net`].
+    /// (A guest Unix socket is `client.net().connect_unix(path)`:
+    /// [`Client::connect_unix`] connects to an agent.)
+    pub fn net(&self) -> Net {
+        Net::new(self.conn.clone())
+    }
+
+    /// A TCP connection to the guest address `addr` (`HOST:PORT`,
+    /// `[ADDR]:PORT`), as [`Net::connect_tcp`].
+    pub fn connect_tcp(&self, addr: &str) -> Result<NetStream> {
+        self.net().connect_tcp(addr)
     }
 
     /// Measures a round trip (PING → PONG).

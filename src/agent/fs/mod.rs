@@ -404,6 +404,12 @@ impl Task {
     /// Sends the data the worker wrote, within the window.
     fn pump_data(&mut self, link: &mut LinkOut<'_>, registry: &Registry) -> Option<Progress> {
         if !self.opened {
+            // A worker that failed before opening (FS_ERROR instead of
+            // FS_OPENED) wrote no data: without this the final frame would
+            // wait forever for a data pipe that is never read.
+            if self.last.is_some() {
+                self.close_data_out(registry);
+            }
             return None;
         }
         let fd = self.data_out.as_ref().map(AsRawFd::as_raw_fd)?;

@@ -12,6 +12,9 @@
 //! agentctl time [--sync | --set TIME]
 //! agentctl ping [-c N]
 //! agentctl shutdown [--grace MS]
+//! agentctl cp [-a] [-u USER] SRC DST          (a guest path is :PATH; - is a tar stream)
+//! agentctl fs ls|stat|rm|mkdir|mv|cat|put|watch [-u USER] ...
+//! agentctl port-forward [--address ADDR] LOCAL:REMOTE...
 //! ```
 //!
 //! With none of `--connect`, `--port`, `--agent`, agentctl starts the
@@ -22,6 +25,10 @@
 //! when the program was not found, 126 when it could not be started for
 //! another reason; 125 when agentctl itself failed (transport, protocol,
 //! usage).
+
+mod cp;
+mod fs;
+mod port_forward;
 
 use std::io::{self, IsTerminal, Read, Write};
 use std::os::fd::AsFd;
@@ -40,7 +47,9 @@ use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::termios::{self, SetArg, Termios};
 
-use agentd::client::{Client, Command, Error, Event, ExecFailedKind, SessionHandle};
+use agentd::client::{
+    Client, Command, Error, Event, ExecFailedKind, FsErrorKind, NetErrorKind, SessionHandle,
+};
 use agentd::messages::{Rlimit, RlimitResource};
 
 /// Exit status when agentctl itself fails (transport, protocol, usage).
@@ -106,6 +115,12 @@ enum Cmd {
     Ping(PingArgs),
     /// End every session and stop the agent (power the VM off when it is PID 1).
     Shutdown(ShutdownArgs),
+    /// Copy files and directories between this machine and the guest (docker cp style).
+    Cp(cp::CpArgs),
+    /// File operations on guest paths: ls, stat, rm, mkdir, mv, cat, put, watch.
+    Fs(fs::FsArgs),
+    /// Forward local ports to guest ports or Unix sockets (kubectl port-forward style).
+    PortForward(port_forward::PortForwardArgs),
 }
 
 #[derive(Args, Debug)]
@@ -309,6 +324,44 @@ fn exit(code: i32) -> ! {
 fn fail(msg: impl std::fmt::Display) -> ! {
     complain(msg);
     exit(EXIT_AGENTCTL)
+}
+
+/// Exit status of `cp` and `fs` when the operation itself failed (the
+/// guest refused it, or a local file did), as `docker cp`'s.
+const EXIT_OP_FAILED: i32 = 1;
+
+/// What to do about a failed file or connection operation, by kind.
+fn hint(e: &Error) -> &'static str {
+    match (e.fs_error_kind(), e.net_error_kind()) {
+        (Some(FsErrorKind::NotFound), _) => "check the path",
+        (Some(FsErrorKind::PermissionDenied), _) => "choose a user who may with -u USER",
+        (Some(FsErrorKind::Exists), _) => "remove it first or pick another name",
+        (Some(FsErrorKind::NotEmpty), _) => "use -r to remove it and its contents",
+        (Some(FsErrorKind::IsADirectory), _) => "name a file, or use -r",
+        (Some(FsErrorKind::NotADirectory), _) => "a component of the path is a file",
+        (Some(FsErrorKind::NoSpace), _) => "free space in the guest",
+        (Some(FsErrorKind::ReadOnly), _) => "that file system is mounted read-only",
+        (Some(FsErrorKind::BadUser), _) => "name a user that exists in the guest",
+        (_, Some(NetErrorKind::Refused)) => "is anything listening there in the guest?",
+        (_, Some(NetErrorKind::TimedOut)) => "is the guest address reachable?",
+        _ => "",
+    }
+}
+
+/// Reports a failed `cp`/`fs` operation on one line and exits: 1 when the
+/// operation failed, 125 when agentctl could not do its job (transport,
+/// protocol).
+fn op_fail(e: &Error) -> ! {
+    let h = hint(e);
+    if h.is_empty() {
+        complain(e);
+    } else {
+        complain(format!("{e}; {h}"));
+    }
+    match e {
+        Error::Fs(_) | Error::Net(_) | Error::Io { .. } => exit(EXIT_OP_FAILED),
+        _ => exit(EXIT_AGENTCTL),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -761,6 +814,9 @@ fn main() {
         Cmd::Time(args) => time::run(&client, args),
         Cmd::Ping(args) => run_ping(&client, args),
         Cmd::Shutdown(args) => run_shutdown(&client, args),
+        Cmd::Cp(args) => cp::run(&client, args),
+        Cmd::Fs(args) => fs::run(&client, args),
+        Cmd::PortForward(args) => port_forward::run(&client, args),
     };
     // Let an embedded agent see end of file and exit before we do.
     client.close();
