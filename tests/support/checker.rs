@@ -63,6 +63,12 @@ pub struct Sent {
     pending: HashMap<u32, Vec<Stream>>,
     /// FS_WRITE and NET_SEND payload bytes sent per id.
     data_bytes: HashMap<u32, u64>,
+    /// The FS_REQUEST or FS_DATA_ACK being written: kind, id, payload so far.
+    fs_payload: Option<(u8, u32, Vec<u8>)>,
+    /// The `window` of the latest FS_REQUEST per id (1 MiB when absent).
+    fs_window: HashMap<u32, u64>,
+    /// FS_DATA_ACK bytes sent per id, over the agent's lifetime.
+    fs_data_acked: HashMap<u32, u64>,
     /// A SHUTDOWN went out (or a signal that shuts the agent down).
     shutdown: bool,
     /// Where the outgoing stream is: inside a header, or how many payload
@@ -81,9 +87,13 @@ impl Sent {
                 if let Some((_, payload)) = &mut self.exec_payload {
                     payload.extend_from_slice(&bytes[..n as usize]);
                 }
+                if let Some((_, _, payload)) = &mut self.fs_payload {
+                    payload.extend_from_slice(&bytes[..n as usize]);
+                }
                 bytes = &bytes[n as usize..];
                 if self.skip == 0 {
                     self.end_of_exec();
+                    self.end_of_fs();
                 }
                 continue;
             }
@@ -117,7 +127,19 @@ impl Sent {
                     }
                     Some(Kind::Stdin) => *self.stdin_bytes.entry(id).or_default() += payload,
                     Some(Kind::Shutdown) => self.shutdown = true,
-                    Some(Kind::FsRequest) => request(self, Stream::Fs),
+                    Some(Kind::FsRequest) => {
+                        request(self, Stream::Fs);
+                        self.fs_payload = Some((kind, id, Vec::new()));
+                        if payload == 0 {
+                            self.end_of_fs();
+                        }
+                    }
+                    Some(Kind::FsDataAck) => {
+                        self.fs_payload = Some((kind, id, Vec::new()));
+                        if payload == 0 {
+                            self.end_of_fs();
+                        }
+                    }
                     Some(Kind::NetConnect) => request(self, Stream::Net),
                     Some(Kind::List) => request(self, Stream::List),
                     Some(Kind::Attach) => request(self, Stream::Attach),
@@ -140,6 +162,22 @@ impl Sent {
             .and_then(|m| m.get("detach").and_then(Value::as_bool))
             .unwrap_or(false);
         self.pending_exec.entry(id).or_default().push_back(detach);
+    }
+
+    /// An FS_REQUEST (its window) or an FS_DATA_ACK (its bytes) has been
+    /// written whole.
+    fn end_of_fs(&mut self) {
+        let Some((kind, id, payload)) = self.fs_payload.take() else {
+            return;
+        };
+        let m = super::msgpack::decode(&payload).ok();
+        let int = |key: &str| m.as_ref().and_then(|m| m.get(key).and_then(Value::as_int));
+        if kind == Kind::FsRequest as u8 {
+            let window = int("window").map_or(1 << 20, |w| w.max(0) as u64);
+            self.fs_window.insert(id, window);
+        } else if let Some(bytes) = int("bytes") {
+            *self.fs_data_acked.entry(id).or_default() += bytes.max(0) as u64;
+        }
     }
 
     /// Records that a shutdown was asked for by other means (a signal to
@@ -380,10 +418,10 @@ pub const RULES: &[Rule] = &[
         "FS_OPENED",
         &[],
         &[("stat", Ty::Map)],
-        |c, f, _, s| c.stream_frame(f.id, Stream::Fs, "FS_OPENED", false, s),
+        |c, f, _, s| c.fs_frame(f, "FS_OPENED", false, s),
     ),
     raw_rule(Kind::FsData, "FS_DATA", |c, f, _, s| {
-        c.stream_frame(f.id, Stream::Fs, "FS_DATA", false, s)
+        c.fs_frame(f, "FS_DATA", false, s)
     }),
     map_rule(
         Kind::FsWriteAck,
@@ -391,7 +429,7 @@ pub const RULES: &[Rule] = &[
         &[("bytes", Ty::U32)],
         &[],
         |c, f, m, s| {
-            c.stream_frame(f.id, Stream::Fs, "FS_WRITE_ACK", false, s)?;
+            c.fs_frame(f, "FS_WRITE_ACK", false, s)?;
             c.data_ack(f.id, m, s, "FS_WRITE_ACK")
         },
     ),
@@ -400,14 +438,14 @@ pub const RULES: &[Rule] = &[
         "FS_ENTRIES",
         &[("entries", Ty::Array)],
         &[],
-        |c, f, _, s| c.stream_frame(f.id, Stream::Fs, "FS_ENTRIES", false, s),
+        |c, f, _, s| c.fs_frame(f, "FS_ENTRIES", false, s),
     ),
     map_rule(
         Kind::FsEvents,
         "FS_EVENTS",
         &[("events", Ty::Array)],
         &[("overflow", Ty::Bool)],
-        |c, f, _, s| c.stream_frame(f.id, Stream::Fs, "FS_EVENTS", false, s),
+        |c, f, _, s| c.fs_frame(f, "FS_EVENTS", false, s),
     ),
     map_rule(
         Kind::FsDone,
@@ -419,7 +457,7 @@ pub const RULES: &[Rule] = &[
             ("stat", Ty::Map),
             ("path", Ty::Str),
         ],
-        |c, f, _, s| c.stream_frame(f.id, Stream::Fs, "FS_DONE", true, s),
+        |c, f, _, s| c.fs_frame(f, "FS_DONE", true, s),
     ),
     map_rule(
         Kind::FsError,
@@ -431,7 +469,7 @@ pub const RULES: &[Rule] = &[
             if agentd::messages::FsErrorKind::parse(k).is_none() {
                 return Err(format!("FS_ERROR kind {k:?} is not in docs/PROTOCOL.md"));
             }
-            c.stream_frame(f.id, Stream::Fs, "FS_ERROR", true, s)
+            c.fs_frame(f, "FS_ERROR", true, s)
         },
     ),
     // Extension net.
@@ -623,6 +661,23 @@ pub struct Checker {
     streams: HashMap<u32, Stream>,
     /// FS_WRITE_ACK and NET_SEND_ACK bytes per id.
     data_acked: HashMap<u32, u64>,
+    /// Live file operations by id: their order and window.
+    fs_ops: HashMap<u32, FsOpState>,
+}
+
+/// What the checker knows of one live file operation.
+#[derive(Default)]
+struct FsOpState {
+    /// FS_OPENED has come.
+    opened: bool,
+    /// Frames of it so far.
+    frames: u64,
+    /// Payload bytes of FS_DATA, FS_ENTRIES and FS_EVENTS so far.
+    sent: u64,
+    /// The host's FS_DATA_ACK total for the id when it started.
+    ack_base: u64,
+    /// The request's window.
+    window: u64,
 }
 
 impl Checker {
@@ -840,6 +895,62 @@ impl Checker {
         }
         if last {
             self.streams.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// A frame of a file operation: in its stream (see
+    /// [`Checker::stream_frame`]), FS_OPENED only as its first frame,
+    /// FS_DATA, FS_WRITE_ACK and FS_EVENTS only after FS_OPENED, and the
+    /// payload bytes of FS_DATA, FS_ENTRIES and FS_EVENTS never more than
+    /// the request's window beyond what the host has acknowledged.
+    fn fs_frame(
+        &mut self,
+        f: &Frame<'_>,
+        name: &str,
+        last: bool,
+        sent: &mut Sent,
+    ) -> Result<(), String> {
+        let id = f.id;
+        let fresh = self.streams.get(&id) != Some(&Stream::Fs);
+        self.stream_frame(id, Stream::Fs, name, last, sent)?;
+        let acked = sent.fs_data_acked.get(&id).copied().unwrap_or(0);
+        if fresh {
+            let window = sent.fs_window.get(&id).copied().unwrap_or(1 << 20);
+            self.fs_ops.insert(
+                id,
+                FsOpState {
+                    ack_base: acked,
+                    window,
+                    ..FsOpState::default()
+                },
+            );
+        }
+        let op = self.fs_ops.entry(id).or_default();
+        op.frames += 1;
+        let kind = Kind::from_u8(f.kind);
+        match kind {
+            Some(Kind::FsOpened) if op.frames != 1 => {
+                return Err(format!("FS_OPENED for id {id} is not its first frame"));
+            }
+            Some(Kind::FsOpened) => op.opened = true,
+            Some(Kind::FsData | Kind::FsWriteAck | Kind::FsEvents) if !op.opened => {
+                return Err(format!("{name} for id {id} before its FS_OPENED"));
+            }
+            _ => {}
+        }
+        if matches!(kind, Some(Kind::FsData | Kind::FsEntries | Kind::FsEvents)) {
+            op.sent += f.payload.len() as u64;
+            let in_flight = op.sent.saturating_sub(acked - op.ack_base);
+            if in_flight > op.window {
+                return Err(format!(
+                    "{name} for id {id}: {in_flight} bytes unacknowledged, above the window of {}",
+                    op.window
+                ));
+            }
+        }
+        if last {
+            self.fs_ops.remove(&id);
         }
         Ok(())
     }

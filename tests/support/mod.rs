@@ -11,6 +11,7 @@
 //!   frame by frame in the test's thread, with per-session logs
 //!   (reliability, security).
 //! - [`checker`]: the one contract checker, table-driven per frame kind.
+//! - [`fs`]: a host of the fs extension on an [`agent::Agent`].
 //! - [`msgpack`]: MessagePack read and written independently of the
 //!   crate; [`wire`]: frames and messages built by hand.
 //! - [`proc`]: /proc (RSS, fds, children, descendants, zombies, CPU
@@ -38,6 +39,7 @@
 
 pub mod agent;
 pub mod checker;
+pub mod fs;
 pub mod host;
 pub mod listen;
 pub mod msgpack;

@@ -108,6 +108,71 @@ fn add<W: Write>(
     Ok(())
 }
 
+/// Whether an entry at `rel` lands inside the destination: the deepest
+/// existing directory on its way, symlinks resolved, is inside it (a
+/// symlink an earlier entry made cannot carry later ones out).
+fn lands_inside(dst_canon: &Path, dst: &Path, rel: &Path) -> bool {
+    let mut p = dst.join(rel);
+    while p.pop() {
+        match p.canonicalize() {
+            Ok(c) => return c.starts_with(dst_canon),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// A directory unpacked from an archive, whose mode and time are set once
+/// its contents are in: until then its owner may write in it (a 0o555
+/// directory still takes its files), and files made in it would change
+/// its time.
+struct PendingDir {
+    path: PathBuf,
+    mode: u32,
+    mtime: Option<u64>,
+}
+
+fn open_dir(path: &Path, h: &tar::Header) -> io::Result<PendingDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = h.mode()? & 0o7777;
+    if mode & 0o700 != 0o700 {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o700))?;
+    }
+    Ok(PendingDir {
+        path: path.to_path_buf(),
+        mode,
+        mtime: h.mtime().ok(),
+    })
+}
+
+impl PendingDir {
+    fn finish(&self) -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&self.path, fs::Permissions::from_mode(self.mode))?;
+        let Some(mtime) = self.mtime else {
+            return Ok(());
+        };
+        let c = std::ffi::CString::new(self.path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let t = libc::timespec {
+            tv_sec: mtime.min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: 0,
+        };
+        let omit = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        };
+        let times = [omit, t];
+        // SAFETY: a NUL-terminated path and two valid timespecs.
+        if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 /// Unpacks the archive coming on the data pipe into `path`.
 pub(crate) fn put(mut ctx: Ctx<'_>, data: Option<File>) -> Result<FsDone, FsError> {
     let input = data.ok_or_else(|| other("no data pipe".into()))?;
@@ -130,6 +195,8 @@ pub(crate) fn put(mut ctx: Ctx<'_>, data: Option<File>) -> Result<FsDone, FsErro
     archive.set_overwrite(true);
     archive.set_unpack_xattrs(false);
     let mut entries = 0u64;
+    let dst_canon = dst.canonicalize().map_err(|e| ctx.fail(&e))?;
+    let mut dirs = Vec::new();
     let iter = archive
         .entries()
         .map_err(|e| io_error(&e, Some(&ctx.req.path)))?;
@@ -151,18 +218,33 @@ pub(crate) fn put(mut ctx: Ctx<'_>, data: Option<File>) -> Result<FsDone, FsErro
             // "." itself: the destination, which exists.
             continue;
         }
-        let unpacked = entry
-            .unpack_in(&dst)
-            .map_err(|e| io_error(&e, Some(&dst.join(&rel).to_string_lossy())))?;
-        if !unpacked {
-            return Err(FsError::new(
+        let outside = || {
+            FsError::new(
                 FsErrorKind::InvalidRequest,
                 format!("{} would land outside {}", rel.display(), ctx.req.path),
                 None,
                 Some(rel.to_string_lossy().into_owned()),
-            ));
+            )
+        };
+        if !lands_inside(&dst_canon, &dst, &rel) {
+            return Err(outside());
+        }
+        let unpacked = entry
+            .unpack_in(&dst)
+            .map_err(|e| io_error(&e, Some(&dst.join(&rel).to_string_lossy())))?;
+        if !unpacked {
+            return Err(outside());
+        }
+        if entry.header().entry_type().is_dir() {
+            let full = dst.join(&rel);
+            dirs.push(open_dir(&full, entry.header()).map_err(|e| ctx.fail(&e))?);
         }
         entries += 1;
+    }
+    // Deepest first: a directory's time and mode once nothing more is
+    // made in it.
+    for d in dirs.iter().rev() {
+        d.finish().map_err(|e| ctx.fail(&e))?;
     }
     // Whatever follows the archive's end (padding) is read to the end, so
     // FS_DONE comes after the host's FS_END.
