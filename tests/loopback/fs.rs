@@ -200,8 +200,8 @@ both! {
         let mut got = Vec::new();
         let mut acked = 0usize;
         let mut stalls = 0;
-        while acked < 60_000 {
-            match agent.fs_next(id, Duration::from_millis(200)) {
+        while acked < 24_000 {
+            match agent.fs_next(id, Duration::from_millis(150)) {
                 Some(f) if f.kind == Kind::FsData as u8 => {
                     got.extend_from_slice(&f.payload);
                     assert!(got.len() - acked <= 10_000, "{} unacknowledged", got.len() - acked);
@@ -216,7 +216,7 @@ both! {
                 }
             }
         }
-        assert!(stalls >= 10, "{stalls} stalls");
+        assert!(stalls >= 6, "{stalls} stalls");
         agent.fs_ack(id, (got.len() - acked) as u32);
         got.extend_from_slice(&agent.fs_collect(id).data);
         assert!(got == data, "{} bytes of {}", got.len(), data.len());
@@ -357,6 +357,11 @@ both! {
         assert_eq!(e.errno, Some(libc::ENOENT));
         assert_eq!(e.path.as_deref(), Some(dir.join("none").to_str().expect("utf-8")));
         agent.fs_err(req("stat", f.join("x")), "not_a_directory");
+        let a = dir.join("loop-a");
+        std::os::unix::fs::symlink("loop-b", &a).expect("symlink");
+        std::os::unix::fs::symlink("loop-a", dir.join("loop-b")).expect("symlink");
+        let e = agent.fs_err(req("stat", &a), "other");
+        assert_eq!(e.errno, Some(libc::ELOOP));
         let dangling = dir.join("dangling");
         std::os::unix::fs::symlink("nowhere", &dangling).expect("symlink");
         agent.fs_err(req("stat", &dangling), "not_found");
@@ -656,7 +661,7 @@ both! {
         }
         // The window holds: at most 64 KiB of events unacknowledged.
         let mut unacked = 0usize;
-        while let Some(f) = agent.fs_next(id, Duration::from_millis(500)) {
+        while let Some(f) = agent.fs_next(id, Duration::from_millis(300)) {
             unacked += f.payload.len();
             assert!(unacked <= 64 * 1024);
         }
@@ -792,6 +797,76 @@ both! {
         agent.wait_no_children(timeout());
     }
 
+    /// A write into a FIFO whose reader does not read blocks its worker;
+    /// the host's bytes stop at READY's `stdin_window` unacknowledged, the
+    /// agent's memory stays flat, PING and a session go on; FS_CANCEL ends
+    /// it.
+    fn a_full_pipe_stalls_only_its_write(opts: Opts) {
+        let dir = TempDir::new("fs-full-pipe");
+        let fifo = dir.join("fifo");
+        mkfifo(&fifo);
+        let c = CString::new(fifo.as_os_str().as_bytes()).expect("no NUL");
+        // SAFETY: a valid path; the fd is closed below.
+        let reader = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        assert!(reader >= 0, "open the FIFO's reader");
+        let mut agent = Agent::start_with(opts);
+        agent.ping();
+        let idle = agent.rss_kib();
+        let id = agent.new_id();
+        agent.fs_send(id, &req("write", &fifo));
+        let mut out = FsOutcome::default();
+        assert!(agent.fs_until_opened(id, &mut out));
+        let window = u64::from(agent.stdin_window());
+        let chunk = vec![b'z'; 32 * 1024];
+        let mut sent = 0u64;
+        // Far more than the FIFO and the agent's pipe hold.
+        for _ in 0..200 {
+            while sent + chunk.len() as u64 - out.write_acked > window {
+                match agent.fs_next(id, Duration::from_millis(300)) {
+                    Some(f) => assert!(!out.take_frame(&f), "ended: {:?}", out.result),
+                    None => break,
+                }
+            }
+            if sent + chunk.len() as u64 - out.write_acked > window {
+                break;
+            }
+            agent.fs_write_data(id, &chunk);
+            sent += chunk.len() as u64;
+        }
+        assert!(sent - out.write_acked > 0, "everything was acknowledged: nothing stalled");
+        assert!(sent < 200 * 32 * 1024, "never stalled");
+        agent.ping();
+        agent.sh("true").assert_success();
+        assert!(agent.rss_kib() <= idle + 8 * 1024, "RSS {} KiB, idle {idle} KiB", agent.rss_kib());
+        agent.fs_cancel(id);
+        assert_eq!(agent.fs_collect(id).error().kind, "cancelled");
+        agent.wait_no_children(timeout());
+        // SAFETY: our fd.
+        unsafe { libc::close(reader) };
+    }
+
+    /// At most 256 operations run at once: the next is `resource`, and
+    /// once they end there is room again.
+    fn too_many_operations_is_resource(opts: Opts) {
+        let dir = TempDir::new("fs-many");
+        let fifo = dir.join("fifo");
+        mkfifo(&fifo);
+        let mut agent = Agent::start_with(opts);
+        let ids: Vec<u32> = (0..256).map(|_| agent.new_id()).collect();
+        for &id in &ids {
+            agent.fs_send(id, &req("read", &fifo));
+        }
+        agent.fs_err(req("stat", dir.path()), "resource");
+        for &id in &ids {
+            agent.fs_cancel(id);
+        }
+        for &id in &ids {
+            assert_eq!(agent.fs_collect(id).error().kind, "cancelled");
+        }
+        agent.wait_no_children(timeout());
+        agent.fs_ok(req("stat", dir.path()));
+    }
+
     /// FS_CANCEL of a read stalled on its window, and of an atomic upload,
     /// leaves no worker and no fd behind (and no file).
     fn cancel_leaves_nothing_behind(opts: Opts) {
@@ -801,7 +876,7 @@ both! {
         let mut agent = Agent::start_with(opts);
         agent.ping();
         let fds = agent.fd_count();
-        for _ in 0..3 {
+        for _ in 0..2 {
             let id = agent.new_id();
             agent.fs_send(id, &FsRequest { window: Some(100_000), ..req("read", &big) });
             let mut out = FsOutcome::default();
@@ -863,7 +938,7 @@ both! {
     fn rss_is_bounded_when_the_host_stops_reading(opts: Opts) {
         let dir = TempDir::new("fs-rss");
         let big = dir.join("big");
-        let len: u64 = 128 << 20;
+        let len: u64 = 32 << 20;
         std::fs::File::create(&big).and_then(|f| f.set_len(len)).expect("sparse file");
         let mut agent = Agent::start_with(opts);
         agent.ping();

@@ -65,6 +65,10 @@ impl FsOutcome {
     }
 
     /// Takes one frame of the operation in; true once it was the final one.
+    pub fn take_frame(&mut self, f: &OwnedFrame) -> bool {
+        self.take(f)
+    }
+
     fn take(&mut self, f: &OwnedFrame) -> bool {
         self.kinds.push(f.kind);
         let Ok(Message::Fs(msg)) = Message::decode_from_agent(f.as_frame()) else {
