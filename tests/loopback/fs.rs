@@ -545,6 +545,10 @@ both! {
         assert_eq!(done.entries, Some(listed));
         assert_eq!(done.bytes, Some(archive.len() as u64));
         compare_trees(&src, &dst.join("src"));
+        // A hard link stays one file with two names.
+        let (x, h) = (dst.join("src/x.txt"), dst.join("src/a/b/hard"));
+        let (mx, mh) = (std::fs::metadata(&x).expect("stat"), std::fs::metadata(&h).expect("stat"));
+        assert_eq!((mx.ino(), mx.nlink()), (mh.ino(), 2), "a/b/hard is not x.txt's hard link");
         // Into an existing tree: files are replaced.
         std::fs::write(dst.join("src/big.bin"), b"changed").expect("write");
         agent.fs_write(req("tar_put", &dst), &archive).done();
@@ -589,6 +593,38 @@ both! {
         assert_eq!(out.error().kind, "invalid_request");
         assert!(!dir.join("evil").exists());
         assert_eq!(names(dir.path()), ["dst"]);
+    }
+
+    /// tar_put keeps the archive's owners only with `owners`; otherwise, and
+    /// as another user, files belong to the user who unpacks.
+    fn tar_put_owners(opts: Opts) {
+        let dir = TempDir::new("fs-tar-owners");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o640);
+        h.set_uid(1234);
+        h.set_gid(4321);
+        h.set_mtime(1_000_000_000);
+        b.append_data(&mut h, "owned", &b"hi"[..]).expect("data");
+        let archive = b.into_inner().expect("archive");
+        let mut agent = Agent::start_with(opts);
+        for (sub, owners, user, want) in [
+            ("kept", Some(true), None, (1234, 4321)),
+            ("mine", None, None, (0, 0)),
+            ("nobody", None, Some("nobody"), (65534, 65534)),
+        ] {
+            let d = dir.join(sub);
+            std::fs::create_dir(&d).expect("mkdir");
+            std::os::unix::fs::chown(&d, Some(65534), Some(65534)).expect("chown");
+            let r = FsRequest { owners, user: user.map(str::to_owned), ..req("tar_put", &d) };
+            agent.fs_write(r, &archive).done();
+            let m = std::fs::metadata(d.join("owned")).expect("stat");
+            assert_eq!((m.uid(), m.gid()), want, "{sub}");
+            assert_eq!((m.mode() & 0o7777, m.mtime()), (0o640, 1_000_000_000), "{sub}");
+        }
+        let r = FsRequest { owners: Some(true), user: Some("nobody".into()), ..req("tar_put", dir.join("nobody")) };
+        assert_eq!(agent.fs_write(r, &archive).error().kind, "permission_denied");
     }
 
     /// A watch reports created, modified, moved_from/moved_to (paired by
@@ -1031,6 +1067,7 @@ fn make_tree(root: &Path, seed: u64) {
     std::os::unix::fs::symlink("x.txt", root.join("link")).expect("symlink");
     std::os::unix::fs::symlink("../../x.txt", root.join("a/b/up")).expect("symlink");
     std::os::unix::fs::symlink("/nonexistent", root.join("dangling")).expect("symlink");
+    std::fs::hard_link(root.join("x.txt"), root.join("a/b/hard")).expect("link");
     let mut all = Vec::new();
     walk(root, Path::new(""), &mut all);
     // Deepest first, so a directory's time is set after its contents.
