@@ -372,8 +372,10 @@ both! {
     /// most 64 KiB, every name once; FS_DONE counts them. With `stat`,
     /// each entry has its metadata; a symlink its target.
     fn list_a_big_directory(opts: Opts) {
+        // On a tmpfs: 100,000 files are made (and removed) in a blink.
+        let fast = Tmpfs::mount("fs-list", "size=64m,nr_inodes=200k", false);
         let dir = TempDir::new("fs-list");
-        let big = dir.join("big");
+        let big = fast.0.join("big");
         std::fs::create_dir(&big).expect("mkdir");
         for i in 0..100_000 {
             std::fs::File::create(big.join(format!("entry-with-a-long-name-{i:06}"))).expect("create");
@@ -394,14 +396,20 @@ both! {
         std::fs::write(small.join("a"), b"abc").expect("write");
         std::fs::create_dir(small.join("d")).expect("mkdir");
         std::os::unix::fs::symlink("a", small.join("l")).expect("symlink");
+        // A name that is not UTF-8: its exact bytes in name_bin.
+        let raw: &[u8] = b"bad-\xff\xfe";
+        std::fs::write(small.join(std::ffi::OsStr::from_bytes(raw)), b"").expect("write");
         let out = agent.fs(FsRequest { stat: Some(true), ..req("list", &small) });
-        let by: BTreeMap<_, _> = out.entries.iter().map(|e| (e.name.clone(), e.clone())).collect();
+        let bad = out.entries.iter().find(|e| e.name.starts_with("bad-")).expect("the non-UTF-8 name");
+        assert_eq!(bad.name_bin.as_deref(), Some(raw));
+        assert!(out.entries.iter().filter(|e| !e.name.starts_with("bad-")).all(|e| e.name_bin.is_none()));
+        let by: BTreeMap<_, _> = out.entries.iter().filter(|e| e.name_bin.is_none()).map(|e| (e.name.clone(), e.clone())).collect();
         assert_eq!(by.keys().collect::<Vec<_>>(), ["a", "d", "l"]);
         assert_eq!(by["a"].stat.as_ref().map(|s| s.size), Some(3));
         assert_eq!(by["d"].kind, "dir");
         assert_eq!(by["l"].kind, "symlink");
         assert_eq!(by["l"].stat.as_ref().and_then(|s| s.target.as_deref()), Some("a"));
-        assert_eq!(agent.fs(req("list", &small)).done().entries, Some(3));
+        assert_eq!(agent.fs(req("list", &small)).done().entries, Some(4));
         agent.fs_err(req("list", small.join("a")), "not_a_directory");
         agent.fs_err(req("list", small.join("none")), "not_found");
         agent.fs_err(FsRequest { window: Some(1000), ..req("list", &small) }, "invalid_request");
@@ -660,7 +668,8 @@ both! {
         std::fs::write(dir.join("sub/late"), b"x").expect("write");
         std::fs::OpenOptions::new().append(true).open(dir.join("sub/late")).and_then(|mut f| std::io::Write::write_all(&mut f, b"more")).expect("append");
         std::fs::remove_file(dir.join("b")).expect("remove");
-        gather(&mut agent, &mut events, &|e| want(e, "removed", "b") && want(e, "modified", "sub/late"));
+        std::fs::set_permissions(dir.join("sub/late"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        gather(&mut agent, &mut events, &|e| want(e, "removed", "b") && want(e, "modified", "sub/late") && want(e, "attrib", "sub/late"));
         assert!(want(&events, "created", "a"), "{events:?}");
         assert!(want(&events, "created", "sub"), "{events:?}");
         assert!(events.iter().any(|e| e.path == "sub" && e.dir), "{events:?}");
@@ -680,7 +689,8 @@ both! {
     /// wait in the kernel, whose overflow is reported once the host reads
     /// again; the agent's memory does not grow meanwhile.
     fn watch_is_bounded_without_acks(opts: Opts) {
-        let dir = TempDir::new("fs-watch-bound");
+        let fast = Tmpfs::mount("fs-watch-bound", "size=64m,nr_inodes=100k", false);
+        let dir = &fast.0;
         let mut agent = Agent::start_with(opts);
         let id = agent.new_id();
         agent.fs_send(id, &FsRequest { window: Some(64 * 1024), ..req("watch", dir.path()) });
@@ -691,9 +701,9 @@ both! {
         let max_events = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
             .ok().and_then(|s| s.trim().parse::<usize>().ok()).unwrap_or(16384);
         // Two events per file (created, then modified at close): well
-        // over the kernel's queue.
+        // over the kernel's queue. Empty: no tmpfs pages.
         for i in 0..(max_events + 2000) {
-            std::fs::write(dir.join(&format!("file-with-a-longish-name-{i:06}")), b"x").expect("write");
+            std::fs::write(dir.join(&format!("file-with-a-longish-name-{i:06}")), b"").expect("write");
         }
         // The window holds: at most 64 KiB of events unacknowledged.
         let mut unacked = 0usize;
