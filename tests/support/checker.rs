@@ -30,8 +30,12 @@
 //! `status` = code or 128 + signal; ERROR and EXEC_FAILED with a kind the
 //! contract lists, an ERROR with id 0 or the id of a frame the host sent;
 //! SHUTDOWN_DONE with id 0, only after a SHUTDOWN (or a shutdown signal,
-//! [`Sent::note_shutdown`]) and only once every session has sent EXITED.
-//! The stream ends only at a frame boundary.
+//! [`Sent::note_shutdown`]) and only once every session has sent EXITED;
+//! a file operation's frames only for an FS_REQUEST the host sent, FS_OPENED
+//! only as its first frame, FS_DATA, FS_WRITE_ACK and FS_EVENTS only after
+//! it, nothing after FS_DONE or FS_ERROR, and the payload of FS_DATA,
+//! FS_ENTRIES and FS_EVENTS never more than the request's `window` beyond
+//! the host's FS_DATA_ACKs. The stream ends only at a frame boundary.
 //!
 //! What the host sent comes from [`Sent`], which reads every byte the host
 //! writes the way the agent's decoder cuts it into frames, so raw writes,
