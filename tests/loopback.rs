@@ -13,6 +13,8 @@
 //!   garbage that must not disturb other sessions.
 //! - [`exec_failed`]: every EXEC_FAILED kind.
 //! - [`guarantees`]: the contract's seven guarantees.
+//! - [`fs`]: the fs extension: every operation and error kind, users,
+//!   windows, trees as tar, watches, nothing blocked or left behind.
 //! - [`flow_control`]: STDIN window and acks, OUTPUT_ACK, a host that stops
 //!   reading.
 //! - [`limits`]: no reply over the frame limit whatever a request quotes;
@@ -80,6 +82,8 @@ mod errors;
 mod exec_failed;
 #[path = "loopback/flow_control.rs"]
 mod flow_control;
+#[path = "loopback/fs.rs"]
+mod fs;
 #[path = "loopback/guarantees.rs"]
 mod guarantees;
 #[path = "loopback/init.rs"]

@@ -30,7 +30,12 @@
 //! `status` = code or 128 + signal; ERROR and EXEC_FAILED with a kind the
 //! contract lists, an ERROR with id 0 or the id of a frame the host sent;
 //! SHUTDOWN_DONE with id 0, only after a SHUTDOWN (or a shutdown signal,
-//! [`Sent::note_shutdown`]) and only once every session has sent EXITED.
+//! [`Sent::note_shutdown`]) and only once every session has sent EXITED;
+//! a file operation's frames only for an FS_REQUEST the host sent, FS_OPENED
+//! only as its first frame, FS_DATA, FS_WRITE_ACK and FS_EVENTS only after
+//! it, nothing after FS_DONE or FS_ERROR, and the payload of FS_DATA,
+//! FS_ENTRIES and FS_EVENTS never more than the request's `window` beyond
+//! the host's FS_DATA_ACKs.
 //! A connection (net): NET_CONNECTED or NET_FAILED first (or NET_CLOSED
 //! for a NET_CLOSE while connecting), then
 //! NET_RECV, NET_SEND_ACK and at most one NET_EOF (no NET_RECV after it),
@@ -77,6 +82,12 @@ pub struct Sent {
     net_windows: HashMap<u32, VecDeque<u64>>,
     /// NET_RECV_ACK bytes sent per id, over the agent's lifetime.
     net_recv_acked: HashMap<u32, u64>,
+    /// The FS_REQUEST or FS_DATA_ACK being written: kind, id, payload so far.
+    fs_payload: Option<(u8, u32, Vec<u8>)>,
+    /// The `window` of the latest FS_REQUEST per id (1 MiB when absent).
+    fs_window: HashMap<u32, u64>,
+    /// FS_DATA_ACK bytes sent per id, over the agent's lifetime.
+    fs_data_acked: HashMap<u32, u64>,
     /// A SHUTDOWN went out (or a signal that shuts the agent down).
     shutdown: bool,
     /// Where the outgoing stream is: inside a header, or how many payload
@@ -98,10 +109,14 @@ impl Sent {
                 if let Some((_, _, payload)) = &mut self.net_payload {
                     payload.extend_from_slice(&bytes[..n as usize]);
                 }
+                if let Some((_, _, payload)) = &mut self.fs_payload {
+                    payload.extend_from_slice(&bytes[..n as usize]);
+                }
                 bytes = &bytes[n as usize..];
                 if self.skip == 0 {
                     self.end_of_exec();
                     self.end_of_net_payload();
+                    self.end_of_fs();
                 }
                 continue;
             }
@@ -135,7 +150,6 @@ impl Sent {
                     }
                     Some(Kind::Stdin) => *self.stdin_bytes.entry(id).or_default() += payload,
                     Some(Kind::Shutdown) => self.shutdown = true,
-                    Some(Kind::FsRequest) => request(self, Stream::Fs),
                     Some(Kind::NetConnect) => {
                         request(self, Stream::Net);
                         self.net_payload = Some((kind, id, Vec::new()));
@@ -147,6 +161,19 @@ impl Sent {
                         self.net_payload = Some((kind, id, Vec::new()));
                         if payload == 0 {
                             self.end_of_net_payload();
+                        }
+                    }
+                    Some(Kind::FsRequest) => {
+                        request(self, Stream::Fs);
+                        self.fs_payload = Some((kind, id, Vec::new()));
+                        if payload == 0 {
+                            self.end_of_fs();
+                        }
+                    }
+                    Some(Kind::FsDataAck) => {
+                        self.fs_payload = Some((kind, id, Vec::new()));
+                        if payload == 0 {
+                            self.end_of_fs();
                         }
                     }
                     Some(Kind::List) => request(self, Stream::List),
@@ -189,6 +216,22 @@ impl Sent {
             self.net_windows.entry(id).or_default().push_back(window);
         } else {
             *self.net_recv_acked.entry(id).or_default() += int("bytes").unwrap_or(0);
+        }
+    }
+
+    /// An FS_REQUEST (its window) or an FS_DATA_ACK (its bytes) has been
+    /// written whole.
+    fn end_of_fs(&mut self) {
+        let Some((kind, id, payload)) = self.fs_payload.take() else {
+            return;
+        };
+        let m = super::msgpack::decode(&payload).ok();
+        let int = |key: &str| m.as_ref().and_then(|m| m.get(key).and_then(Value::as_int));
+        if kind == Kind::FsRequest as u8 {
+            let window = int("window").map_or(1 << 20, |w| w.max(0) as u64);
+            self.fs_window.insert(id, window);
+        } else if let Some(bytes) = int("bytes") {
+            *self.fs_data_acked.entry(id).or_default() += bytes.max(0) as u64;
         }
     }
 
@@ -430,10 +473,10 @@ pub const RULES: &[Rule] = &[
         "FS_OPENED",
         &[],
         &[("stat", Ty::Map)],
-        |c, f, _, s| c.stream_frame(f.id, Stream::Fs, "FS_OPENED", false, s),
+        |c, f, _, s| c.fs_frame(f, "FS_OPENED", false, s),
     ),
     raw_rule(Kind::FsData, "FS_DATA", |c, f, _, s| {
-        c.stream_frame(f.id, Stream::Fs, "FS_DATA", false, s)
+        c.fs_frame(f, "FS_DATA", false, s)
     }),
     map_rule(
         Kind::FsWriteAck,
@@ -441,7 +484,7 @@ pub const RULES: &[Rule] = &[
         &[("bytes", Ty::U32)],
         &[],
         |c, f, m, s| {
-            c.stream_frame(f.id, Stream::Fs, "FS_WRITE_ACK", false, s)?;
+            c.fs_frame(f, "FS_WRITE_ACK", false, s)?;
             c.data_ack(f.id, m, s, "FS_WRITE_ACK")
         },
     ),
@@ -450,14 +493,14 @@ pub const RULES: &[Rule] = &[
         "FS_ENTRIES",
         &[("entries", Ty::Array)],
         &[],
-        |c, f, _, s| c.stream_frame(f.id, Stream::Fs, "FS_ENTRIES", false, s),
+        |c, f, _, s| c.fs_frame(f, "FS_ENTRIES", false, s),
     ),
     map_rule(
         Kind::FsEvents,
         "FS_EVENTS",
         &[("events", Ty::Array)],
         &[("overflow", Ty::Bool)],
-        |c, f, _, s| c.stream_frame(f.id, Stream::Fs, "FS_EVENTS", false, s),
+        |c, f, _, s| c.fs_frame(f, "FS_EVENTS", false, s),
     ),
     map_rule(
         Kind::FsDone,
@@ -469,7 +512,7 @@ pub const RULES: &[Rule] = &[
             ("stat", Ty::Map),
             ("path", Ty::Str),
         ],
-        |c, f, _, s| c.stream_frame(f.id, Stream::Fs, "FS_DONE", true, s),
+        |c, f, _, s| c.fs_frame(f, "FS_DONE", true, s),
     ),
     map_rule(
         Kind::FsError,
@@ -481,7 +524,7 @@ pub const RULES: &[Rule] = &[
             if agentd::messages::FsErrorKind::parse(k).is_none() {
                 return Err(format!("FS_ERROR kind {k:?} is not in docs/PROTOCOL.md"));
             }
-            c.stream_frame(f.id, Stream::Fs, "FS_ERROR", true, s)
+            c.fs_frame(f, "FS_ERROR", true, s)
         },
     ),
     // Extension net.
@@ -699,6 +742,8 @@ pub struct Checker {
     data_acked: HashMap<u32, u64>,
     /// Open connections (NET_CONNECTED, no final frame yet) by id.
     net: HashMap<u32, NetState>,
+    /// Live file operations by id: their order and window.
+    fs_ops: HashMap<u32, FsOpState>,
 }
 
 /// What the checker knows of an open connection.
@@ -711,6 +756,21 @@ struct NetState {
     /// The host's NET_RECV_ACK total for this id when it connected.
     ack_base: u64,
     eof: bool,
+}
+
+/// What the checker knows of one live file operation.
+#[derive(Default)]
+struct FsOpState {
+    /// FS_OPENED has come.
+    opened: bool,
+    /// Frames of it so far.
+    frames: u64,
+    /// Payload bytes of FS_DATA, FS_ENTRIES and FS_EVENTS so far.
+    sent: u64,
+    /// The host's FS_DATA_ACK total for the id when it started.
+    ack_base: u64,
+    /// The request's window.
+    window: u64,
 }
 
 impl Checker {
@@ -928,6 +988,62 @@ impl Checker {
         }
         if last {
             self.streams.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// A frame of a file operation: in its stream (see
+    /// [`Checker::stream_frame`]), FS_OPENED only as its first frame,
+    /// FS_DATA, FS_WRITE_ACK and FS_EVENTS only after FS_OPENED, and the
+    /// payload bytes of FS_DATA, FS_ENTRIES and FS_EVENTS never more than
+    /// the request's window beyond what the host has acknowledged.
+    fn fs_frame(
+        &mut self,
+        f: &Frame<'_>,
+        name: &str,
+        last: bool,
+        sent: &mut Sent,
+    ) -> Result<(), String> {
+        let id = f.id;
+        let fresh = self.streams.get(&id) != Some(&Stream::Fs);
+        self.stream_frame(id, Stream::Fs, name, last, sent)?;
+        let acked = sent.fs_data_acked.get(&id).copied().unwrap_or(0);
+        if fresh {
+            let window = sent.fs_window.get(&id).copied().unwrap_or(1 << 20);
+            self.fs_ops.insert(
+                id,
+                FsOpState {
+                    ack_base: acked,
+                    window,
+                    ..FsOpState::default()
+                },
+            );
+        }
+        let op = self.fs_ops.entry(id).or_default();
+        op.frames += 1;
+        let kind = Kind::from_u8(f.kind);
+        match kind {
+            Some(Kind::FsOpened) if op.frames != 1 => {
+                return Err(format!("FS_OPENED for id {id} is not its first frame"));
+            }
+            Some(Kind::FsOpened) => op.opened = true,
+            Some(Kind::FsData | Kind::FsWriteAck | Kind::FsEvents) if !op.opened => {
+                return Err(format!("{name} for id {id} before its FS_OPENED"));
+            }
+            _ => {}
+        }
+        if matches!(kind, Some(Kind::FsData | Kind::FsEntries | Kind::FsEvents)) {
+            op.sent += f.payload.len() as u64;
+            let in_flight = op.sent.saturating_sub(acked - op.ack_base);
+            if in_flight > op.window {
+                return Err(format!(
+                    "{name} for id {id}: {in_flight} bytes unacknowledged, above the window of {}",
+                    op.window
+                ));
+            }
+        }
+        if last {
+            self.fs_ops.remove(&id);
         }
         Ok(())
     }

@@ -11,6 +11,7 @@
 //!   frame by frame in the test's thread, with per-session logs
 //!   (reliability, security).
 //! - [`checker`]: the one contract checker, table-driven per frame kind.
+//! - [`fs`]: a host of the fs extension on an [`agent::Agent`].
 //! - [`msgpack`]: MessagePack read and written independently of the
 //!   crate; [`wire`]: frames and messages built by hand.
 //! - [`net`]: guest servers on loopback addresses (an echo server for many
@@ -43,6 +44,7 @@
 
 pub mod agent;
 pub mod checker;
+pub mod fs;
 pub mod host;
 pub mod hvsock;
 pub mod listen;

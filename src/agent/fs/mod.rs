@@ -246,12 +246,32 @@ impl Task {
         }
     }
 
+    /// Writes the host's queued bytes while the worker's pipe takes them.
+    fn flush_input(&mut self, link: &mut LinkOut<'_>, registry: &Registry) {
+        if let Some(fd) = self.input_fd() {
+            let mut acks = self.acks(Some(link.frames()));
+            let flushed = self.input.flush(fd, &mut acks);
+            self.after_input(flushed, registry);
+        }
+    }
+
     fn after_input(&mut self, flushed: Flushed, registry: &Registry) {
         if flushed == Flushed::Done {
             if let Some(fd) = self.data_in.take() {
                 let _ = registry.deregister(&mut SourceFd(&fd.as_raw_fd()));
             }
         }
+    }
+
+    /// The data-in pipe, once the worker has opened its file: FS_WRITE
+    /// bytes wait in the queue until then, so that FS_OPENED precedes
+    /// every FS_WRITE_ACK (and an acknowledged byte is one the worker
+    /// takes into an open file).
+    fn input_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.data_in
+            .as_ref()
+            .filter(|_| self.opened)
+            .map(AsRawFd::as_raw_fd)
     }
 
     /// FS_WRITE from the host.
@@ -262,7 +282,7 @@ impl Task {
         frames: &mut Vec<u8>,
         registry: &Registry,
     ) -> Result<(), InflowError> {
-        let fd = self.data_in.as_ref().map(AsRawFd::as_raw_fd);
+        let fd = self.input_fd();
         let mut acks = self.acks(Some(frames));
         let flushed = self.input.push(data, window, fd, &mut acks)?;
         self.after_input(flushed, registry);
@@ -275,7 +295,7 @@ impl Task {
         frames: &mut Vec<u8>,
         registry: &Registry,
     ) -> Result<(), InflowError> {
-        let fd = self.data_in.as_ref().map(AsRawFd::as_raw_fd);
+        let fd = self.input_fd();
         let mut acks = self.acks(Some(frames));
         let flushed = self.input.close(fd, &mut acks)?;
         self.after_input(flushed, registry);
@@ -289,13 +309,12 @@ impl Task {
 
     /// Does what the task can do now, queueing its frames on `link`.
     pub(crate) fn service(&mut self, link: &mut LinkOut<'_>, registry: &Registry) -> Progress {
-        if let Some(fd) = self.data_in.as_ref().map(AsRawFd::as_raw_fd) {
-            let mut acks = self.acks(Some(link.frames()));
-            let flushed = self.input.flush(fd, &mut acks);
-            self.after_input(flushed, registry);
-        }
         if !self.cancelled {
-            if let Some(p) = self.forward_control(link) {
+            // FS_OPENED first: the host's queued bytes go to the worker
+            // (and are acknowledged) only after it.
+            let forwarded = self.forward_control(link);
+            self.flush_input(link, registry);
+            if let Some(p) = forwarded {
                 return p;
             }
             if let Some(p) = self.pump_data(link, registry) {
@@ -463,6 +482,12 @@ impl Task {
         let data_done = self.data_out.is_none();
         if self.last.is_none() && self.exit.is_some() && self.ctl_ended {
             self.last = Some(self.final_for_missing_result());
+        }
+        if self.last.is_some() && !self.opened && self.data_out.is_some() {
+            // A failure before FS_OPENED (a read of a file it may not
+            // open): the worker sends data only after FS_OPENED, so there
+            // is none to wait for.
+            self.close_data_out(registry);
         }
         if self.cancelled && self.exit.is_some() && self.ctl_ended && !data_done {
             // The worker is gone; what it left in the data pipe is dropped.

@@ -246,7 +246,7 @@ fn one_shot(ctx: Ctx<'_>, op: FsOp) -> OpResult<FsDone> {
                     .into_owned(),
             )
         }
-        FsOp::Mkdir => mkdir(req, path).map_err(fail)?,
+        FsOp::Mkdir => mkdir(req, path)?,
         FsOp::Remove => remove(req, path).map_err(fail)?,
         FsOp::Rename => rename(req, path, ctx.home)?,
         FsOp::Chmod => {
@@ -283,11 +283,29 @@ fn check_mode(mode: u32) -> OpResult<()> {
     Ok(())
 }
 
-fn mkdir(req: &FsRequest, path: &Path) -> io::Result<()> {
+/// mkdir with exactly `mode` (the umask does not apply: the new directory
+/// is chmodded to it, setuid, setgid and sticky bits included); with
+/// `parents`, missing parents get 0o755 and an existing directory is no
+/// error (and keeps its mode).
+fn mkdir(req: &FsRequest, path: &Path) -> OpResult<()> {
+    let fail = |e: io::Error| io_error(&e, Some(&req.path));
     let mode = req.mode.unwrap_or(0o755);
-    let mut b = fs::DirBuilder::new();
-    b.mode(mode).recursive(req.parents.unwrap_or(false));
-    b.create(path)
+    check_mode(mode)?;
+    let parents = req.parents.unwrap_or(false);
+    if parents {
+        if let Some(parent) = path.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)
+                .map_err(fail)?;
+        }
+    }
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(fail),
+        Err(e) if parents && e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        Err(e) => Err(fail(e)),
+    }
 }
 
 fn remove(req: &FsRequest, path: &Path) -> io::Result<()> {
@@ -500,6 +518,15 @@ fn guard_temp(path: &Path) -> OpResult<()> {
     Ok(())
 }
 
+/// Removes an atomic write's temporary file, and forgets it (so the
+/// SIGTERM handler does not unlink a name someone else may take).
+fn drop_temp(temp: &Path) {
+    hold_termination(true);
+    let _ = fs::remove_file(temp);
+    TEMP.store(std::ptr::null_mut(), Ordering::SeqCst);
+    hold_termination(false);
+}
+
 /// Blocks (or unblocks) SIGTERM and SIGINT, so a commit is not cut short
 /// between its steps.
 fn hold_termination(hold: bool) {
@@ -585,9 +612,20 @@ fn write(mut ctx: Ctx<'_>, data: Option<File>) -> OpResult<FsDone> {
         }
         (o.open(ctx.path).map_err(|e| ctx.fail(&e))?, None)
     };
-    ctx.opened(None)?;
-    super::super::sys::grow_pipe(input.as_raw_fd(), DATA_PIPE_SIZE);
-    let bytes = copy(&mut input, &mut file, u64::MAX).map_err(|e| ctx.fail(&e))?;
+    let copied = ctx.opened(None).and_then(|()| {
+        super::super::sys::grow_pipe(input.as_raw_fd(), DATA_PIPE_SIZE);
+        copy(&mut input, &mut file, u64::MAX).map_err(|e| ctx.fail(&e))
+    });
+    let bytes = match copied {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            if let Some(temp) = &temp {
+                // A failed atomic upload leaves nothing (ENOSPC, EIO...).
+                drop_temp(temp);
+            }
+            return Err(e);
+        }
+    };
     if let Some(temp) = temp {
         commit(ctx.req, ctx.path, &temp, &file, existing.as_ref())?;
     } else if let Some(mode) = req.mode.filter(|_| existing.is_none()) {
@@ -615,7 +653,7 @@ fn commit(
         .or(existing.map(|m| m.mode() & 0o7777))
         .unwrap_or(0o644);
     let fail = |e: io::Error| {
-        let _ = fs::remove_file(temp);
+        drop_temp(temp);
         io_error(&e, Some(&req.path))
     };
     file.set_permissions(fs::Permissions::from_mode(mode))
