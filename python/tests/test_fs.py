@@ -349,8 +349,6 @@ def test_upload_download_round_trip(client: agentd.Client, tmp_path: pathlib.Pat
     assert not client._core.streams
 
 
-@pytest.mark.xfail(strict=True, reason="agent bug: tar_get sends a hard link as a second regular file "
-                   "(docs/PROTOCOL.md 'Archives' says hard links are kept)")
 def test_download_keeps_hard_links(client: agentd.Client, tmp_path: pathlib.Path) -> None:
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "a").write_bytes(b"x")
@@ -488,26 +486,18 @@ def test_feature_check_and_threads(client: agentd.Client, tmp_path: pathlib.Path
         client.fs.stat("/")
 
 
-def test_agent_bug_read_error_before_fs_opened_is_held(client: agentd.Client, tmp_path: pathlib.Path) -> None:
-    """The agent bug the SDK works around: a read whose open fails gets its FS_ERROR only after FS_CANCEL."""
+def test_a_failing_read_is_answered_at_once(client: agentd.Client, tmp_path: pathlib.Path) -> None:
+    """A read whose open fails gets its FS_ERROR without any FS_CANCEL (no probe, no timeout needed)."""
     from agentd import _ext
 
     req = m.FsRequest(op="read", path=str(tmp_path / "missing"))
     st = _ext.fs_stream(client._core, req)
     client._locked(st.start)
-    time.sleep(1.0)
-    held = st.final is None  # with a fixed agent, FS_ERROR not_found is here by now
-    client._locked(st.cancel)
     assert wait_until(lambda: st.ended)
     assert isinstance(st.final, m.FsError) and st.final.kind == "not_found"
-    if not held:
-        pytest.fail("the agent answers a failing read at once now: remove the stat probe in _ext.fs_open_read")
 
 
 @pytest.mark.skipif(not is_root(), reason="needs root (to read as nobody)")
-@pytest.mark.xfail(strict=True, raises=TimeoutError,
-                   reason="agent bug: a read whose open fails (EACCES here, where stat succeeds) never gets "
-                   "its FS_ERROR until FS_CANCEL; the SDK's stat probe cannot see this case")
 def test_read_permission_denied_where_stat_succeeds(client: agentd.Client) -> None:
     import tempfile
 

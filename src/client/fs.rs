@@ -1123,7 +1123,7 @@ impl Read for TarReader {
 /// [`Fs::options`]). The default creates (mode 0o644) or truncates.
 ///
 /// ```no_run
-/// # fn main() -> Result<(), agentd::client::Error> {
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// # let client = agentd::client::Client::spawn_agent("agentd")?;
 /// use std::io::Write;
 /// let mut w = client.fs().options().atomic(true).mode(0o600).open("/etc/app.conf")?;

@@ -553,36 +553,10 @@ def fs_simple(core: Core, req: m.FsRequest) -> Op[m.FsDone]:
 def fs_open_read(core: Core, req: m.FsRequest) -> Op[Tuple[ExtStream, Optional[FileStat]]]:
     """Start a read or tar_get; returns the stream and FS_OPENED's stat once the file is open.
 
-    Workaround (agent bug, see python/README.md "Known agent issues"): the
-    agent holds back the FS_ERROR of a read or tar_get whose open fails
-    before FS_OPENED until the host sends FS_CANCEL, so the request would
-    wait forever. A stat (an lstat for tar_get, which does not follow
-    symlinks) is sent in the same batch; when it fails, or says directory
-    for a read, the read is cancelled and that error raised.
+    A read whose open fails gets its FS_ERROR instead of FS_OPENED, raised here.
     """
     st = fs_stream(core, req)
     st.start()
-    probe = fs_stream(core, m.FsRequest(op="lstat" if req.op == "tar_get" else "stat", path=req.path,
-                                        user=req.user))
-    probe.start()
-    try:
-        yield probe.waiters, lambda: True if probe.ended else None
-    except BaseException:
-        st.cancel()
-        probe.cancel()
-        raise
-    try:
-        probe.raise_failure()
-    except FsError as e:
-        st.cancel()
-        raise fs_error(e.kind, e.message, errno=e.errno, path=req.path, op=req.op) from None
-    except BaseException:
-        st.cancel()
-        raise
-    pst = probe.final.stat if isinstance(probe.final, m.FsDone) else None
-    if req.op == "read" and pst is not None and pst.type == "dir":
-        st.cancel()
-        raise fs_error("is_a_directory", f"{req.path}: Is a directory", path=req.path, op=req.op)
     item = yield from _owned(st, wait_for(st, st.try_item))
     msg = item[0]
     if not isinstance(msg, m.FsOpened):
