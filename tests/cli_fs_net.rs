@@ -570,3 +570,154 @@ fn cp_draws_a_progress_bar_on_a_terminal() {
     );
     assert_eq!(std::fs::read(d.join("copy")).unwrap().len(), 4 << 20);
 }
+
+/// A free loopback port (bound, then let go).
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// The `Forwarding from 127.0.0.1:LOCAL -> REMOTE` lines of a
+/// port-forward, one per forward: the local ports.
+fn forwarded_ports(out: &mut impl BufRead, n: usize) -> Vec<u16> {
+    (0..n)
+        .map(|_| {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            let rest = line
+                .strip_prefix("Forwarding from 127.0.0.1:")
+                .unwrap_or_else(|| panic!("{line:?}"));
+            rest.split_once(" -> ").unwrap().0.parse().unwrap()
+        })
+        .collect()
+}
+
+/// A deterministic byte stream (xorshift64), `len` bytes from `seed`, fed
+/// to `f` in 1 MiB chunks.
+fn stream_chunks(seed: u64, len: usize, mut f: impl FnMut(&[u8])) {
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        for c in buf[..n].chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+        }
+        f(&buf[..n]);
+        left -= n;
+    }
+}
+
+/// The issue's loopback case for the net extension: an HTTP server started
+/// in a session (`python3 -m http.server`, detached) and fetched through
+/// `agentctl port-forward` with a real client (Python's urllib); through a
+/// second forward of the same command, 100 concurrent connections to an
+/// echo server and 1 GiB through one connection, compared byte for byte.
+#[test]
+fn port_forward_serves_http_from_a_session_and_carries_volume() {
+    let agent = support::listen::Listening::start(&support::host::Opts::default());
+    let sock = format!("unix:{}", agent.path.display());
+    let site = TempDir::new("site");
+    std::fs::write(site.join("index.html"), "<h1>served from a session</h1>\n").unwrap();
+    let http = free_port();
+    let site_dir = site.path().to_str().unwrap().to_owned();
+    let out = run(&[
+        "--connect",
+        &sock,
+        "exec",
+        "-d",
+        "--name",
+        "web",
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        &http.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        &site_dir,
+    ]);
+    ok(&out);
+    let echo = echo_server();
+    let mut pf = Command::new(AGENTCTL)
+        .args([
+            "--connect",
+            &sock,
+            "port-forward",
+            &format!(":{http}"),
+            &format!(":{echo}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let locals = forwarded_ports(&mut BufReader::new(pf.stdout.take().unwrap()), 2);
+    // urllib, retried while the server in the session starts.
+    let fetch = "import sys, time, urllib.request\n\
+                 for _ in range(200):\n\
+                 \x20   try:\n\
+                 \x20       sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()); break\n\
+                 \x20   except OSError:\n\
+                 \x20       time.sleep(0.05)\n\
+                 else:\n\
+                 \x20   sys.exit('no answer')\n";
+    let url = format!("http://127.0.0.1:{}/index.html", locals[0]);
+    let got = Command::new("python3")
+        .args(["-c", fetch, &url])
+        .output()
+        .unwrap();
+    assert!(got.status.success(), "{}", text(&got.stderr));
+    assert_eq!(text(&got.stdout), "<h1>served from a session</h1>\n");
+    // 100 connections at once, each its own bytes echoed.
+    let conns: Vec<_> = (0..100u64)
+        .map(|i| {
+            let port = locals[1];
+            thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let mut sent = Vec::new();
+                stream_chunks(i + 1, 64 * 1024, |c| sent.extend_from_slice(c));
+                let mut w = s.try_clone().unwrap();
+                let data = sent.clone();
+                let t = thread::spawn(move || {
+                    w.write_all(&data).unwrap();
+                    w.shutdown(Shutdown::Write).unwrap();
+                });
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).unwrap();
+                t.join().unwrap();
+                assert!(back == sent, "connection {i}: {} bytes back", back.len());
+            })
+        })
+        .collect();
+    for c in conns {
+        c.join().unwrap();
+    }
+    // 1 GiB through one connection, checked as it comes back.
+    const GIB: usize = 1 << 30;
+    let s = TcpStream::connect(("127.0.0.1", locals[1])).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        stream_chunks(7, GIB, |c| w.write_all(c).unwrap());
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut r = BufReader::with_capacity(1 << 20, s);
+    let mut got = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    stream_chunks(7, GIB, |want| {
+        r.read_exact(&mut got[..want.len()]).unwrap();
+        assert!(got[..want.len()] == *want, "the bytes differ after {total}");
+        total += want.len();
+    });
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{} bytes too many", rest.len());
+    writer.join().unwrap();
+    let _ = pf.kill();
+    let _ = pf.wait();
+    ok(&run(&["--connect", &sock, "kill", "web"]));
+}
