@@ -14,7 +14,7 @@
 //!    powers the machine off (`agentd` installs it before anything else).
 //! 5. [`load_modules`]: a stock distribution kernel has its virtio drivers as
 //!    modules (`agentd.modules=`).
-//! 6. [`set_hostname`], [`default_env`].
+//! 6. [`set_hostname`], [`bring_up_loopback`], [`default_env`].
 //! 7. [`open_port`]: the virtio-console port named `agentd.port=` (default
 //!    `agent`), opened once, nonblocking, and kept open for the agent's life.
 //! 8. [`power_off`] / [`fatal`]: the end of the machine.
@@ -549,6 +549,47 @@ pub fn set_hostname(name: &str) -> Result<()> {
     })
 }
 
+/// Brings the loopback interface up, as every init does: the kernel starts
+/// it down, and without it nothing in the guest reaches `127.0.0.1` (a
+/// server a session starts, or the `net` extension connecting to it).
+/// Leaves every other flag as it is; a no-op when it is up already.
+pub fn bring_up_loopback() -> Result<()> {
+    let sys = |what: &str, source: Errno| InitError::Sys {
+        what: what.into(),
+        source,
+    };
+    // SAFETY: socket(2) with constant arguments; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(sys("socket(AF_INET)", Errno::last()));
+    }
+    // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: ifreq is plain data, valid all zeros.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the flags of the interface `req` names
+    // into `req`, which lives for the call.
+    if unsafe { libc::ioctl(raw, libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(sys("SIOCGIFFLAGS lo", Errno::last()));
+    }
+    // SAFETY: the kernel filled in `ifru_flags` just above.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    let up = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    if flags & up == up {
+        return Ok(());
+    }
+    req.ifr_ifru.ifru_flags = flags | up;
+    // SAFETY: SIOCSIFFLAGS reads `req`, which lives for the call.
+    if unsafe { libc::ioctl(raw, libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(sys("SIOCSIFFLAGS lo", Errno::last()));
+    }
+    Ok(())
+}
+
 /// The base environment of sessions when the agent is PID 1 (the kernel gives
 /// init almost none): `PATH` and `HOME=/root`. Sessions on a terminal should
 /// get `TERM` as well (the agent adds it for `tty` sessions).
@@ -985,6 +1026,12 @@ pub fn boot(log_level: Option<&str>) -> Boot {
     if let Some(name) = &config.hostname {
         if let Err(e) = set_hostname(name) {
             warn!("{e}");
+        }
+    }
+    if is_machine_init() {
+        match bring_up_loopback() {
+            Ok(()) => debug!("loopback interface up"),
+            Err(e) => warn!("cannot bring the loopback interface up: {e}"),
         }
     }
     let mut mounted = mounted;

@@ -510,7 +510,7 @@ fn t02_init_duties() {
          echo host=$(hostname); echo path=$PATH; echo home=$HOME; \
          for l in ptmx fd stdin stdout stderr; do readlink /dev/$l; done; \
          echo pid1=$(cat /proc/1/comm); stat -c 'stat %n %a' /tmp /dev/shm /run; \
-         echo modules: $(cut -d' ' -f1 /proc/modules)");
+         echo modules: $(cut -d' ' -f1 /proc/modules); echo lo=$(cat /sys/class/net/lo/flags)");
     let s = out.stdout_str();
     eprintln!("{s}");
     assert_eq!(out.status(), 0, "{}", String::from_utf8_lossy(&out.stderr));
@@ -562,6 +562,13 @@ fn t02_init_duties() {
         "/run lacks mode=755"
     );
     assert!(s.contains("host=agentd-vm"), "hostname not set");
+    // The loopback interface is up (IFF_UP, 0x1): the kernel starts it down.
+    let lo = s
+        .lines()
+        .find_map(|l| l.strip_prefix("lo=0x"))
+        .and_then(|f| u32::from_str_radix(f.trim(), 16).ok())
+        .expect("no lo flags");
+    assert!(lo & 1 == 1, "lo is down (flags {lo:#x})");
     assert!(s.contains("path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"));
     assert!(s.contains("home=/root"));
     for link in [
