@@ -115,9 +115,15 @@ fn daemon_pid(agent: &mut Agent, id: u32) -> i32 {
         .trim()
         .parse()
         .expect("a pid");
-    agent
-        .host_pid_of(pid)
-        .expect("the daemon's pid on this side")
+    // In a pid namespace the pid is mapped through /proc, which can miss
+    // a process between its fork and its exec on a loaded machine: look
+    // again for a while.
+    let mut host = None;
+    wait_until(timeout(), || {
+        host = agent.host_pid_of(pid);
+        host.is_some()
+    });
+    host.expect("the daemon's pid on this side")
 }
 
 both! {
@@ -164,7 +170,8 @@ both! {
     fn a_cgroup_goes_once_empty(opts: Opts) {
         let Some(root) = Root::make() else { return };
         let mut agent = agent_with(&root, opts);
-        let script = "setsid sh -c 'exec sleep 1' </dev/null >/dev/null 2>&1 & echo $!";
+        // Long enough to outlive the lookups below on a loaded machine.
+        let script = "setsid sh -c 'exec sleep 3' </dev/null >/dev/null 2>&1 & echo $!";
         agent.exec(1, &sh(script));
         let daemon = daemon_pid(&mut agent, 1);
         let out = agent.collect(1);
